@@ -1,0 +1,149 @@
+"""Load a local checkpoint folder (Hugging Face layout) into a `Denoiser`.
+
+Reads `config.json` and `model.safetensors` or a sharded `model.safetensors.index.json`, maps
+tensor names (LLaDA -> ours, Dream/Qwen2 -> ours) and places each tensor straight into a model
+built on the meta device, so peak memory stays near one copy of the weights. Never downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from model.config import ModelConfig
+from model.transformer import Denoiser
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """The folder is not a loadable checkpoint; the message says precisely why."""
+
+
+_LLADA_NAMES = [
+    (r"model\.transformer\.wte\.weight", "embed.weight"),
+    (r"model\.transformer\.ln_f\.weight", "norm.weight"),
+    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"layers.\1.mlp_norm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.([qkv])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"layers.\1.attn.o_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"layers.\1.mlp.gate_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"layers.\1.mlp.up_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"layers.\1.mlp.down_proj.weight"),
+]
+_DREAM_NAMES = [
+    (r"model\.embed_tokens\.weight", "embed.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.weight"),
+]
+NAME_MAPS: dict[str, list[tuple[str, str]]] = {"llada": _LLADA_NAMES, "dream": _DREAM_NAMES}
+
+
+def map_name(arch: str, name: str) -> str | None:
+    """Checkpoint tensor name -> our parameter name (None when the map has no rule for it)."""
+    rules = NAME_MAPS.get(arch)
+    if rules is None:
+        return name
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in the index are missing: {missing}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {others}: convert them to safetensors)" if others else ""
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _count_tensors(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            total += len(list(f.keys()))
+    return total
+
+
+def load_model(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    progress: bool = True,
+) -> Denoiser:
+    """Build the denoiser for `folder` and fill it tensor by tensor; raise CheckpointError."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder}: config.json not found (is this a checkpoint folder?)")
+    cfg = ModelConfig.from_file(folder / "config.json")
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = Denoiser(cfg)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    bar = tqdm(total=_count_tensors(files), desc=f"loading {folder.name}", unit="tensor",
+               disable=not progress, leave=False)
+    for raw_name, tensor in _tensors(files):
+        bar.update(1)
+        name = map_name(cfg.arch, raw_name)
+        if name is None or name not in expected:
+            unexpected.append(raw_name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name]):
+            mismatched.append(f"{raw_name}: {tuple(tensor.shape)} != {tuple(expected[name])}")
+            continue
+        target_dtype = dtype or tensor.dtype
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        value = tensor.to(device=device, dtype=target_dtype)
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+        loaded.add(name)
+        del tensor
+    bar.close()
+    missing = sorted(set(expected) - loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {sorted(unexpected)}")
+    if mismatched:
+        problems.append(f"mis-shaped tensors: {mismatched}")
+    if problems:
+        raise CheckpointError(f"{folder} ({cfg.arch}): " + "; ".join(problems))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    log.info("loaded %s (%s, %d tensors) on %s", folder, cfg.arch, len(loaded), device)
+    return model.eval()

@@ -1,0 +1,159 @@
+"""The bidirectional denoiser: one transformer for LLaDA, Dream and Marble checkpoints.
+
+RMSNorm, RoPE, SwiGLU, MHA/GQA with optional q/k/v bias, SDPA attention with a key-padding
+mask, and position ids so left-padded rows batch correctly. It computes logits only where asked
+(`gather`) because a full [B, L, V] tensor is gigabytes for real vocabularies. Knows nothing
+about masks-as-tokens, sampling or requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., D] -> [..., D]; statistics in float32 as both reference models do."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_tables(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """position_ids [B, L] -> (cos, sin) [B, 1, L, head_dim] in float32."""
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, L, Dh] rotated in float32 (rotate-half layout), returned in x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
+        """x [B, L, D], attn_mask bool [B, 1, 1, L] (True = attend) or None -> [B, L, D]."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Denoiser(nn.Module):
+    """Bidirectional transformer mapping a (partly masked) canvas to per-position logits."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh-training init: small embeddings keep the initial loss near log(V)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        for layer in self.layers:
+            # Residual branches scaled by depth, as GPT-2 does, so activations stay bounded.
+            scale = std / (2 * self.cfg.n_layers) ** 0.5
+            nn.init.normal_(layer.attn.o_proj.weight, mean=0.0, std=scale)
+            nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=scale)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        gather: Tensor | None = None,
+        align: bool = True,
+    ) -> Tensor:
+        """input_ids [B, L] -> logits [B, L, V], or [B, W, V] at positions `gather` [B, W].
+
+        attention_mask [B, L] (1/True = real token) masks padded keys; position_ids [B, L]
+        default to 0..L-1. With `align` (the default) logits[:, i] scores position i for every
+        architecture: Dream's next-token-aligned output is shifted right by one here
+        (position 0 reuses raw logit 0, as Dream's sampler does). `align=False` returns the raw
+        head output.
+        """
+        b, n = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            attn_mask = attention_mask.bool()[:, None, None, :]
+        rope = rotary_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, rope, attn_mask)
+        x = self.norm(x)
+        shift = align and self.cfg.shift_logits
+        if gather is not None:
+            index = (gather - 1).clamp_min(0) if shift else gather
+            x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+            return self.lm_head(x)
+        logits = self.lm_head(x)
+        if shift:
+            logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
+        return logits

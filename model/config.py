@@ -161,7 +161,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: milliseconds per forward on one CPU core.
     "tiny": dict(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128),
     # Benchmarks and the embedded default model's order of magnitude.
-    "small": dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=768),
+    "small": dict(
+        vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=768
+    ),
 }
 
 

@@ -33,7 +33,10 @@ _LLADA_NAMES = [
     (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
     (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"layers.\1.attn_norm.weight"),
     (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.([qkv])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+    (
+        r"model\.transformer\.blocks\.(\d+)\.([qkv])_proj\.(weight|bias)",
+        r"layers.\1.attn.\2_proj.\3",
+    ),
     (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"layers.\1.attn.o_proj.weight"),
     (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"layers.\1.mlp.gate_proj.weight"),
     (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"layers.\1.mlp.up_proj.weight"),
@@ -45,7 +48,10 @@ _DREAM_NAMES = [
     (r"lm_head\.weight", "lm_head.weight"),
     (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+    (
+        r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)",
+        r"layers.\1.attn.\2_proj.\3",
+    ),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.weight"),
 ]
 NAME_MAPS: dict[str, list[tuple[str, str]]] = {"llada": _LLADA_NAMES, "dream": _DREAM_NAMES}
@@ -74,7 +80,9 @@ def weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
-    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt")
+    )
     hint = f" (found {others}: convert them to safetensors)" if others else ""
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
 
@@ -114,8 +122,13 @@ def load_model(
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    bar = tqdm(total=_count_tensors(files), desc=f"loading {folder.name}", unit="tensor",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=_count_tensors(files),
+        desc=f"loading {folder.name}",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+    )
     for raw_name, tensor in _tensors(files):
         bar.update(1)
         name = map_name(cfg.arch, raw_name)

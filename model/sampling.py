@@ -1,0 +1,114 @@
+"""Denoising math: pure, vectorised tensor functions over a batch of candidate windows.
+
+A "window" is the slice of each row's canvas that may be committed this step (the current
+block), gathered to [B, W] with a validity mask so rows of different block sizes share one
+tensor. Per-row randomness comes in as tensors drawn by the caller from per-row generators.
+Knows nothing of requests, schedulers or tokenizers.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+DREAM_EPS = 1e-3  # Dream's final timestep: timesteps = linspace(1, eps, steps + 1)
+
+
+class Confidence(IntEnum):
+    """How a candidate's confidence is scored; higher = committed first."""
+
+    PROBABILITY = 0  # LLaDA low_confidence / Dream maskgit_plus: p(x0)
+    RANDOM = 1  # LLaDA remasking="random": uniform draw
+    MARGIN = 2  # Dream topk_margin: p1 - p2
+    ENTROPY = 3  # Dream entropy: sum p log p (negative entropy)
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """logits [B, W, V], top_k [B] (0 = off), top_p [B] (1 = off) -> filtered [B, W, V]."""
+    if bool((top_k > 0).any()):
+        vocab = logits.shape[-1]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = logits.topk(int(k.max()), dim=-1).values  # [B, W, kmax]
+        cutoff = kth.gather(-1, (k - 1).view(-1, 1, 1).expand(-1, logits.shape[1], 1))
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    if bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.float().softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already exceeds top_p; the top-1 always stays.
+        drop_sorted = (cum - sorted_logits.float().softmax(-1)) > top_p.view(-1, 1, 1)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def gumbel_argmax(logits: Tensor, temperature: Tensor, uniform: Tensor | None) -> Tensor:
+    """logits [B, W, V], temperature [B], uniform [B, W, V] float64 or None -> x0 [B, W].
+
+    LLaDA's sampler: argmax of exp(logits) / (-log u) ** T in float64, computed in log space
+    (logits - T * log(-log u)) so large logits cannot overflow. T = 0 rows take the argmax.
+    """
+    greedy = logits.argmax(-1)
+    if uniform is None:
+        return greedy
+    t = temperature.to(torch.float64).view(-1, 1, 1)
+    noisy = logits.to(torch.float64) - t * torch.log(-torch.log(uniform))
+    return torch.where((temperature > 0).view(-1, 1), noisy.argmax(-1), greedy)
+
+
+def score_confidence(
+    logits: Tensor, x0: Tensor, kind: Tensor, uniform: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """logits [B, W, V], x0 [B, W], kind [B] (Confidence), uniform [B, W] or None ->
+    (confidence [B, W], log-probability of x0 [B, W]), both float32."""
+    logp = logits.float().log_softmax(-1)
+    logp_x0 = logp.gather(-1, x0[..., None]).squeeze(-1)
+    conf = logp_x0.exp()
+    kinds = set(kind.tolist())
+    if Confidence.MARGIN in kinds:
+        top2 = logp.topk(2, dim=-1).values.exp()
+        conf = torch.where((kind == Confidence.MARGIN)[:, None], top2[..., 0] - top2[..., 1], conf)
+    if Confidence.ENTROPY in kinds:
+        p = logp.exp()
+        neg_entropy = (p * torch.log(p + 1e-10)).sum(-1)
+        conf = torch.where((kind == Confidence.ENTROPY)[:, None], neg_entropy, conf)
+    if Confidence.RANDOM in kinds and uniform is not None:
+        conf = torch.where((kind == Confidence.RANDOM)[:, None], uniform.float(), conf)
+    return conf, logp_x0
+
+
+def llada_counts(masks_at_block_start: Tensor, block_steps: Tensor, step: Tensor) -> Tensor:
+    """[B] ints -> tokens to commit this step [B]: m // S, plus one for the first m % S steps."""
+    base = masks_at_block_start // block_steps
+    return base + (step < masks_at_block_start % block_steps).long()
+
+
+def dream_counts(masked_now: Tensor, t_now: Tensor, t_next: Tensor, last: Tensor) -> Tensor:
+    """[B] -> int(n * (1 - s / t)) in float32 as Dream does; the last step takes the rest."""
+    k = (masked_now.float() * (1 - t_next / t_now)).long()
+    return torch.where(last, masked_now, k)
+
+
+def dream_timesteps(steps: int) -> list[float]:
+    """Dream's float32 timesteps linspace(1, eps, steps + 1), as Python floats."""
+    return torch.linspace(1, DREAM_EPS, steps + 1, dtype=torch.float32).tolist()
+
+
+def select_commits(conf: Tensor, eligible: Tensor, count: Tensor, threshold: Tensor) -> Tensor:
+    """conf [B, W], eligible bool [B, W], count [B], threshold [B] (NaN = count rule)
+    -> commit bool [B, W].
+
+    Count rule (LLaDA/Dream schedules): the `count` most confident eligible positions.
+    Threshold rule (Fast-dLLM): the most confident eligible position, plus every eligible
+    position whose confidence reaches the threshold.
+    """
+    scores = conf.float().masked_fill(~eligible, float("-inf"))
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    by_count = rank < count[:, None]
+    by_threshold = (rank == 0) | (scores >= threshold[:, None])
+    use_threshold = ~torch.isnan(threshold)
+    return torch.where(use_threshold[:, None], by_threshold, by_count) & eligible

@@ -1,0 +1,169 @@
+"""Tokenizer of a checkpoint folder: `tokenizers` for text, jinja2 for chat templates.
+
+Special ids (mask, eos, end-of-turn, pad) are read from the checkpoint's `config.json`,
+`tokenizer_config.json` and `generation_config.json`, never from code. Knows nothing of models
+or requests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+# Qwen2's split pattern (used for Dream's vocab.json + merges.txt layout).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The checkpoint has no chat template, or rendering it failed."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    mask: int
+    eos: int | None
+    pad: int | None
+    eot: int | None  # end of turn (<|eot_id|>, <|im_end|>), found through the chat template
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end a generation; the text is cut before the first of them."""
+        return frozenset(i for i in (self.eos, self.eot) if i is not None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _build_from_vocab(folder: Path) -> Tokenizer:
+    """Byte-level BPE from vocab.json + merges.txt (Qwen2 layout), with added tokens."""
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    added = _read_json(folder / "added_tokens.json")
+    tok.add_special_tokens([t for t, _ in sorted(added.items(), key=lambda kv: kv[1])])
+    return tok
+
+
+class TextTokenizer:
+    """Encode/decode text and render chat prompts the way `transformers` does."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if (folder / "tokenizer.json").exists():
+            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+            self.tok = _build_from_vocab(folder)
+        else:
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt)")
+        self.config = _read_json(folder / "tokenizer_config.json")
+        self.chat_template: str | None = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take the default one
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default")
+        self.special = self._special_ids(folder)
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def _id_of(self, key: str) -> int | None:
+        content = _token_content(self.config.get(key))
+        return None if content is None else self.tok.token_to_id(content)
+
+    def _special_ids(self, folder: Path) -> SpecialIds:
+        model_cfg = _read_json(folder / "config.json")
+        gen_cfg = _read_json(folder / "generation_config.json")
+        mask = model_cfg.get("mask_token_id")
+        if mask is None:
+            mask = gen_cfg.get("mask_token_id") or self._id_of("mask_token")
+        if mask is None:
+            raise ValueError(f"{folder}: no mask token (mask_token_id or mask_token)")
+        eos = model_cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            eos = self._id_of("eos_token")
+        pad = model_cfg.get("pad_token_id")
+        if pad is None:
+            pad = self._id_of("pad_token")
+        return SpecialIds(
+            mask=mask, eos=eos, pad=pad if pad is not None else eos, eot=self._end_of_turn_id(eos)
+        )
+
+    def _end_of_turn_id(self, eos: int | None) -> int | None:
+        """The special token the chat template writes right after a message's content."""
+        if not self.chat_template:
+            return None
+        probe = "marble-probe"
+        try:
+            text = self.render_chat(
+                [{"role": "user", "content": probe}], add_generation_prompt=False
+            )
+        except ChatTemplateError:
+            return None
+        tail = text.split(probe, 1)[-1]
+        for token in self.tok.get_added_tokens_decoder().values():
+            if token.special and tail.startswith(token.content):
+                return self.tok.token_to_id(token.content)
+        return eos if eos is not None and tail.startswith(self.decode([eos], False)) else None
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, special tokens in the text recognised, no BOS/EOS added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, ids: list[int]) -> list[str]:
+        """Per-token display strings (bytes that are not valid UTF-8 alone become U+FFFD)."""
+        return [self.tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render with the checkpoint's jinja2 template, as transformers' apply_chat_template."""
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(
+            v, indent=indent, ensure_ascii=False
+        )
+        specials = {
+            key: _token_content(self.config.get(key))
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
+        }
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                **{k: (v or "") for k, v in specials.items()},
+            )
+        except TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc

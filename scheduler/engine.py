@@ -1,0 +1,322 @@
+"""The engine: `step()` = schedule -> run -> postprocess, one denoising step for every running
+request, and the offline `generate()` that drains it.
+
+Emits one `StepOutput` per running request per step and an `EngineStats` record per step.
+Turns committed ids into stable text (cut at EOS/end-of-turn and stop strings) and decides when
+a request is finished. Knows nothing of HTTP or asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.loader import load_model
+from model.tokenizer import TextTokenizer
+from model.transformer import Denoiser
+from scheduler.request import Request, RequestStatus, SamplingParams
+from scheduler.runner import Commit, ModelRunner
+from scheduler.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one step did to one request; the last one for a request has `finished=True`."""
+
+    request_id: str
+    step: int  # forwards this request has taken part in (1-based)
+    total_steps: int | None  # planned forwards, None under the threshold rule
+    block_index: int  # block denoised this step
+    num_blocks: int
+    committed: list[Commit]
+    num_masked: int
+    tokens: list[int]  # the generated region now, mask id where still masked
+    text: str  # stable text: committed, cut at EOS and stop strings, safe to stream
+    block_completed: int | None = None  # index of the block this step completed
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """One record per step, for metrics."""
+
+    batch_size: int
+    num_running: int
+    num_waiting: int
+    step_seconds: float
+    tokens_committed: int
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Denoiser,
+        tokenizer: TextTokenizer,
+        config: SchedulerConfig | None = None,
+        defaults: SamplingParams | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = tokenizer.special
+        self.defaults = defaults or SamplingParams()
+        self.scheduler = Scheduler(config or SchedulerConfig())
+        pad = self.special.pad if self.special.pad is not None else self.special.mask
+        self.runner = ModelRunner(
+            model, self.special.mask, pad, min(len(tokenizer), model.cfg.vocab_size)
+        )
+        self.requests: dict[str, Request] = {}
+        self.last_stats: EngineStats | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        config: SchedulerConfig | None = None,
+        defaults: SamplingParams | None = None,
+        progress: bool = True,
+    ) -> Engine:
+        """Load a local checkpoint folder; serving defaults stored with it apply unless given."""
+        path = Path(path)
+        model = load_model(path, device=device, dtype=dtype, progress=progress)
+        if defaults is None:
+            defaults = load_defaults(path)
+        return cls(model, TextTokenizer(path), config, defaults)
+
+    # ----------------------------------------------------------------------------- requests
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        suffix: str | list[int] | None = None,
+    ) -> Request:
+        """Validate and queue; raises ValueError (bad input) or QueueFullError."""
+        params = params or self.defaults
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        suffix_ids = (
+            self.tokenizer.encode(suffix) if isinstance(suffix, str) else list(suffix or [])
+        )
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = min(len(self.tokenizer), self.model.cfg.vocab_size)
+        for name, ids in (("prompt", prompt_ids), ("suffix", suffix_ids)):
+            if any(not 0 <= i < vocab for i in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
+            if self.special.mask in ids:
+                raise ValueError(f"{name} must not contain the mask token id {self.special.mask}")
+        request = Request(
+            request_id or uuid.uuid4().hex, prompt_ids, params, self.special.mask, suffix_ids
+        )
+        if request.canvas_len > self.model.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) + suffix "
+                f"({len(suffix_ids)}) exceeds the model's context of {self.model.cfg.max_seq_len}"
+            )
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.scheduler.add(request)
+        self.requests[request.request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """The request leaves the batch at the next step boundary."""
+        self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --------------------------------------------------------------------------------- step
+    def step(self) -> list[StepOutput]:
+        start = time.perf_counter()
+        running, aborted = self.scheduler.schedule()
+        outputs = [self._final_output(r) for r in aborted]
+        for request in running:
+            if request.request_id not in self.runner.rows:
+                self.runner.add(request)
+        if running:
+            try:
+                commits = self.runner.run(running)
+            except Exception as exc:  # one error boundary: fail this batch, keep serving
+                log.exception("step failed for requests %s", [r.request_id for r in running])
+                for request in running:
+                    request.error = f"{type(exc).__name__}: {exc}"
+                    self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+                    outputs.append(self._final_output(request))
+            else:
+                outputs += [self._postprocess(r, c) for r, c in zip(running, commits)]
+        for out in outputs:
+            if out.finished:
+                self.runner.remove(out.request_id)
+                self.requests.pop(out.request_id, None)
+        finished: dict[str, int] = {}
+        for out in outputs:
+            if out.finished:
+                finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
+        self.last_stats = EngineStats(
+            batch_size=len(running),
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            step_seconds=time.perf_counter() - start,
+            tokens_committed=sum(len(o.committed) for o in outputs),
+            finished=finished,
+        )
+        return outputs
+
+    def _postprocess(self, request: Request, commits: list[Commit]) -> StepOutput:
+        now = time.monotonic()
+        request.first_step_time = request.first_step_time or now
+        request.num_steps += 1
+        request.step_in_block += 1
+        for c in commits:
+            request.tokens[c.pos] = c.token_id
+        request.num_masked -= len(commits)
+        block_index = request.block_index
+        start, end = request.current_block
+        block_completed = None
+        if all(t != request.mask_id for t in request.tokens[start:end]):
+            block_completed = block_index
+            if block_index + 1 < len(request.blocks):
+                request.block_index += 1
+                request.step_in_block = 0
+                nstart, nend = request.current_block
+                request.masks_at_block_start = nend - nstart
+        while (
+            request.stable_len < len(request.tokens)
+            and request.tokens[request.stable_len] != request.mask_id
+        ):
+            request.stable_len += 1
+        text, cut_by_stop = self._stable_text(request)
+        status = None
+        if cut_by_stop:
+            status = RequestStatus.FINISHED_STOPPED
+        elif request.num_masked == 0:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request, status)
+        else:
+            text = self._hold_back(request, text)
+        return StepOutput(
+            request_id=request.request_id,
+            step=request.num_steps,
+            total_steps=request.total_steps,
+            block_index=block_index,
+            num_blocks=len(request.blocks),
+            committed=commits,
+            num_masked=request.num_masked,
+            tokens=list(request.tokens),
+            text=text,
+            block_completed=block_completed,
+            finished=status is not None,
+            finish_reason=None if status is None else status.value,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=self._completion_len(request),
+        )
+
+    def _stop_index(self, request: Request) -> int | None:
+        """Index of the first EOS/end-of-turn in the stable prefix (None if absent/ignored)."""
+        if request.params.ignore_eos:
+            return None
+        stop_ids = self.special.stop_ids
+        for i in range(request.stable_len):
+            if request.tokens[i] in stop_ids:
+                return i
+        return None
+
+    def _completion_len(self, request: Request) -> int:
+        eos_at = self._stop_index(request)
+        if eos_at is not None:
+            return eos_at
+        return request.stable_len if not request.is_finished() else len(request.tokens)
+
+    def _stable_text(self, request: Request) -> tuple[str, bool]:
+        """(text that can no longer change, whether EOS or a stop string ended it)."""
+        eos_at = self._stop_index(request)
+        end = request.stable_len if eos_at is None else eos_at
+        text = self.tokenizer.decode(request.tokens[:end])
+        for stop in request.params.stop:
+            at = text.find(stop)
+            if at >= 0:
+                return text[:at], True
+        if eos_at is not None:
+            # Fill the rest with EOS so the canvas is complete; no more forwards are needed.
+            for i in range(eos_at, len(request.tokens)):
+                if request.tokens[i] == request.mask_id:
+                    request.tokens[i] = (
+                        self.special.eos if self.special.eos is not None else request.tokens[eos_at]
+                    )
+            request.num_masked = 0
+        return text, eos_at is not None
+
+    @staticmethod
+    def _hold_back(request: Request, text: str) -> str:
+        """Keep back what may still change: a partial UTF-8 character, or the start of a
+        stop string that the next tokens could complete."""
+        longest = max((len(s) for s in request.params.stop), default=1)
+        keep = len(text) - (longest - 1)
+        text = text[: max(keep, 0)]
+        return text.rstrip("\ufffd")
+
+    def _final_output(self, request: Request) -> StepOutput:
+        eos_at = self._stop_index(request)
+        end = request.stable_len if eos_at is None else eos_at
+        return StepOutput(
+            request_id=request.request_id,
+            step=request.num_steps,
+            total_steps=request.total_steps,
+            block_index=request.block_index,
+            num_blocks=len(request.blocks),
+            committed=[],
+            num_masked=request.num_masked,
+            tokens=list(request.tokens),
+            text=self.tokenizer.decode(request.tokens[:end]),
+            finished=True,
+            finish_reason=request.status.value,
+            error=request.error,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=end,
+        )
+
+    # ------------------------------------------------------------------------------ offline
+    def generate(
+        self,
+        prompts: str | list[int] | Iterable[str | list[int]],
+        params: SamplingParams | None = None,
+    ) -> Iterator[StepOutput]:
+        """Queue the prompts and yield every step output until all of them have finished."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        ids = [self.add_request(p, params).request_id for p in prompts]
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.request_id in pending:
+                    yield out
+                    if out.finished:
+                        pending.discard(out.request_id)
+
+
+def load_defaults(path: str | Path) -> SamplingParams:
+    """Serving defaults stored with a checkpoint (`marble_defaults.json`), else Marble's."""
+    import json
+
+    file = Path(path) / "marble_defaults.json"
+    if not file.exists():
+        return SamplingParams()
+    return SamplingParams.from_dict(json.loads(file.read_text()))

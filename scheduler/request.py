@@ -1,0 +1,168 @@
+"""What a request asks for (`SamplingParams`) and where it stands (`Request`).
+
+Plain Python bookkeeping: no torch here. The canvas itself lives in the runner; a request keeps
+the generated region as a list of ids (mask id where still masked), its block and step
+counters, and its lifecycle status, which only the scheduler changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+# Names the reference implementations use for the same rules.
+REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
+SCHEDULES = ("llada", "dream")
+
+
+def blocks_of(gen_length: int, block_length: int | None) -> list[tuple[int, int]]:
+    """Semi-autoregressive blocks [start, end) over the generated region; the last may be short."""
+    size = gen_length if block_length is None else block_length
+    return [(s, min(s + size, gen_length)) for s in range(0, gen_length, size)]
+
+
+def steps_per_block(steps: int, gen_length: int, block_sizes: list[int]) -> list[int]:
+    """Split a total step budget across blocks in proportion to their size (LLaDA's
+    steps / num_blocks when blocks are equal); at least 1 and at most one step per token."""
+    return [max(1, min(size, math.ceil(steps * size / gen_length))) for size in block_sizes]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request denoising settings; invalid values raise ValueError.
+
+    Defaults: confidence-threshold parallel decoding (0.9) inside semi-autoregressive blocks
+    of 32, greedy (temperature 0). `steps` only matters without a threshold; None means one
+    token per step. `block_length=None` denoises the whole generated region as one block.
+    """
+
+    max_tokens: int = 128
+    steps: int | None = None
+    block_length: int | None = 32
+    threshold: float | None = 0.9
+    remasking: str = "low_confidence"
+    schedule: str = "llada"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cfg_scale: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        remasking = REMASKING_ALIASES.get(self.remasking, self.remasking)
+        object.__setattr__(self, "remasking", remasking)
+        object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.steps is None or self.steps >= 1, "steps must be at least 1"),
+            (self.block_length is None or self.block_length >= 1, "block_length must be >= 1"),
+            (
+                self.threshold is None or 0.0 <= self.threshold <= 1.0,
+                "threshold must be between 0 and 1",
+            ),
+            (
+                remasking in REMASKING,
+                f"remasking must be one of {REMASKING + tuple(REMASKING_ALIASES)}",
+            ),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.cfg_scale <= 100.0, "cfg_scale must be between 0 and 100"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (len(self.stop) <= 16, "at most 16 stop strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        """Build from a mapping, ignoring None values so defaults apply; unknown keys raise."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown sampling parameters: {unknown}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass
+class Request:
+    """One generation: prompt (+ optional suffix) around a canvas of `max_tokens` masks."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    mask_id: int
+    suffix_ids: list[int] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    error: str | None = None
+    # Generated region, mask_id where still masked; committed ids never change.
+    tokens: list[int] = field(init=False)
+    blocks: list[tuple[int, int]] = field(init=False)
+    block_steps: list[int] | None = field(init=False)  # None under the threshold rule
+    block_index: int = 0
+    step_in_block: int = 0
+    masks_at_block_start: int = 0
+    num_masked: int = field(init=False)
+    num_steps: int = 0
+    stable_len: int = 0  # leading committed tokens: text that can no longer change
+    first_step_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.tokens = [self.mask_id] * p.max_tokens
+        self.blocks = blocks_of(p.max_tokens, p.block_length)
+        sizes = [end - start for start, end in self.blocks]
+        if p.threshold is None:
+            self.block_steps = steps_per_block(p.steps or p.max_tokens, p.max_tokens, sizes)
+        else:
+            self.block_steps = None
+        self.masks_at_block_start = sizes[0]
+        self.num_masked = p.max_tokens
+
+    @property
+    def canvas_len(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens + len(self.suffix_ids)
+
+    @property
+    def gen_start(self) -> int:
+        """Index of the first generated position within the canvas."""
+        return len(self.prompt_ids)
+
+    @property
+    def total_steps(self) -> int | None:
+        """Planned forwards (None when the threshold rule makes it dynamic)."""
+        return None if self.block_steps is None else sum(self.block_steps)
+
+    @property
+    def current_block(self) -> tuple[int, int]:
+        return self.blocks[self.block_index]
+
+    def is_finished(self) -> bool:
+        return self.status.finished

@@ -1,0 +1,227 @@
+"""One denoising step for a batch: pad, forward once, commit tokens per row.
+
+Owns the device-side state of each running request (its canvas and its random generator).
+Rows of different prompt lengths, block sizes, schedules and samplers share one left-padded
+forward; only the current block of each row is sent through the LM head.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from model.sampling import (
+    Confidence,
+    dream_counts,
+    dream_timesteps,
+    filter_top_k_top_p,
+    gumbel_argmax,
+    llada_counts,
+    score_confidence,
+    select_commits,
+)
+from model.transformer import Denoiser
+from scheduler.request import Request, SamplingParams
+
+_CONFIDENCE = {
+    "low_confidence": Confidence.PROBABILITY,
+    "random": Confidence.RANDOM,
+    "margin": Confidence.MARGIN,
+    "entropy": Confidence.ENTROPY,
+}
+
+
+@dataclass(frozen=True)
+class Commit:
+    pos: int  # counted from the first generated position
+    token_id: int
+    confidence: float
+    logprob: float  # log p(token) under the step's (filtered) distribution when committed
+
+
+@dataclass
+class _Row:
+    canvas: Tensor  # [L] prompt + generated region + suffix
+    generator: torch.Generator
+
+
+class ModelRunner:
+    def __init__(self, model: Denoiser, mask_id: int, pad_id: int, vocab_limit: int) -> None:
+        self.model = model
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+        # Ids the tokenizer cannot decode (embedding rows past its length) and the mask
+        # itself are never committed: a committed mask would never resolve.
+        self.vocab_limit = vocab_limit
+        self.device = next(model.parameters()).device
+        self.rows: dict[str, _Row] = {}
+        self._timesteps: dict[int, list[float]] = {}
+
+    def add(self, request: Request) -> None:
+        ids = request.prompt_ids + request.tokens + request.suffix_ids
+        generator = torch.Generator(device=self.device)
+        seed = request.params.seed
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        canvas = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self.rows[request.request_id] = _Row(canvas, generator)
+
+    def remove(self, request_id: str) -> None:
+        self.rows.pop(request_id, None)
+
+    def _dream_t(self, steps: int, index: int) -> float:
+        if steps not in self._timesteps:
+            self._timesteps[steps] = dream_timesteps(steps)
+        return self._timesteps[steps][index]
+
+    @torch.inference_mode()
+    def run(self, requests: list[Request]) -> list[list[Commit]]:
+        """Advance every request by one step; returns each row's commits in window order."""
+        rows = [self.rows[r.request_id] for r in requests]
+        dev = self.device
+        lengths = torch.tensor([len(r.canvas) for r in rows], device=dev)
+        ids = pad_sequence(
+            [r.canvas for r in rows],
+            batch_first=True,
+            padding_value=self.pad_id,
+            padding_side="left",
+        )
+        n = ids.shape[1]
+        offsets = n - lengths  # [B] left padding per row
+        arange = torch.arange(n, device=dev)
+        attention = arange[None, :] >= offsets[:, None]  # [B, L]
+        positions = (arange[None, :] - offsets[:, None]).clamp_min(0)
+
+        # Current block of each row, as canvas positions [B, W] with a validity mask.
+        starts = [r.gen_start + r.current_block[0] for r in requests]
+        sizes = [r.current_block[1] - r.current_block[0] for r in requests]
+        width = max(sizes)
+        col = torch.arange(width, device=dev)
+        valid = col[None, :] < torch.tensor(sizes, device=dev)[:, None]
+        win_pos = offsets[:, None] + torch.tensor(starts, device=dev)[:, None] + col[None, :]
+        win_pos = torch.where(
+            valid, win_pos, offsets[:, None] + torch.tensor(starts, device=dev)[:, None]
+        )
+        window_ids = ids.gather(1, win_pos)
+        eligible = valid & (window_ids == self.mask_id)
+
+        logits = self._forward(requests, ids, attention, positions, offsets, win_pos)
+        logits[..., self.mask_id] = float("-inf")
+        logits[..., self.vocab_limit :] = float("-inf")
+        params = [r.params for r in requests]
+        top_k = torch.tensor([p.top_k for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        logits = filter_top_k_top_p(logits, top_k, top_p)
+
+        x0 = logits.argmax(-1)
+        sampled = [b for b, p in enumerate(params) if p.temperature > 0]
+        if sampled:
+            uniform = torch.stack(
+                [
+                    torch.rand(
+                        (width, logits.shape[-1]),
+                        generator=rows[b].generator,
+                        dtype=torch.float64,
+                        device=dev,
+                    )
+                    for b in sampled
+                ]
+            )
+            temps = torch.tensor([params[b].temperature for b in sampled], device=dev)
+            x0[sampled] = gumbel_argmax(logits[sampled], temps, uniform)
+        kind = torch.tensor([_CONFIDENCE[p.remasking] for p in params], device=dev)
+        random_conf = None
+        if any(p.remasking == "random" for p in params):
+            random_conf = torch.stack(
+                [torch.rand(width, generator=r.generator, device=dev) for r in rows]
+            )
+        conf, logprob = score_confidence(logits, x0, kind, random_conf)
+
+        commit = select_commits(
+            conf, eligible, self._counts(requests, eligible), self._thresholds(params, dev)
+        )
+        b_idx, w_idx = commit.nonzero(as_tuple=True)
+        ids[b_idx, win_pos[b_idx, w_idx]] = x0[b_idx, w_idx]
+        for b, row in enumerate(rows):
+            row.canvas = ids[b, int(offsets[b]) :]
+
+        flat = torch.stack(
+            [
+                b_idx.double(),
+                w_idx.double(),
+                x0[b_idx, w_idx].double(),
+                conf[b_idx, w_idx].double(),
+                logprob[b_idx, w_idx].double(),
+            ]
+        )
+        commits: list[list[Commit]] = [[] for _ in requests]
+        for b, w, tok, c, lp in flat.T.tolist():
+            r = requests[int(b)]
+            commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
+        return commits
+
+    def _forward(
+        self,
+        requests: list[Request],
+        ids: Tensor,
+        attention: Tensor,
+        positions: Tensor,
+        offsets: Tensor,
+        win_pos: Tensor,
+    ) -> Tensor:
+        """Logits [B, W, V] at the window positions, classifier-free guided where asked."""
+        guided = [b for b, r in enumerate(requests) if r.params.cfg_scale > 0]
+        mask = None if bool(attention.all()) else attention
+        if not guided:
+            return self.model(ids, mask, positions, gather=win_pos).float()
+        # Unconditional copy: every prompt and suffix token becomes a mask (as LLaDA does).
+        un_ids = ids[guided].clone()
+        for i, b in enumerate(guided):
+            r, off = requests[b], int(offsets[b])
+            un_ids[i, off : off + r.gen_start] = self.mask_id
+            un_ids[i, off + r.gen_start + r.params.max_tokens :] = self.mask_id
+        both = torch.cat([ids, un_ids])
+        both_mask = None if mask is None else torch.cat([mask, mask[guided]])
+        logits = self.model(
+            both,
+            both_mask,
+            torch.cat([positions, positions[guided]]),
+            gather=torch.cat([win_pos, win_pos[guided]]),
+        ).float()
+        cond, uncond = logits[: len(requests)], logits[len(requests) :]
+        scale = torch.tensor([requests[b].params.cfg_scale for b in guided], device=ids.device)
+        cond[guided] = uncond + (scale.view(-1, 1, 1) + 1) * (cond[guided] - uncond)
+        return cond
+
+    def _counts(self, requests: list[Request], eligible: Tensor) -> Tensor:
+        """Tokens each count-rule row commits this step [B] (ignored for threshold rows)."""
+        dev = eligible.device
+        masked_now = eligible.sum(-1)
+        steps = [1 if r.block_steps is None else r.block_steps[r.block_index] for r in requests]
+        step = [r.step_in_block for r in requests]
+        llada = llada_counts(
+            torch.tensor([r.masks_at_block_start for r in requests], device=dev),
+            torch.tensor(steps, device=dev),
+            torch.tensor(step, device=dev),
+        )
+        dream_rows = [r.params.schedule == "dream" for r in requests]
+        if not any(dream_rows):
+            return llada
+        t_now = [self._dream_t(s, min(i, s)) for s, i in zip(steps, step)]
+        t_next = [self._dream_t(s, min(i + 1, s)) for s, i in zip(steps, step)]
+        dream = dream_counts(
+            masked_now,
+            torch.tensor(t_now, dtype=torch.float32, device=dev),
+            torch.tensor(t_next, dtype=torch.float32, device=dev),
+            torch.tensor([i >= s - 1 for s, i in zip(steps, step)], device=dev),
+        )
+        return torch.where(torch.tensor(dream_rows, device=dev), dream, llada)
+
+    @staticmethod
+    def _thresholds(params: list[SamplingParams], device: torch.device) -> Tensor:
+        """[B] thresholds, NaN where the row follows a count schedule."""
+        values = [float("nan") if p.threshold is None else p.threshold for p in params]
+        return torch.tensor(values, device=device)

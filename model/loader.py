@@ -137,6 +137,7 @@ def load_model(
             continue
         if tuple(tensor.shape) != tuple(expected[name]):
             mismatched.append(f"{raw_name}: {tuple(tensor.shape)} != {tuple(expected[name])}")
+            loaded.add(name)  # present, reported as mis-shaped rather than missing
             continue
         target_dtype = dtype or tensor.dtype
         module_name, _, attr = name.rpartition(".")

@@ -117,27 +117,27 @@ class ModelRunner:
         logits = filter_top_k_top_p(logits, top_k, top_p)
 
         x0 = logits.argmax(-1)
+        # Each row draws only its own block's noise from its own generator, so its stream
+        # (and its tokens) do not depend on which other requests share the batch.
         sampled = [b for b, p in enumerate(params) if p.temperature > 0]
         if sampled:
-            uniform = torch.stack(
-                [
-                    torch.rand(
-                        (width, logits.shape[-1]),
-                        generator=rows[b].generator,
-                        dtype=torch.float64,
-                        device=dev,
-                    )
-                    for b in sampled
-                ]
-            )
+            vocab = logits.shape[-1]
+            uniform = torch.full((len(sampled), width, vocab), 0.5, dtype=torch.float64, device=dev)
+            for i, b in enumerate(sampled):
+                uniform[i, : sizes[b]] = torch.rand(
+                    (sizes[b], vocab), generator=rows[b].generator, dtype=torch.float64, device=dev
+                )
             temps = torch.tensor([params[b].temperature for b in sampled], device=dev)
             x0[sampled] = gumbel_argmax(logits[sampled], temps, uniform)
         kind = torch.tensor([_CONFIDENCE[p.remasking] for p in params], device=dev)
         random_conf = None
         if any(p.remasking == "random" for p in params):
-            random_conf = torch.stack(
-                [torch.rand(width, generator=r.generator, device=dev) for r in rows]
-            )
+            random_conf = torch.zeros((len(rows), width), device=dev)
+            for b, p in enumerate(params):
+                if p.remasking == "random":
+                    random_conf[b, : sizes[b]] = torch.rand(
+                        sizes[b], generator=rows[b].generator, device=dev
+                    )
         conf, logprob = score_confidence(logits, x0, kind, random_conf)
 
         commit = select_commits(

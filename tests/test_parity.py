@@ -56,17 +56,29 @@ def test_dream_alignment_shifts_right(dream_dir: Path, golden_dir: Path):
 def _llada_params(case: dict) -> SamplingParams:
     p = case["params"]
     return SamplingParams(
-        max_tokens=p["gen_length"], steps=p["steps"], block_length=p["block_length"],
-        threshold=p.get("threshold"), remasking=p["remasking"], temperature=p["temperature"],
-        cfg_scale=p.get("cfg_scale", 0.0), schedule="llada", ignore_eos=True,
+        max_tokens=p["gen_length"],
+        steps=p["steps"],
+        block_length=p["block_length"],
+        threshold=p.get("threshold"),
+        remasking=p["remasking"],
+        temperature=p["temperature"],
+        cfg_scale=p.get("cfg_scale", 0.0),
+        schedule="llada",
+        ignore_eos=True,
     )
 
 
 def _dream_params(case: dict) -> SamplingParams:
     p = case["params"]
     return SamplingParams(
-        max_tokens=p["max_new_tokens"], steps=p["steps"], block_length=None, threshold=None,
-        remasking=p["alg"], temperature=p["temperature"], schedule="dream", ignore_eos=True,
+        max_tokens=p["max_new_tokens"],
+        steps=p["steps"],
+        block_length=None,
+        threshold=None,
+        remasking=p["alg"],
+        temperature=p["temperature"],
+        schedule="dream",
+        ignore_eos=True,
     )
 
 
@@ -105,8 +117,10 @@ def _assert_trace(case: dict, traces, exact_canvas: bool) -> None:
 def test_llada_generation_traces(index: int, golden_dir: Path, llada_dir: Path):
     case = _cases(golden_dir, "llada")[index]
     if case["model_variant"] == "original" and case["attention_mask"] is not None:
-        pytest.skip("the original file ignores the padding mask; we implement key padding "
-                    "(the key_padding variant of this case is checked exactly)")
+        pytest.skip(
+            "the original file ignores the padding mask; we implement key padding "
+            "(the key_padding variant of this case is checked exactly)"
+        )
     engine = Engine.from_pretrained(llada_dir, progress=False)
     seeded = case["torch_manual_seed"] is not None
     # Seeded runs draw from per-request generators, not torch's global one: only the
@@ -122,7 +136,24 @@ def test_dream_generation_traces(index: int, golden_dir: Path, dream_dir: Path):
     if alg == "origin":
         pytest.skip("Dream's stochastic 'origin' reveal is not implemented")
     if alg == "confidence_threshold":
-        pytest.skip("Fast-dLLM's Dream copy uses its own threshold loop; Marble applies the "
-                    "Fast-dLLM LLaDA threshold rule to every model (checked on LLaDA)")
+        pytest.skip(
+            "Fast-dLLM's Dream copy uses its own threshold loop; Marble applies the "
+            "Fast-dLLM LLaDA threshold rule to every model (checked on LLaDA)"
+        )
     engine = Engine.from_pretrained(dream_dir, progress=False)
     _assert_trace(case, _run(engine, case, _dream_params(case)), exact_canvas=True)
+
+
+def test_chat_prompts_tokenise_like_reference(golden_dir: Path, llada_dir: Path, dream_dir: Path):
+    from model.tokenizer import TextTokenizer
+
+    for name, folder in (("llada", llada_dir), ("dream", dream_dir)):
+        tok = TextTokenizer(folder)
+        for case in _cases(golden_dir, name):
+            masks = case["attention_mask"]
+            for b, message in enumerate(case["chat_messages"]):
+                prompt = tok.render_chat([{"role": "user", "content": message}])
+                assert prompt == case["chat_prompts"][b]
+                ids = case["prompt_ids"][b]
+                real = ids if masks is None else [t for t, m in zip(ids, masks[b]) if m]
+                assert tok.encode(prompt) == real

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine (system packages included),
+# then run the whole suite: unit tests, the end-to-end tier, and the container image check.
+# This is README's test command and what CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium prometheus podman runc debootstrap >/dev/null
+fi
+
+# torch first, pinned: on these machines it resolves to a local CPU build, so the project's
+# own install never pulls a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+
+python -m ruff check .
+python -m pytest -q -p no:cacheprovider tests
+if [ -x docker/check-image.sh ]; then
+    bash docker/check-image.sh
+fi

@@ -135,3 +135,47 @@ def test_chat_template_and_special_ids(llada_dir: Path, dream_dir: Path, tmp_pat
     (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ChatTemplateError):
         TextTokenizer(ckpt).render_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_loading_keeps_one_copy_of_the_weights(tmp_path: Path):
+    """Peak memory while loading (and touching every weight) stays near 1x the file size."""
+    import subprocess
+    import sys
+
+    cfg = preset(
+        "small",
+        vocab_size=8192,
+        d_model=512,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=8,
+        mlp_hidden=1536,
+        mask_token_id=5,
+    )
+    model = Denoiser(cfg)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json_dict()))
+    size_mb = (tmp_path / "model.safetensors").stat().st_size / 2**20
+    script = (
+        "import resource, torch\n"
+        "from model.loader import load_model\n"
+        "torch.ones(1)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"m = load_model({str(tmp_path)!r}, progress=False)\n"
+        "print(sum(float(p.float().sum()) for p in m.parameters()))\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    delta_mb = float(out.stdout.split()[-1])
+    assert delta_mb < 1.5 * size_mb, (
+        f"loading {size_mb:.0f} MB raised peak RSS by {delta_mb:.0f} MB"
+    )

@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference checkpoints beside the repo and tiny engines built from them."""
+"""Shared fixtures: the tiny reference checkpoints that sit beside the repository
+(`../shared/reference/`), located from the repository root."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
 
 
-def reference_path(name: str) -> Path:
+def _reference(name: str) -> Path:
     path = REFERENCE / name
     if not path.exists():
-        pytest.skip(f"reference data not found at {path} (CI lays shared/ beside the repo)")
+        pytest.skip(f"reference data {path} is absent (expected ../shared beside the repo)")
     return path
 
 
@@ -26,14 +27,26 @@ def _single_thread() -> None:
 
 @pytest.fixture(scope="session")
 def llada_dir() -> Path:
-    return reference_path("llada-tiny")
+    """LLaDA-layout tiny checkpoint with a tokenizer and a chat template."""
+    return _reference("llada-tiny")
+
+
+@pytest.fixture(scope="session")
+def llada_tiny_path(llada_dir: Path) -> Path:
+    return llada_dir
 
 
 @pytest.fixture(scope="session")
 def dream_dir() -> Path:
-    return reference_path("dream-tiny")
+    return _reference("dream-tiny")
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    return reference_path("golden")
+    return _reference("golden")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio only (the server's event loop)."""
+    return "asyncio"

@@ -1,0 +1,49 @@
+"""`create_app(settings, engine=None)`: the FastAPI application and its lifespan.
+
+The lifespan starts the engine thread (loading the checkpoint first, in a worker thread, when
+no engine is injected; `/health` says 503 meanwhile) and drains it on shutdown. No import-time
+side effects: tests build apps around tiny engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from scheduler.engine import Engine
+from server.errors import install_error_handlers
+from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from server.routes import diffusion, health, openai
+from server.settings import Settings
+from server.state import ServerState
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = ServerState(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.startup()
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(
+        title="Marble",
+        summary="OpenAI-compatible server for diffusion language models, with live step streams",
+        lifespan=lifespan,
+    )
+    app.state.marble = state
+    install_error_handlers(app, state.metrics.reject)
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(diffusion.router)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_body_bytes, on_reject=state.metrics.reject
+    )
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets its id
+    return app

@@ -1,0 +1,123 @@
+"""The `marble` command: `marble serve [--model PATH] [--host H] [--port P] ...`.
+
+Flags override `MARBLE_*` environment variables, which override the defaults in
+`server.settings.Settings`. The model loads after the socket is listening (`/health` says
+503 until it is ready); a missing model folder is reported before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+# flag -> (settings field, type, help)
+_FLAGS: list[tuple[str, type, str]] = [
+    ("--model", Path, "checkpoint folder (default: the embedded Marble model)"),
+    ("--served-model-name", str, "name clients pass as `model` (default: the folder's name)"),
+    ("--host", str, "interface to bind (default 127.0.0.1)"),
+    ("--port", int, "port (default 8000)"),
+    ("--device", str, "auto, cpu, cuda, cuda:1, ... (default auto)"),
+    ("--dtype", str, "auto, float32, bfloat16 or float16 (default auto)"),
+    ("--max-batch-size", int, "requests denoised together in one step (default 16)"),
+    ("--max-queue", int, "waiting requests before 429 (default 256)"),
+    ("--max-batch-tokens", int, "canvas tokens per forward (default 32768)"),
+    ("--api-key", str, "require `Authorization: Bearer <key>` on /v1 routes"),
+    ("--torch-threads", int, "CPU threads for torch (default: all cores but one)"),
+    ("--log-level", str, "debug, info, warning, error (default info)"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="marble", description="Marble: diffusion LM server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    add_serve_flags(serve)
+    return parser
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, type_, help_ in _FLAGS:
+        parser.add_argument(flag, type=type_, default=None, help=help_)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _, _ in _FLAGS
+    }
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _model_problem(settings: Settings) -> str | None:
+    from server.state import default_model_path
+
+    if settings.model is None:
+        path = default_model_path()
+        if not (path / "config.json").exists():
+            return (
+                "no model given and the embedded default model is not available yet "
+                f"({path} has no checkpoint).\n"
+                "Pass a checkpoint folder: marble serve --model /path/to/checkpoint"
+            )
+        return None
+    if not (settings.model / "config.json").exists():
+        return f"{settings.model}: not a checkpoint folder (no config.json)"
+    return None
+
+
+def serve(settings: Settings) -> int:
+    import torch
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    problem = _model_problem(settings)
+    if problem:
+        print(f"marble: {problem}", file=sys.stderr)
+        return 2
+    # Leave a core to the event loop so /health and streams stay responsive during a batch.
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+    )
+    server = uvicorn.Server(config)
+    state = app.state.marble
+    state.server = server
+    server.run()
+    if state.phase == "failed":
+        print(f"marble: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"marble: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

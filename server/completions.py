@@ -1,0 +1,284 @@
+"""OpenAI responses from step outputs: completion and chat, streamed chunks or one JSON body.
+
+Streams carry append-only deltas of the stable text (it only grows, so nothing sent is ever
+taken back), or with `diffusing` the whole current draft in each chunk (replace, not append).
+`logprobs` are the log-probabilities each token had at the step it was committed.
+Knows nothing of HTTP transport: routes wrap these in responses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from model.tokenizer import TextTokenizer
+from scheduler.engine import StepOutput
+from server.errors import APIError
+from server.hub import Hub, RequestGroup
+from server.protocol import error_body
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["completion", "chat"]
+_UNLIKELY = -9999.0  # OpenAI's stand-in for a probability too small to represent
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    prompt_index: int
+    echo: str = ""
+    sent: str = ""  # completion text already streamed (echo excluded)
+    logprob_at: dict[int, float] = field(default_factory=dict)  # pos -> logprob at commit
+    tokens_sent: int = 0  # tokens whose logprobs were already streamed
+    draft: str | None = None
+    last: StepOutput | None = None
+    done: bool = False
+
+
+class Translator:
+    """Consumes one group's raw outputs (`group.outputs`) and produces OpenAI shapes."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        hub: Hub,
+        group: RequestGroup,
+        *,
+        n: int,
+        echo: list[str] | None = None,
+        logprobs: int | None = None,
+        diffusing: bool = False,
+        include_usage: bool = False,
+    ) -> None:
+        self.kind = kind
+        self.hub = hub
+        self.tokenizer: TextTokenizer = hub.tokenizer
+        self.group = group
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + group.request_id
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.logprobs = logprobs  # None: off; k: on, with k alternatives asked for
+        self.diffusing = diffusing
+        self.include_usage = include_usage
+        self.n = n
+        total = len(group.choices)
+        self.states = [ChoiceState(i, i // n, (echo[i // n] if echo else "")) for i in range(total)]
+
+    # ------------------------------------------------------------------------- common
+    def _absorb(self, state: ChoiceState, out: StepOutput) -> None:
+        if self.logprobs is not None:
+            for c in out.committed:
+                state.logprob_at[c.pos] = c.logprob
+        state.last = out
+        state.done = out.finished
+
+    def _delta(self, state: ChoiceState, out: StepOutput) -> str:
+        """New stable text since the last call; the engine promises it only grows."""
+        if not out.text.startswith(state.sent):
+            log.warning("request %s: stable text changed; not resending", self.group.request_id)
+            return ""
+        delta = out.text[len(state.sent) :]
+        state.sent = out.text
+        return delta
+
+    def _token_count(self, state: ChoiceState, out: StepOutput) -> int:
+        """Completion tokens that the text sent so far covers."""
+        n = min(out.completion_tokens, len(out.tokens))
+        if not out.finished or not out.tokens:
+            return n
+        # A stop string may cut the text inside the token run: keep the tokens that reach it.
+        if len(self.tokenizer.decode(out.tokens[:n])) <= len(out.text):
+            return n
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(out.tokens[:mid])) >= len(out.text):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _new_logprobs(self, state: ChoiceState, out: StepOutput) -> tuple[list[int], list[float]]:
+        upto = self._token_count(state, out)
+        start = state.tokens_sent
+        if upto <= start:
+            return [], []
+        ids = out.tokens[start:upto]
+        lps = [state.logprob_at.get(start + i, _UNLIKELY) for i in range(len(ids))]
+        state.tokens_sent = upto
+        return ids, lps
+
+    def _logprobs_json(
+        self, state: ChoiceState, ids: list[int], lps: list[float], offset: int
+    ) -> dict[str, Any]:
+        texts = self.tokenizer.token_text(ids)
+        want_top = bool(self.logprobs)
+        if self.kind == "chat":
+            content = []
+            for text, lp in zip(texts, lps):
+                entry = {"token": text, "logprob": lp, "bytes": list(text.encode())}
+                top = [dict(entry)] if want_top else []
+                content.append({**entry, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": lps,
+            # Only the committed token is known: the denoiser scores whole positions at once.
+            "top_logprobs": [{t: lp} for t, lp in zip(texts, lps)] if want_top else None,
+            "text_offset": offsets,
+        }
+
+    def usage(self) -> dict[str, int]:
+        """Each prompt counted once (its choices share it), completions summed."""
+        prompt = sum(c.prompt_tokens for c in self.group.choices if c.index % self.n == 0)
+        completion = sum(s.last.completion_tokens for s in self.states if s.last)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _failure(self) -> APIError | None:
+        for s in self.states:
+            out = s.last
+            if out is None or not out.finished:
+                continue
+            if out.finish_reason == "error":
+                message = f"generation failed: {out.error or 'engine error'}"
+                return APIError(500, message, type_="server_error", code="engine_error")
+            if out.finish_reason == "abort":
+                return APIError(
+                    503, "the request was aborted (server shutting down)", code="aborted"
+                )
+        return None
+
+    async def _outputs(self) -> AsyncIterator[tuple[ChoiceState, StepOutput]]:
+        queue = self.group.outputs
+        assert queue is not None
+        remaining = sum(1 for s in self.states if not s.done)
+        while remaining:
+            index, out = await queue.get()
+            state = self.states[index]
+            self._absorb(state, out)
+            if out.finished:
+                remaining -= 1
+            yield state, out
+
+    # ---------------------------------------------------------------------- one body
+    async def collect(self) -> dict[str, Any]:
+        async for _ in self._outputs():
+            pass
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        choices = []
+        for s in self.states:
+            out = s.last
+            assert out is not None
+            text = out.text
+            choice: dict[str, Any] = {"index": s.index, "finish_reason": out.finish_reason}
+            logprobs = None
+            if self.logprobs is not None:
+                ids, lps = self._new_logprobs(s, out)
+                logprobs = self._logprobs_json(s, ids, lps, len(s.echo))
+            if self.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = s.echo + text
+            choice["logprobs"] = logprobs
+            choices.append(choice)
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.group.created,
+            "model": self.group.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    # ------------------------------------------------------------------------ stream
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.group.created,
+            "model": self.group.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+    def _choice_chunk(
+        self, state: ChoiceState, text: str | None, finish: str | None, logprobs: Any, role: bool
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {
+                "index": state.index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+        return {
+            "index": state.index,
+            "text": text or "",
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }
+
+    async def stream(self) -> AsyncIterator[str]:
+        """`data:` payloads: chunks, then the usage chunk when asked, then `[DONE]`."""
+        if self.kind == "chat":  # the role first, as OpenAI does
+            yield self._chunk([self._choice_chunk(s, "", None, None, True) for s in self.states])
+        else:
+            echoes = [s for s in self.states if s.echo]
+            if echoes and not self.diffusing:
+                yield self._chunk(
+                    [self._choice_chunk(s, s.echo, None, None, False) for s in echoes]
+                )
+        async for state, out in self._outputs():
+            if out.finished and out.finish_reason in ("error", "abort"):
+                failure = self._failure()
+                assert failure is not None
+                self.hub.abort(self.group)
+                yield json.dumps(failure.body())
+                yield "[DONE]"
+                return
+            finish = out.finish_reason if out.finished else None
+            logprobs = None
+            if self.logprobs is not None:
+                ids, lps = self._new_logprobs(state, out)
+                if ids:
+                    offset = len(state.echo) + len(state.sent)
+                    logprobs = self._logprobs_json(state, ids, lps, offset)
+            if self.diffusing:
+                text = out.text if out.finished else self.hub.draft(out.tokens)
+                if self.kind == "completion":
+                    text = state.echo + text
+                if text == state.draft and finish is None and logprobs is None:
+                    continue
+                state.draft = text
+            else:
+                text = self._delta(state, out)
+                if not text and finish is None and logprobs is None:
+                    continue
+            yield self._chunk([self._choice_chunk(state, text, finish, logprobs, False)])
+        if self.include_usage:
+            yield self._chunk([], self.usage())
+        yield "[DONE]"
+
+
+def error_payload(message: str, code: str = "engine_error") -> str:
+    return json.dumps(error_body(message, "server_error", None, code))

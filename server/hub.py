@@ -1,0 +1,411 @@
+"""Where every request's step outputs go, on the event loop.
+
+A `RequestGroup` is one HTTP request: one or more choices, each an engine request. The hub
+routes each `StepOutput` to its group, which turns it into native events (kept in a bounded
+log for `Last-Event-ID` resume and fanned out to subscribers and the dashboard stream) and,
+for OpenAI routes, queues the raw output for translation. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.tokenizer import TextTokenizer
+from scheduler.engine import StepOutput
+from scheduler.request import SamplingParams, blocks_of
+from server.engine_loop import Delivery, EngineLoop
+from server.events import Event, EventLog, Subscriber
+from server.metrics import Metrics, Timing
+from server.settings import Settings
+
+ID_PREFIXES = ("chatcmpl-", "cmpl-", "gen-")
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe float (NaN and infinities become null)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _seconds(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round(end - start, 6)
+
+
+@dataclass
+class Choice:
+    index: int
+    engine_id: str
+    params: SamplingParams
+    prompt_tokens: int
+    blocks: list[tuple[int, int]]
+    last: StepOutput | None = None
+    timing: Timing | None = None
+    finished: bool = False
+    completed: Event | None = None  # its `request.completed` event, kept for late resyncs
+
+
+@dataclass
+class RequestGroup:
+    """One HTTP request's choices, event log and listeners."""
+
+    hub: Hub
+    request_id: str
+    model: str
+    n: int  # choices asked for; events carry `choice_index` when above 1
+    draft_every: int
+    log: EventLog
+    created: int = field(default_factory=lambda: int(time.time()))
+    choices: list[Choice] = field(default_factory=list)
+    subscribers: set[Subscriber] = field(default_factory=set)
+    # Raw outputs for an OpenAI route: lossless (bounded by the request's own step count).
+    outputs: asyncio.Queue[tuple[int, StepOutput]] | None = None
+    seq: int = 0
+    finished_at: float | None = None
+
+    @property
+    def multi(self) -> bool:
+        return self.n > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def publish(self, name: str, choice: Choice, data: dict[str, Any]) -> Event:
+        self.seq += 1
+        head: dict[str, Any] = {
+            "type": name,
+            "request_id": self.request_id,
+            "sequence_number": self.seq,
+        }
+        if self.multi:
+            head["choice_index"] = choice.index
+        event = Event(name, self.seq, {**head, **data})
+        self.log.append(event)
+        self.hub.broadcast(event, self)
+        for sub in list(self.subscribers):
+            sub.push(event, self.resync)
+        return event
+
+    def resync(self, step: Event) -> Event:
+        """A `snapshot` standing in for a `step` a subscriber could not take in time."""
+        index = step.data.get("choice_index", 0)
+        return self.snapshot(self.choices[index], step.seq, step.global_seq)
+
+    def snapshot(self, choice: Choice, seq: int, global_seq: int = 0) -> Event:
+        out = choice.last
+        tokens = out.tokens if out and out.tokens else [self.hub.mask_id] * choice.params.max_tokens
+        data: dict[str, Any] = {
+            "type": "snapshot",
+            "request_id": self.request_id,
+            "sequence_number": seq,
+        }
+        if self.multi:
+            data["choice_index"] = choice.index
+        data.update(
+            step=out.step if out else 0,
+            total_steps=out.total_steps if out else None,
+            block_index=out.block_index if out else 0,
+            num_blocks=len(choice.blocks),
+            num_masked=out.num_masked if out else choice.params.max_tokens,
+            tokens=tokens,
+            draft=self.hub.draft(tokens),
+            text=out.text if out else "",
+            finished=choice.finished,
+        )
+        return Event("snapshot", seq, data, global_seq)
+
+    # ------------------------------------------------------------------------ outputs
+    def on_output(self, choice: Choice, out: StepOutput, timing: Timing | None) -> None:
+        hub = self.hub
+        prev_step = choice.last.step if choice.last else 0
+        choice.timing = timing or choice.timing
+        if out.step > prev_step:
+            if prev_step == 0:
+                started = timing.started if timing else None
+                submitted = timing.submitted if timing else None
+                self.publish("request.started", choice, {"queue_s": _seconds(submitted, started)})
+            choice.last = out
+            self.publish("step", choice, self._step_data(out))
+            if out.block_completed is not None:
+                start, end = choice.blocks[out.block_completed]
+                ids = out.tokens[start:end]
+                self.publish(
+                    "block.committed",
+                    choice,
+                    {
+                        "step": out.step,
+                        "block_index": out.block_completed,
+                        "num_blocks": out.num_blocks,
+                        "start": start,
+                        "tokens": ids,
+                        "text": hub.tokenizer.decode(ids),
+                    },
+                )
+        elif out.tokens or choice.last is None:
+            choice.last = out
+        if self.outputs is not None:
+            self.outputs.put_nowait((choice.index, out))
+        if out.finished:
+            self._complete(choice, out)
+
+    def _step_data(self, out: StepOutput) -> dict[str, Any]:
+        texts = self.hub.tokenizer.token_text([c.token_id for c in out.committed])
+        data: dict[str, Any] = {
+            "step": out.step,
+            "total_steps": out.total_steps,
+            "block_index": out.block_index,
+            "num_blocks": out.num_blocks,
+            "num_masked": out.num_masked,
+            "committed": [
+                {
+                    "pos": c.pos,
+                    "token_id": c.token_id,
+                    "text": text,
+                    "confidence": _num(c.confidence),
+                    "logprob": _num(c.logprob),
+                }
+                for c, text in zip(out.committed, texts)
+            ],
+        }
+        if self.draft_every and (out.step % self.draft_every == 0 or out.finished):
+            data["draft"] = self.hub.draft(out.tokens)
+        return data
+
+    def _complete(self, choice: Choice, out: StepOutput) -> None:
+        choice.finished = True
+        if out.finish_reason == "error":
+            self.publish(
+                "error",
+                choice,
+                {"message": out.error or "engine error", "code": "engine_error"},
+            )
+        t = choice.timing
+        choice.completed = self.publish(
+            "request.completed",
+            choice,
+            {
+                "text": out.text,
+                "finish_reason": out.finish_reason,
+                "usage": {
+                    "prompt_tokens": choice.prompt_tokens,
+                    "completion_tokens": out.completion_tokens,
+                    "total_tokens": choice.prompt_tokens + out.completion_tokens,
+                },
+                "steps": out.step,
+                "timings": {
+                    "queue_s": _seconds(t.submitted, t.started) if t else None,
+                    "time_to_first_step_s": _seconds(t.submitted, t.first_step) if t else None,
+                    "time_to_first_text_s": _seconds(t.submitted, t.first_text) if t else None,
+                    "total_s": _seconds(t.submitted, t.finished) if t else None,
+                },
+            },
+        )
+        if all(c.finished for c in self.choices):
+            self.hub.retire(self)
+
+
+class Hub:
+    """Live and recently finished requests, the engine-id routing table, the dashboard feed."""
+
+    def __init__(self, settings: Settings, tokenizer: TextTokenizer, metrics: Metrics) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.mask_id = tokenizer.special.mask
+        self.stop_ids = tokenizer.special.stop_ids
+        self.engine_loop: EngineLoop | None = None
+        self.groups: OrderedDict[str, RequestGroup] = OrderedDict()
+        self.routes: dict[str, tuple[RequestGroup, Choice]] = {}
+        self.dashboard: set[Subscriber] = set()
+        self.global_log = EventLog(settings.global_log_size, key=lambda e: e.global_seq)
+        self.global_seq = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # ----------------------------------------------------------------------- requests
+    def create(
+        self, request_id: str, model: str, n: int, draft_every: int | None, lossless: bool
+    ) -> RequestGroup:
+        """A new request; `lossless` gives it an `outputs` queue for an OpenAI route."""
+        self._prune()
+        group = RequestGroup(
+            hub=self,
+            request_id=request_id,
+            model=model,
+            n=n,
+            draft_every=self.settings.draft_every if draft_every is None else draft_every,
+            log=EventLog(self.settings.event_log_size),
+            outputs=asyncio.Queue() if lossless else None,
+        )
+        self.groups[request_id] = group
+        return group
+
+    def submit(
+        self,
+        group: RequestGroup,
+        prompt: str | list[int],
+        params: SamplingParams,
+        suffix: str | list[int] | None = None,
+    ) -> Choice:
+        """Queue one more choice of `group`; raises ValueError or QueueFullError."""
+        assert self.engine_loop is not None
+        index = len(group.choices)
+        engine_id = group.request_id if index == 0 else f"{group.request_id}-{index}"
+        choice = Choice(
+            index, engine_id, params, 0, blocks_of(params.max_tokens, params.block_length)
+        )
+        group.choices.append(choice)
+        self.routes[engine_id] = (group, choice)
+        self.idle.clear()
+        try:
+            choice.prompt_tokens = self.engine_loop.submit(engine_id, prompt, params, suffix)
+        except BaseException:
+            group.choices.pop()
+            self.routes.pop(engine_id, None)
+            self._update_idle()
+            raise
+        params_json = dataclasses.asdict(params)
+        params_json["stop"] = list(params.stop)
+        group.publish(
+            "request.queued",
+            choice,
+            {
+                "created": group.created,
+                "model": group.model,
+                "prompt_tokens": choice.prompt_tokens,
+                "params": params_json,
+            },
+        )
+        return choice
+
+    def abort(self, group: RequestGroup) -> None:
+        if self.engine_loop is None:
+            return
+        for choice in group.choices:
+            if not choice.finished:
+                self.engine_loop.abort(choice.engine_id)
+
+    def discard(self, group: RequestGroup) -> None:
+        """A request refused part-way through submission: abort the choices already queued
+        (they finish as aborted), or forget the group if none was."""
+        self.abort(group)
+        if not group.choices:
+            self.groups.pop(group.request_id, None)
+
+    def get(self, request_id: str) -> RequestGroup | None:
+        group = self.groups.get(request_id)
+        if group is None:
+            for prefix in ID_PREFIXES:
+                if request_id.startswith(prefix):
+                    group = self.groups.get(request_id[len(prefix) :])
+                    break
+        return group
+
+    @property
+    def active(self) -> int:
+        return sum(1 for g in self.groups.values() if not g.finished)
+
+    # --------------------------------------------------------------- engine -> groups
+    def deliver(self, delivery: Delivery) -> None:
+        """Runs on the event loop, once per engine step."""
+        for out, timing in delivery:
+            route = self.routes.get(out.request_id)
+            if route is None:
+                continue
+            group, choice = route
+            if out.finished:
+                del self.routes[out.request_id]
+            group.on_output(choice, out, timing)
+        self._update_idle()
+
+    def retire(self, group: RequestGroup) -> None:
+        group.finished_at = time.monotonic()
+        for sub in list(group.subscribers):
+            sub.close()
+        group.subscribers.clear()
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if not self.routes:
+            self.idle.set()
+
+    def _prune(self) -> None:
+        """Forget finished requests past their retention time or over the count limit."""
+        now = time.monotonic()
+        finished = [g for g in self.groups.values() if g.finished]
+        excess = len(finished) - self.settings.retain_finished_max
+        for g in finished:
+            too_old = now - (g.finished_at or now) > self.settings.retain_finished_s
+            if excess > 0 or too_old:
+                self.groups.pop(g.request_id, None)
+                excess -= 1
+
+    # -------------------------------------------------------------------- subscribers
+    def new_subscriber(self, capacity: int | None = None) -> Subscriber:
+        return Subscriber(
+            capacity or self.settings.subscriber_queue_size, self.metrics.dropped_events.inc
+        )
+
+    def subscribe(self, group: RequestGroup, last_id: int | None = None) -> Subscriber:
+        """Replay what the client missed (all of it without `last_id`), then live events.
+        Events that fell out of the log are replaced by one snapshot per choice."""
+        sub = self.new_subscriber()
+        replay = list(group.log) if last_id is None else group.log.after(last_id)
+        if last_id is None and group.log.first not in (None, 1):
+            replay = None
+        if replay is None:
+            for choice in group.choices:
+                sub.push(group.snapshot(choice, group.seq))
+                if choice.completed is not None:
+                    sub.push(choice.completed)
+        else:
+            sub.replay(replay)
+        if group.finished:
+            sub.close()
+        else:
+            group.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, group: RequestGroup | None, sub: Subscriber) -> None:
+        sub.close()
+        if group is not None:
+            group.subscribers.discard(sub)
+        self.dashboard.discard(sub)
+
+    def subscribe_all(self, last_id: int | None = None) -> Subscriber:
+        sub = self.new_subscriber(4 * self.settings.subscriber_queue_size)
+        if last_id is not None:
+            sub.replay(self.global_log.after(last_id) or [])
+        self.dashboard.add(sub)
+        return sub
+
+    def broadcast(self, event: Event, group: RequestGroup) -> None:
+        self.global_seq += 1
+        event.global_seq = self.global_seq
+        self.global_log.append(event)
+        for sub in list(self.dashboard):
+            sub.push(event, group.resync)
+
+    # ------------------------------------------------------------------------ helpers
+    def draft(self, tokens: list[int]) -> str:
+        """The whole canvas as text, each still-masked position shown as the placeholder."""
+        parts: list[str] = []
+        run: list[int] = []
+        for token in tokens:
+            if token in self.stop_ids:
+                break
+            if token == self.mask_id:
+                if run:
+                    parts.append(self.tokenizer.decode(run))
+                    run = []
+                parts.append(self.settings.mask_placeholder)
+            else:
+                run.append(token)
+        if run:
+            parts.append(self.tokenizer.decode(run))
+        return "".join(parts)

@@ -1,0 +1,1 @@
+"""HTTP routes: each translates between the wire and `ServerState`/`Hub`, nothing more."""

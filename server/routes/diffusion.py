@@ -1,0 +1,118 @@
+"""Native step streams over SSE (named events, `id:` sequence numbers, ping comments).
+
+`POST /v1/diffusion/generate` submits and streams; `GET /v1/diffusion/requests/{id}/events`
+attaches to a running or recently finished request (resuming after `Last-Event-ID`);
+`GET /v1/diffusion/events` follows every request, for dashboards. Only the submitting
+connection's disconnect aborts a request; attached listeners just leave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from server.events import Subscriber
+from server.hub import RequestGroup
+from server.protocol import GenerateRequest
+from server.routes.deps import RequestIdDep, StateDep, require_api_key
+from server.state import Job, ServerState
+
+router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key)])
+
+
+def _last_id(header: str | None, query: int | None) -> int | None:
+    if query is not None:
+        return query
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return None
+
+
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+LastEventQuery = Annotated[int | None, Query(alias="last_event_id", ge=0)]
+
+
+@router.post("/generate")
+async def generate(
+    body: GenerateRequest, state: StateDep, request_id: RequestIdDep
+) -> EventSourceResponse:
+    state.check_model(body.model)
+    hub = state.ready_hub()
+    prompts = state.params(body.prompts)
+    state.check_n(len(prompts) * body.n)
+    jobs = [
+        Job(
+            prompt,
+            state.params(lambda j=j: body.to_sampling_params(state.defaults, j)),
+            body.suffix,
+        )
+        for prompt in prompts
+        for j in range(body.n)
+    ]
+    draft_every = 1 if body.diffusing else body.draft_every
+    group = hub.create(request_id, state.model_name, len(jobs), draft_every, lossless=False)
+    sub = hub.subscribe(group)  # before submitting, so it sees `request.queued`
+    try:
+        state.submit(group, jobs)
+    except Exception:
+        hub.unsubscribe(group, sub)
+        raise
+    return _sse(state, sub, group, owner=True)
+
+
+@router.get("/requests/{request_id}/events")
+async def request_events(
+    request_id: str,
+    state: StateDep,
+    last_event_id: LastEventId = None,
+    last_event_query: LastEventQuery = None,
+) -> EventSourceResponse:
+    hub = state.ready_hub()
+    group = hub.get(request_id)
+    if group is None:
+        raise state.reject(
+            404,
+            "invalid",
+            f"no running or recently finished request {request_id!r}",
+            param="request_id",
+            code="request_not_found",
+        )
+    sub = hub.subscribe(group, _last_id(last_event_id, last_event_query))
+    return _sse(state, sub, group, owner=False)
+
+
+@router.get("/events")
+async def all_events(
+    request: Request,
+    state: StateDep,
+    last_event_id: LastEventId = None,
+    last_event_query: LastEventQuery = None,
+) -> EventSourceResponse:
+    hub = state.ready_hub()
+    sub = hub.subscribe_all(_last_id(last_event_id, last_event_query))
+    return _sse(state, sub, None, owner=False, global_ids=True)
+
+
+def _sse(
+    state: ServerState,
+    sub: Subscriber,
+    group: RequestGroup | None,
+    *,
+    owner: bool,
+    global_ids: bool = False,
+) -> EventSourceResponse:
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        try:
+            while (event := await sub.get()) is not None:
+                seq = event.global_seq if global_ids else event.seq
+                yield ServerSentEvent(data=event.json, event=event.name, id=str(seq))
+        finally:
+            assert state.hub is not None
+            state.hub.unsubscribe(group, sub)
+            if owner and group is not None:
+                state.client_gone(group)
+
+    return EventSourceResponse(events(), ping=state.settings.ping_s or 0, sep="\n")

@@ -1,0 +1,119 @@
+"""OpenAI endpoints: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+Body -> `SamplingParams` per choice -> `ServerState.submit` -> `Translator` (chunks or one
+JSON body). A client that disconnects, streaming or not, aborts its request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from model.tokenizer import ChatTemplateError
+from server.completions import Translator
+from server.hub import RequestGroup
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.routes.deps import RequestIdDep, StateDep, require_api_key
+from server.state import Job, ServerState
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.get("/models")
+async def models(state: StateDep) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": state.model_name, "object": "model", "owned_by": "marble"}
+    if state.engine is not None:
+        entry["max_model_len"] = state.engine.model.cfg.max_seq_len
+    entry["created"] = 0
+    return {"object": "list", "data": [entry]}
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
+) -> Response | dict[str, Any]:
+    state.check_model(body.model)
+    hub = state.ready_hub()
+    prompts = state.params(body.prompts)
+    state.check_n(len(prompts) * body.n)
+    jobs = [
+        Job(
+            prompt,
+            state.params(lambda j=j: body.to_sampling_params(state.defaults, j)),
+            body.suffix,
+        )
+        for prompt in prompts
+        for j in range(body.n)
+    ]
+    echo = None
+    if body.echo:
+        echo = [p if isinstance(p, str) else hub.tokenizer.decode(p) for p in prompts]
+    group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
+    state.submit(group, jobs)
+    translator = Translator(
+        "completion",
+        hub,
+        group,
+        n=body.n,
+        echo=echo,
+        logprobs=body.logprobs,
+        diffusing=body.diffusing,
+        include_usage=body.include_usage,
+    )
+    return await _respond(state, request, group, translator, body.stream)
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
+) -> Response | dict[str, Any]:
+    state.check_model(body.model)
+    hub = state.ready_hub()
+    try:
+        messages = [m.to_template() for m in body.messages]
+        prompt = hub.tokenizer.render_chat(messages)
+    except ChatTemplateError as exc:
+        raise state.reject(
+            400, "invalid", str(exc), param="messages", code="no_chat_template"
+        ) from exc
+    except ValueError as exc:
+        raise state.reject(400, "invalid", str(exc), param="messages") from exc
+    state.check_n(body.n)
+    jobs = [
+        Job(prompt, state.params(lambda j=j: body.to_sampling_params(state.defaults, j)))
+        for j in range(body.n)
+    ]
+    group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
+    state.submit(group, jobs)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    translator = Translator(
+        "chat",
+        hub,
+        group,
+        n=body.n,
+        logprobs=logprobs,
+        diffusing=body.diffusing,
+        include_usage=body.include_usage,
+    )
+    return await _respond(state, request, group, translator, body.stream)
+
+
+async def _respond(
+    state: ServerState, request: Request, group: RequestGroup, translator: Translator, stream: bool
+) -> Response:
+    if not stream:
+        result = await state.until_done_or_disconnect(request, translator.collect(), group)
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    async def chunks() -> AsyncIterator[str]:
+        try:
+            async for payload in translator.stream():
+                yield payload
+        finally:
+            state.client_gone(group)  # no-op once finished; aborts when the client left
+
+    return EventSourceResponse(chunks(), ping=0, sep="\n")

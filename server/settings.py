@@ -1,0 +1,46 @@
+"""Server settings: CLI flags and `MARBLE_*` environment variables, validated by pydantic.
+
+Owns every knob of the HTTP layer (where the model lives, limits, timeouts, stream sizes).
+Knows nothing of requests or the engine's internals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """`marble serve` flags map one-to-one onto these fields (`--max-batch-size` ->
+    `max_batch_size`); each can also come from `MARBLE_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MARBLE_", extra="ignore", protected_namespaces=())
+
+    model: Path | None = None  # checkpoint folder; None = the embedded default model
+    served_model_name: str | None = None  # the `model` name clients send; default: folder name
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
+    max_batch_size: int = Field(16, ge=1)
+    max_queue: int = Field(256, ge=0)
+    max_batch_tokens: int = Field(32768, ge=1)
+    api_key: str | None = None
+    torch_threads: int | None = Field(None, ge=1)  # None: all cores but one on cpu
+    log_level: str = "info"
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
+    max_n: int = Field(16, ge=1)  # choices per request (each is one engine request)
+    retry_after_s: int = Field(1, ge=0)  # Retry-After on 429/503
+    drain_timeout_s: float = Field(30.0, ge=0)  # shutdown waits this long for running requests
+
+    ping_s: float = Field(15.0, ge=0)  # SSE ping comment interval on native streams
+    draft_every: int = Field(8, ge=0)  # a `step` event carries the full draft every k steps
+    mask_placeholder: str = "\u2592"  # how a still-masked position shows in a draft
+    event_log_size: int = Field(2048, ge=16)  # events kept per request for Last-Event-ID
+    global_log_size: int = Field(4096, ge=16)  # events kept for the dashboard stream
+    subscriber_queue_size: int = Field(256, ge=1)  # pending `step` events before dropping
+    retain_finished_s: float = Field(300.0, ge=0)  # finished requests stay attachable this long
+    retain_finished_max: int = Field(1024, ge=0)

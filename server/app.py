@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from scheduler.engine import Engine
 from server.errors import install_error_handlers
@@ -42,6 +44,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(diffusion.router)
+    # The dashboard's scripts and styles (`/` serves its page).
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     app.add_middleware(
         BodyLimitMiddleware, limit=settings.max_body_bytes, on_reject=state.metrics.reject
     )

@@ -1,0 +1,468 @@
+// Marble dashboard: submit a prompt and watch its masked positions resolve step by step, or
+// follow every request on the server. Plain JS, no dependencies, no build step.
+//
+// Events (DESIGN.md "API contract") only update per-request state objects; drawing happens
+// once per animation frame for the cards that changed, so many concurrent streams cannot
+// flood the DOM. The number of cards is capped; finished cards are evicted first.
+"use strict";
+
+const MAX_CARDS = 24;
+const EVENT_NAMES = [
+  "request.queued", "request.started", "step", "block.committed", "snapshot",
+  "request.completed", "error",
+];
+const FINAL = new Set(["request.completed", "error"]);
+
+const $ = (id) => document.getElementById(id);
+const cards = new Map(); // request_id -> Card
+const dirty = new Set(); // Cards to redraw on the next frame
+let frameRequested = false;
+let controller = null; // AbortController of the running generate stream
+let watchSource = null; // EventSource of watch-all
+
+// ------------------------------------------------------------------------------- SSE parse
+// Minimal text/event-stream parser for fetch() bodies (EventSource cannot POST).
+function sseParser(onEvent) {
+  let buffer = "";
+  let event = { name: "message", id: null, data: [] };
+  return (chunk) => {
+    buffer += chunk;
+    const lines = buffer.split(/\r\n|\r|\n/);
+    buffer = lines.pop(); // an incomplete last line waits for more bytes
+    for (const line of lines) {
+      if (line === "") {
+        if (event.data.length) onEvent(event.name, event.data.join("\n"), event.id);
+        event = { name: "message", id: null, data: [] };
+      } else if (line.startsWith(":")) {
+        // comment (keep-alive ping)
+      } else {
+        const i = line.indexOf(":");
+        const field = i < 0 ? line : line.slice(0, i);
+        let value = i < 0 ? "" : line.slice(i + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") event.name = value;
+        else if (field === "data") event.data.push(value);
+        else if (field === "id") event.id = value;
+      }
+    }
+  };
+}
+
+// ------------------------------------------------------------------------------ card state
+class Card {
+  constructor(requestId, params) {
+    this.id = requestId;
+    this.params = params || {}; // what we asked for (own requests): block_length, max_tokens
+    this.state = "queued";
+    this.lastSeq = 0;
+    this.step = 0;
+    this.totalSteps = null;
+    this.blockIndex = null;
+    this.numBlocks = null;
+    this.numMasked = null;
+    this.length = params && params.max_tokens ? params.max_tokens : 0;
+    this.cells = []; // pos -> {text, confidence, step} | undefined (masked)
+    this.committedCount = 0;
+    this.fresh = new Set(); // positions committed by the latest step
+    this.text = "";
+    this.textIsFinal = false;
+    this.updated = performance.now();
+    this.el = null;
+  }
+
+  get finished() {
+    return this.state === "completed" || this.state === "error";
+  }
+
+  // Returns false for a duplicate (already seen through the other stream).
+  apply(name, data) {
+    const seq = data.sequence_number;
+    if (typeof seq === "number") {
+      if (seq <= this.lastSeq) return false;
+      this.lastSeq = seq;
+    }
+    this.updated = performance.now();
+    switch (name) {
+      case "request.queued":
+        this.state = "queued";
+        this.takeShape(data);
+        break;
+      case "request.started":
+        this.state = "running";
+        this.takeShape(data);
+        break;
+      case "step":
+        this.state = "running";
+        this.takeShape(data);
+        this.fresh = new Set();
+        for (const c of data.committed || []) this.commit(c, data.step);
+        if (typeof data.step === "number") this.step = data.step;
+        if (data.total_steps !== undefined) this.totalSteps = data.total_steps;
+        if (typeof data.block_index === "number") this.blockIndex = data.block_index;
+        if (typeof data.num_masked === "number") this.numMasked = data.num_masked;
+        if (typeof data.draft === "string" && !this.textIsFinal) this.text = data.draft;
+        else if (typeof data.text === "string" && !this.textIsFinal) this.text = data.text;
+        this.length = Math.max(this.length, this.committedCount + (this.numMasked || 0));
+        break;
+      case "block.committed":
+        // data.text is that block's text alone; the card shows drafts and the final text.
+        break;
+      case "snapshot":
+        this.takeSnapshot(data);
+        break;
+      case "request.completed":
+        this.state = "completed";
+        this.fresh = new Set();
+        if (typeof data.text === "string") {
+          this.text = data.text;
+          this.textIsFinal = true;
+        }
+        this.finishReason = data.finish_reason || null;
+        if (data.usage) this.usage = data.usage;
+        break;
+      case "error":
+        this.state = "error";
+        this.text = (data.error && data.error.message) || data.message || "error";
+        this.textIsFinal = true;
+        break;
+      default:
+        return false;
+    }
+    return true;
+  }
+
+  takeShape(data) {
+    const p = data.params || data.sampling_params || data;
+    for (const key of ["block_length", "max_tokens", "gen_length", "steps"]) {
+      if (typeof p[key] === "number" && this.params[key] === undefined) this.params[key] = p[key];
+    }
+    const len = data.gen_length || data.length || p.gen_length || p.max_tokens;
+    if (typeof len === "number") this.length = Math.max(this.length, len);
+    if (typeof data.num_blocks === "number") this.numBlocks = data.num_blocks;
+  }
+
+  commit(c, step) {
+    if (typeof c.pos !== "number") return;
+    if (this.cells[c.pos] === undefined) this.committedCount += 1;
+    this.cells[c.pos] = { text: c.text ?? "", confidence: c.confidence ?? 1, step };
+    this.fresh.add(c.pos);
+    if (c.pos + 1 > this.length) this.length = c.pos + 1;
+  }
+
+  // Sent in place of a step this page missed (dropped for a slow reader): the whole canvas
+  // as token ids, its draft and counters. Cells committed in the missed steps have no text or
+  // confidence here; they stay as they are and the draft line shows the whole text.
+  takeSnapshot(data) {
+    this.takeShape(data);
+    if (Array.isArray(data.tokens)) this.length = Math.max(this.length, data.tokens.length);
+    this.fresh = new Set();
+    if (typeof data.step === "number") this.step = Math.max(this.step, data.step);
+    if (data.total_steps !== undefined) this.totalSteps = data.total_steps;
+    if (typeof data.block_index === "number") this.blockIndex = data.block_index;
+    if (typeof data.num_masked === "number") {
+      this.numMasked = data.num_masked;
+      // Committed positions we never saw still count for tokens per forward.
+      this.committedCount = Math.max(this.committedCount, this.length - data.num_masked);
+    }
+    if (typeof data.draft === "string" && !this.textIsFinal) this.text = data.draft;
+    if (!this.finished && this.step > 0) this.state = "running";
+  }
+
+  blockRange() {
+    if (this.blockIndex === null) return null;
+    let bl = this.params.block_length;
+    if (!bl && this.numBlocks) bl = Math.ceil(this.length / this.numBlocks);
+    if (!bl) return null;
+    return [this.blockIndex * bl, Math.min(this.length, (this.blockIndex + 1) * bl)];
+  }
+
+  tokensPerForward() {
+    return this.step > 0 ? this.committedCount / this.step : null;
+  }
+}
+
+// ---------------------------------------------------------------------------------- events
+function handleEvent(name, raw, params) {
+  let data;
+  try {
+    data = JSON.parse(raw);
+  } catch {
+    return null;
+  }
+  const id = data.request_id;
+  if (!id || !EVENT_NAMES.includes(name)) return null;
+  const key = data.choice_index ? `${id}#${data.choice_index}` : id;
+  let card = cards.get(key);
+  if (!card) {
+    if (FINAL.has(name) && !params) return null; // a stranger's end: nothing to show
+    card = new Card(key, params ? { ...params } : null);
+    cards.set(key, card);
+    evictCards();
+  } else if (params) {
+    for (const [k, v] of Object.entries(params)) if (card.params[k] === undefined) card.params[k] = v;
+  }
+  if (card.apply(name, data)) markDirty(card);
+  return card;
+}
+
+function evictCards() {
+  if (cards.size <= MAX_CARDS) return;
+  // Oldest finished first, then oldest of all.
+  const byAge = [...cards.values()].sort((a, b) => a.updated - b.updated);
+  const victims = byAge.filter((c) => c.finished).concat(byAge.filter((c) => !c.finished));
+  for (const card of victims) {
+    if (cards.size <= MAX_CARDS) break;
+    cards.delete(card.id);
+    dirty.delete(card);
+    if (card.el) card.el.remove();
+  }
+}
+
+function markDirty(card) {
+  dirty.add(card);
+  if (!frameRequested) {
+    frameRequested = true;
+    requestAnimationFrame(renderFrame);
+  }
+}
+
+// --------------------------------------------------------------------------------- drawing
+const COLORS = {
+  masked: "#2a2f3a",
+  maskedText: "#596273",
+  block: "#f2b134",
+  fresh: "#ffffff",
+  text: "#0b0f14",
+};
+
+function confidenceColor(conf) {
+  const c = Math.max(0, Math.min(1, Number(conf) || 0));
+  // Pale blue (uncertain) to saturated teal (certain).
+  const light = 82 - 42 * c;
+  return `hsl(${200 - 30 * c}, ${45 + 40 * c}%, ${light}%)`;
+}
+
+function renderFrame() {
+  frameRequested = false;
+  const container = $("cards");
+  for (const card of dirty) {
+    if (!cards.has(card.id)) continue;
+    if (!card.el) {
+      card.el = $("card-template").content.firstElementChild.cloneNode(true);
+      card.el.dataset.requestId = card.id;
+      container.prepend(card.el);
+    }
+    drawCard(card);
+  }
+  dirty.clear();
+}
+
+function drawCard(card) {
+  const el = card.el;
+  el.dataset.state = card.state;
+  el.dataset.step = String(card.step);
+  el.querySelector(".rid").textContent = card.id;
+  const state = el.querySelector(".state");
+  state.textContent = card.finished && card.finishReason ? `${card.state} (${card.finishReason})` : card.state;
+  state.className = `state pill ${card.state}`;
+  el.querySelector(".step").textContent = String(card.step);
+  el.querySelector(".total").textContent = card.totalSteps ? `/${card.totalSteps}` : "";
+  el.querySelector(".block").textContent = card.blockIndex === null ? "–" : String(card.blockIndex);
+  el.querySelector(".masked").textContent = card.numMasked === null ? "–" : String(card.numMasked);
+  const tpf = card.tokensPerForward();
+  el.querySelector(".tpf").textContent = tpf === null ? "–" : tpf.toFixed(2);
+  const text = el.querySelector(".text");
+  text.textContent = card.text;
+  text.classList.toggle("final", card.textIsFinal);
+  drawCanvas(card, el.querySelector("canvas"));
+}
+
+function visibleToken(t) {
+  return t.replace(/\n/g, "⏎").replace(/\t/g, "⇥").replace(/ /g, "·");
+}
+
+function drawCanvas(card, canvas) {
+  const n = Math.max(card.length, 1);
+  const cssWidth = canvas.clientWidth || 600;
+  const withText = n <= 256;
+  const cellW = withText ? 46 : 12;
+  const cellH = withText ? 22 : 12;
+  const gap = 2;
+  const cols = Math.max(1, Math.floor((cssWidth + gap) / (cellW + gap)));
+  const rows = Math.ceil(n / cols);
+  const cssHeight = rows * (cellH + gap);
+  const dpr = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(cssWidth * dpr) || canvas.height !== Math.round(cssHeight * dpr)) {
+    canvas.width = Math.round(cssWidth * dpr);
+    canvas.height = Math.round(cssHeight * dpr);
+    canvas.style.height = `${cssHeight}px`;
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, cssWidth, cssHeight);
+  ctx.font = "11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
+  ctx.textBaseline = "middle";
+  const block = card.finished ? null : card.blockRange();
+  for (let pos = 0; pos < n; pos++) {
+    const x = (pos % cols) * (cellW + gap);
+    const y = Math.floor(pos / cols) * (cellH + gap);
+    const cell = card.cells[pos];
+    ctx.fillStyle = cell ? confidenceColor(cell.confidence) : COLORS.masked;
+    ctx.fillRect(x, y, cellW, cellH);
+    if (block && pos >= block[0] && pos < block[1]) {
+      ctx.fillStyle = COLORS.block;
+      ctx.fillRect(x, y + cellH - 3, cellW, 3);
+    }
+    if (cell && card.fresh.has(pos)) {
+      ctx.strokeStyle = COLORS.fresh;
+      ctx.lineWidth = 2;
+      ctx.strokeRect(x + 1, y + 1, cellW - 2, cellH - 2);
+    }
+    if (withText) {
+      ctx.save();
+      ctx.beginPath();
+      ctx.rect(x + 2, y, cellW - 4, cellH);
+      ctx.clip();
+      ctx.fillStyle = cell ? COLORS.text : COLORS.maskedText;
+      ctx.fillText(cell ? visibleToken(cell.text) : "▒", x + 3, y + cellH / 2);
+      ctx.restore();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- own requests
+function readParams() {
+  const num = (id) => {
+    const v = $(id).value.trim();
+    return v === "" ? undefined : Number(v);
+  };
+  const body = {
+    prompt: $("prompt").value,
+    max_tokens: num("max_tokens"),
+    steps: num("steps"),
+    block_length: num("block_length"),
+    threshold: num("threshold"),
+    remasking: $("remasking").value,
+    temperature: num("temperature"),
+  };
+  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+  return body;
+}
+
+function showError(message) {
+  const p = $("form-error");
+  p.textContent = message || "";
+  p.hidden = !message;
+}
+
+async function errorMessage(resp) {
+  try {
+    const body = await resp.json();
+    return (body.error && body.error.message) || JSON.stringify(body);
+  } catch {
+    return `${resp.status} ${resp.statusText}`;
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  showError("");
+  const body = readParams();
+  controller = new AbortController();
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  let card = null;
+  try {
+    const resp = await fetch("v1/diffusion/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!resp.ok) {
+      showError(await errorMessage(resp));
+      return;
+    }
+    const decoder = new TextDecoder();
+    const feed = sseParser((name, raw) => {
+      const c = handleEvent(name, raw, body);
+      if (c) card = c;
+    });
+    const reader = resp.body.getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      feed(decoder.decode(value, { stream: true }));
+    }
+    if (card && !card.finished) showError("the stream ended before the request completed");
+  } catch (err) {
+    if (err.name !== "AbortError") showError(`request failed: ${err.message}`);
+  } finally {
+    controller = null;
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+function stop() {
+  if (controller) controller.abort(); // the server aborts the request on disconnect
+}
+
+// ------------------------------------------------------------------------------- watch all
+function setWatch(on) {
+  if (watchSource) {
+    watchSource.close();
+    watchSource = null;
+  }
+  $("watch-status").textContent = "";
+  if (!on) return;
+  watchSource = new EventSource("v1/diffusion/events");
+  for (const name of EVENT_NAMES) {
+    watchSource.addEventListener(name, (e) => handleEvent(name, e.data, null));
+  }
+  watchSource.onopen = () => {
+    $("watch-status").textContent = "following every request";
+  };
+  watchSource.onerror = () => {
+    // EventSource reconnects by itself (with Last-Event-ID); just say so.
+    $("watch-status").textContent = "reconnecting…";
+  };
+}
+
+// ---------------------------------------------------------------------------------- health
+async function pollHealth() {
+  const pill = $("server-status");
+  try {
+    const resp = await fetch("health", { cache: "no-store" });
+    pill.textContent = resp.ok ? "ready" : `not ready (${resp.status})`;
+    pill.className = `pill ${resp.ok ? "completed" : "queued"}`;
+  } catch {
+    pill.textContent = "unreachable";
+    pill.className = "pill error";
+  }
+}
+
+async function loadModel() {
+  try {
+    const resp = await fetch("v1/models");
+    if (!resp.ok) return;
+    const body = await resp.json();
+    if (body.data && body.data.length) $("model-name").textContent = body.data[0].id;
+  } catch {
+    // the health pill already says the server is unreachable
+  }
+}
+
+window.addEventListener("resize", () => {
+  for (const card of cards.values()) markDirty(card);
+});
+$("generate-form").addEventListener("submit", generate);
+$("stop").addEventListener("click", stop);
+$("watch-all").addEventListener("change", (e) => setWatch(e.target.checked));
+if (new URLSearchParams(location.search).has("watch")) {
+  $("watch-all").checked = true;
+  setWatch(true);
+}
+pollHealth();
+loadModel();
+setInterval(pollHealth, 5000);

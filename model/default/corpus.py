@@ -1,0 +1,84 @@
+"""The default model's corpus and tokenizer: Python standard library sources, offline everywhere.
+
+Lists the interpreter's own stdlib `.py` files (no tests, no site-packages), splits them into
+train and held-out by a hash of the relative path, trains the byte-level BPE tokenizer and
+encodes files to token arrays. Knows nothing about models or losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS_TOKEN, MASK_TOKEN]  # ids 0 and 1; pad is eos
+EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+HELDOUT_PER_MILLE = 50  # about 5% of files, chosen by path hash so every machine agrees
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[str]:
+    """Sorted relative paths of the stdlib's `.py` sources, without test folders."""
+    root = root or stdlib_root()
+    out = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        out.append(rel.as_posix())
+    return sorted(out)
+
+
+def is_heldout(rel_path: str) -> bool:
+    digest = hashlib.sha256(rel_path.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
+
+
+def read_sources(rel_paths: Iterable[str], root: Path | None = None) -> list[str]:
+    """File texts (UTF-8; undecodable files are skipped, they are a handful of legacy ones)."""
+    root = root or stdlib_root()
+    texts = []
+    for rel in rel_paths:
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def split_files(root: Path | None = None) -> tuple[list[str], list[str]]:
+    """(train, held-out) relative paths."""
+    files = stdlib_files(root)
+    return [f for f in files if not is_heldout(f)], [f for f in files if is_heldout(f)]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE, so decode(encode(text)) == text for any text."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def encode_files(tok: Tokenizer, texts: list[str], eos_id: int) -> list[np.ndarray]:
+    """One int32 array per file, each ending with one EOS."""
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    return [np.array([*e.ids, eos_id], dtype=np.int32) for e in encodings]

@@ -1,0 +1,360 @@
+"""Train Marble's default masked-diffusion LM on the stdlib; resumable; `--export` writes it.
+
+`python -m model.default.train` trains (or resumes) in a run dir (runs/default/): tokenizer,
+`state.pt` (weights, optimizer, step, RNG states) saved every few minutes, `train.log` and
+`metrics.jsonl`. `--export DIR` writes a serving checkpoint from the latest state. Same seed and
+same corpus give the same run. Knows nothing about serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from model.config import ModelConfig
+from model.default.corpus import (
+    EOS_TOKEN,
+    MASK_TOKEN,
+    encode_files,
+    read_sources,
+    split_files,
+    train_tokenizer,
+)
+from model.default.evaluate import heldout_bound, windows
+from model.default.export import export_checkpoint
+from model.default.objective import features, masked_loss, noise, stratified_t
+from model.transformer import Denoiser
+
+log = logging.getLogger("marble.train")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    mlp_hidden: int = 768
+    seq_len: int = 256
+    batch_size: int = 32
+    tokens: int = 18_000_000  # total training tokens: sets the number of steps and the schedule
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    decay_frac: float = 0.3  # warmup-stable-decay: linear decay over the last share of steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eps: float = 1e-3  # t ~ U(eps, 1)
+    prefix_share: float = 0.4  # rows with a clean prompt prefix (completion-style)
+    end_share: float = 0.15  # rows forced to contain a file end (then EOS padding: learn to stop)
+    eval_every: int = 250
+    eval_windows: int = 32
+    save_every_s: float = 300.0
+    threads: int = 2
+    bf16: bool = True  # CPU autocast: about 2x tokens/s on AVX512-BF16 cores
+    compile: bool = True
+    max_files: int | None = None  # smoke tests: only the first N training files
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+
+# Fields a resumed run may change; the rest define the run and must match the saved state.
+RESUMABLE_OVERRIDES = {"tokens", "eval_every", "eval_windows", "save_every_s", "threads", "compile"}
+
+
+def model_config(tc: TrainConfig, tok: Tokenizer) -> ModelConfig:
+    eos, mask = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
+    return ModelConfig(
+        arch="marble",
+        vocab_size=tok.get_vocab_size(),
+        d_model=tc.d_model,
+        n_layers=tc.n_layers,
+        n_heads=tc.n_heads,
+        n_kv_heads=tc.n_heads,
+        mlp_hidden=tc.mlp_hidden,
+        tie_embeddings=True,
+        max_seq_len=tc.seq_len,
+        mask_token_id=mask,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+
+
+def lr_at(tc: TrainConfig, step: int) -> float:
+    """Warmup, constant, then linear decay to min_lr_ratio over the last decay_frac of steps."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    decay_start = int(tc.steps * (1 - tc.decay_frac))
+    if step < decay_start:
+        return tc.lr
+    frac = min(1.0, (step - decay_start) / max(1, tc.steps - decay_start))
+    return tc.lr * (1 - (1 - tc.min_lr_ratio) * frac)
+
+
+class Batches:
+    """Training rows from tokenised files: windows within one file, EOS-padded past its end."""
+
+    def __init__(self, files: list[np.ndarray], tc: TrainConfig, eos_id: int) -> None:
+        self.files, self.tc, self.eos_id = files, tc, eos_id
+        self.offsets = np.cumsum([0] + [len(f) for f in files])
+        self.rng = np.random.default_rng(tc.seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (x0 [B, L] int64, prefix_len [B] int64)."""
+        b, n = self.tc.batch_size, self.tc.seq_len
+        x0 = np.full((b, n), self.eos_id, dtype=np.int64)
+        prefix = np.zeros(b, dtype=np.int64)
+        for row in range(b):
+            pos = int(self.rng.integers(self.offsets[-1]))
+            f = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            tokens = self.files[f]
+            start = pos - int(self.offsets[f])
+            if self.rng.random() < self.tc.end_share:
+                start = max(0, len(tokens) - int(self.rng.integers(1, n)))
+            chunk = tokens[start : start + n]
+            x0[row, : len(chunk)] = chunk
+            if self.rng.random() < self.tc.prefix_share:
+                prefix[row] = int(self.rng.integers(1, n))
+        return torch.from_numpy(x0), torch.from_numpy(prefix)
+
+
+def setup_logging(run_dir: Path) -> None:
+    for old in list(log.handlers):  # one run dir at a time (tests train twice in one process)
+        log.removeHandler(old)
+        old.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(fmt)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def load_corpus(tc: TrainConfig, run_dir: Path) -> tuple[Tokenizer, list, torch.Tensor]:
+    """(tokenizer, train token arrays, held-out eval windows); tokenizer trained once per run."""
+    train_paths, held_paths = split_files()
+    if tc.max_files:
+        train_paths, held_paths = train_paths[: tc.max_files], held_paths[:4]
+    train_texts, held_texts = read_sources(train_paths), read_sources(held_paths)
+    tok_path = run_dir / "tokenizer.json"
+    if tok_path.exists():
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = train_tokenizer(train_texts, tc.vocab_size)
+        tok.save(str(tok_path))
+    eos = tok.token_to_id(EOS_TOKEN)
+    train = encode_files(tok, train_texts, eos)
+    held = windows(encode_files(tok, held_texts, eos), tc.seq_len)
+    return tok, train, held
+
+
+def eval_sample(held: torch.Tensor, n: int) -> torch.Tensor:
+    """A fixed, evenly spread subset of held-out windows for cheap periodic evaluation."""
+    idx = np.linspace(0, len(held) - 1, num=min(n, len(held))).round().astype(int)
+    return held[idx]
+
+
+def save_state(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save never leaves a broken state
+
+
+def train(
+    tc: TrainConfig, resume: dict[str, Any] | None = None, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train to tc.steps (resuming from `resume`; at most `stop_after` steps in this call)."""
+    torch.set_num_threads(tc.threads)
+    run_dir = Path(tc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    torch.manual_seed(tc.seed)
+    tok, train_files, held = load_corpus(tc, run_dir)
+    cfg = model_config(tc, tok)
+    model = Denoiser(cfg)
+    model.init_weights()
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]  # norms: no weight decay
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": tc.weight_decay}, {"params": vectors}],
+        lr=tc.lr,
+        betas=(0.9, 0.95),
+    )
+    batches = Batches(train_files, tc, cfg.eos_token_id)
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    step, tokens_seen, history = 0, 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        batches.rng.bit_generator.state = resume["data_rng"]
+        gen.set_state(resume["mask_rng"])
+        step, tokens_seen, history = resume["step"], resume["tokens_seen"], resume["history"]
+        log.info("resumed at step %d (%d tokens)", step, tokens_seen)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("config %s", json.dumps(dataclasses.asdict(tc)))
+    log.info(
+        "model %s, %.2fM params, %d train tokens, %d held-out windows",
+        json.dumps(cfg.to_json_dict()),
+        n_params / 1e6,
+        sum(len(f) for f in train_files),
+        len(held),
+    )
+    trunk = torch.compile(features) if tc.compile else features
+    probe = eval_sample(held, tc.eval_windows)
+
+    def payload() -> dict[str, Any]:
+        return {
+            "train_config": dataclasses.asdict(tc),
+            "model_config": cfg.to_json_dict(),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "data_rng": batches.rng.bit_generator.state,
+            "mask_rng": gen.get_state(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "history": history,
+        }
+
+    def evaluate() -> float:
+        bound = heldout_bound(model, probe, cfg.mask_token_id, n_t=4, bf16=tc.bf16)
+        record = {"step": step, "tokens": tokens_seen, "heldout_bound": round(bound, 4)}
+        history.append(record)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("eval step %d tokens %d heldout_bound %.4f", step, tokens_seen, bound)
+        return bound
+
+    stop = {"flag": False}
+    # SIGTERM (kill PID) stops at the next step boundary and saves, so a run can be resumed.
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    last_save = time.monotonic()
+    ema, bar = None, tqdm(total=tc.steps, initial=step, mininterval=5, dynamic_ncols=True)
+    model.train()
+    last_step = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+    while step < last_step and not stop["flag"]:
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(tc, step)
+        x0, prefix = batches.next()
+        t = stratified_t(len(x0), tc.eps, gen)
+        canvas, masked, eligible = noise(x0, t, prefix, cfg.mask_token_id, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            loss = masked_loss(model, x0, canvas, masked, eligible, t, trunk)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        opt.step()
+        step += 1
+        tokens_seen += x0.numel()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}")
+        ema = value if ema is None else 0.98 * ema + 0.02 * value
+        tok_s = x0.numel() / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{ema:.3f}", tok_s=f"{tok_s:.0f}", lr=f"{lr_at(tc, step):.2e}", refresh=False
+        )
+        if step % 25 == 0 or step == 1:
+            log.info(
+                "step %d tokens %d loss %.4f ema %.4f grad_norm %.3f lr %.2e tok/s %.0f",
+                step,
+                tokens_seen,
+                value,
+                ema,
+                grad_norm,
+                lr_at(tc, step - 1),
+                tok_s,
+            )
+        if step % tc.eval_every == 0 or step == tc.steps:
+            evaluate()
+        if time.monotonic() - last_save > tc.save_every_s:
+            save_state(run_dir / "state.pt", payload())
+            last_save = time.monotonic()
+    bar.close()
+    signal.signal(signal.SIGTERM, previous)
+    final = payload()
+    save_state(run_dir / "state.pt", final)
+    log.info("saved step %d (%s)", step, "stopped" if stop["flag"] else "done")
+    if step >= tc.steps:
+        export(run_dir, run_dir / "export")
+    return final
+
+
+def export(run_dir: Path, out_dir: Path) -> Path:
+    """Serving checkpoint from run_dir/state.pt into out_dir."""
+    state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
+    raw_cfg = dict(state["model_config"])
+    raw_cfg.pop("model_type", None)
+    cfg = ModelConfig(**raw_cfg)
+    history = state["history"]
+    extra = {
+        "train_config": state["train_config"],
+        "step": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "last_eval": history[-1] if history else None,
+    }
+    out = export_checkpoint(out_dir, cfg, state["model"], run_dir / "tokenizer.json", extra)
+    log.info("exported step %d to %s", state["step"], out)
+    return out
+
+
+def parse_args() -> tuple[argparse.Namespace, dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--export", metavar="DIR", help="write a serving checkpoint and exit")
+    parser.add_argument("--restart", action="store_true", help="ignore an existing state.pt")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+            parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return args, {k: v for k, v in given.items() if v is not None}
+
+
+def main() -> None:
+    args, given = parse_args()
+    run_dir = Path(given.get("run_dir", TrainConfig.run_dir))
+    if args.export:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        print(export(run_dir, Path(args.export)))
+        return
+    state_path = run_dir / "state.pt"
+    resume = None
+    if state_path.exists() and not args.restart:
+        resume = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = resume["train_config"]
+        changed = {k for k, v in given.items() if saved.get(k) != v} - {"run_dir"}
+        if changed - RESUMABLE_OVERRIDES:
+            raise SystemExit(
+                f"cannot change {sorted(changed - RESUMABLE_OVERRIDES)} on resume "
+                f"(use --restart or another --run-dir)"
+            )
+        tc = TrainConfig(**(saved | given))
+    else:
+        tc = TrainConfig(**given)
+    train(tc, resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The default model's training recipe on a slice of the stdlib: seconds on CPU, no network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model.config import preset
+from model.default.corpus import (
+    EOS_TOKEN,
+    MASK_TOKEN,
+    is_heldout,
+    read_sources,
+    split_files,
+    stdlib_files,
+    train_tokenizer,
+)
+from model.default.objective import features, noise, stratified_t
+from model.default.train import TrainConfig, export, train
+from model.loader import load_model
+from model.transformer import Denoiser
+
+
+def tiny(run_dir, **overrides) -> TrainConfig:
+    fields = dict(
+        run_dir=str(run_dir),
+        vocab_size=512,
+        d_model=64,
+        n_layers=2,
+        n_heads=2,
+        mlp_hidden=128,
+        seq_len=64,
+        batch_size=8,
+        tokens=8 * 64 * 30,
+        warmup_steps=3,
+        eval_every=10,
+        eval_windows=8,
+        threads=1,
+        compile=False,
+        max_files=8,
+    )
+    return TrainConfig(**(fields | overrides))
+
+
+def test_corpus_excludes_tests_and_splits_deterministically():
+    files = stdlib_files()
+    assert files and not any("/test/" in f or f.startswith("test/") for f in files)
+    assert not any("site-packages" in f or "idle_test" in f for f in files)
+    train_files, held = split_files()
+    assert held and set(held) == {f for f in files if is_heldout(f)}
+    assert not set(train_files) & set(held)
+
+
+def test_tokenizer_round_trips_and_has_specials():
+    texts = read_sources(split_files()[0][:5])
+    tok = train_tokenizer(texts, 400)
+    assert tok.token_to_id(EOS_TOKEN) is not None and tok.token_to_id(MASK_TOKEN) is not None
+    sample = "def f(x):\n    return x  # ünïcode\t\n\n"
+    assert tok.decode(tok.encode(sample).ids) == sample
+
+
+def test_features_match_forward():
+    model = Denoiser(preset("tiny"))
+    model.init_weights()
+    ids = torch.randint(0, 384, (2, 10))
+    torch.testing.assert_close(model.lm_head(features(model, ids)), model(ids))
+
+
+def test_noise_keeps_prefix_and_mask_rate():
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(2, 100, (64, 128))
+    t = stratified_t(64, 1e-3, gen)
+    assert t.min() > 0 and t.max() <= 1
+    prefix = torch.full((64,), 16)
+    canvas, masked, eligible = noise(x0, t, prefix, mask_id=1, generator=gen)
+    assert torch.equal(canvas[:, :16], x0[:, :16]) and not masked[:, :16].any()
+    assert torch.equal(canvas[masked], torch.ones(int(masked.sum()), dtype=torch.long))
+    assert abs(masked.float().mean().item() - 0.5 * 112 / 128) < 0.05
+
+
+def test_trains_exports_and_loads(tmp_path):
+    state = train(tiny(tmp_path / "run"))
+    bounds = [h["heldout_bound"] for h in state["history"]]
+    assert all(torch.isfinite(torch.tensor(bounds))) and bounds[-1] < bounds[0]
+    out = export(tmp_path / "run", tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "marble" and cfg["torch_dtype"] == "bfloat16"
+    assert None not in (cfg["mask_token_id"], cfg["eos_token_id"], cfg["pad_token_id"])
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["mask_token"] == MASK_TOKEN and tok_cfg["bos_token"] is None
+    assert "chat_template" in tok_cfg
+    defaults = json.loads((out / "marble_defaults.json").read_text())
+    assert set(defaults) == {"temperature", "remasking", "threshold", "block_length", "steps"}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    model = load_model(out, progress=False)
+    logits = model(torch.tensor([[cfg["mask_token_id"]] * 5]))
+    assert logits.shape == (1, 5, cfg["vocab_size"]) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("split", [2])
+def test_resume_continues_the_same_run(tmp_path, split):
+    straight = train(tiny(tmp_path / "a", tokens=8 * 64 * 4, eval_every=100))
+    first = train(tiny(tmp_path / "b", tokens=8 * 64 * 4, eval_every=100), stop_after=split)
+    assert first["step"] == split
+    saved = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    resumed = train(tiny(tmp_path / "b", tokens=8 * 64 * 4, eval_every=100), resume=saved)
+    assert resumed["step"] == straight["step"] == 4
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value)

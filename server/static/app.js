@@ -14,11 +14,16 @@ const EVENT_NAMES = [
 const FINAL = new Set(["request.completed", "error"]);
 
 const $ = (id) => document.getElementById(id);
+// /v1 routes want `Authorization: Bearer` when the server runs with --api-key.
+const authHeaders = () => {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+};
 const cards = new Map(); // request_id -> Card
 const dirty = new Set(); // Cards to redraw on the next frame
 let frameRequested = false;
 let controller = null; // AbortController of the running generate stream
-let watchSource = null; // EventSource of watch-all
+let watchSource = null; // watch-all: an EventSource, or {close()} for the fetch fallback
 
 // ------------------------------------------------------------------------------- SSE parse
 // Minimal text/event-stream parser for fetch() bodies (EventSource cannot POST).
@@ -355,6 +360,20 @@ function showError(message) {
   p.hidden = !message;
 }
 
+async function readStream(resp, onEvent, onId) {
+  const decoder = new TextDecoder();
+  const feed = sseParser((name, raw, id) => {
+    if (onId && id !== null) onId(id);
+    onEvent(name, raw);
+  });
+  const reader = resp.body.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    feed(decoder.decode(value, { stream: true }));
+  }
+}
+
 async function errorMessage(resp) {
   try {
     const body = await resp.json();
@@ -375,7 +394,7 @@ async function generate(event) {
   try {
     const resp = await fetch("v1/diffusion/generate", {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
       body: JSON.stringify(body),
       signal: controller.signal,
     });
@@ -383,17 +402,10 @@ async function generate(event) {
       showError(await errorMessage(resp));
       return;
     }
-    const decoder = new TextDecoder();
-    const feed = sseParser((name, raw) => {
+    await readStream(resp, (name, raw) => {
       const c = handleEvent(name, raw, body);
       if (c) card = c;
     });
-    const reader = resp.body.getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      feed(decoder.decode(value, { stream: true }));
-    }
     if (card && !card.finished) showError("the stream ended before the request completed");
   } catch (err) {
     if (err.name !== "AbortError") showError(`request failed: ${err.message}`);
@@ -416,17 +428,51 @@ function setWatch(on) {
   }
   $("watch-status").textContent = "";
   if (!on) return;
-  watchSource = new EventSource("v1/diffusion/events");
+  watchSource = Object.keys(authHeaders()).length ? watchWithFetch() : watchWithEventSource();
+}
+
+function watchWithEventSource() {
+  const source = new EventSource("v1/diffusion/events");
   for (const name of EVENT_NAMES) {
-    watchSource.addEventListener(name, (e) => handleEvent(name, e.data, null));
+    source.addEventListener(name, (e) => handleEvent(name, e.data, null));
   }
-  watchSource.onopen = () => {
+  source.onopen = () => {
     $("watch-status").textContent = "following every request";
   };
-  watchSource.onerror = () => {
+  source.onerror = () => {
     // EventSource reconnects by itself (with Last-Event-ID); just say so.
     $("watch-status").textContent = "reconnecting…";
   };
+  return source;
+}
+
+// EventSource cannot send an Authorization header: with an API key, follow the same stream
+// with fetch(), reconnecting with Last-Event-ID as EventSource would.
+function watchWithFetch() {
+  const abort = new AbortController();
+  let lastId = null;
+  (async () => {
+    while (!abort.signal.aborted) {
+      try {
+        const headers = { Accept: "text/event-stream", ...authHeaders() };
+        if (lastId !== null) headers["Last-Event-ID"] = lastId;
+        const resp = await fetch("v1/diffusion/events", { headers, signal: abort.signal });
+        if (!resp.ok) {
+          $("watch-status").textContent = await errorMessage(resp);
+        } else {
+          $("watch-status").textContent = "following every request";
+          await readStream(resp, (name, raw) => handleEvent(name, raw, null), (id) => {
+            lastId = id;
+          });
+        }
+      } catch (err) {
+        if (err.name === "AbortError") return;
+      }
+      $("watch-status").textContent = "reconnecting…";
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
+  })();
+  return { close: () => abort.abort() };
 }
 
 // ---------------------------------------------------------------------------------- health
@@ -444,7 +490,7 @@ async function pollHealth() {
 
 async function loadModel() {
   try {
-    const resp = await fetch("v1/models");
+    const resp = await fetch("v1/models", { headers: authHeaders() });
     if (!resp.ok) return;
     const body = await resp.json();
     if (body.data && body.data.length) $("model-name").textContent = body.data[0].id;
@@ -459,6 +505,10 @@ window.addEventListener("resize", () => {
 $("generate-form").addEventListener("submit", generate);
 $("stop").addEventListener("click", stop);
 $("watch-all").addEventListener("change", (e) => setWatch(e.target.checked));
+$("api-key").addEventListener("change", () => {
+  loadModel();
+  if ($("watch-all").checked) setWatch(true);
+});
 if (new URLSearchParams(location.search).has("watch")) {
   $("watch-all").checked = true;
   setWatch(true);

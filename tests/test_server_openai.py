@@ -8,7 +8,7 @@ import json
 import pytest
 
 from server.settings import Settings
-from tests.server_helpers import parse_sse, serving, tiny_engine
+from tests.server_helpers import serving, tiny_engine
 
 pytestmark = pytest.mark.anyio
 
@@ -137,7 +137,9 @@ async def test_chat_completion_and_stream(llada_tiny_path):
         assert body["object"] == "chat.completion"
         message = body["choices"][0]["message"]
         assert message["role"] == "assistant" and isinstance(message["content"], str)
-        r = await client.post("/v1/chat/completions", json={**req, "stream": True, "logprobs": True})
+        r = await client.post(
+            "/v1/chat/completions", json={**req, "stream": True, "logprobs": True}
+        )
         chunks = [json.loads(p) for p in data_lines(r.text)[:-1]]
         assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert all(c["object"] == "chat.completion.chunk" for c in chunks)

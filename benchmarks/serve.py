@@ -1,0 +1,291 @@
+"""Serving benchmark: N concurrent clients over HTTP vs the same load on the in-process engine.
+
+Each of N clients sends R requests one after another through `POST /v1/diffusion/generate`
+(native step stream) to a real `python -m server` on 127.0.0.1, and records the time to the
+first `step` event and to `request.completed`. The baseline drives the same requests through
+`Engine.step()` in this process with N requests kept in flight. Printed per N: throughput
+(completion tokens/s, requests/s), p50/p99 latency, p50 time to first step, and the ratio
+in-process / HTTP throughput (1.00 = no serving overhead; the target is <= 1.10).
+
+    python benchmarks/serve.py                      # a random-weight "small" Marble model
+    python benchmarks/serve.py --model ../shared/reference/llada-tiny --clients 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model.config import preset  # noqa: E402
+from model.transformer import Denoiser  # noqa: E402
+from scheduler.engine import Engine  # noqa: E402
+from scheduler.request import SamplingParams  # noqa: E402
+from scheduler.scheduler import SchedulerConfig  # noqa: E402
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class Result:
+    seconds: float
+    latencies: list[float]
+    first_steps: list[float]
+    tokens: int
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies)
+
+    def row(self) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        return {
+            "tok_s": self.tokens / self.seconds,
+            "req_s": self.requests / self.seconds,
+            "p50": statistics.median(lat),
+            "p99": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
+            "ttfs": statistics.median(self.first_steps),
+        }
+
+
+def median_row(results: list[Result]) -> dict[str, float]:
+    rows = [r.row() for r in results]
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+
+
+def synth_checkpoint(folder: Path, tokenizer_from: Path, name: str) -> Path:
+    """A random-weight Marble checkpoint of a named preset, with a reference tokenizer."""
+    from safetensors.torch import save_file
+
+    special = json.loads((tokenizer_from / "config.json").read_text())
+    cfg = preset(
+        name,
+        mask_token_id=special["mask_token_id"],
+        eos_token_id=special["eos_token_id"],
+        pad_token_id=special["pad_token_id"],
+        max_seq_len=1024,
+    )
+    torch.manual_seed(0)
+    model = Denoiser(cfg)
+    model.init_weights()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    for file in TOKENIZER_FILES:
+        if (tokenizer_from / file).exists():
+            shutil.copy(tokenizer_from / file, folder / file)
+    return folder
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Request {i}: write a short note about diffusion." for i in range(count)]
+
+
+# ------------------------------------------------------------------------- in-process
+def run_in_process(engine: Engine, params: SamplingParams, clients: int, per_client: int) -> Result:
+    """N closed-loop clients: each submits its next request when the previous finishes."""
+    texts = prompts(clients * per_client)
+    queue = [texts[c * per_client : (c + 1) * per_client] for c in range(clients)]
+    started: dict[str, float] = {}
+    owner: dict[str, int] = {}
+    latencies, first_steps, tokens = [], [], 0
+    seen_first: set[str] = set()
+
+    def submit(client: int) -> None:
+        if queue[client]:
+            request = engine.add_request(queue[client].pop(0), params)
+            started[request.request_id] = time.perf_counter()
+            owner[request.request_id] = client
+
+    t0 = time.perf_counter()
+    for c in range(clients):
+        submit(c)
+    while engine.has_unfinished():
+        for out in engine.step():
+            now = time.perf_counter()
+            rid = out.request_id
+            if rid not in seen_first and out.step > 0:
+                seen_first.add(rid)
+                first_steps.append(now - started[rid])
+            if out.finished:
+                latencies.append(now - started[rid])
+                tokens += out.completion_tokens
+                submit(owner[rid])
+    return Result(time.perf_counter() - t0, latencies, first_steps, tokens)
+
+
+# ------------------------------------------------------------------------------- HTTP
+async def _client(
+    http: httpx.AsyncClient, url: str, body: dict, texts: list[str], result: Result
+) -> None:
+    for text in texts:
+        t0 = time.perf_counter()
+        first = None
+        async with http.stream("POST", url, json={**body, "prompt": text}) as r:
+            r.raise_for_status()
+            event = None
+            async for line in r.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                    if event == "step" and first is None:
+                        first = time.perf_counter() - t0
+                elif line.startswith("data: ") and event == "request.completed":
+                    done = json.loads(line[6:])
+                    result.tokens += done["usage"]["completion_tokens"]
+        result.latencies.append(time.perf_counter() - t0)
+        result.first_steps.append(first if first is not None else float("nan"))
+
+
+async def run_http(base: str, body: dict, clients: int, per_client: int) -> Result:
+    texts = prompts(clients * per_client)
+    result = Result(0.0, [], [], 0)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                _client(
+                    http,
+                    f"{base}/v1/diffusion/generate",
+                    body,
+                    texts[c * per_client : (c + 1) * per_client],
+                    result,
+                )
+                for c in range(clients)
+            )
+        )
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+@contextmanager
+def server(model: Path, port: int, threads: int, max_batch: int, device: str):
+    cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", "--log-level", "warning", "--torch-threads", str(threads)]
+    cmd += ["--max-batch-size", str(max_batch), "--device", device, "--dtype", "float32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become ready")
+            time.sleep(0.05)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint folder (default: synthesise)")
+    parser.add_argument("--preset", default="small", help="preset to synthesise (default small)")
+    parser.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=REPO.parent / "shared" / "reference" / "llada-tiny",
+        help="tokenizer for the synthesised checkpoint",
+    )
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating runs per N; medians are printed"
+    )
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or synth_checkpoint(
+            Path(tmp) / args.preset, args.tokenizer_from, args.preset
+        )
+        clients = [int(c) for c in args.clients.split(",")]
+        body = {
+            "max_tokens": args.max_tokens,
+            "steps": args.steps,
+            "block_length": args.block_length,
+            "ignore_eos": True,  # every request does the same work
+        }
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            steps=args.steps,
+            block_length=args.block_length,
+            threshold=None,
+            ignore_eos=True,
+        )
+        engine = Engine.from_pretrained(
+            model,
+            device=args.device,
+            config=SchedulerConfig(max_batch_size=max(clients)),
+            progress=False,
+        )
+        print(
+            f"model {model.name}: {sum(p.numel() for p in engine.model.parameters()) / 1e6:.2f} M "
+            f"params; {args.max_tokens} tokens in {args.steps} steps per request; "
+            f"{args.requests_per_client} requests per client; torch threads {args.threads}; "
+            f"cpu cores {os.cpu_count()}; device {args.device}; median of {args.repeats} runs"
+        )
+        run_in_process(engine, params, 1, 1)  # warm-up
+        rows = []
+        with server(model, args.port, args.threads, max(clients), args.device) as base:
+            asyncio.run(run_http(base, body, 1, 1))  # warm-up
+            for n in clients:
+                # Alternate the two so drifting background load hits both alike.
+                locals_, remotes = [], []
+                for _ in range(args.repeats):
+                    locals_.append(run_in_process(engine, params, n, args.requests_per_client))
+                    remotes.append(asyncio.run(run_http(base, body, n, args.requests_per_client)))
+                rows.append((n, median_row(locals_), median_row(remotes)))
+        header = (
+            f"{'N':>3} {'HTTP tok/s':>10} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
+            f"{'TTFS p50 ms':>11} | {'engine tok/s':>12} {'p50 s':>7} {'TTFS ms':>8} | ratio"
+        )
+        print(header)
+        print("-" * len(header))
+        for n, local, remote in rows:
+            print(
+                f"{n:>3} {remote['tok_s']:>10.1f} {remote['req_s']:>7.2f} {remote['p50']:>7.3f} "
+                f"{remote['p99']:>7.3f} {remote['ttfs'] * 1e3:>11.1f} | {local['tok_s']:>12.1f} "
+                f"{local['p50']:>7.3f} {local['ttfs'] * 1e3:>8.1f} | "
+                f"{local['tok_s'] / remote['tok_s']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -86,10 +86,10 @@ VOLUME ["/models"]
 EXPOSE 8000
 
 # Ready (not just alive): /health answers 503 while the model loads or the server drains.
-# The check reads MARBLE_PORT: when serving on another port, set MARBLE_PORT rather than --port
-# (every `marble serve` flag has a MARBLE_* variable), so server and check agree.
+# The check finds the port from the server's own --port flag (or MARBLE_PORT).
+COPY docker/healthcheck.py /opt/marble/healthcheck.py
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('MARBLE_PORT', '8000'), timeout=4)"]
+    CMD ["python3", "/opt/marble/healthcheck.py"]
 
 ENTRYPOINT ["marble", "serve"]
 CMD ["--host", "0.0.0.0", "--port", "8000"]

@@ -8,6 +8,8 @@
 # Needs root, podman, runc, debootstrap (apt-get install -y podman runc debootstrap).
 #
 #   docker/check-image.sh [--model-dir DIR]   # DIR: a checkpoint mounted at /models/check
+# Without --model-dir: the embedded model (if the image holds it), then ../shared/reference/
+# llada-tiny mounted as a volume (if present beside the repository).
 # Environment: MARBLE_IMAGE (localhost/marble:check), BASE_IMAGE (localhost/marble-base),
 #   CA_DIR (/etc/ssl/certs), PIP_CERT ($CA_DIR/ca-certificates.crt), TORCH_WHEEL_DIR
 #   (/opt/wheels), HEALTH_TIMEOUT (240 s), SKIP_BUILD=1 to reuse an existing image.
@@ -25,7 +27,7 @@ model_dir=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --model-dir) model_dir="$(cd "$2" && pwd)"; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n "2,16p" "$0"; exit 0 ;;
         *) echo "check-image.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -65,11 +67,10 @@ fi
 podman image ls "$image"
 
 # ------------------------------------------------------------------------------------ run
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-name="marble-check-$$"
+name=""
 cleanup() {
     rc=$?
-    if podman container exists "$name" 2>/dev/null; then
+    if [[ -n "$name" ]] && podman container exists "$name" 2>/dev/null; then
         [[ $rc -ne 0 ]] && { log "container logs:"; podman logs --tail 60 "$name" || true; }
         podman stop --time 10 "$name" >/dev/null 2>&1 || true
         podman rm -f "$name" >/dev/null 2>&1 || true
@@ -78,44 +79,47 @@ cleanup() {
 }
 trap cleanup EXIT
 
-run_args=(--name "$name" --network host --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
-          -e "MARBLE_PORT=$port")
-serve_args=(--host 127.0.0.1 --port "$port")
-if [[ -n "$model_dir" ]]; then
-    run_args+=(-v "$model_dir:/models/check:ro")
-    serve_args+=(--model /models/check)
-fi
-tr=$SECONDS
-# Without systemd, podman logs "unable to get systemd connection" for the HEALTHCHECK timer:
-# harmless here, the check below runs the image's HEALTHCHECK by hand.
-podman --runtime runc run -d "${run_args[@]}" "$image" "${serve_args[@]}" >/dev/null
-log "started $name on 127.0.0.1:$port ${model_dir:+(model $model_dir)}"
-
-url="http://127.0.0.1:$port"
-deadline=$((SECONDS + health_timeout))
-until python3 - "$url/health" <<'PY' 2>/dev/null
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1], timeout=3)
-PY
-do
-    state="$(podman inspect -f '{{.State.Status}}' "$name" 2>/dev/null || echo gone)"
-    if [[ "$state" != running ]]; then
-        log "container is $state before /health answered"; exit 1
+# check_serving [HOST_CHECKPOINT_DIR]: run the image (the embedded model, or the folder mounted
+# read-only at /models/check and chosen with --model), check it, stop and remove it.
+check_serving() {
+    local dir="${1:-}" port url tr deadline state uid tm
+    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    name="marble-check-$$-$port"
+    local run_args=(--name "$name" --network host --ulimit nofile=1024:1024
+                    --ulimit nproc=1024:1024 -e "MARBLE_PORT=$port")
+    local serve_args=(--host 127.0.0.1 --port "$port")
+    if [[ -n "$dir" ]]; then
+        run_args+=(-v "$dir:/models/check:ro")
+        serve_args+=(--model /models/check)
     fi
-    if (( SECONDS > deadline )); then
-        log "/health not ready after ${health_timeout} s"; exit 1
-    fi
-    sleep 1
-done
-log "/health ready after $((SECONDS - tr)) s"
+    tr=$SECONDS
+    # Without systemd, podman logs "unable to get systemd connection" for the HEALTHCHECK
+    # timer: harmless here, the check below runs the image's HEALTHCHECK by hand.
+    podman --runtime runc run -d "${run_args[@]}" "$image" "${serve_args[@]}" >/dev/null
+    log "started $name on 127.0.0.1:$port, model: ${dir:-embedded}"
 
-# The image's own HEALTHCHECK command, run inside the container.
-podman healthcheck run "$name" && log "HEALTHCHECK: healthy"
-uid="$(podman exec "$name" id -u)"
-[[ "$uid" != 0 ]] || { log "the server runs as root"; exit 1; }
-log "server runs as uid $uid"
+    url="http://127.0.0.1:$port"
+    deadline=$((SECONDS + health_timeout))
+    until python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3)' \
+            "$url/health" 2>/dev/null; do
+        state="$(podman inspect -f '{{.State.Status}}' "$name" 2>/dev/null || echo gone)"
+        if [[ "$state" != running ]]; then
+            log "container is $state before /health answered"; return 1
+        fi
+        if (( SECONDS > deadline )); then
+            log "/health not ready after ${health_timeout} s"; return 1
+        fi
+        sleep 1
+    done
+    log "/health ready after $((SECONDS - tr)) s"
 
-python3 - "$url" <<'PY'
+    # The image's own HEALTHCHECK command, run inside the container.
+    podman healthcheck run "$name" && log "HEALTHCHECK: healthy"
+    uid="$(podman exec "$name" id -u)"
+    [[ "$uid" != 0 ]] || { log "the server runs as root"; return 1; }
+    log "server runs as uid $uid"
+
+    python3 - "$url" <<'PY'
 import json, sys, time, urllib.request
 
 url = sys.argv[1]
@@ -138,8 +142,31 @@ print(f"check-image.sh: completion from {name!r} in {time.monotonic() - t:.2f} s
       f"{choice['text']!r} ({answer['usage']})")
 PY
 
-tm=$SECONDS
-podman stop --time 20 "$name" >/dev/null
-log "stopped in $((SECONDS - tm)) s (exit code $(podman inspect -f '{{.State.ExitCode}}' "$name"))"
-podman rm "$name" >/dev/null
+    tm=$SECONDS
+    podman stop --time 20 "$name" >/dev/null
+    log "stopped in $((SECONDS - tm)) s (exit code $(podman inspect -f '{{.State.ExitCode}}' "$name"))"
+    podman rm "$name" >/dev/null
+    name=""
+    checked=$((checked + 1))
+}
+checked=0
+
+if [[ -n "$model_dir" ]]; then
+    check_serving "$model_dir"
+else
+    # The embedded default model, when the image holds it (package data of `model`).
+    if podman run --rm --entrypoint python3 "$image" -c \
+            "import model, pathlib, sys; sys.exit(not (pathlib.Path(model.__file__).parent / 'default/checkpoint/config.json').exists())" \
+            2>/dev/null; then
+        check_serving ""
+    else
+        log "the image holds no embedded model (model/default/checkpoint/ was empty at build)"
+    fi
+    # A real checkpoint mounted as a volume, as users run LLaDA/Dream weights.
+    reference="$root/../shared/reference/llada-tiny"
+    if [[ -f "$reference/config.json" ]]; then
+        check_serving "$(cd "$reference" && pwd)"
+    fi
+    [[ $checked -gt 0 ]] || { log "no model to serve: pass --model-dir DIR"; exit 1; }
+fi
 log "OK in $((SECONDS - t0)) s"

@@ -91,14 +91,14 @@ class Subscriber:
         self.closed = False
         self._items: deque[Event | None] = deque()
         self._pending_steps = 0
-        self._stale: set[int] = set()  # choice indices that lost step events
+        self._stale: set[tuple[str, int]] = set()  # (request, choice) that lost step events
         self._ready = asyncio.Event()
 
     def push(self, event: Event, resync: Callable[[Event], Event | None] | None = None) -> None:
         if self.closed:
             return
         if event.name == STEP:
-            choice = event.data.get("choice_index", 0)
+            choice = (event.data.get("request_id", ""), event.data.get("choice_index", 0))
             if self._pending_steps >= self.capacity:
                 self.dropped += 1
                 self._stale.add(choice)

@@ -42,5 +42,6 @@ class Settings(BaseSettings):
     event_log_size: int = Field(2048, ge=16)  # events kept per request for Last-Event-ID
     global_log_size: int = Field(4096, ge=16)  # events kept for the dashboard stream
     subscriber_queue_size: int = Field(256, ge=1)  # pending `step` events before dropping
-    retain_finished_s: float = Field(300.0, ge=0)  # finished requests stay attachable this long
-    retain_finished_max: int = Field(1024, ge=0)
+    retain_finished_s: float = Field(120.0, ge=0)  # finished requests stay attachable this long
+    retain_finished_max: int = Field(256, ge=0)  # ... and at most this many of them
+    send_timeout_s: float = Field(60.0, gt=0)  # a stream whose client takes no bytes is closed

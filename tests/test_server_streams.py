@@ -220,3 +220,24 @@ async def test_disconnect_aborts_within_two_steps(llada_tiny_path, path, extra):
         assert "marble_client_disconnects_total 1.0" in metrics
         assert 'marble_requests_total{outcome="abort"} 1.0' in metrics
         assert "marble_requests_running 0.0" in metrics
+
+
+async def test_a_subscriber_that_never_reads_loses_steps_only(llada_tiny_path):
+    from server.settings import Settings
+
+    async with serving(llada_tiny_path, Settings(subscriber_queue_size=2)) as (app, client):
+        hub = app.state.marble.hub
+        sub = hub.subscribe_all()  # a dashboard that reads nothing until the end
+        body = {"prompt": "Hi", "max_tokens": 16, "steps": 16, "block_length": 8}
+        r = await client.post("/v1/completions", json={**body, "ignore_eos": True})
+        assert r.status_code == 200  # the engine was not held back
+        sub.close()
+        names = []
+        while (event := await sub.get()) is not None:
+            names.append(event.name)
+        assert names.count("step") == 8 and sub.dropped == 8  # dashboard: 4 x queue size
+        for name in ("request.queued", "request.started", "request.completed"):
+            assert names.count(name) == 1
+        assert names.count("block.committed") == 2
+        metrics = (await client.get("/metrics")).text
+        assert "marble_dropped_step_events_total 8.0" in metrics

@@ -115,4 +115,9 @@ def _sse(
             if owner and group is not None:
                 state.client_gone(group)
 
-    return EventSourceResponse(events(), ping=state.settings.ping_s or 0, sep="\n")
+    return EventSourceResponse(
+        events(),
+        ping=state.settings.ping_s or 0,
+        sep="\n",
+        send_timeout=state.settings.send_timeout_s,
+    )

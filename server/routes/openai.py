@@ -116,4 +116,6 @@ async def _respond(
         finally:
             state.client_gone(group)  # no-op once finished; aborts when the client left
 
-    return EventSourceResponse(chunks(), ping=0, sep="\n")
+    return EventSourceResponse(
+        chunks(), ping=0, sep="\n", send_timeout=state.settings.send_timeout_s
+    )

@@ -256,3 +256,14 @@ def test_health_answers_fast_while_eight_requests_run(server_url):
     assert still_running == 8  # the batch really ran during every measurement
     assert statistics.median(latencies) < 0.050
     assert sorted(latencies)[-2] < 0.050  # one outlier allowed on a shared 2-core machine
+
+
+def test_a_client_that_gives_up_on_a_blocking_request_frees_the_slot(server_url):
+    aborted = metric(server_url, 'marble_requests_total{outcome="abort"}')
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server_url}/v1/completions", json=long_body(480), headers=AUTH, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while metric(server_url, 'marble_requests_total{outcome="abort"}') < aborted + 1:
+        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.02)
+    assert metric(server_url, "marble_requests_running") == 0

@@ -1,0 +1,231 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright) against a
+real server on 127.0.0.1: a prompt's canvas resolves step by step and ends with the final text;
+"watch all" keeps up with 16 concurrent requests. Screenshots go to artifacts/.
+
+Needs `pip install playwright` and `apt-get install chromium`; never `playwright install`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import REPO, running_server
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("MARBLE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = REPO / "artifacts"
+FIXED = {"max_tokens": 48, "steps": 24, "block_length": 16, "temperature": 0}
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
+
+# Runs in the page: record every rendered state of each card (its step and a canvas digest),
+# so the test sees intermediate frames however fast the server is.
+RECORDER = """
+window.__frames = [];
+new MutationObserver((records) => {
+  for (const r of records) {
+    const card = r.target;
+    if (!card.classList || !card.classList.contains("card")) continue;
+    const canvas = card.querySelector("canvas");
+    window.__frames.push({
+      id: card.dataset.requestId,
+      step: Number(card.dataset.step),
+      state: card.dataset.state,
+      masked: card.querySelector(".masked").textContent,
+      canvas: canvas.toDataURL().length + ":" + canvas.toDataURL().slice(-64),
+      t: performance.now(),
+    });
+  }
+}).observe(document.getElementById("cards"), {
+  subtree: true, attributes: true, attributeFilter: ["data-step", "data-state"],
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def dashboard_server(llada_tiny_path: Path) -> Iterator[str]:
+    """Tiny LLaDA, no API key (the page is used as a person would, with no key to type)."""
+    with running_server(llada_tiny_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: object) -> Iterator[tuple[object, list[str]]]:
+    """A fresh page and the console errors / uncaught exceptions it produces."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+    try:
+        yield page, errors
+    finally:
+        context.close()
+
+
+def _throttle(page: object, bytes_per_s: int) -> None:
+    """Slow the page's downloads (Chrome DevTools network emulation) so that step events
+    arrive a few per frame at most: the canvas must then show each step."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": bytes_per_s, "uploadThroughput": -1},
+    )
+
+
+def _completed(url: str, body: dict) -> dict:
+    """The `request.completed` event of one native stream."""
+    with httpx.stream("POST", f"{url}/v1/diffusion/generate", json=body, timeout=60) as r:
+        r.raise_for_status()
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "request.completed":
+                return json.loads(line[6:])
+    raise AssertionError("the stream ended without request.completed")
+
+
+def _fill(page: object, prompt: str, params: dict) -> None:
+    page.fill("#prompt", prompt)
+    for name in ("max_tokens", "steps", "block_length", "temperature"):
+        page.fill(f"#{name}", str(params[name]))
+    page.fill("#threshold", "")
+
+
+def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> None:
+    page, errors = page
+    prompt = "Once upon a time"
+    # The same request without the page (temperature 0: the same text and step count).
+    expected = _completed(dashboard_server, {"prompt": prompt, **FIXED})
+
+    page.goto(dashboard_server + "/")
+    page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
+    page.evaluate(RECORDER)
+    _throttle(page, 2_000)
+    _fill(page, prompt, FIXED)
+    page.click("#generate")
+
+    card = page.locator(".card").first
+    card.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('.card') && document.querySelector('.card').dataset.state"
+        " === 'completed'",
+        timeout=90_000,
+    )
+    frames = page.evaluate("window.__frames")
+    running = [f for f in frames if f["state"] == "running"]
+    steps = sorted({f["step"] for f in running})
+    canvases = {f["canvas"] for f in running}
+    print(f"\nrendered {len(frames)} frames, steps seen {steps}, {len(canvases)} distinct canvases")
+    assert len(steps) >= 3, f"canvas seen at steps {steps} only"
+    assert len(canvases) >= 3, "the canvas did not change from step to step"
+    masked = [int(f["masked"]) for f in running if f["masked"].isdigit()]
+    assert masked == sorted(masked, reverse=True), f"masked count went up: {masked}"
+
+    assert card.get_attribute("data-step") == str(expected["steps"])
+    assert card.locator(".text").evaluate("e => e.classList.contains('final')")
+    assert card.locator(".text").evaluate("e => e.textContent") == expected["text"]
+    assert card.locator(".state").inner_text() == f"completed ({expected['finish_reason']})"
+    # Fixed schedule: max_tokens / steps tokens per forward (the last step may commit fewer
+    # when the request stops early at an end-of-text token).
+    tpf = float(card.locator(".tpf").inner_text())
+    assert 1.0 <= tpf <= FIXED["max_tokens"] / FIXED["steps"] + 1e-9
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert errors == [], f"console errors: {errors}"
+
+
+def test_watch_all_keeps_up_with_16_concurrent_requests(dashboard_server: str, page: tuple) -> None:
+    page, errors = page
+    n = 16
+    page.goto(dashboard_server + "/?watch")
+    page.wait_for_function(
+        "document.getElementById('watch-status').textContent === 'following every request'"
+    )
+    # The page's longest gap between animation frames while the burst streams in.
+    page.evaluate(
+        """
+        window.__maxGap = 0;
+        let last = performance.now();
+        const tick = (now) => {
+          window.__maxGap = Math.max(window.__maxGap, now - last);
+          last = now;
+          requestAnimationFrame(tick);
+        };
+        requestAnimationFrame(tick);
+        """
+    )
+    texts: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        body = {"prompt": f"Request number {i}", "max_tokens": 32, "steps": 16, "block_length": 8}
+        r = httpx.post(f"{dashboard_server}/v1/completions", json=body, timeout=120)
+        r.raise_for_status()
+        texts[i] = r.json()["choices"][0]["text"]
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    elapsed = time.monotonic() - start
+    assert len(texts) == n
+
+    page.wait_for_function(
+        f"document.querySelectorAll('.card[data-state=completed]').length >= {n}", timeout=30_000
+    )
+    max_gap = page.evaluate("window.__maxGap")
+    cards = page.locator(".card").count()
+    # A round trip into the page answers at once: the main thread is not drowning.
+    t0 = time.monotonic()
+    page.evaluate("1 + 1")
+    roundtrip = time.monotonic() - t0
+    print(
+        f"\n{n} concurrent requests in {elapsed:.2f} s; {cards} cards; "
+        f"longest frame gap {max_gap:.0f} ms; evaluate round trip {roundtrip * 1000:.0f} ms"
+    )
+    assert cards <= 24
+    assert max_gap < 1000, f"the page froze for {max_gap:.0f} ms"
+    shown = set(
+        page.locator(".card[data-state=completed] .text").evaluate_all(
+            "els => els.map(e => e.textContent)"
+        )
+    )
+    assert shown & set(texts.values()), "no finished card shows its request's final text"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-watch-all.png"), full_page=False)
+    assert errors == [], f"console errors: {errors}"

@@ -18,6 +18,7 @@ from server.events import Subscriber
 from server.hub import RequestGroup
 from server.protocol import GenerateRequest
 from server.routes.deps import RequestIdDep, StateDep, require_api_key
+from server.sse import sse_response
 from server.state import Job, ServerState
 
 router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key)])
@@ -115,9 +116,4 @@ def _sse(
             if owner and group is not None:
                 state.client_gone(group)
 
-    return EventSourceResponse(
-        events(),
-        ping=state.settings.ping_s or 0,
-        sep="\n",
-        send_timeout=state.settings.send_timeout_s,
-    )
+    return sse_response(state.settings, events(), ping=True, endless=sub if group is None else None)

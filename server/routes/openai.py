@@ -11,13 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 
 from model.tokenizer import ChatTemplateError
 from server.completions import Translator
 from server.hub import RequestGroup
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routes.deps import RequestIdDep, StateDep, require_api_key
+from server.sse import sse_response
 from server.state import Job, ServerState
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -116,6 +116,4 @@ async def _respond(
         finally:
             state.client_gone(group)  # no-op once finished; aborts when the client left
 
-    return EventSourceResponse(
-        chunks(), ping=0, sep="\n", send_timeout=state.settings.send_timeout_s
-    )
+    return sse_response(state.settings, chunks(), ping=False)

@@ -24,8 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def running_server(model: Path, *flags: str, timeout: float = 120.0) -> Iterator[str]:
+def start_server(model: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start `python -m server` and return once `/health` is 200 (the caller stops it)."""
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning", *flags]
@@ -34,28 +34,38 @@ def running_server(model: Path, *flags: str, timeout: float = 120.0) -> Iterator
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise TimeoutError(f"server on {url} not ready after {timeout} s")
+        time.sleep(0.05)  # polling the readiness condition, not waiting a fixed time
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server on {url} not ready after {timeout} s")
-            time.sleep(0.05)  # polling the readiness condition, not waiting a fixed time
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def running_server(model: Path, *flags: str, timeout: float = 120.0) -> Iterator[str]:
+    proc, url = start_server(model, *flags, timeout=timeout)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -267,3 +267,23 @@ def test_a_client_that_gives_up_on_a_blocking_request_frees_the_slot(server_url)
         assert time.monotonic() < deadline, "the abandoned request was not aborted"
         time.sleep(0.02)
     assert metric(server_url, "marble_requests_running") == 0
+
+
+def test_shutdown_lets_running_requests_finish(llada_tiny_path):
+    from tests.e2e.conftest import start_server, stop_server
+
+    proc, url = start_server(llada_tiny_path)
+    try:
+        events = []
+        with httpx.stream(
+            "POST", f"{url}/v1/diffusion/generate", json=long_body(256), timeout=60
+        ) as r:
+            for event in iter_sse(r):
+                events.append(event["event"])
+                if len(events) == 3:
+                    proc.terminate()  # SIGTERM mid-request: drain, don't cut
+        assert events[-1] == "request.completed"
+        assert json.loads(event["data"])["finish_reason"] == "length"
+        proc.wait(30)
+    finally:
+        stop_server(proc)

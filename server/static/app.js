@@ -349,6 +349,7 @@ function readParams() {
     threshold: num("threshold"),
     remasking: $("remasking").value,
     temperature: num("temperature"),
+    ignore_eos: $("ignore_eos").checked || undefined,
   };
   for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
   return body;
@@ -409,6 +410,13 @@ async function generate(event) {
     if (card && !card.finished) showError("the stream ended before the request completed");
   } catch (err) {
     if (err.name !== "AbortError") showError(`request failed: ${err.message}`);
+    else if (card && !card.finished) {
+      // Closing the stream aborts the request on the server; say so without waiting.
+      card.state = "completed";
+      card.finishReason = "abort";
+      card.fresh = new Set();
+      markDirty(card);
+    }
   } finally {
     controller = null;
     $("generate").disabled = false;

@@ -32,7 +32,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = REPO / "artifacts"
-FIXED = {"max_tokens": 48, "steps": 24, "block_length": 16, "temperature": 0}
+# Long enough on the server (~0.6 s for 96 steps of the tiny model) to span many frames.
+FIXED = {"max_tokens": 192, "steps": 96, "block_length": 48, "temperature": 0, "ignore_eos": True}
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 if not Path(CHROMIUM).exists():
@@ -94,8 +95,8 @@ def page(browser: object) -> Iterator[tuple[object, list[str]]]:
 
 
 def _throttle(page: object, bytes_per_s: int) -> None:
-    """Slow the page's downloads (Chrome DevTools network emulation) so that step events
-    arrive a few per frame at most: the canvas must then show each step."""
+    """Slow the page's downloads (Chrome DevTools network emulation), so that a fast server's
+    step events cannot all land within one animation frame."""
     cdp = page.context.new_cdp_session(page)
     cdp.send("Network.enable")
     cdp.send(
@@ -122,6 +123,7 @@ def _fill(page: object, prompt: str, params: dict) -> None:
     for name in ("max_tokens", "steps", "block_length", "temperature"):
         page.fill(f"#{name}", str(params[name]))
     page.fill("#threshold", "")
+    page.set_checked("#ignore_eos", bool(params.get("ignore_eos")))
 
 
 def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> None:
@@ -133,7 +135,7 @@ def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> Non
     page.goto(dashboard_server + "/")
     page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
     page.evaluate(RECORDER)
-    _throttle(page, 2_000)
+    _throttle(page, 20_000)
     _fill(page, prompt, FIXED)
     page.click("#generate")
 
@@ -157,11 +159,15 @@ def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> Non
     assert card.get_attribute("data-step") == str(expected["steps"])
     assert card.locator(".text").evaluate("e => e.classList.contains('final')")
     assert card.locator(".text").evaluate("e => e.textContent") == expected["text"]
-    assert card.locator(".state").inner_text() == f"completed ({expected['finish_reason']})"
-    # Fixed schedule: max_tokens / steps tokens per forward (the last step may commit fewer
-    # when the request stops early at an end-of-text token).
-    tpf = float(card.locator(".tpf").inner_text())
-    assert 1.0 <= tpf <= FIXED["max_tokens"] / FIXED["steps"] + 1e-9
+    assert (
+        card.locator(".state").inner_text()
+        == "completed (length)"
+        == (f"completed ({expected['finish_reason']})")
+    )
+    assert expected["steps"] == FIXED["steps"]
+    assert card.locator(".masked").inner_text() == "0"
+    # The fixed schedule commits max_tokens / steps tokens per forward.
+    assert float(card.locator(".tpf").inner_text()) == FIXED["max_tokens"] / FIXED["steps"]
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -228,4 +234,38 @@ def test_watch_all_keeps_up_with_16_concurrent_requests(dashboard_server: str, p
     assert shown & set(texts.values()), "no finished card shows its request's final text"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-watch-all.png"), full_page=False)
+    assert errors == [], f"console errors: {errors}"
+
+
+def test_stop_aborts_the_request(dashboard_server: str, page: tuple) -> None:
+    """Stop closes the stream; the server aborts the request (a client disconnect)."""
+    page, errors = page
+
+    def disconnects() -> float:
+        text = httpx.get(f"{dashboard_server}/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith("marble_client_disconnects_total"))
+        return float(line.split()[-1])
+
+    before = disconnects()
+    page.goto(dashboard_server + "/")
+    page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
+    _fill(
+        page, "A long one", {"max_tokens": 480, "steps": 480, "block_length": 480, "temperature": 0}
+    )
+    page.check("#ignore_eos")
+    page.click("#generate")
+    page.wait_for_function(
+        "document.querySelector('.card') && +document.querySelector('.card').dataset.step >= 5",
+        timeout=30_000,
+    )
+    page.click("#stop")
+    card = page.locator(".card").first
+    page.wait_for_function("document.querySelector('.card').dataset.state === 'completed'")
+    assert card.locator(".state").inner_text() == "completed (abort)"
+    assert int(card.get_attribute("data-step")) < 480
+    deadline = time.monotonic() + 30
+    while disconnects() <= before:
+        assert time.monotonic() < deadline, "the server never counted the disconnect"
+        time.sleep(0.1)
+    assert page.is_enabled("#generate") and not page.is_enabled("#stop")
     assert errors == [], f"console errors: {errors}"

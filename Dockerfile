@@ -1,8 +1,10 @@
 # Marble inference server image.
 #
-# Two stages on the same base: `builder` makes a virtualenv with torch and the project (package
-# data included: the embedded default model and the dashboard); `runtime` copies that venv and
-# runs as a non-root user. Real checkpoints are mounted under /models and chosen with --model.
+# Stages on one base: `deps` makes a virtualenv with torch and the dependencies, `wheel` builds
+# the project's wheel (package data included: the embedded default model and the dashboard),
+# `runtime` copies the venv (a layer that stays cached while only code changes), installs the
+# wheel and runs as a non-root user. Real checkpoints are mounted under /models, chosen with
+# --model.
 # Build options (all --build-arg), see README "Deploy":
 #   BASE_IMAGE       python:3.11-slim (CPU). For GPUs: nvidia/cuda:12.4.1-runtime-ubuntu24.04
 #                    (python3 is installed from apt when the base lacks it) with a CUDA
@@ -17,8 +19,8 @@
 
 ARG BASE_IMAGE=python:3.11-slim
 
-# ------------------------------------------------------------------------------------ builder
-FROM ${BASE_IMAGE} AS builder
+# --------------------------------------------------------------------------------------- deps
+FROM ${BASE_IMAGE} AS deps
 ARG PIP_CERT=""
 ARG PIP_INDEX=""
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -50,17 +52,18 @@ RUN set -eu; \
 COPY pyproject.toml /src/
 RUN set -eu; \
     python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt; \
+    echo "setuptools>=68" >> /tmp/requirements.txt; \
     pip install ${PIP_CERT:+--cert $PIP_CERT} ${PIP_INDEX:+--index-url $PIP_INDEX} \
         --find-links /tmp/wheels -r /tmp/requirements.txt
 
-# The project itself (no new dependencies: they are all installed above).
+# -------------------------------------------------------------------------------------- wheel
+FROM deps AS wheel
+# The project as a wheel, built with the venv's setuptools: nothing is downloaded here.
 COPY README.md /src/
 COPY model/ /src/model/
 COPY scheduler/ /src/scheduler/
 COPY server/ /src/server/
-RUN pip install ${PIP_CERT:+--cert $PIP_CERT} ${PIP_INDEX:+--index-url $PIP_INDEX} \
-        --no-deps /src \
-    && python3 -c "import model, scheduler, server"
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
 
 # ------------------------------------------------------------------------------------ runtime
 FROM ${BASE_IMAGE} AS runtime
@@ -73,7 +76,11 @@ RUN if ! command -v python3 >/dev/null; then \
         --shell /usr/sbin/nologin marble \
     && mkdir -p /models && chown marble:marble /models
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /dist/ /tmp/dist/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && /opt/venv/bin/python -c "import model, scheduler, server.cli"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \

@@ -67,6 +67,8 @@ fi
 podman image ls "$image"
 
 # ------------------------------------------------------------------------------------ run
+# This host's container sandbox refuses the default rlimits: set them explicitly.
+podman_limits=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 name=""
 cleanup() {
     rc=$?
@@ -85,8 +87,7 @@ check_serving() {
     local dir="${1:-}" port url tr deadline state uid tm
     port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     name="marble-check-$$-$port"
-    local run_args=(--name "$name" --network host --ulimit nofile=1024:1024
-                    --ulimit nproc=1024:1024 -e "MARBLE_PORT=$port")
+    local run_args=(--name "$name" --network host "${podman_limits[@]}" -e "MARBLE_PORT=$port")
     local serve_args=(--host 127.0.0.1 --port "$port")
     if [[ -n "$dir" ]]; then
         run_args+=(-v "$dir:/models/check:ro")
@@ -155,13 +156,14 @@ if [[ -n "$model_dir" ]]; then
     check_serving "$model_dir"
 else
     # The embedded default model, when the image holds it (package data of `model`).
-    if podman run --rm --entrypoint python3 "$image" -c \
-            "import model, pathlib, sys; sys.exit(not (pathlib.Path(model.__file__).parent / 'default/checkpoint/config.json').exists())" \
-            2>/dev/null; then
-        check_serving ""
-    else
-        log "the image holds no embedded model (model/default/checkpoint/ was empty at build)"
-    fi
+    embedded="$(podman --runtime runc run --rm "${podman_limits[@]}" --entrypoint python3 "$image" \
+        -c "import model, pathlib; print((pathlib.Path(model.__file__).parent / 'default/checkpoint/config.json').exists())" \
+        2>/dev/null | tail -n 1)"
+    case "$embedded" in
+        True) check_serving "" ;;
+        False) log "the image holds no embedded model (model/default/checkpoint/ was empty at build)" ;;
+        *) log "could not run python3 in $image"; exit 1 ;;
+    esac
     # A real checkpoint mounted as a volume, as users run LLaDA/Dream weights.
     reference="$root/../shared/reference/llada-tiny"
     if [[ -f "$reference/config.json" ]]; then

@@ -1,8 +1,10 @@
-"""Measure the default model: held-out masked-diffusion bound and a unigram baseline.
+"""Measure the default model and write the quality report next to the checkpoint.
 
 The bound is the MDLM/LLaDA negative ELBO in nats per token on whole held-out stdlib files cut
 into fixed windows, estimated with a fixed t grid and seeded masks so numbers compare across
-runs. Completion compile-rate needs the engine's sampler and lives elsewhere (TODO).
+runs. The completion probe asks the serving engine to complete held-out functions' headers and
+docstrings and counts those that compile, against a unigram baseline, for each candidate set of
+sampling settings; `--set-defaults` stores the best set as the checkpoint's serving defaults.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from model.default import CHECKPOINT_DIR
+from model.default.completions import compiles, function_prompts, unigram_completions
 from model.default.corpus import encode_files, read_sources, split_files
 from model.default.objective import masked_loss, noise
 from model.transformer import Denoiser
@@ -67,11 +72,106 @@ def unigram_nats(train: list[np.ndarray], heldout: torch.Tensor, vocab_size: int
     return float(-logp[heldout.numpy().ravel()].mean())
 
 
+# Candidate serving settings (SamplingParams fields), compared by the completion probe.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "t0.7-random": {"temperature": 0.7, "remasking": "random", "threshold": None},
+    "t0.7-confidence": {"temperature": 0.7, "remasking": "low_confidence", "threshold": None},
+    "t0.4-random": {"temperature": 0.4, "remasking": "random", "threshold": None},
+    "t0-threshold0.9": {"temperature": 0.0, "remasking": "low_confidence", "threshold": 0.9},
+}
+
+
+def completion_probe(
+    folder: Path, prompts: list[str], settings: dict[str, Any], max_tokens: int, seed: int
+) -> dict[str, Any]:
+    """Compile rate and serving tokens/s of the engine on `prompts` with `settings`."""
+    # The probe drives the serving engine itself: this evaluation tool sits above the
+    # scheduler (nothing on the serving path imports it), so the import is local.
+    from scheduler.engine import Engine
+    from scheduler.scheduler import SchedulerConfig
+
+    engine = Engine.from_pretrained(
+        folder, config=SchedulerConfig(max_batch_size=16), progress=False
+    )
+    base = engine.defaults.replace(max_tokens=max_tokens, block_length=32, steps=None)
+    params = [base.replace(**settings, seed=seed + i) for i in range(len(prompts))]
+    ids = {
+        engine.add_request(p, sp).request_id: i for i, (p, sp) in enumerate(zip(prompts, params))
+    }
+    texts: dict[int, str] = {}
+    forwards = 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        forwards += 1 if outputs else 0
+        texts.update({ids[o.request_id]: o.text for o in outputs if o.finished})
+    elapsed = time.perf_counter() - start
+    ok = [compiles(prompts[i], texts[i]) for i in range(len(prompts))]
+    generated = sum(len(engine.tokenizer.encode(t)) for t in texts.values())
+    return {
+        "settings": settings,
+        "compile_rate": round(sum(ok) / len(ok), 3),
+        "tokens_per_s": round(generated / elapsed, 1),
+        "samples": [
+            {"prompt": prompts[i], "completion": texts[i], "compiles": ok[i]}
+            for i in range(min(3, len(prompts)))
+        ],
+    }
+
+
+def unigram_probe(
+    tok: Tokenizer, train: list[np.ndarray], prompts: list[str], vocab: int, length: int, eos: int
+) -> float:
+    draws = unigram_completions(train, vocab, len(prompts), length)
+    texts = []
+    for ids in draws:
+        ids = ids.tolist()
+        texts.append(tok.decode(ids[: ids.index(eos)] if eos in ids else ids))
+    return round(sum(compiles(p, t) for p, t in zip(prompts, texts)) / len(prompts), 3)
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    """evaluation.json (machine-readable) and EVALUATION.md (for people) in the checkpoint."""
+    (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# Default model: quality report",
+        "",
+        f"- held-out bound: **{report['heldout_bound_nats_per_token']} nats/token** "
+        f"({report['heldout_tokens']} held-out tokens); unigram: "
+        f"{report['unigram_nats_per_token']} nats/token",
+        f"- completions that compile ({report['prompts']} held-out function prompts, "
+        f"{report['max_tokens']} tokens, cut at the last complete line): unigram baseline "
+        f"{report['unigram_compile_rate']:.0%}",
+    ]
+    for name, probe in report["probes"].items():
+        lines.append(
+            f"  - `{name}` {json.dumps(probe['settings'])}: "
+            f"{probe['compile_rate']:.0%}, {probe['tokens_per_s']} tokens/s"
+        )
+    lines += ["", f"Serving defaults chosen: `{report['chosen']}`", "", "## Samples", ""]
+    for sample in report["probes"][report["chosen"]]["samples"]:
+        lines += ["```python", sample["prompt"] + sample["completion"], "```", ""]
+    (folder / "EVALUATION.md").write_text("\n".join(lines))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Held-out bound of a Marble checkpoint")
+    parser = argparse.ArgumentParser(description="Quality report of a Marble checkpoint")
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR))
     parser.add_argument("--n-t", type=int, default=8)
     parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--prompts", type=int, default=48, help="held-out function prompts")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help="comma-separated names of candidate sampling settings",
+    )
+    parser.add_argument("--write", action="store_true", help="write the report into the checkpoint")
+    parser.add_argument(
+        "--set-defaults",
+        action="store_true",
+        help="store the best candidate as marble_defaults.json",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from model.loader import load_model
@@ -81,20 +181,46 @@ def main() -> None:
     cfg = model.cfg
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     train_paths, held_paths = split_files()
-    held = encode_files(tok, read_sources(held_paths), cfg.eos_token_id)
+    held_sources = read_sources(held_paths)
+    held = encode_files(tok, held_sources, cfg.eos_token_id)
     x0 = windows(held, cfg.max_seq_len)
     if args.max_windows:
         x0 = x0[:: max(1, len(x0) // args.max_windows)][: args.max_windows]
     bound = heldout_bound(model, x0, cfg.mask_token_id, n_t=args.n_t)
     train = encode_files(tok, read_sources(train_paths), cfg.eos_token_id)
-    result = {
+    budget = cfg.max_seq_len - args.max_tokens
+    prompts = [
+        p
+        for p in function_prompts(held_sources, 10 * args.prompts)
+        if len(tok.encode(p).ids) <= budget
+    ][: args.prompts]
+    probes = {}
+    for name in args.candidates.split(","):
+        probes[name] = completion_probe(folder, prompts, CANDIDATES[name], args.max_tokens, 0)
+        log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
+    chosen = max(probes, key=lambda n: probes[n]["compile_rate"])
+    report = {
         "heldout_windows": len(x0),
         "heldout_tokens": x0.numel(),
         "heldout_bound_nats_per_token": round(bound, 4),
         "unigram_nats_per_token": round(unigram_nats(train, x0, cfg.vocab_size), 4),
-        # TODO: share of completions that compile, via scheduler.engine's offline generate().
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "unigram_compile_rate": unigram_probe(
+            tok, train, prompts, cfg.vocab_size, args.max_tokens, cfg.eos_token_id
+        ),
+        "probes": probes,
+        "chosen": chosen,
     }
-    print(json.dumps(result, indent=2))
+    training = folder / "marble_training.json"
+    if training.exists():
+        report["training"] = json.loads(training.read_text())
+    print(json.dumps(report, indent=2))
+    if args.write:
+        write_report(folder, report)
+    if args.set_defaults:
+        defaults = {**CANDIDATES[chosen], "block_length": 32, "steps": None}
+        (folder / "marble_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
 if __name__ == "__main__":

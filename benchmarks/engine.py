@@ -32,14 +32,21 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return Engine.from_pretrained(args.model, device=args.device, config=config, progress=False)
     tokenizer = TextTokenizer(args.tokenizer)
     special = tokenizer.special
-    cfg = preset("small", vocab_size=max(len(tokenizer), 384), mask_token_id=special.mask,
-                 eos_token_id=special.eos, pad_token_id=special.pad)
+    cfg = preset(
+        "small",
+        vocab_size=max(len(tokenizer), 384),
+        mask_token_id=special.mask,
+        eos_token_id=special.eos,
+        pad_token_id=special.pad,
+    )
     torch.manual_seed(0)
     model = Denoiser(cfg).to(args.device).eval()
     return Engine(model, tokenizer, config)
 
 
-def bare_forward_seconds(engine: Engine, batch: int, canvas: int, block: int, repeats: int) -> float:
+def bare_forward_seconds(
+    engine: Engine, batch: int, canvas: int, block: int, repeats: int
+) -> float:
     """Median time of the model alone on the batch shape the engine runs (window-gathered)."""
     device = next(engine.model.parameters()).device
     ids = torch.randint(0, 256, (batch, canvas), device=device)
@@ -79,8 +86,11 @@ def run(engine: Engine, batch: int, params: SamplingParams) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder (default: random 'small' preset)")
-    parser.add_argument("--tokenizer", default="../shared/reference/llada-tiny",
-                        help="tokenizer folder for the random preset")
+    parser.add_argument(
+        "--tokenizer",
+        default="../shared/reference/llada-tiny",
+        help="tokenizer folder for the random preset",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,4,16")
@@ -89,21 +99,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args)
-    fixed = SamplingParams(max_tokens=args.max_tokens, threshold=None, block_length=32,
-                           ignore_eos=True)
+    fixed = SamplingParams(
+        max_tokens=args.max_tokens, threshold=None, block_length=32, ignore_eos=True
+    )
     parallel = fixed.replace(threshold=0.9)
     prompt_len = len(engine.tokenizer.encode(PROMPT))
     run(engine, 1, fixed.replace(max_tokens=32))  # warm-up
-    print(f"model: {args.model or 'random small preset'}  device: {args.device}  "
-          f"threads: {torch.get_num_threads()}  max_tokens: {args.max_tokens}")
-    print(f"{'batch':>5} {'rule':>10} {'tok/s':>9} {'tok/fwd':>8} {'step ms':>8} "
-          f"{'fwd ms':>8} {'step/fwd':>8}")
+    print(
+        f"model: {args.model or 'random small preset'}  device: {args.device}  "
+        f"threads: {torch.get_num_threads()}  max_tokens: {args.max_tokens}"
+    )
+    print(
+        f"{'batch':>5} {'rule':>10} {'tok/s':>9} {'tok/fwd':>8} {'step ms':>8} "
+        f"{'fwd ms':>8} {'step/fwd':>8}"
+    )
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         forward = bare_forward_seconds(engine, batch, prompt_len + args.max_tokens, 32, 10)
         for name, params in (("fixed", fixed), ("thr 0.9", parallel)):
             r = run(engine, batch, params)
-            print(f"{batch:>5} {name:>10} {r['tokens_per_s']:>9.1f} {r['tokens_per_forward']:>8.2f}"
-                  f" {r['step_s'] * 1e3:>8.2f} {forward * 1e3:>8.2f} {r['step_s'] / forward:>8.2f}")
+            print(
+                f"{batch:>5} {name:>10} {r['tokens_per_s']:>9.1f} {r['tokens_per_forward']:>8.2f}"
+                f" {r['step_s'] * 1e3:>8.2f} {forward * 1e3:>8.2f} {r['step_s'] / forward:>8.2f}"
+            )
 
 
 if __name__ == "__main__":

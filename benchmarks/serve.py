@@ -5,7 +5,11 @@ Each of N clients sends R requests one after another through `POST /v1/diffusion
 first `step` event and to `request.completed`. The baseline drives the same requests through
 `Engine.step()` in this process with N requests kept in flight. Printed per N: throughput
 (completion tokens/s, requests/s), p50/p99 latency, p50 time to first step, and the ratio
-in-process / HTTP throughput (1.00 = no serving overhead; the target is <= 1.10).
+in-process / HTTP throughput (median over adjacent pairs of runs; 1.00 = no serving overhead,
+the target is <= 1.10). "busy" is the share of wall time the engine spent inside
+`Engine.step()` (for HTTP, from the server's /metrics): on a machine shared with other jobs the
+step time itself drifts, and busy shows how much of a gap is serving overhead (the engine
+waiting for work) rather than slower steps.
 
     python benchmarks/serve.py                      # a random-weight "small" Marble model
     python benchmarks/serve.py --model ../shared/reference/llada-tiny --clients 1,4,16
@@ -53,6 +57,7 @@ class Result:
     latencies: list[float]
     first_steps: list[float]
     tokens: int
+    step_seconds: float = 0.0  # time inside Engine.step(): the rest is serving overhead
 
     @property
     def requests(self) -> int:
@@ -66,6 +71,7 @@ class Result:
             "p50": statistics.median(lat),
             "p99": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
             "ttfs": statistics.median(self.first_steps),
+            "busy": self.step_seconds / self.seconds,
         }
 
 
@@ -122,8 +128,12 @@ def run_in_process(engine: Engine, params: SamplingParams, clients: int, per_cli
     t0 = time.perf_counter()
     for c in range(clients):
         submit(c)
+    step_seconds = 0.0
     while engine.has_unfinished():
-        for out in engine.step():
+        start = time.perf_counter()
+        outputs = engine.step()
+        step_seconds += time.perf_counter() - start
+        for out in outputs:
             now = time.perf_counter()
             rid = out.request_id
             if rid not in seen_first and out.step > 0:
@@ -133,7 +143,7 @@ def run_in_process(engine: Engine, params: SamplingParams, clients: int, per_cli
                 latencies.append(now - started[rid])
                 tokens += out.completion_tokens
                 submit(owner[rid])
-    return Result(time.perf_counter() - t0, latencies, first_steps, tokens)
+    return Result(time.perf_counter() - t0, latencies, first_steps, tokens, step_seconds)
 
 
 # ------------------------------------------------------------------------------- HTTP
@@ -158,9 +168,18 @@ async def _client(
         result.first_steps.append(first if first is not None else float("nan"))
 
 
+def server_step_seconds(base: str) -> float:
+    """Total time the server's engine thread spent in steps (from its /metrics)."""
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("marble_step_duration_seconds_sum "):
+            return float(line.split()[1])
+    raise RuntimeError("no marble_step_duration_seconds_sum in /metrics")
+
+
 async def run_http(base: str, body: dict, clients: int, per_client: int) -> Result:
     texts = prompts(clients * per_client)
     result = Result(0.0, [], [], 0)
+    busy_before = server_step_seconds(base)
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         t0 = time.perf_counter()
@@ -177,6 +196,7 @@ async def run_http(base: str, body: dict, clients: int, per_client: int) -> Resu
             )
         )
         result.seconds = time.perf_counter() - t0
+    result.step_seconds = server_step_seconds(base) - busy_before
     return result
 
 
@@ -271,19 +291,25 @@ def main() -> None:
                 for _ in range(args.repeats):
                     locals_.append(run_in_process(engine, params, n, args.requests_per_client))
                     remotes.append(asyncio.run(run_http(base, body, n, args.requests_per_client)))
-                rows.append((n, median_row(locals_), median_row(remotes)))
+                # Ratio of each adjacent pair, then the median: drift between pairs cancels.
+                ratio = statistics.median(
+                    a.tokens / a.seconds / (b.tokens / b.seconds) for a, b in zip(locals_, remotes)
+                )
+                rows.append((n, median_row(locals_), median_row(remotes), ratio))
         header = (
             f"{'N':>3} {'HTTP tok/s':>10} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
-            f"{'TTFS p50 ms':>11} | {'engine tok/s':>12} {'p50 s':>7} {'TTFS ms':>8} | ratio"
+            f"{'TTFS p50 ms':>11} {'busy':>5} | {'engine tok/s':>12} {'p50 s':>7} {'p99 s':>7} "
+            f"{'TTFS ms':>8} {'busy':>5} | ratio"
         )
         print(header)
         print("-" * len(header))
-        for n, local, remote in rows:
+        for n, local, remote, ratio in rows:
             print(
                 f"{n:>3} {remote['tok_s']:>10.1f} {remote['req_s']:>7.2f} {remote['p50']:>7.3f} "
-                f"{remote['p99']:>7.3f} {remote['ttfs'] * 1e3:>11.1f} | {local['tok_s']:>12.1f} "
-                f"{local['p50']:>7.3f} {local['ttfs'] * 1e3:>8.1f} | "
-                f"{local['tok_s'] / remote['tok_s']:.2f}"
+                f"{remote['p99']:>7.3f} {remote['ttfs'] * 1e3:>11.1f} {remote['busy']:>5.0%} | "
+                f"{local['tok_s']:>12.1f} {local['p50']:>7.3f} {local['p99']:>7.3f} "
+                f"{local['ttfs'] * 1e3:>8.1f} {local['busy']:>5.0%} | "
+                f"{ratio:.2f}"
             )
 
 

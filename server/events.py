@@ -130,6 +130,15 @@ class Subscriber:
             self._items.append(None)
             self._ready.set()
 
+    def get_nowait(self) -> Event | None:
+        """The next event if one is queued now, else None (use `get` to wait)."""
+        if not self._items or self._items[0] is None:
+            return None
+        event = self._items.popleft()
+        if event is not None and event.name == STEP:
+            self._pending_steps -= 1
+        return event
+
     async def get(self) -> Event | None:
         """The next event, or None once closed and drained."""
         while not self._items:

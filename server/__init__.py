@@ -1,0 +1,1 @@
+"""Marble's HTTP layer: FastAPI app, engine thread, SSE streams, metrics (see `server.app`)."""

@@ -18,7 +18,6 @@ from model.tokenizer import TextTokenizer
 from scheduler.engine import StepOutput
 from server.errors import APIError
 from server.hub import Hub, RequestGroup
-from server.protocol import error_body
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +277,3 @@ class Translator:
         if self.include_usage:
             yield self._chunk([], self.usage())
         yield "[DONE]"
-
-
-def error_payload(message: str, code: str = "engine_error") -> str:
-    return json.dumps(error_body(message, "server_error", None, code))

@@ -35,6 +35,8 @@ async def test_completion_shape_and_request_id(llada_tiny_path):
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
         models = (await client.get("/v1/models")).json()
         assert models["data"][0]["id"] == body["model"] == "marble"
+        assert (await client.get("/v1/models/marble")).json()["id"] == "marble"
+        assert (await client.get("/v1/models/other")).status_code == 404
 
 
 async def test_stream_deltas_concatenate_to_the_blocking_text(llada_tiny_path):

@@ -23,13 +23,27 @@ from server.state import Job, ServerState
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
+def _model_card(state: ServerState) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "id": state.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "marble",
+    }
+    if state.engine is not None:
+        card["max_model_len"] = state.engine.model.cfg.max_seq_len
+    return card
+
+
 @router.get("/models")
 async def models(state: StateDep) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": state.model_name, "object": "model", "owned_by": "marble"}
-    if state.engine is not None:
-        entry["max_model_len"] = state.engine.model.cfg.max_seq_len
-    entry["created"] = 0
-    return {"object": "list", "data": [entry]}
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, state: StateDep) -> dict[str, Any]:
+    state.check_model(model)
+    return _model_card(state)
 
 
 @router.post("/completions", response_model=None)

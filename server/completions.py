@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,8 +70,8 @@ class Translator:
     # ------------------------------------------------------------------------- common
     def _absorb(self, state: ChoiceState, out: StepOutput) -> None:
         if self.logprobs is not None:
-            for c in out.committed:
-                state.logprob_at[c.pos] = c.logprob
+            for c in out.committed:  # JSON has no -inf/NaN: those become OpenAI's stand-in
+                state.logprob_at[c.pos] = c.logprob if math.isfinite(c.logprob) else _UNLIKELY
         state.last = out
         state.done = out.finished
 

@@ -129,8 +129,13 @@ class Engine:
             )
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.scheduler.add(request)
+        # Registered before queueing: the engine thread may finish it right after add().
         self.requests[request.request_id] = request
+        try:
+            self.scheduler.add(request)
+        except Exception:
+            self.requests.pop(request.request_id, None)
+            raise
         return request
 
     def abort(self, request_id: str) -> None:
@@ -283,7 +288,8 @@ class Engine:
             committed=[],
             num_masked=request.num_masked,
             tokens=list(request.tokens),
-            text=self.tokenizer.decode(request.tokens[:end]),
+            # An aborted or failed request stops mid-way: keep back what could still change.
+            text=self._hold_back(request, self.tokenizer.decode(request.tokens[:end])),
             finished=True,
             finish_reason=request.status.value,
             error=request.error,

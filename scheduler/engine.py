@@ -8,6 +8,7 @@ a request is finished. Knows nothing of HTTP or asyncio.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -320,8 +321,6 @@ class Engine:
 
 def load_defaults(path: str | Path) -> SamplingParams:
     """Serving defaults stored with a checkpoint (`marble_defaults.json`), else Marble's."""
-    import json
-
     file = Path(path) / "marble_defaults.json"
     if not file.exists():
         return SamplingParams()

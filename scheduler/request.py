@@ -85,12 +85,13 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
-        """Build from a mapping, ignoring None values so defaults apply; unknown keys raise."""
+        """Build from a mapping (an explicit None means "off" where a field allows it, e.g.
+        `threshold`); unknown keys raise."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown sampling parameters: {unknown}")
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        return cls(**values)
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)

@@ -85,3 +85,17 @@ def test_blocks_and_step_split():
     assert r.block_steps == [16, 9]
     assert steps_per_block(16, 32, [8, 8, 8, 8]) == [4, 4, 4, 4]  # LLaDA's steps / blocks
     assert make("y").total_steps is None  # threshold rule: dynamic
+
+
+def test_stored_defaults_keep_explicit_nulls(tmp_path):
+    import json
+
+    from scheduler.engine import load_defaults
+
+    (tmp_path / "marble_defaults.json").write_text(
+        json.dumps({"temperature": 0.7, "threshold": None, "block_length": None})
+    )
+    defaults = load_defaults(tmp_path)
+    assert defaults.threshold is None and defaults.block_length is None
+    assert defaults.temperature == 0.7 and defaults.max_tokens == SamplingParams().max_tokens
+    assert load_defaults(tmp_path / "absent") == SamplingParams()

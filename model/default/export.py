@@ -59,6 +59,8 @@ def export_checkpoint(
         if not (cfg.tie_embeddings and name == "lm_head.weight")
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes 0600; the packaged file must stay readable to a non-root server user.
+    (out / "model.safetensors").chmod(0o644)
     cfg_dict = cfg.to_json_dict() | {"torch_dtype": "bfloat16"}
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")

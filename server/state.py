@@ -184,6 +184,16 @@ class ServerState:
                 400, "invalid", f"at most {self.settings.max_n} choices per request", param="n"
             )
 
+    def jobs(self, body: SamplingBody, prompts: list[Any], suffix: Any = None) -> list[Job]:
+        """One engine job per prompt and choice (`body.n`), its sampling parameters merged
+        over the serving defaults; too many choices or invalid fields are a 400."""
+        self.check_n(len(prompts) * body.n)
+        return [
+            Job(prompt, self.params(lambda j=j: body.to_sampling_params(self.defaults, j)), suffix)
+            for prompt in prompts
+            for j in range(body.n)
+        ]
+
     def params(self, build: Callable[[], T]) -> T:
         """Run a conversion of the body; its ValueError becomes a 400."""
         try:

@@ -19,7 +19,7 @@ from server.hub import RequestGroup
 from server.protocol import GenerateRequest
 from server.routes.deps import RequestIdDep, StateDep, require_api_key
 from server.sse import sse_response
-from server.state import Job, ServerState
+from server.state import ServerState
 
 router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key)])
 
@@ -42,17 +42,7 @@ async def generate(
 ) -> EventSourceResponse:
     state.check_model(body.model)
     hub = state.ready_hub()
-    prompts = state.params(body.prompts)
-    state.check_n(len(prompts) * body.n)
-    jobs = [
-        Job(
-            prompt,
-            state.params(lambda j=j: body.to_sampling_params(state.defaults, j)),
-            body.suffix,
-        )
-        for prompt in prompts
-        for j in range(body.n)
-    ]
+    jobs = state.jobs(body, state.params(body.prompts), body.suffix)
     draft_every = 1 if body.diffusing else body.draft_every
     group = hub.create(request_id, state.model_name, len(jobs), draft_every, lossless=False)
     sub = hub.subscribe(group)  # before submitting, so it sees `request.queued`

@@ -18,7 +18,7 @@ from server.hub import RequestGroup
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routes.deps import RequestIdDep, StateDep, require_api_key
 from server.sse import sse_response
-from server.state import Job, ServerState
+from server.state import ServerState
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -53,16 +53,7 @@ async def completions(
     state.check_model(body.model)
     hub = state.ready_hub()
     prompts = state.params(body.prompts)
-    state.check_n(len(prompts) * body.n)
-    jobs = [
-        Job(
-            prompt,
-            state.params(lambda j=j: body.to_sampling_params(state.defaults, j)),
-            body.suffix,
-        )
-        for prompt in prompts
-        for j in range(body.n)
-    ]
+    jobs = state.jobs(body, prompts, body.suffix)
     echo = None
     if body.echo:
         echo = [p if isinstance(p, str) else hub.tokenizer.decode(p) for p in prompts]
@@ -96,11 +87,7 @@ async def chat_completions(
         ) from exc
     except ValueError as exc:
         raise state.reject(400, "invalid", str(exc), param="messages") from exc
-    state.check_n(body.n)
-    jobs = [
-        Job(prompt, state.params(lambda j=j: body.to_sampling_params(state.defaults, j)))
-        for j in range(body.n)
-    ]
+    jobs = state.jobs(body, [prompt])
     group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
     state.submit(group, jobs)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -2,7 +2,8 @@
 
 A prompt is a held-out function's header and docstring (dedented so it stands alone); a
 completion counts when the prompt plus the completion, cut at its last complete line, compiles
-and the completion added at least one non-blank line. Knows nothing about how text is generated.
+and the completion added at least one line of code (blank and comment-only lines do not count:
+a header and docstring alone already compile). Knows nothing about how text is generated.
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ def cut_last_line(completion: str) -> str:
     return completion[: at + 1] if at >= 0 else ""
 
 
+def code_lines(text: str) -> list[str]:
+    """Lines that hold code: not blank, not comment-only."""
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def code_share(completion: str) -> float:
+    """Share of a completion's lines that hold code (an undertrained model's failure mode is
+    a canvas of blank lines and '#', which compiles but is not code)."""
+    lines = completion.splitlines()
+    return len(code_lines(completion)) / len(lines) if lines else 0.0
+
+
 def compiles(prompt: str, completion: str) -> bool:
     body = cut_last_line(completion)
-    if not body.strip():
+    if not code_lines(body):
         return False
     try:
         compile(prompt + body, "<completion>", "exec")

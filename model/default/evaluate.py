@@ -21,7 +21,12 @@ import torch
 from tokenizers import Tokenizer
 
 from model.default import CHECKPOINT_DIR
-from model.default.completions import compiles, function_prompts, unigram_completions
+from model.default.completions import (
+    code_share,
+    compiles,
+    function_prompts,
+    unigram_completions,
+)
 from model.default.corpus import encode_files, read_sources, split_files
 from model.default.objective import masked_loss, noise
 from model.transformer import Denoiser
@@ -77,8 +82,25 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "t0.7-random": {"temperature": 0.7, "remasking": "random", "threshold": None},
     "t0.7-confidence": {"temperature": 0.7, "remasking": "low_confidence", "threshold": None},
     "t0.4-random": {"temperature": 0.4, "remasking": "random", "threshold": None},
+    "t0.4-confidence": {"temperature": 0.4, "remasking": "low_confidence", "threshold": None},
+    "t1.0-confidence": {"temperature": 1.0, "remasking": "low_confidence", "threshold": None},
     "t0-threshold0.9": {"temperature": 0.0, "remasking": "low_confidence", "threshold": 0.9},
+    "t0-confidence-b4": {
+        "temperature": 0.0,
+        "remasking": "low_confidence",
+        "threshold": None,
+        "block_length": 4,
+    },
+    "t0.5-confidence-b8": {
+        "temperature": 0.5,
+        "remasking": "low_confidence",
+        "threshold": None,
+        "block_length": 8,
+    },
 }
+# Defaults must write code: the best compile rate among candidates whose completion lines
+# are mostly code (blank and comment lines compile but are an undertrained model's collapse).
+MIN_CODE_SHARE = 0.5
 
 
 def completion_probe(
@@ -111,6 +133,7 @@ def completion_probe(
     return {
         "settings": settings,
         "compile_rate": round(sum(ok) / len(ok), 3),
+        "code_line_share": round(sum(map(code_share, texts.values())) / len(texts), 3),
         "tokens_per_s": round(generated / elapsed, 1),
         "samples": [
             {"prompt": prompts[i], "completion": texts[i], "compiles": ok[i]}
@@ -146,9 +169,17 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     for name, probe in report["probes"].items():
         lines.append(
             f"  - `{name}` {json.dumps(probe['settings'])}: "
-            f"{probe['compile_rate']:.0%}, {probe['tokens_per_s']} tokens/s"
+            f"{probe['compile_rate']:.0%} compile, {probe['code_line_share']:.0%} of lines "
+            f"are code, {probe['tokens_per_s']} tokens/s"
         )
-    lines += ["", f"Serving defaults chosen: `{report['chosen']}`", "", "## Samples", ""]
+    lines += [
+        "",
+        f"Serving defaults chosen: `{report['chosen']}` (best compile rate among candidates "
+        f"whose completion lines are at least {MIN_CODE_SHARE:.0%} code)",
+        "",
+        "## Samples",
+        "",
+    ]
     for sample in report["probes"][report["chosen"]]["samples"]:
         lines += ["```python", sample["prompt"] + sample["completion"], "```", ""]
     (folder / "EVALUATION.md").write_text("\n".join(lines))
@@ -198,7 +229,8 @@ def main() -> None:
     for name in args.candidates.split(","):
         probes[name] = completion_probe(folder, prompts, CANDIDATES[name], args.max_tokens, 0)
         log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
-    chosen = max(probes, key=lambda n: probes[n]["compile_rate"])
+    coding = [n for n in probes if probes[n]["code_line_share"] >= MIN_CODE_SHARE] or list(probes)
+    chosen = max(coding, key=lambda n: probes[n]["compile_rate"])
     report = {
         "heldout_windows": len(x0),
         "heldout_tokens": x0.numel(),
@@ -219,7 +251,7 @@ def main() -> None:
     if args.write:
         write_report(folder, report)
     if args.set_defaults:
-        defaults = {**CANDIDATES[chosen], "block_length": 32, "steps": None}
+        defaults = {"block_length": 32, "steps": None, **CANDIDATES[chosen]}
         (folder / "marble_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 

@@ -1,0 +1,43 @@
+"""The embedded default model: shipped in the package, loads through the real path, generates."""
+
+from __future__ import annotations
+
+import json
+
+from model.default import CHECKPOINT_DIR
+from scheduler.engine import Engine, load_defaults
+
+
+def test_shipped_checkpoint_is_complete_and_small():
+    names = {p.name for p in CHECKPOINT_DIR.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "marble_defaults.json",
+    } <= names
+    assert sum(p.stat().st_size for p in CHECKPOINT_DIR.iterdir()) <= 20 * 2**20
+    assert json.loads((CHECKPOINT_DIR / "config.json").read_text())["model_type"] == "marble"
+
+
+def test_shipped_checkpoint_generates():
+    engine = Engine.from_pretrained(CHECKPOINT_DIR, progress=False)
+    assert engine.defaults == load_defaults(CHECKPOINT_DIR)  # stored with the checkpoint
+    params = engine.defaults.replace(max_tokens=8, block_length=8, threshold=None, steps=4, seed=0)
+    outs = list(engine.generate("def fibonacci(n):\n", params))
+    assert outs[-1].finished and len(outs) <= 4
+    assert outs[-1].finish_reason in ("stop", "length")
+    assert engine.tokenizer.decode(engine.tokenizer.encode("def f(x):\n    return x\n")) == (
+        "def f(x):\n    return x\n"
+    )
+
+
+def test_compile_probe_counts_code_not_comments():
+    from model.default.completions import compiles, cut_last_line
+
+    prompt = 'def f(x):\n    """Doc."""\n'
+    assert not compiles(prompt, "\n\n#\n#\n")  # header + docstring alone already compile
+    assert compiles(prompt, "    return x\n    unfinished(")
+    assert not compiles(prompt, "    return (x\n")
+    assert cut_last_line("a\nb") == "a\n" and cut_last_line("ab") == ""

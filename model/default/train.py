@@ -53,7 +53,7 @@ class TrainConfig:
     mlp_hidden: int = 768
     seq_len: int = 256
     batch_size: int = 32
-    tokens: int = 12_000_000  # total training tokens: sets the number of steps and the schedule
+    tokens: int = 24_000_000  # total training tokens: sets the number of steps and the schedule
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 150

@@ -165,13 +165,11 @@ class Engine:
                     outputs.append(self._final_output(request))
             else:
                 outputs += [self._postprocess(r, c) for r, c in zip(running, commits)]
+        finished: dict[str, int] = {}
         for out in outputs:
             if out.finished:
                 self.runner.remove(out.request_id)
                 self.requests.pop(out.request_id, None)
-        finished: dict[str, int] = {}
-        for out in outputs:
-            if out.finished:
                 finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
         self.last_stats = EngineStats(
             batch_size=len(running),
@@ -201,12 +199,7 @@ class Engine:
                 request.step_in_block = 0
                 nstart, nend = request.current_block
                 request.masks_at_block_start = nend - nstart
-        while (
-            request.stable_len < len(request.tokens)
-            and request.tokens[request.stable_len] != request.mask_id
-        ):
-            request.stable_len += 1
-        text, cut_by_stop = self._stable_text(request)
+        text, cut_by_stop = self._stable_text(request, self._advance_stable(request))
         status = None
         if cut_by_stop:
             status = RequestStatus.FINISHED_STOPPED
@@ -233,40 +226,51 @@ class Engine:
             completion_tokens=self._completion_len(request),
         )
 
-    def _stop_index(self, request: Request) -> int | None:
-        """Index of the first EOS/end-of-turn in the stable prefix (None if absent/ignored)."""
-        if request.params.ignore_eos:
-            return None
-        stop_ids = self.special.stop_ids
-        for i in range(request.stable_len):
-            if request.tokens[i] in stop_ids:
-                return i
-        return None
+    def _advance_stable(self, request: Request) -> bool:
+        """Extend the stable prefix over newly committed leading tokens, noting the first
+        EOS/end-of-turn in the part just added; returns whether the prefix grew."""
+        old = request.stable_len
+        tokens = request.tokens
+        while request.stable_len < len(tokens) and tokens[request.stable_len] != request.mask_id:
+            request.stable_len += 1
+        if request.eos_at is None and not request.params.ignore_eos:
+            stop_ids = self.special.stop_ids
+            request.eos_at = next(
+                (i for i in range(old, request.stable_len) if tokens[i] in stop_ids), None
+            )
+        return request.stable_len != old
+
+    @staticmethod
+    def _cut(request: Request) -> int:
+        """End of the generated text: the first EOS/end-of-turn, else the stable prefix."""
+        return request.stable_len if request.eos_at is None else request.eos_at
 
     def _completion_len(self, request: Request) -> int:
-        eos_at = self._stop_index(request)
-        if eos_at is not None:
-            return eos_at
+        if request.eos_at is not None:
+            return request.eos_at
         return request.stable_len if not request.is_finished() else len(request.tokens)
 
-    def _stable_text(self, request: Request) -> tuple[str, bool]:
-        """(text that can no longer change, whether EOS or a stop string ended it)."""
-        eos_at = self._stop_index(request)
-        end = request.stable_len if eos_at is None else eos_at
-        text = self.tokenizer.decode(request.tokens[:end])
+    def _stable_text(self, request: Request, grew: bool) -> tuple[str, bool]:
+        """(text that can no longer change, whether EOS or a stop string ended it); decoded
+        only when the stable prefix grew."""
+        if not grew:
+            return request.stable_text, False
+        text = self.tokenizer.decode(request.tokens[: self._cut(request)])
+        request.stable_text = text
         for stop in request.params.stop:
             at = text.find(stop)
             if at >= 0:
                 return text[:at], True
-        if eos_at is not None:
+        if request.eos_at is not None:
             # Fill the rest with EOS so the canvas is complete; no more forwards are needed.
-            for i in range(eos_at, len(request.tokens)):
+            fill = (
+                self.special.eos if self.special.eos is not None else request.tokens[request.eos_at]
+            )
+            for i in range(request.eos_at, len(request.tokens)):
                 if request.tokens[i] == request.mask_id:
-                    request.tokens[i] = (
-                        self.special.eos if self.special.eos is not None else request.tokens[eos_at]
-                    )
+                    request.tokens[i] = fill
             request.num_masked = 0
-        return text, eos_at is not None
+        return text, request.eos_at is not None
 
     @staticmethod
     def _hold_back(request: Request, text: str) -> str:
@@ -278,8 +282,7 @@ class Engine:
         return text.rstrip("\ufffd")
 
     def _final_output(self, request: Request) -> StepOutput:
-        eos_at = self._stop_index(request)
-        end = request.stable_len if eos_at is None else eos_at
+        end = self._cut(request)
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,

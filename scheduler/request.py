@@ -132,6 +132,8 @@ class Request:
     num_masked: int = field(init=False)
     num_steps: int = 0
     stable_len: int = 0  # leading committed tokens: text that can no longer change
+    eos_at: int | None = None  # first EOS/end-of-turn within the stable prefix
+    stable_text: str = ""  # decoded stable prefix (up to eos_at), refreshed when it grows
     first_step_time: float | None = None
     finish_time: float | None = None
 

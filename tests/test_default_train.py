@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,13 +14,15 @@ from model.default.corpus import (
     EOS_TOKEN,
     MASK_TOKEN,
     is_heldout,
+    package_sources,
     read_sources,
     split_files,
     stdlib_files,
     train_tokenizer,
 )
+from model.default.evaluate import training_summary
 from model.default.objective import features, noise, stratified_t
-from model.default.train import TrainConfig, export, train
+from model.default.train import Batches, TrainConfig, export, train, training_seconds
 from model.loader import load_model
 from model.transformer import Denoiser
 
@@ -112,3 +115,71 @@ def test_resume_continues_the_same_run(tmp_path, split):
     assert resumed["step"] == straight["step"] == 4
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value)
+
+
+def test_extra_pool_rows_follow_the_weights():
+    stdlib, extra = [np.full(300, 7, dtype=np.int32)], [np.full(300, 9, dtype=np.int32)]
+    tc = tiny("unused", batch_size=400, prefix_share=0.0, end_share=0.0)
+    x0, _ = Batches([stdlib, extra], [0.25, 0.75], tc, eos_id=0).next()
+    share_extra = (x0[:, 0] == 9).float().mean().item()
+    assert set(x0[:, 0].tolist()) == {7, 9} and abs(share_extra - 0.75) < 0.08
+
+
+def test_package_sources_read_installed_dependencies():
+    texts = package_sources(["jinja2"])
+    assert texts and any("class Environment" in t for t in texts)
+    with pytest.raises(FileNotFoundError, match="no_such_package"):
+        package_sources(["no_such_package"])
+
+
+def test_init_from_starts_a_second_stage_from_the_first(tmp_path):
+    first = train(tiny(tmp_path / "a"))
+    second_tc = tiny(tmp_path / "b", init_from=str(tmp_path / "a"), extra_packages="jinja2")
+    at_start = train(second_tc, stop_after=0)
+    for name, value in first["model"].items():
+        torch.testing.assert_close(at_start["model"][name], value)
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == (
+        tmp_path / "a" / "tokenizer.json"
+    ).read_text()
+    saved = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    done = train(second_tc, resume=saved)
+    assert done["step"] == second_tc.steps and done["init_from"]["tokens_seen"] == 8 * 64 * 30
+    out = export(tmp_path / "b", tmp_path / "ckpt")
+    lineage = json.loads((out / "marble_training.json").read_text())["init_from"]
+    assert lineage["run_dir"] == str(tmp_path / "a")
+    assert lineage["train_seconds"] >= 0 and lineage["tokens_seen"] == 8 * 64 * 30
+    assert lineage["train_config"]["extra_packages"] == ""
+    assert (
+        json.loads((out / "marble_training.json").read_text())["train_config"]["extra_packages"]
+        == "jinja2"
+    )
+
+
+def test_init_from_refuses_another_architecture(tmp_path):
+    train(tiny(tmp_path / "a", tokens=8 * 64 * 2))
+    with pytest.raises(SystemExit, match="model config differs"):
+        train(tiny(tmp_path / "b", init_from=str(tmp_path / "a"), d_model=32), stop_after=0)
+
+
+def test_training_seconds_skip_the_gaps_between_restarts(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-01-01 10:00:00,000 INFO config {}\n"
+        "2026-01-01 10:00:30,000 INFO step 25 tokens 1\n"
+        "2026-01-01 10:01:00,500 INFO saved step 50 (stopped)\n"
+        "2026-01-01 12:00:00,000 INFO resumed at step 50 (2 tokens)\n"
+        "2026-01-01 12:00:00,000 INFO config {}\n"
+        "2026-01-01 12:00:20,000 INFO step 75 tokens 3\n"
+    )
+    assert training_seconds(log) == 80.5
+    assert training_seconds(tmp_path / "missing.log") == 0.0
+
+
+def test_training_summary_adds_up_the_stages():
+    first = {"tokens_seen": 24_000_000, "train_seconds": 3600, "init_from": None}
+    second = {"tokens_seen": 12_000_000, "train_seconds": 1800, "init_from": first}
+    assert training_summary(second) == (
+        "36.0M tokens in 1.50 h of training time (stages: 24.0M tokens, 1.00 h; "
+        "12.0M tokens, 0.50 h)"
+    )
+    assert training_summary(first) == "24.0M tokens in 1.00 h of training time"

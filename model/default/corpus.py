@@ -1,13 +1,16 @@
-"""The default model's corpus and tokenizer: Python standard library sources, offline everywhere.
+"""The default model's corpus and tokenizer: Python sources that exist offline everywhere.
 
 Lists the interpreter's own stdlib `.py` files (no tests, no site-packages), splits them into
 train and held-out by a hash of the relative path, trains the byte-level BPE tokenizer and
-encodes files to token arrays. Knows nothing about models or losses.
+encodes files to token arrays. Extra training text may come from installed packages that Marble
+itself depends on (so they exist wherever Marble trains); held-out files are always stdlib ones,
+so the bound stays comparable across recipes. Knows nothing about models or losses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,7 +31,11 @@ def stdlib_root() -> Path:
 
 def stdlib_files(root: Path | None = None) -> list[str]:
     """Sorted relative paths of the stdlib's `.py` sources, without test folders."""
-    root = root or stdlib_root()
+    return python_files(root or stdlib_root())
+
+
+def python_files(root: Path) -> list[str]:
+    """Sorted relative paths of the `.py` files under root, without test folders."""
     out = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
@@ -36,6 +43,23 @@ def stdlib_files(root: Path | None = None) -> list[str]:
             continue
         out.append(rel.as_posix())
     return sorted(out)
+
+
+def package_root(name: str) -> Path:
+    """The source folder of an installed package (e.g. "torch"); one error names what is missing."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {name!r} is not installed as a source folder")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def package_sources(names: Iterable[str]) -> list[str]:
+    """Texts of the named packages' `.py` files (test folders excluded), in a fixed order."""
+    texts = []
+    for name in names:
+        root = package_root(name)
+        texts.extend(read_sources(python_files(root), root))
+    return texts
 
 
 def is_heldout(rel_path: str) -> bool:

@@ -153,6 +153,22 @@ def unigram_probe(
     return round(sum(compiles(p, t) for p, t in zip(prompts, texts)) / len(prompts), 3)
 
 
+def training_summary(training: dict[str, Any]) -> str:
+    """'N tokens in H h of training time' over every stage, for example for a warm-started run."""
+    stages, stage = [], training
+    while stage:
+        stages.append(stage)
+        stage = stage.get("init_from")
+    tokens = sum(s["tokens_seen"] for s in stages)
+    hours = sum(s.get("train_seconds", 0) for s in stages) / 3600
+    parts = [
+        f"{s['tokens_seen'] / 1e6:.1f}M tokens, {s.get('train_seconds', 0) / 3600:.2f} h"
+        for s in reversed(stages)
+    ]
+    detail = f" (stages: {'; '.join(parts)})" if len(stages) > 1 else ""
+    return f"{tokens / 1e6:.1f}M tokens in {hours:.2f} h of training time{detail}"
+
+
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     """evaluation.json (machine-readable) and EVALUATION.md (for people) in the checkpoint."""
     (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -166,6 +182,8 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         f"{report['max_tokens']} tokens, cut at the last complete line): unigram baseline "
         f"{report['unigram_compile_rate']:.0%}",
     ]
+    if "training" in report:
+        lines.append(f"- training: {training_summary(report['training'])}")
     for name, probe in report["probes"].items():
         lines.append(
             f"  - `{name}` {json.dumps(probe['settings'])}: "

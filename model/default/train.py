@@ -1,9 +1,11 @@
-"""Train Marble's default masked-diffusion LM on the stdlib; resumable; `--export` writes it.
+"""Train Marble's default masked-diffusion LM on Python sources; resumable; `--export` writes it.
 
 `python -m model.default.train` trains (or resumes) in a run dir (runs/default/): tokenizer,
 `state.pt` (weights, optimizer, step, RNG states) saved every few minutes, `train.log` and
-`metrics.jsonl`. `--export DIR` writes a serving checkpoint from the latest state. Same seed and
-same corpus give the same run. Knows nothing about serving.
+`metrics.jsonl`. `--init-from RUN` starts a new run from another run's final weights and
+tokenizer (a second stage with its own schedule and corpus). `--export DIR` writes a serving
+checkpoint from the latest state. Same seed and same corpus give the same run. Knows nothing
+about serving.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from model.default.corpus import (
     EOS_TOKEN,
     MASK_TOKEN,
     encode_files,
+    package_sources,
     read_sources,
     split_files,
     train_tokenizer,
@@ -70,6 +75,11 @@ class TrainConfig:
     bf16: bool = True  # CPU autocast: about 2x tokens/s on AVX512-BF16 cores
     compile: bool = True
     max_files: int | None = None  # smoke tests: only the first N training files
+    # Comma-separated installed packages whose sources join the training text (held-out stays
+    # stdlib); rows come from the stdlib with probability stdlib_share, else from these.
+    extra_packages: str = ""
+    stdlib_share: float = 0.4
+    init_from: str = ""  # run dir whose final weights and tokenizer this run starts from
 
     @property
     def steps(self) -> int:
@@ -110,11 +120,17 @@ def lr_at(tc: TrainConfig, step: int) -> float:
 
 
 class Batches:
-    """Training rows from tokenised files: windows within one file, EOS-padded past its end."""
+    """Training rows from tokenised files: windows within one file, EOS-padded past its end.
 
-    def __init__(self, files: list[np.ndarray], tc: TrainConfig, eos_id: int) -> None:
-        self.files, self.tc, self.eos_id = files, tc, eos_id
-        self.offsets = np.cumsum([0] + [len(f) for f in files])
+    `pools` are lists of files (the stdlib first, then any extra text); a row picks its pool by
+    `weights`, then a uniformly random token position within that pool.
+    """
+
+    def __init__(
+        self, pools: list[list[np.ndarray]], weights: list[float], tc: TrainConfig, eos_id: int
+    ) -> None:
+        self.pools, self.weights, self.tc, self.eos_id = pools, weights, tc, eos_id
+        self.offsets = [np.cumsum([0] + [len(f) for f in files]) for files in pools]
         self.rng = np.random.default_rng(tc.seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,10 +139,13 @@ class Batches:
         x0 = np.full((b, n), self.eos_id, dtype=np.int64)
         prefix = np.zeros(b, dtype=np.int64)
         for row in range(b):
-            pos = int(self.rng.integers(self.offsets[-1]))
-            f = int(np.searchsorted(self.offsets, pos, side="right")) - 1
-            tokens = self.files[f]
-            start = pos - int(self.offsets[f])
+            # A single pool draws nothing here, so one-pool runs replay their exact data stream.
+            p = int(self.rng.choice(len(self.pools), p=self.weights)) if len(self.pools) > 1 else 0
+            offsets = self.offsets[p]
+            pos = int(self.rng.integers(offsets[-1]))
+            f = int(np.searchsorted(offsets, pos, side="right")) - 1
+            tokens = self.pools[p][f]
+            start = pos - int(offsets[f])
             if self.rng.random() < self.tc.end_share:
                 start = max(0, len(tokens) - int(self.rng.integers(1, n)))
             chunk = tokens[start : start + n]
@@ -147,22 +166,50 @@ def setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
 
 
-def load_corpus(tc: TrainConfig, run_dir: Path) -> tuple[Tokenizer, list, torch.Tensor]:
-    """(tokenizer, train token arrays, held-out eval windows); tokenizer trained once per run."""
+def load_corpus(
+    tc: TrainConfig, run_dir: Path
+) -> tuple[Tokenizer, list[list[np.ndarray]], list[float], torch.Tensor]:
+    """(tokenizer, train pools, pool weights, held-out eval windows).
+
+    The tokenizer is trained once per run on the stdlib, or copied from the `init_from` run.
+    """
     train_paths, held_paths = split_files()
     if tc.max_files:
         train_paths, held_paths = train_paths[: tc.max_files], held_paths[:4]
     train_texts, held_texts = read_sources(train_paths), read_sources(held_paths)
     tok_path = run_dir / "tokenizer.json"
+    if not tok_path.exists() and tc.init_from:
+        shutil.copyfile(Path(tc.init_from) / "tokenizer.json", tok_path)
     if tok_path.exists():
         tok = Tokenizer.from_file(str(tok_path))
     else:
         tok = train_tokenizer(train_texts, tc.vocab_size)
         tok.save(str(tok_path))
     eos = tok.token_to_id(EOS_TOKEN)
-    train = encode_files(tok, train_texts, eos)
+    pools, weights = [encode_files(tok, train_texts, eos)], [1.0]
+    names = [n.strip() for n in tc.extra_packages.split(",") if n.strip()]
+    if names:
+        extra = package_sources(names)
+        if tc.max_files:
+            extra = extra[: tc.max_files]
+        pools.append(encode_files(tok, extra, eos))
+        weights = [tc.stdlib_share, 1 - tc.stdlib_share]
     held = windows(encode_files(tok, held_texts, eos), tc.seq_len)
-    return tok, train, held
+    return tok, pools, weights, held
+
+
+def initial_weights(tc: TrainConfig, cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state dict, lineage) of the `init_from` run's final state; its architecture must match."""
+    source = torch.load(Path(tc.init_from) / "state.pt", map_location="cpu", weights_only=False)
+    if source["model_config"] != cfg.to_json_dict():
+        raise SystemExit(f"--init-from {tc.init_from}: its model config differs from this run's")
+    lineage = {
+        "run_dir": tc.init_from,
+        "train_config": source["train_config"],
+        "tokens_seen": source["tokens_seen"],
+        "last_eval": source["history"][-1] if source["history"] else None,
+    }
+    return source["model"], lineage
 
 
 def eval_sample(held: torch.Tensor, n: int) -> torch.Tensor:
@@ -186,10 +233,14 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
     torch.manual_seed(tc.seed)
-    tok, train_files, held = load_corpus(tc, run_dir)
+    tok, pools, weights, held = load_corpus(tc, run_dir)
     cfg = model_config(tc, tok)
     model = Denoiser(cfg)
     model.init_weights()
+    lineage = None
+    if tc.init_from and resume is None:
+        start, lineage = initial_weights(tc, cfg)
+        model.load_state_dict(start)
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]  # norms: no weight decay
     opt = torch.optim.AdamW(
@@ -197,7 +248,7 @@ def train(
         lr=tc.lr,
         betas=(0.9, 0.95),
     )
-    batches = Batches(train_files, tc, cfg.eos_token_id)
+    batches = Batches(pools, weights, tc, cfg.eos_token_id)
     gen = torch.Generator().manual_seed(tc.seed + 1)
     step, tokens_seen, history = 0, 0, []
     if resume is not None:
@@ -206,16 +257,20 @@ def train(
         batches.rng.bit_generator.state = resume["data_rng"]
         gen.set_state(resume["mask_rng"])
         step, tokens_seen, history = resume["step"], resume["tokens_seen"], resume["history"]
+        lineage = resume.get("init_from")
         log.info("resumed at step %d (%d tokens)", step, tokens_seen)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("config %s", json.dumps(dataclasses.asdict(tc)))
     log.info(
-        "model %s, %.2fM params, %d train tokens, %d held-out windows",
+        "model %s, %.2fM params, train tokens per pool %s (weights %s), %d held-out windows",
         json.dumps(cfg.to_json_dict()),
         n_params / 1e6,
-        sum(len(f) for f in train_files),
+        [sum(len(f) for f in files) for files in pools],
+        weights,
         len(held),
     )
+    if lineage:
+        log.info("initialised from %s (%d tokens)", lineage["run_dir"], lineage["tokens_seen"])
     trunk = torch.compile(features) if tc.compile else features
     probe = eval_sample(held, tc.eval_windows)
 
@@ -230,6 +285,7 @@ def train(
             "step": step,
             "tokens_seen": tokens_seen,
             "history": history,
+            "init_from": lineage,
         }
 
     def evaluate() -> float:
@@ -298,6 +354,30 @@ def train(
     return final
 
 
+def training_seconds(log_path: Path) -> float:
+    """Wall time of the training processes that wrote this train.log (0 if there is none).
+
+    Each start logs a `config` line; a process's time runs from it to its last line before the
+    next start, so restarts' idle gaps do not count and lost, redone work does.
+    """
+    if not log_path.exists():
+        return 0.0
+    total, start, last = 0.0, None, None
+    for line in log_path.read_text().splitlines():
+        try:
+            when = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        except ValueError:
+            continue
+        if " INFO config " in line or " INFO resumed at " in line:
+            if start is not None and last is not None:
+                total += (last - start).total_seconds()
+            start = when
+        last = when
+    if start is not None and last is not None:
+        total += (last - start).total_seconds()
+    return total
+
+
 def export(run_dir: Path, out_dir: Path) -> Path:
     """Serving checkpoint from run_dir/state.pt into out_dir."""
     state = torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
@@ -310,7 +390,14 @@ def export(run_dir: Path, out_dir: Path) -> Path:
         "step": state["step"],
         "tokens_seen": state["tokens_seen"],
         "last_eval": history[-1] if history else None,
+        "train_seconds": round(training_seconds(run_dir / "train.log")),
+        "init_from": state.get("init_from"),
     }
+    if extra["init_from"]:
+        source_log = Path(extra["init_from"]["run_dir"]) / "train.log"
+        extra["init_from"] = extra["init_from"] | {
+            "train_seconds": round(training_seconds(source_log))
+        }
     out = export_checkpoint(out_dir, cfg, state["model"], run_dir / "tokenizer.json", extra)
     log.info("exported step %d to %s", state["step"], out)
     return out

@@ -18,7 +18,8 @@ from typing import Any, Literal
 from model.tokenizer import TextTokenizer
 from scheduler.engine import StepOutput
 from server.errors import APIError
-from server.hub import Hub, RequestGroup
+from server.group import RequestGroup
+from server.hub import Hub
 
 log = logging.getLogger(__name__)
 

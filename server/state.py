@@ -23,7 +23,8 @@ from scheduler.request import SamplingParams
 from scheduler.scheduler import QueueFullError, SchedulerConfig
 from server.engine_loop import EngineLoop
 from server.errors import APIError
-from server.hub import Hub, RequestGroup
+from server.group import RequestGroup
+from server.hub import Hub
 from server.metrics import Metrics
 from server.protocol import SamplingBody
 from server.settings import Settings

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.events import Subscriber
-from server.hub import RequestGroup
+from server.group import RequestGroup
 from server.protocol import GenerateRequest
 from server.routes.deps import RequestIdDep, StateDep, require_api_key
 from server.sse import sse_response

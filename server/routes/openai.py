@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model.tokenizer import ChatTemplateError
 from server.completions import Translator
-from server.hub import RequestGroup
+from server.group import RequestGroup
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routes.deps import RequestIdDep, StateDep, require_api_key
 from server.sse import sse_response

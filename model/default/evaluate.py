@@ -172,9 +172,10 @@ def training_summary(training: dict[str, Any]) -> str:
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     """evaluation.json (machine-readable) and EVALUATION.md (for people) in the checkpoint."""
     (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        "# Default model: quality report",
-        "",
+    lines = ["# Default model: quality report", ""]
+    if "training" in report:
+        lines.append(f"- training: {training_summary(report['training'])}")
+    lines += [
         f"- held-out bound: **{report['heldout_bound_nats_per_token']} nats/token** "
         f"({report['heldout_tokens']} held-out tokens); unigram: "
         f"{report['unigram_nats_per_token']} nats/token",
@@ -182,8 +183,6 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         f"{report['max_tokens']} tokens, cut at the last complete line): unigram baseline "
         f"{report['unigram_compile_rate']:.0%}",
     ]
-    if "training" in report:
-        lines.append(f"- training: {training_summary(report['training'])}")
     for name, probe in report["probes"].items():
         lines.append(
             f"  - `{name}` {json.dumps(probe['settings'])}: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from model.default import CHECKPOINT_DIR
+from model.default.evaluate import choose_defaults
 from scheduler.engine import Engine, load_defaults
 
 
@@ -41,3 +42,17 @@ def test_compile_probe_counts_code_not_comments():
     assert compiles(prompt, "    return x\n    unfinished(")
     assert not compiles(prompt, "    return (x\n")
     assert cut_last_line("a\nb") == "a\n" and cut_last_line("ab") == ""
+
+
+def test_defaults_choice_treats_one_prompt_as_noise():
+    def probe(rate, share):
+        return {"compile_rate": rate, "code_line_share": share}
+
+    probes = {
+        "blank": probe(0.5, 0.1),  # compiles by writing blank lines: never the default
+        "repeats": probe(0.042, 0.66),
+        "code": probe(0.021, 0.82),
+        "worse": probe(0.0, 0.9),
+    }
+    assert choose_defaults(probes, 48) == "code"
+    assert choose_defaults(probes | {"better": probe(0.125, 0.6)}, 48) == "better"

@@ -103,6 +103,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 MIN_CODE_SHARE = 0.5
 
 
+def choose_defaults(probes: dict[str, dict[str, Any]], n_prompts: int) -> str:
+    """The candidate with the best compile rate among mostly-code ones; rates within one
+    prompt of the best are a tie (one prompt is noise), broken by the larger code-line share."""
+    coding = [n for n in probes if probes[n]["code_line_share"] >= MIN_CODE_SHARE] or list(probes)
+    # Counts, not the stored (rounded) rates, so "one prompt" is exact.
+    compiled = {n: round(probes[n]["compile_rate"] * n_prompts) for n in coding}
+    best = max(compiled.values())
+    tied = [n for n in coding if compiled[n] >= best - 1]
+    return max(tied, key=lambda n: (probes[n]["code_line_share"], probes[n]["compile_rate"]))
+
+
 def completion_probe(
     folder: Path, prompts: list[str], settings: dict[str, Any], max_tokens: int, seed: int
 ) -> dict[str, Any]:
@@ -192,7 +203,8 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     lines += [
         "",
         f"Serving defaults chosen: `{report['chosen']}` (best compile rate among candidates "
-        f"whose completion lines are at least {MIN_CODE_SHARE:.0%} code)",
+        f"whose completion lines are at least {MIN_CODE_SHARE:.0%} code; rates within one "
+        f"prompt of the best count as a tie, broken by the larger share of code lines)",
         "",
         "## Samples",
         "",
@@ -246,8 +258,7 @@ def main() -> None:
     for name in args.candidates.split(","):
         probes[name] = completion_probe(folder, prompts, CANDIDATES[name], args.max_tokens, 0)
         log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
-    coding = [n for n in probes if probes[n]["code_line_share"] >= MIN_CODE_SHARE] or list(probes)
-    chosen = max(coding, key=lambda n: probes[n]["compile_rate"])
+    chosen = choose_defaults(probes, len(prompts))
     report = {
         "heldout_windows": len(x0),
         "heldout_tokens": x0.numel(),

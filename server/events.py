@@ -134,16 +134,16 @@ class Subscriber:
         """The next event if one is queued now, else None (use `get` to wait)."""
         if not self._items or self._items[0] is None:
             return None
-        event = self._items.popleft()
-        if event is not None and event.name == STEP:
-            self._pending_steps -= 1
-        return event
+        return self._pop()
 
     async def get(self) -> Event | None:
         """The next event, or None once closed and drained."""
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
+        return self._pop()
+
+    def _pop(self) -> Event | None:
         event = self._items.popleft()
         if event is not None and event.name == STEP:
             self._pending_steps -= 1

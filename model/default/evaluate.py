@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from model.default.completions import (
 from model.default.corpus import encode_files, read_sources, split_files
 from model.default.objective import masked_loss, noise
 from model.transformer import Denoiser
+
+if TYPE_CHECKING:
+    from scheduler.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -114,29 +117,29 @@ def choose_defaults(probes: dict[str, dict[str, Any]], n_prompts: int) -> str:
     return max(tied, key=lambda n: (probes[n]["code_line_share"], probes[n]["compile_rate"]))
 
 
-def completion_probe(
-    folder: Path, prompts: list[str], settings: dict[str, Any], max_tokens: int, seed: int
-) -> dict[str, Any]:
-    """Compile rate and serving tokens/s of the engine on `prompts` with `settings`."""
+def serving_engine(folder: Path) -> Engine:
+    """The serving engine on `folder`, batching up to 16 probe prompts at once."""
     # The probe drives the serving engine itself: this evaluation tool sits above the
     # scheduler (nothing on the serving path imports it), so the import is local.
     from scheduler.engine import Engine
     from scheduler.scheduler import SchedulerConfig
 
-    engine = Engine.from_pretrained(
-        folder, config=SchedulerConfig(max_batch_size=16), progress=False
-    )
+    return Engine.from_pretrained(folder, config=SchedulerConfig(max_batch_size=16), progress=False)
+
+
+def completion_probe(
+    engine: Engine, prompts: list[str], settings: dict[str, Any], max_tokens: int, seed: int
+) -> dict[str, Any]:
+    """Compile rate and serving tokens/s of the engine on `prompts` with `settings`."""
     base = engine.defaults.replace(max_tokens=max_tokens, block_length=32, steps=None)
     params = [base.replace(**settings, seed=seed + i) for i in range(len(prompts))]
     ids = {
         engine.add_request(p, sp).request_id: i for i, (p, sp) in enumerate(zip(prompts, params))
     }
     texts: dict[int, str] = {}
-    forwards = 0
     start = time.perf_counter()
     while engine.has_unfinished():
         outputs = engine.step()
-        forwards += 1 if outputs else 0
         texts.update({ids[o.request_id]: o.text for o in outputs if o.finished})
     elapsed = time.perf_counter() - start
     ok = [compiles(prompts[i], texts[i]) for i in range(len(prompts))]
@@ -254,9 +257,9 @@ def main() -> None:
         for p in function_prompts(held_sources, 10 * args.prompts)
         if len(tok.encode(p).ids) <= budget
     ][: args.prompts]
-    probes = {}
+    engine, probes = serving_engine(folder), {}
     for name in args.candidates.split(","):
-        probes[name] = completion_probe(folder, prompts, CANDIDATES[name], args.max_tokens, 0)
+        probes[name] = completion_probe(engine, prompts, CANDIDATES[name], args.max_tokens, 0)
         log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
     chosen = choose_defaults(probes, len(prompts))
     report = {

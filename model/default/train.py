@@ -357,25 +357,21 @@ def train(
 def training_seconds(log_path: Path) -> float:
     """Wall time of the training processes that wrote this train.log (0 if there is none).
 
-    Each start logs a `config` line; a process's time runs from it to its last line before the
-    next start, so restarts' idle gaps do not count and lost, redone work does.
+    A process starts with `resumed at` (when resuming) or `config`; its time runs from there to
+    its last line, so restarts' idle gaps do not count and lost, redone work does.
     """
     if not log_path.exists():
         return 0.0
-    total, start, last = 0.0, None, None
+    spans: list[list[datetime]] = []  # [first, last] line time of each process
     for line in log_path.read_text().splitlines():
         try:
             when = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
         except ValueError:
             continue
-        if " INFO config " in line or " INFO resumed at " in line:
-            if start is not None and last is not None:
-                total += (last - start).total_seconds()
-            start = when
-        last = when
-    if start is not None and last is not None:
-        total += (last - start).total_seconds()
-    return total
+        if not spans or " INFO resumed at " in line or " INFO config " in line:
+            spans.append([when, when])
+        spans[-1][1] = when
+    return sum((last - first).total_seconds() for first, last in spans)
 
 
 def export(run_dir: Path, out_dir: Path) -> Path:

@@ -183,3 +183,35 @@ def test_training_summary_adds_up_the_stages():
         "12.0M tokens, 0.50 h)"
     )
     assert training_summary(first) == "24.0M tokens in 1.00 h of training time"
+
+
+def test_rows_are_eos_padded_windows_of_one_file():
+    files = [np.array([10 + i] * (40 + 30 * i) + [0], dtype=np.int32) for i in range(6)]
+    for end_share in (0.0, 1.0):
+        tc = tiny("unused", batch_size=300, end_share=end_share)
+        x0, prefix = Batches([files], [1.0], tc, eos_id=0).next()
+        assert x0.shape == (300, 64) and ((prefix >= 0) & (prefix < 64)).all()
+        for row in x0.tolist():
+            body = row[: row.index(0)] if 0 in row else row
+            assert len(set(body)) <= 1  # one file's tokens (none if it starts on EOS), then EOS
+            assert set(row[len(body) :]) <= {0}
+        if end_share == 1.0:
+            assert (x0 == 0).any(dim=1).all()  # every row holds its file's end
+
+
+def test_budget_sets_tokens_from_measured_speed(tmp_path):
+    tc = tiny(tmp_path / "run", tokens=8 * 64 * 100_000, budget_s=3.0, eval_every=10_000)
+    state = train(tc)
+    assert 60 <= state["step"] < 100_000
+    assert state["train_config"]["tokens"] == state["step"] * 8 * 64
+    assert "budget 3 s:" in (tmp_path / "run" / "train.log").read_text()
+    with pytest.raises(SystemExit, match="budget"):
+        train(tiny(tmp_path / "short", tokens=8 * 64 * 50, budget_s=3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trains_on_cuda_and_exports_for_cpu(tmp_path):
+    state = train(tiny(tmp_path / "run", device="cuda"))
+    assert state["history"][-1]["heldout_bound"] < state["history"][0]["heldout_bound"]
+    model = load_model(export(tmp_path / "run", tmp_path / "ckpt"), progress=False)
+    assert torch.isfinite(model(torch.tensor([[1, 1, 1]]))).all()

@@ -22,6 +22,7 @@ MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS_TOKEN, MASK_TOKEN]  # ids 0 and 1; pad is eos
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+ENCODE_CHUNK = 1000  # files per tokenizer batch
 HELDOUT_PER_MILLE = 50  # about 5% of files, chosen by path hash so every machine agrees
 
 
@@ -104,5 +105,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def encode_files(tok: Tokenizer, texts: list[str], eos_id: int) -> list[np.ndarray]:
     """One int32 array per file, each ending with one EOS."""
-    encodings = tok.encode_batch(texts, add_special_tokens=False)
-    return [np.array([*e.ids, eos_id], dtype=np.int32) for e in encodings]
+    out = []
+    # In chunks: an Encoding keeps strings and offsets per token, far more than the ids.
+    for i in range(0, len(texts), ENCODE_CHUNK):
+        encodings = tok.encode_batch(texts[i : i + ENCODE_CHUNK], add_special_tokens=False)
+        out.extend(np.array([*e.ids, eos_id], dtype=np.int32) for e in encodings)
+    return out

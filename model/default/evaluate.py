@@ -53,7 +53,11 @@ def heldout_bound(
     batch_size: int = 32,
     bf16: bool = False,
 ) -> float:
-    """Nats/token upper bound: mean over windows [N, L] and a midpoint t grid of the loss."""
+    """Nats/token upper bound: mean over windows [N, L] and a midpoint t grid of the loss.
+
+    Masks are drawn on the CPU, so the bound's noise does not depend on the model's device.
+    """
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     grid = (torch.arange(n_t, dtype=torch.float32) + 0.5) / n_t
     total, count = 0.0, 0
@@ -65,8 +69,9 @@ def heldout_bound(
             t = torch.full((len(batch),), t_value)
             prefix = torch.zeros(len(batch), dtype=torch.long)
             canvas, masked, eligible = noise(batch, t, prefix, mask_id, gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = masked_loss(model, batch, canvas, masked, eligible, t)
+            moved = (a.to(device) for a in (batch, canvas, masked, eligible, t))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = masked_loss(model, *moved)
             total += float(loss) * len(batch)
             count += len(batch)
     model.train(was_training)

@@ -4,8 +4,9 @@
 `state.pt` (weights, optimizer, step, RNG states) saved every few minutes, `train.log` and
 `metrics.jsonl`. `--init-from RUN` starts a new run from another run's final weights and
 tokenizer (a second stage with its own schedule and corpus). `--export DIR` writes a serving
-checkpoint from the latest state. Same seed and same corpus give the same run. Knows nothing
-about serving.
+checkpoint from the latest state. Same seed and same corpus give the same run (on one device
+type). `--device cuda` trains on a GPU; `--budget-s` sizes the run to a wall-clock budget from the
+throughput it measures in its first steps. Knows nothing about serving.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import signal
 import time
@@ -72,7 +74,12 @@ class TrainConfig:
     eval_windows: int = 32
     save_every_s: float = 300.0
     threads: int = 2
-    bf16: bool = True  # CPU autocast: about 2x tokens/s on AVX512-BF16 cores
+    device: str = "cpu"  # "cuda" trains on the GPU; data and masks are still drawn on the CPU
+    # Wall-clock seconds for a fresh run, corpus loading and compilation included: it measures
+    # its tokens/s over its first steps and resets `tokens` to what fits, so the schedule (and
+    # its decay) ends inside the budget.
+    budget_s: float = 0.0
+    bf16: bool = True  # autocast: about 2x tokens/s on AVX512-BF16 cores, and on GPUs
     compile: bool = True
     max_files: int | None = None  # smoke tests: only the first N training files
     # Comma-separated installed packages whose sources join the training text (held-out stays
@@ -87,7 +94,17 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; the rest define the run and must match the saved state.
-RESUMABLE_OVERRIDES = {"tokens", "eval_every", "eval_windows", "save_every_s", "threads", "compile"}
+RESUMABLE_OVERRIDES = {
+    "tokens",
+    "eval_every",
+    "eval_windows",
+    "save_every_s",
+    "threads",
+    "compile",
+    "device",
+}
+# Budgeted runs time these steps (after the compile warm-up) to measure tokens/s.
+BUDGET_WINDOW = (10, 60)
 
 
 def model_config(tc: TrainConfig, tok: Tokenizer) -> ModelConfig:
@@ -123,35 +140,37 @@ class Batches:
     """Training rows from tokenised files: windows within one file, EOS-padded past its end.
 
     `pools` are lists of files (the stdlib first, then any extra text); a row picks its pool by
-    `weights`, then a uniformly random token position within that pool.
+    `weights`, then a uniformly random token position within that pool. Rows are drawn as arrays
+    (no per-row Python) so a GPU step is not kept waiting for its batch.
     """
 
     def __init__(
         self, pools: list[list[np.ndarray]], weights: list[float], tc: TrainConfig, eos_id: int
     ) -> None:
-        self.pools, self.weights, self.tc, self.eos_id = pools, weights, tc, eos_id
+        self.weights, self.tc, self.eos_id = np.asarray(weights), tc, eos_id
+        self.flat = [np.concatenate(files) for files in pools]
         self.offsets = [np.cumsum([0] + [len(f) for f in files]) for files in pools]
         self.rng = np.random.default_rng(tc.seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (x0 [B, L] int64, prefix_len [B] int64)."""
-        b, n = self.tc.batch_size, self.tc.seq_len
+        b, n, rng = self.tc.batch_size, self.tc.seq_len, self.rng
+        # A single pool draws nothing here, so one-pool runs keep their data stream.
+        pool = rng.choice(len(self.flat), size=b, p=self.weights) if len(self.flat) > 1 else None
         x0 = np.full((b, n), self.eos_id, dtype=np.int64)
-        prefix = np.zeros(b, dtype=np.int64)
-        for row in range(b):
-            # A single pool draws nothing here, so one-pool runs replay their exact data stream.
-            p = int(self.rng.choice(len(self.pools), p=self.weights)) if len(self.pools) > 1 else 0
-            offsets = self.offsets[p]
-            pos = int(self.rng.integers(offsets[-1]))
-            f = int(np.searchsorted(offsets, pos, side="right")) - 1
-            tokens = self.pools[p][f]
-            start = pos - int(offsets[f])
-            if self.rng.random() < self.tc.end_share:
-                start = max(0, len(tokens) - int(self.rng.integers(1, n)))
-            chunk = tokens[start : start + n]
-            x0[row, : len(chunk)] = chunk
-            if self.rng.random() < self.tc.prefix_share:
-                prefix[row] = int(self.rng.integers(1, n))
+        at_end = rng.random(b) < self.tc.end_share
+        back = rng.integers(1, n, size=b)
+        prefix = np.where(rng.random(b) < self.tc.prefix_share, rng.integers(1, n, size=b), 0)
+        for p, (flat, offsets) in enumerate(zip(self.flat, self.offsets, strict=True)):
+            rows = np.arange(b) if pool is None else np.flatnonzero(pool == p)
+            pos = rng.integers(offsets[-1], size=len(rows))
+            f = np.searchsorted(offsets, pos, side="right") - 1
+            start, end = offsets[f], offsets[f + 1]
+            # Rows forced to hold their file's end learn EOS padding, i.e. when to stop.
+            pos = np.where(at_end[rows], np.maximum(start, end - back[rows]), pos)
+            idx = pos[:, None] + np.arange(n)
+            inside = idx < end[:, None]
+            x0[rows] = np.where(inside, flat[np.minimum(idx, len(flat) - 1)], self.eos_id)
         return torch.from_numpy(x0), torch.from_numpy(prefix)
 
 
@@ -227,8 +246,15 @@ def save_state(path: Path, payload: dict[str, Any]) -> None:
 def train(
     tc: TrainConfig, resume: dict[str, Any] | None = None, stop_after: int | None = None
 ) -> dict[str, Any]:
-    """Train to tc.steps (resuming from `resume`; at most `stop_after` steps in this call)."""
+    """Train to tc.steps (resuming from `resume`; at most `stop_after` steps in this call).
+
+    With `tc.budget_s`, a fresh run resets `tc.tokens` once it has measured its speed.
+    """
+    if tc.budget_s and resume is None and tc.steps * (1 - tc.decay_frac) <= BUDGET_WINDOW[1]:
+        raise SystemExit("--budget-s: --tokens must reach past the speed measurement; raise it")
+    timing = {-1: time.monotonic()}  # step -> time; -1 is the start, before the corpus loads
     torch.set_num_threads(tc.threads)
+    device = torch.device(tc.device)
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)
@@ -237,6 +263,7 @@ def train(
     cfg = model_config(tc, tok)
     model = Denoiser(cfg)
     model.init_weights()
+    model.to(device)
     lineage = None
     if tc.init_from and resume is None:
         start, lineage = initial_weights(tc, cfg)
@@ -247,6 +274,7 @@ def train(
         [{"params": matrices, "weight_decay": tc.weight_decay}, {"params": vectors}],
         lr=tc.lr,
         betas=(0.9, 0.95),
+        fused=device.type == "cuda",
     )
     batches = Batches(pools, weights, tc, cfg.eos_token_id)
     gen = torch.Generator().manual_seed(tc.seed + 1)
@@ -261,6 +289,7 @@ def train(
         log.info("resumed at step %d (%d tokens)", step, tokens_seen)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("config %s", json.dumps(dataclasses.asdict(tc)))
+    log.info("python %s, torch %s, device %s", platform.python_version(), torch.__version__, device)
     log.info(
         "model %s, %.2fM params, train tokens per pool %s (weights %s), %d held-out windows",
         json.dumps(cfg.to_json_dict()),
@@ -303,7 +332,8 @@ def train(
     last_save = time.monotonic()
     ema, bar = None, tqdm(total=tc.steps, initial=step, mininterval=5, dynamic_ncols=True)
     model.train()
-    last_step = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+    cap = math.inf if stop_after is None else step + stop_after
+    last_step = min(tc.steps, cap)
     while step < last_step and not stop["flag"]:
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -311,7 +341,10 @@ def train(
         x0, prefix = batches.next()
         t = stratified_t(len(x0), tc.eps, gen)
         canvas, masked, eligible = noise(x0, t, prefix, cfg.mask_token_id, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+        x0, canvas, masked, eligible, t = (
+            a.to(device, non_blocking=True) for a in (x0, canvas, masked, eligible, t)
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             loss = masked_loss(model, x0, canvas, masked, eligible, t, trunk)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,6 +372,11 @@ def train(
                 lr_at(tc, step - 1),
                 tok_s,
             )
+        if tc.budget_s and resume is None and step in BUDGET_WINDOW:
+            timing[step] = time.monotonic()
+            if step == BUDGET_WINDOW[1]:
+                last_step = min(plan_budget(tc, timing, tokens_seen), cap)
+                bar.total = tc.steps
         if step % tc.eval_every == 0 or step == tc.steps:
             evaluate()
         if time.monotonic() - last_save > tc.save_every_s:
@@ -352,6 +390,27 @@ def train(
     if step >= tc.steps:
         export(run_dir, run_dir / "export")
     return final
+
+
+def plan_budget(tc: TrainConfig, timing: dict[int, float], tokens_seen: int) -> int:
+    """Reset tc.tokens so training ends within tc.budget_s; returns the new last step.
+
+    Speed comes from the steps in BUDGET_WINDOW, after compilation; 3% is kept back for the
+    periodic evaluations and saves.
+    """
+    first, last = BUDGET_WINDOW
+    per_step = (timing[last] - timing[first]) / (last - first)
+    left = tc.budget_s - (timing[last] - timing[-1])
+    steps_left = max(0, int(0.97 * left / per_step))
+    tc.tokens = tokens_seen + steps_left * tc.batch_size * tc.seq_len
+    log.info(
+        "budget %.0f s: %.0f tokens/s, %d more steps, tokens set to %d",
+        tc.budget_s,
+        tc.batch_size * tc.seq_len / per_step,
+        steps_left,
+        tc.tokens,
+    )
+    return tc.steps
 
 
 def training_seconds(log_path: Path) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,11 @@ class TextTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """Every id's display string, computed once (token healing scans the vocabulary)."""
+        return self.token_text(list(range(len(self))))
 
     def token_text(self, ids: list[int]) -> list[str]:
         """Per-token display strings (bytes that are not valid UTF-8 alone become U+FFFD)."""

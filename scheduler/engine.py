@@ -21,6 +21,7 @@ import torch
 from model.loader import load_model
 from model.tokenizer import TextTokenizer
 from model.transformer import Denoiser
+from scheduler.healing import heal
 from scheduler.request import Request, RequestStatus, SamplingParams
 from scheduler.runner import Commit, ModelRunner
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -47,6 +48,7 @@ class StepOutput:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    heal_text: str = ""  # token healing: the first token's leading text, left out of `text`
 
 
 @dataclass
@@ -120,8 +122,18 @@ class Engine:
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
             if self.special.mask in ids:
                 raise ValueError(f"{name} must not contain the mask token id {self.special.mask}")
+        heal_text, heal_ids = "", None
+        if params.token_healing and isinstance(prompt, str):  # ids are taken as given
+            banned = self.special.stop_ids | {self.special.mask}
+            prompt_ids, heal_text, heal_ids = heal(self.tokenizer, prompt_ids, vocab, banned)
         request = Request(
-            request_id or uuid.uuid4().hex, prompt_ids, params, self.special.mask, suffix_ids
+            request_id or uuid.uuid4().hex,
+            prompt_ids,
+            params,
+            self.special.mask,
+            suffix_ids,
+            heal_text=heal_text,
+            heal_ids=heal_ids,
         )
         if request.canvas_len > self.model.cfg.max_seq_len:
             raise ValueError(
@@ -222,8 +234,9 @@ class Engine:
             block_completed=block_completed,
             finished=status is not None,
             finish_reason=None if status is None else status.value,
-            prompt_tokens=len(request.prompt_ids),
+            prompt_tokens=request.prompt_tokens,
             completion_tokens=self._completion_len(request),
+            heal_text=request.heal_text,
         )
 
     def _advance_stable(self, request: Request) -> bool:
@@ -240,6 +253,11 @@ class Engine:
             )
         return request.stable_len != old
 
+    def _decode(self, request: Request, ids: list[int]) -> str:
+        """Completion text of generated ids, without the healed prompt text they start with."""
+        text = self.tokenizer.decode(ids)
+        return text[len(request.heal_text) :] if text.startswith(request.heal_text) else text
+
     @staticmethod
     def _cut(request: Request) -> int:
         """End of the generated text: the first EOS/end-of-turn, else the stable prefix."""
@@ -255,7 +273,7 @@ class Engine:
         only when the stable prefix grew."""
         if not grew:
             return request.stable_text, False
-        text = self.tokenizer.decode(request.tokens[: self._cut(request)])
+        text = self._decode(request, request.tokens[: self._cut(request)])
         request.stable_text = text
         for stop in request.params.stop:
             at = text.find(stop)
@@ -293,12 +311,13 @@ class Engine:
             num_masked=request.num_masked,
             tokens=list(request.tokens),
             # An aborted or failed request stops mid-way: keep back what could still change.
-            text=self._hold_back(request, self.tokenizer.decode(request.tokens[:end])),
+            text=self._hold_back(request, self._decode(request, request.tokens[:end])),
             finished=True,
             finish_reason=request.status.value,
             error=request.error,
-            prompt_tokens=len(request.prompt_ids),
+            prompt_tokens=request.prompt_tokens,
             completion_tokens=end,
+            heal_text=request.heal_text,
         )
 
     # ------------------------------------------------------------------------------ offline

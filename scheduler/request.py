@@ -39,6 +39,8 @@ class SamplingParams:
     Defaults: confidence-threshold parallel decoding (0.9) inside semi-autoregressive blocks
     of 32, greedy (temperature 0). `steps` only matters without a threshold; None means one
     token per step. `block_length=None` denoises the whole generated region as one block.
+    `token_healing` moves a text prompt's trailing whitespace token into the canvas (see
+    `scheduler.healing`).
     """
 
     max_tokens: int = 128
@@ -54,6 +56,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    token_healing: bool = False
 
     def __post_init__(self) -> None:
         remasking = REMASKING_ALIASES.get(self.remasking, self.remasking)
@@ -119,6 +122,10 @@ class Request:
     params: SamplingParams
     mask_id: int
     suffix_ids: list[int] = field(default_factory=list)
+    # Token healing: the prompt's last token, taken off the prompt; the first generated token
+    # must start with its text, which the completion's text then leaves out.
+    heal_text: str = ""
+    heal_ids: list[int] | None = None  # the tokens allowed at the first generated position
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
@@ -152,6 +159,11 @@ class Request:
     @property
     def canvas_len(self) -> int:
         return len(self.prompt_ids) + self.params.max_tokens + len(self.suffix_ids)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's length as the client sent it, a healed token included."""
+        return len(self.prompt_ids) + (1 if self.heal_text else 0)
 
     @property
     def gen_start(self) -> int:

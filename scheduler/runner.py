@@ -47,6 +47,7 @@ class Commit:
 class _Row:
     canvas: Tensor  # [L] prompt + generated region + suffix
     generator: torch.Generator
+    first_allowed: Tensor | None = None  # [V] bool: token healing's first-token constraint
 
 
 class ModelRunner:
@@ -67,7 +68,11 @@ class ModelRunner:
         seed = request.params.seed
         generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         canvas = torch.tensor(ids, dtype=torch.long, device=self.device)
-        self.rows[request.request_id] = _Row(canvas, generator)
+        allowed = None
+        if request.heal_ids is not None:
+            allowed = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            allowed[request.heal_ids] = True
+        self.rows[request.request_id] = _Row(canvas, generator, allowed)
 
     def remove(self, request_id: str) -> None:
         self.rows.pop(request_id, None)
@@ -111,6 +116,10 @@ class ModelRunner:
         logits = self._forward(requests, ids, attention, positions, offsets, win_pos)
         logits[..., self.mask_id] = float("-inf")
         logits[..., self.vocab_limit :] = float("-inf")
+        for b, (r, row) in enumerate(zip(requests, rows)):
+            # Window column 0 is the first generated position while block 0 is denoised.
+            if row.first_allowed is not None and r.current_block[0] == 0:
+                logits[b, 0].masked_fill_(~row.first_allowed, float("-inf"))
         params = [r.params for r in requests]
         top_k = torch.tensor([p.top_k for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)

@@ -91,31 +91,38 @@ class Translator:
         if not out.finished or not out.tokens:
             return n
         # A stop string may cut the text inside the token run: keep the tokens that reach it.
-        if len(self.tokenizer.decode(out.tokens[:n])) <= len(out.text):
+        # Lengths count the healed prompt text, which `out.text` leaves out.
+        target = len(out.heal_text) + len(out.text)
+        if len(self.tokenizer.decode(out.tokens[:n])) <= target:
             return n
         lo, hi = 0, n
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(self.tokenizer.decode(out.tokens[:mid])) >= len(out.text):
+            if len(self.tokenizer.decode(out.tokens[:mid])) >= target:
                 hi = mid
             else:
                 lo = mid + 1
         return lo
 
-    def _new_logprobs(self, state: ChoiceState, out: StepOutput) -> tuple[list[int], list[float]]:
+    def _new_logprobs(
+        self, state: ChoiceState, out: StepOutput
+    ) -> tuple[list[int], list[float], str]:
+        """(new ids, their logprobs, healed text the first of them starts with)."""
         upto = self._token_count(state, out)
         start = state.tokens_sent
         if upto <= start:
-            return [], []
+            return [], [], ""
         ids = out.tokens[start:upto]
         lps = [state.logprob_at.get(start + i, _UNLIKELY) for i in range(len(ids))]
         state.tokens_sent = upto
-        return ids, lps
+        return ids, lps, out.heal_text if start == 0 else ""
 
     def _logprobs_json(
-        self, state: ChoiceState, ids: list[int], lps: list[float], offset: int
+        self, state: ChoiceState, ids: list[int], lps: list[float], offset: int, heal: str = ""
     ) -> dict[str, Any]:
         texts = self.tokenizer.token_text(ids)
+        if heal and texts[0].startswith(heal):
+            texts[0] = texts[0][len(heal) :]  # the healed part is the prompt's, not the text's
         want_top = bool(self.logprobs)
         if self.kind == "chat":
             content = []
@@ -187,8 +194,8 @@ class Translator:
             choice: dict[str, Any] = {"index": s.index, "finish_reason": out.finish_reason}
             logprobs = None
             if self.logprobs is not None:
-                ids, lps = self._new_logprobs(s, out)
-                logprobs = self._logprobs_json(s, ids, lps, len(s.echo))
+                ids, lps, heal = self._new_logprobs(s, out)
+                logprobs = self._logprobs_json(s, ids, lps, len(s.echo), heal)
             if self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -260,12 +267,12 @@ class Translator:
             finish = out.finish_reason if out.finished else None
             logprobs = None
             if self.logprobs is not None:
-                ids, lps = self._new_logprobs(state, out)
+                ids, lps, heal = self._new_logprobs(state, out)
                 if ids:
                     offset = len(state.echo) + len(state.sent)
-                    logprobs = self._logprobs_json(state, ids, lps, offset)
+                    logprobs = self._logprobs_json(state, ids, lps, offset, heal)
             if self.diffusing:
-                text = out.text if out.finished else self.hub.draft(out.tokens)
+                text = out.text if out.finished else self.hub.draft(out.tokens, out.heal_text)
                 if self.kind == "completion":
                     text = state.echo + text
                 if text == state.draft and finish is None and logprobs is None:

@@ -66,7 +66,7 @@ class EngineLoop:
             self.timings.pop(request_id, None)
             raise
         self._wake.set()
-        return len(request.prompt_ids)
+        return request.prompt_tokens
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -110,7 +110,7 @@ class RequestGroup:
             num_blocks=len(choice.blocks),
             num_masked=out.num_masked if out else choice.params.max_tokens,
             tokens=tokens,
-            draft=self.hub.draft(tokens),
+            draft=self.hub.draft(tokens, out.heal_text if out else ""),
             text=out.text if out else "",
             finished=choice.finished,
         )
@@ -118,7 +118,6 @@ class RequestGroup:
 
     # ------------------------------------------------------------------------ outputs
     def on_output(self, choice: Choice, out: StepOutput, timing: Timing | None) -> None:
-        hub = self.hub
         prev_step = choice.last.step if choice.last else 0
         choice.timing = timing or choice.timing
         if out.step > prev_step:
@@ -140,7 +139,7 @@ class RequestGroup:
                         "num_blocks": out.num_blocks,
                         "start": start,
                         "tokens": ids,
-                        "text": hub.tokenizer.decode(ids),
+                        "text": self._block_text(ids, out.heal_text if start == 0 else ""),
                     },
                 )
         elif out.tokens or choice.last is None:
@@ -149,6 +148,11 @@ class RequestGroup:
             self.outputs.put_nowait((choice.index, out))
         if out.finished:
             self._complete(choice, out)
+
+    def _block_text(self, ids: list[int], heal_text: str) -> str:
+        """A committed block's text; the first block leaves out the healed prompt text."""
+        text = self.hub.tokenizer.decode(ids)
+        return text[len(heal_text) :] if heal_text and text.startswith(heal_text) else text
 
     def _step_data(self, out: StepOutput) -> dict[str, Any]:
         texts = self.hub.tokenizer.token_text([c.token_id for c in out.committed])
@@ -170,7 +174,7 @@ class RequestGroup:
             ],
         }
         if self.draft_every and (out.step % self.draft_every == 0 or out.finished):
-            data["draft"] = self.hub.draft(out.tokens)
+            data["draft"] = self.hub.draft(out.tokens, out.heal_text)
         return data
 
     def _complete(self, choice: Choice, out: StepOutput) -> None:

@@ -206,8 +206,10 @@ class Hub:
             sub.push(event, group.resync)
 
     # ------------------------------------------------------------------------ helpers
-    def draft(self, tokens: list[int]) -> str:
-        """The whole canvas as text, each still-masked position shown as the placeholder."""
+    def draft(self, tokens: list[int], heal_text: str = "") -> str:
+        """The whole canvas as text, each still-masked position shown as the placeholder.
+
+        `heal_text` (token healing) is left out of a committed first token, as in the text."""
         parts: list[str] = []
         run: list[int] = []
         for token in tokens:
@@ -222,4 +224,7 @@ class Hub:
                 run.append(token)
         if run:
             parts.append(self.tokenizer.decode(run))
-        return "".join(parts)
+        text = "".join(parts)
+        if heal_text and tokens and tokens[0] != self.mask_id and text.startswith(heal_text):
+            text = text[len(heal_text) :]
+        return text

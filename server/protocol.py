@@ -26,6 +26,7 @@ _PARAM_FIELDS = (
     "cfg_scale",
     "seed",
     "ignore_eos",
+    "token_healing",
 )
 
 
@@ -67,6 +68,7 @@ class SamplingBody(BaseModel):
     top_k: Annotated[int, Field(ge=0)] | None = None
     cfg_scale: float | None = None
     ignore_eos: bool | None = None
+    token_healing: bool | None = None
     diffusing: bool = False  # stream whole drafts (replace), Mercury-style
     draft_every: Annotated[int, Field(ge=0)] | None = None  # native `step` events: draft every k
 
@@ -169,3 +171,11 @@ class ChatCompletionRequest(SamplingBody):
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, defaults: SamplingParams, choice: int = 0) -> SamplingParams:
+        """As for completions, but no token healing unless asked: a chat template's trailing
+        newline is how the model saw every assistant turn begin, not a cut in the text."""
+        params = super().to_sampling_params(defaults, choice)
+        if self.token_healing is None:
+            params = params.replace(token_healing=False)
+        return params

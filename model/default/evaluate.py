@@ -85,8 +85,10 @@ def unigram_nats(train: list[np.ndarray], heldout: torch.Tensor, vocab_size: int
     return float(-logp[heldout.numpy().ravel()].mean())
 
 
-# Candidate serving settings (SamplingParams fields), compared by the completion probe.
-CANDIDATES: dict[str, dict[str, Any]] = {
+# Candidate serving settings (SamplingParams fields), compared by the completion probe. The
+# probe's prompts end in "\n", the case token healing is for: every candidate heals, except one
+# that shows what healing is worth.
+_SETTINGS: dict[str, dict[str, Any]] = {
     "t0.7-random": {"temperature": 0.7, "remasking": "random", "threshold": None},
     "t0.7-confidence": {"temperature": 0.7, "remasking": "low_confidence", "threshold": None},
     "t0.4-random": {"temperature": 0.4, "remasking": "random", "threshold": None},
@@ -106,6 +108,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "block_length": 8,
     },
 }
+CANDIDATES = {name: {"token_healing": True, **settings} for name, settings in _SETTINGS.items()}
+CANDIDATES["t0.4-confidence-unhealed"] = CANDIDATES["t0.4-confidence"] | {"token_healing": False}
 # Defaults must write code: the best compile rate among candidates whose completion lines
 # are mostly code (blank and comment lines compile but are an undertrained model's collapse).
 MIN_CODE_SHARE = 0.5

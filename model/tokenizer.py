@@ -84,6 +84,7 @@ class TextTokenizer:
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default")
         self.special = self._special_ids(folder)
+        self._ids_by_prefix: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -140,6 +141,14 @@ class TextTokenizer:
     def token_texts(self) -> list[str]:
         """Every id's display string, computed once (token healing scans the vocabulary)."""
         return self.token_text(list(range(len(self))))
+
+    def ids_starting_with(self, text: str) -> list[int]:
+        """Ids whose display string starts with `text`. Cached per text: healing asks on every
+        request, and a real vocabulary is 100k+ strings to scan."""
+        if text not in self._ids_by_prefix:
+            matches = [i for i, t in enumerate(self.token_texts) if t.startswith(text)]
+            self._ids_by_prefix[text] = matches
+        return self._ids_by_prefix[text]
 
     def token_text(self, ids: list[int]) -> list[str]:
         """Per-token display strings (bytes that are not valid UTF-8 alone become U+FFFD)."""

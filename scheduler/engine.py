@@ -21,7 +21,7 @@ import torch
 from model.loader import load_model
 from model.tokenizer import TextTokenizer
 from model.transformer import Denoiser
-from scheduler.healing import heal
+from scheduler.healing import heal, unheal
 from scheduler.request import Request, RequestStatus, SamplingParams
 from scheduler.runner import Commit, ModelRunner
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -255,8 +255,7 @@ class Engine:
 
     def _decode(self, request: Request, ids: list[int]) -> str:
         """Completion text of generated ids, without the healed prompt text they start with."""
-        text = self.tokenizer.decode(ids)
-        return text[len(request.heal_text) :] if text.startswith(request.heal_text) else text
+        return unheal(self.tokenizer.decode(ids), request.heal_text)
 
     @staticmethod
     def _cut(request: Request) -> int:

@@ -29,5 +29,11 @@ def heal(
     text = texts[last] if last < len(texts) else ""
     if not text or not text.isspace() or last in banned:
         return prompt_ids, "", None
-    allowed = [i for i, t in enumerate(texts[:vocab]) if t.startswith(text) and i not in banned]
+    allowed = [i for i in tokenizer.ids_starting_with(text) if i < vocab and i not in banned]
     return prompt_ids[:-1], text, allowed
+
+
+def unheal(text: str, heal_text: str) -> str:
+    """Completion text from decoded generated tokens: the healed prompt text they start with,
+    which the prompt already holds, left out."""
+    return text[len(heal_text) :] if heal_text and text.startswith(heal_text) else text

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from model.tokenizer import TextTokenizer
 from scheduler.engine import StepOutput
+from scheduler.healing import unheal
 from server.errors import APIError
 from server.group import RequestGroup
 from server.hub import Hub
@@ -121,8 +122,7 @@ class Translator:
         self, state: ChoiceState, ids: list[int], lps: list[float], offset: int, heal: str = ""
     ) -> dict[str, Any]:
         texts = self.tokenizer.token_text(ids)
-        if heal and texts[0].startswith(heal):
-            texts[0] = texts[0][len(heal) :]  # the healed part is the prompt's, not the text's
+        texts[0] = unheal(texts[0], heal)  # the healed part is the prompt's, not the text's
         want_top = bool(self.logprobs)
         if self.kind == "chat":
             content = []

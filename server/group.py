@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scheduler.engine import StepOutput
+from scheduler.healing import unheal
 from scheduler.request import SamplingParams
 from server.events import Event, EventLog, Subscriber
 from server.metrics import Timing
@@ -118,6 +119,7 @@ class RequestGroup:
 
     # ------------------------------------------------------------------------ outputs
     def on_output(self, choice: Choice, out: StepOutput, timing: Timing | None) -> None:
+        hub = self.hub
         prev_step = choice.last.step if choice.last else 0
         choice.timing = timing or choice.timing
         if out.step > prev_step:
@@ -139,7 +141,9 @@ class RequestGroup:
                         "num_blocks": out.num_blocks,
                         "start": start,
                         "tokens": ids,
-                        "text": self._block_text(ids, out.heal_text if start == 0 else ""),
+                        "text": unheal(
+                            hub.tokenizer.decode(ids), out.heal_text if start == 0 else ""
+                        ),
                     },
                 )
         elif out.tokens or choice.last is None:
@@ -148,11 +152,6 @@ class RequestGroup:
             self.outputs.put_nowait((choice.index, out))
         if out.finished:
             self._complete(choice, out)
-
-    def _block_text(self, ids: list[int], heal_text: str) -> str:
-        """A committed block's text; the first block leaves out the healed prompt text."""
-        text = self.hub.tokenizer.decode(ids)
-        return text[len(heal_text) :] if heal_text and text.startswith(heal_text) else text
 
     def _step_data(self, out: StepOutput) -> dict[str, Any]:
         texts = self.hub.tokenizer.token_text([c.token_id for c in out.committed])

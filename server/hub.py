@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 
 from model.tokenizer import TextTokenizer
+from scheduler.healing import unheal
 from scheduler.request import SamplingParams, blocks_of
 from server.engine_loop import Delivery, EngineLoop
 from server.events import Event, EventLog, Subscriber
@@ -224,7 +225,5 @@ class Hub:
                 run.append(token)
         if run:
             parts.append(self.tokenizer.decode(run))
-        text = "".join(parts)
-        if heal_text and tokens and tokens[0] != self.mask_id and text.startswith(heal_text):
-            text = text[len(heal_text) :]
-        return text
+        first_committed = bool(tokens) and tokens[0] != self.mask_id
+        return unheal("".join(parts), heal_text if first_committed else "")

@@ -16,8 +16,12 @@ fi
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 
-python -m ruff check .
-python -m pytest -q -p no:cacheprovider tests
+# Every stage runs and reports even when an earlier one failed; the exit status is the first
+# failure's (a red test must not hide a broken image).
+status=0
+python -m ruff check . || status=$?
+python -m pytest -q -p no:cacheprovider tests || { rc=$?; [ "$status" != 0 ] || status=$rc; }
 if [ -x docker/check-image.sh ]; then
-    bash docker/check-image.sh
+    bash docker/check-image.sh || { rc=$?; [ "$status" != 0 ] || status=$rc; }
 fi
+exit "$status"

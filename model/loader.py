@@ -122,6 +122,7 @@ def load_model(
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
+    nonfinite: list[str] = []
     bar = tqdm(
         total=_count_tensors(files),
         desc=f"loading {folder.name}",
@@ -143,6 +144,9 @@ def load_model(
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=target_dtype)
+        # Checked after the cast: a float32 weight beyond float16's range becomes infinite.
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            nonfinite.append(raw_name)
         setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
         loaded.add(name)
         del tensor
@@ -155,6 +159,9 @@ def load_model(
         problems.append(f"unexpected tensors: {sorted(unexpected)}")
     if mismatched:
         problems.append(f"mis-shaped tensors: {mismatched}")
+    if nonfinite:
+        # Served anyway, every request would fail (or print garbage): refuse at load.
+        problems.append(f"tensors with NaN or infinite values: {sorted(nonfinite)}")
     if problems:
         raise CheckpointError(f"{folder} ({cfg.arch}): " + "; ".join(problems))
     if cfg.tie_embeddings:

@@ -131,8 +131,18 @@ class TextTokenizer:
         return eos if eos is not None and tail.startswith(self.decode([eos], False)) else None
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, special tokens in the text recognised, no BOS/EOS added."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Text -> ids, special tokens in the text recognised, no BOS/EOS added.
+
+        Through `encode_batch`, which releases the GIL while it works (plain `encode` holds
+        it), so a long text tokenized in a worker thread does not stall the event loop."""
+        return self.tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """UTF-8 bytes of the longest token text, so at least its characters: n tokens never
+        decode to more than n times this, which bounds the text worth tokenizing for a
+        context of n tokens."""
+        return max(1, max(len(t.encode("utf-8")) for t in self.token_texts))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -145,6 +145,11 @@ class Denoiser(nn.Module):
             attn_mask = attention_mask.bool()[:, None, None, :]
         rope = rotary_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed(input_ids)
+        if attn_mask is not None:
+            # A masked key still meets its value in attention's weighted sum (0 * NaN = NaN):
+            # padded positions start from zeros, so whatever the pad token's embedding holds
+            # cannot reach a real position.
+            x = x.masked_fill(~attention_mask.bool()[..., None], 0.0)
         for layer in self.layers:
             x = layer(x, rope, attn_mask)
         x = self.norm(x)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from model.default import CHECKPOINT_DIR
 from model.loader import load_model
 from model.tokenizer import TextTokenizer
 from model.transformer import Denoiser
 from scheduler.healing import heal, unheal
 from scheduler.request import Request, RequestStatus, SamplingParams
-from scheduler.runner import Commit, ModelRunner
+from scheduler.runner import Commit, ModelRunner, RowError
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     error: str | None = None
+    error_code: str | None = None  # with finish_reason "error": e.g. "non_finite_logits"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     heal_text: str = ""  # token healing: the first token's leading text, left out of `text`
@@ -82,19 +84,21 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}
         self.last_stats: EngineStats | None = None
+        _ = tokenizer.max_token_chars  # a vocabulary scan: at load, not in the first request
 
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         config: SchedulerConfig | None = None,
         defaults: SamplingParams | None = None,
         progress: bool = True,
     ) -> Engine:
-        """Load a local checkpoint folder; serving defaults stored with it apply unless given."""
-        path = Path(path)
+        """Load a local checkpoint folder (None: the embedded default model, wherever Marble
+        is installed); serving defaults stored with it apply unless given."""
+        path = CHECKPOINT_DIR if path is None else Path(path)
         model = load_model(path, device=device, dtype=dtype, progress=progress)
         if defaults is None:
             defaults = load_defaults(path)
@@ -109,14 +113,32 @@ class Engine:
         suffix: str | list[int] | None = None,
     ) -> Request:
         """Validate and queue; raises ValueError (bad input) or QueueFullError."""
+        return self.add(self.make_request(prompt, params, request_id, suffix))
+
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        suffix: str | list[int] | None = None,
+    ) -> Request:
+        """Validate and tokenize without queueing; raises ValueError. Touches no engine state,
+        so the server runs it off the event loop. Sizes are checked in O(1) before anything
+        proportional to them is built: max_tokens and top_k against the model first, text
+        against the longest text the context could hold before it is tokenized."""
         params = params or self.defaults
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        suffix_ids = (
-            self.tokenizer.encode(suffix) if isinstance(suffix, str) else list(suffix or [])
-        )
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
+        context = self.model.cfg.max_seq_len
+        if params.max_tokens > context:
+            raise ValueError(
+                f"max_tokens ({params.max_tokens}) exceeds the model's context of {context}"
+            )
         vocab = min(len(self.tokenizer), self.model.cfg.vocab_size)
+        if params.top_k > vocab:
+            raise ValueError(f"top_k ({params.top_k}) exceeds the vocabulary of {vocab} tokens")
+        prompt_ids = self._ids("prompt", prompt, context)
+        suffix_ids = self._ids("suffix", suffix or [], context)
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
         for name, ids in (("prompt", prompt_ids), ("suffix", suffix_ids)):
             if any(not 0 <= i < vocab for i in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
@@ -126,7 +148,12 @@ class Engine:
         if params.token_healing and isinstance(prompt, str):  # ids are taken as given
             banned = self.special.stop_ids | {self.special.mask}
             prompt_ids, heal_text, heal_ids = heal(self.tokenizer, prompt_ids, vocab, banned)
-        request = Request(
+        if len(prompt_ids) + params.max_tokens + len(suffix_ids) > context:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) + suffix "
+                f"({len(suffix_ids)}) exceeds the model's context of {context}"
+            )
+        return Request(
             request_id or uuid.uuid4().hex,
             prompt_ids,
             params,
@@ -135,11 +162,24 @@ class Engine:
             heal_text=heal_text,
             heal_ids=heal_ids,
         )
-        if request.canvas_len > self.model.cfg.max_seq_len:
+
+    def _ids(self, name: str, value: str | list[int], context: int) -> list[int]:
+        """Token ids of a prompt or suffix, refusing at once what cannot fit the context: a
+        text longer than `context` tokens of the vocabulary's longest text (with room for
+        normalisation) is never tokenized."""
+        if not isinstance(value, str):
+            if len(value) > context:
+                raise ValueError(f"{name} ({len(value)} tokens) exceeds the context of {context}")
+            return list(value)
+        if len(value) > 2 * context * self.tokenizer.max_token_chars:
             raise ValueError(
-                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) + suffix "
-                f"({len(suffix_ids)}) exceeds the model's context of {self.model.cfg.max_seq_len}"
+                f"{name} ({len(value)} characters) cannot fit the model's context of {context} "
+                "tokens"
             )
+        return self.tokenizer.encode(value)
+
+    def add(self, request: Request) -> Request:
+        """Queue a request built by `make_request`; raises ValueError or QueueFullError."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         # Registered before queueing: the engine thread may finish it right after add().
@@ -166,17 +206,19 @@ class Engine:
         for request in running:
             if request.request_id not in self.runner.rows:
                 self.runner.add(request)
-        if running:
-            try:
-                commits = self.runner.run(running)
-            except Exception as exc:  # one error boundary: fail this batch, keep serving
-                log.exception("step failed for requests %s", [r.request_id for r in running])
-                for request in running:
-                    request.error = f"{type(exc).__name__}: {exc}"
-                    self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-                    outputs.append(self._final_output(request))
-            else:
-                outputs += [self._postprocess(r, c) for r, c in zip(running, commits)]
+        for request, result in zip(running, self.runner.run(running) if running else []):
+            if not isinstance(result, RowError):
+                try:
+                    outputs.append(self._postprocess(request, result))
+                    continue
+                except Exception as exc:
+                    log.exception("postprocessing failed for request %s", request.request_id)
+                    result = RowError("step_failed", f"{type(exc).__name__}: {exc}")
+            # This request fails alone; its batch mates go on.
+            log.error("request %s failed: %s", request.request_id, result.message)
+            request.error, request.error_code = result.message, result.code
+            self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+            outputs.append(self._final_output(request))
         finished: dict[str, int] = {}
         for out in outputs:
             if out.finished:
@@ -314,6 +356,7 @@ class Engine:
             finished=True,
             finish_reason=request.status.value,
             error=request.error,
+            error_code=request.error_code,
             prompt_tokens=request.prompt_tokens,
             completion_tokens=end,
             heal_text=request.heal_text,

@@ -15,6 +15,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
+# Ceilings on what any request may ask for, whatever the model. They keep every size derived
+# from a request checkable in O(1) before anything proportional to it exists; the engine then
+# bounds max_tokens by the model's context and top_k by its vocabulary.
+MAX_TOKENS = 1 << 20
+MAX_STEPS = 1 << 20
+MAX_TOP_K = 1 << 24
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SEED_LIMIT = 1 << 63  # seeds are in [0, 2**63): torch generators take 64-bit seeds
+DEFAULT_THRESHOLD = 0.9
+
+
+class _Unset:
+    """`threshold` not given: it then follows `steps` (see SamplingParams)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
 # Names the reference implementations use for the same rules.
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 SCHEDULES = ("llada", "dream")
@@ -37,8 +57,11 @@ class SamplingParams:
     """Per-request denoising settings; invalid values raise ValueError.
 
     Defaults: confidence-threshold parallel decoding (0.9) inside semi-autoregressive blocks
-    of 32, greedy (temperature 0). `steps` only matters without a threshold; None means one
-    token per step. `block_length=None` denoises the whole generated region as one block.
+    of 32, greedy (temperature 0). One rule picks the commit rule, for every caller: `steps`
+    given without `threshold` means the fixed-count schedule over that many forwards (here
+    and in `replace`, which is how request fields are merged over serving defaults); an
+    explicit `threshold` wins over `steps`; `threshold=None` with `steps=None` is one token per
+    step. `block_length=None` denoises the whole generated region as one block.
     `token_healing` moves a text prompt's trailing whitespace token into the canvas (see
     `scheduler.healing`).
     """
@@ -46,7 +69,7 @@ class SamplingParams:
     max_tokens: int = 128
     steps: int | None = None
     block_length: int | None = 32
-    threshold: float | None = 0.9
+    threshold: float | None = UNSET
     remasking: str = "low_confidence"
     schedule: str = "llada"
     temperature: float = 0.0
@@ -59,13 +82,22 @@ class SamplingParams:
     token_healing: bool = False
 
     def __post_init__(self) -> None:
+        if self.threshold is UNSET:
+            threshold = None if self.steps is not None else DEFAULT_THRESHOLD
+            object.__setattr__(self, "threshold", threshold)
         remasking = REMASKING_ALIASES.get(self.remasking, self.remasking)
         object.__setattr__(self, "remasking", remasking)
         object.__setattr__(self, "stop", tuple(self.stop))
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.steps is None or self.steps >= 1, "steps must be at least 1"),
-            (self.block_length is None or self.block_length >= 1, "block_length must be >= 1"),
+            (_int_in(self.max_tokens, 1, MAX_TOKENS), f"max_tokens must be in [1, {MAX_TOKENS}]"),
+            (
+                self.steps is None or _int_in(self.steps, 1, MAX_STEPS),
+                f"steps must be in [1, {MAX_STEPS}]",
+            ),
+            (
+                self.block_length is None or _int_in(self.block_length, 1, MAX_TOKENS),
+                f"block_length must be in [1, {MAX_TOKENS}]",
+            ),
             (
                 self.threshold is None or 0.0 <= self.threshold <= 1.0,
                 "threshold must be between 0 and 1",
@@ -76,11 +108,18 @@ class SamplingParams:
             ),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
             (0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (_int_in(self.top_k, 0, MAX_TOP_K), f"top_k must be in [0, {MAX_TOP_K}] (0: off)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 <= self.cfg_scale <= 100.0, "cfg_scale must be between 0 and 100"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
-            (len(self.stop) <= 16, "at most 16 stop strings"),
+            (
+                self.seed is None or _int_in(self.seed, 0, SEED_LIMIT - 1),
+                "seed must be in [0, 2**63)",
+            ),
+            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
+            (
+                all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+                f"stop strings must have 1 to {MAX_STOP_CHARS} characters",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,7 +136,16 @@ class SamplingParams:
         return cls(**values)
 
     def replace(self, **changes: Any) -> SamplingParams:
+        """These settings with `changes` over them; `steps` given without `threshold` selects
+        the fixed-count rule, as in the constructor."""
+        if changes.get("steps") is not None and "threshold" not in changes:
+            changes["threshold"] = None
         return dataclasses.replace(self, **changes)
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    """An int (not a bool) within [low, high]: checked before any size is derived from it."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 class RequestStatus(enum.Enum):
@@ -129,6 +177,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
+    error_code: str | None = None
     # Generated region, mask_id where still masked; committed ids never change.
     tokens: list[int] = field(init=False)
     blocks: list[tuple[int, int]] = field(init=False)
@@ -145,7 +194,7 @@ class Request:
     finish_time: float | None = None
 
     def __post_init__(self) -> None:
-        p = self.params
+        p = self.params  # validated and bounded by the engine before a Request exists
         self.tokens = [self.mask_id] * p.max_tokens
         self.blocks = blocks_of(p.max_tokens, p.block_length)
         sizes = [end - start for start, end in self.blocks]

@@ -2,11 +2,13 @@
 
 Owns the device-side state of each running request (its canvas and its random generator).
 Rows of different prompt lengths, block sizes, schedules and samplers share one left-padded
-forward; only the current block of each row is sent through the LM head.
+forward; only the current block of each row is sent through the LM head. One row's failure
+(non-finite logits, an exception) fails that row alone: its batch mates step on.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 
@@ -27,6 +29,8 @@ from model.sampling import (
 from model.transformer import Denoiser
 from scheduler.request import Request, SamplingParams
 
+log = logging.getLogger(__name__)
+
 _CONFIDENCE = {
     "low_confidence": Confidence.PROBABILITY,
     "random": Confidence.RANDOM,
@@ -41,6 +45,17 @@ class Commit:
     token_id: int
     confidence: float
     logprob: float  # log p(token) under the step's (filtered) distribution when committed
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one row's step failed: a stable `code` for clients and metrics, and a message."""
+
+    code: str
+    message: str
+
+
+StepResult = list[Commit] | RowError
 
 
 @dataclass
@@ -82,9 +97,28 @@ class ModelRunner:
             self._timesteps[steps] = dream_timesteps(steps)
         return self._timesteps[steps][index]
 
+    def run(self, requests: list[Request]) -> list[StepResult]:
+        """Advance every request by one step: each row's commits in window order, or the error
+        that failed it. If the batched step raises, each row retries alone from its state
+        before the step (canvas and generator), so only the rows that raise fail."""
+        rows = [self.rows[r.request_id] for r in requests]
+        saved = [(row.canvas, row.generator.get_state()) for row in rows]
+        try:
+            return self._step(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                log.exception("step failed for request %s", requests[0].request_id)
+                return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
+            log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(rows))
+        results: list[StepResult] = []
+        for request, row, (canvas, state) in zip(requests, rows, saved):
+            row.canvas = canvas
+            row.generator.set_state(state)
+            results += self.run([request])
+        return results
+
     @torch.inference_mode()
-    def run(self, requests: list[Request]) -> list[list[Commit]]:
-        """Advance every request by one step; returns each row's commits in window order."""
+    def _step(self, requests: list[Request]) -> list[StepResult]:
         rows = [self.rows[r.request_id] for r in requests]
         dev = self.device
         lengths = torch.tensor([len(r.canvas) for r in rows], device=dev)
@@ -148,10 +182,14 @@ class ModelRunner:
                         sizes[b], generator=rows[b].generator, device=dev
                     )
         conf, logprob = score_confidence(logits, x0, kind, random_conf)
+        # NaN or infinite logits (a broken checkpoint, an overflow) turn the row's log-softmax
+        # into NaN: that row commits nothing and fails; the others are unaffected.
+        broken = ((torch.isnan(logprob) | torch.isnan(conf)) & valid).any(-1)  # [B]
 
         commit = select_commits(
             conf, eligible, self._counts(requests, eligible), self._thresholds(params, dev)
         )
+        commit &= ~broken[:, None]
         b_idx, w_idx = commit.nonzero(as_tuple=True)
         ids[b_idx, win_pos[b_idx, w_idx]] = x0[b_idx, w_idx]
         for b, row in enumerate(rows):
@@ -166,10 +204,14 @@ class ModelRunner:
                 logprob[b_idx, w_idx].double(),
             ]
         )
-        commits: list[list[Commit]] = [[] for _ in requests]
+        commits: list[StepResult] = [[] for _ in requests]
         for b, w, tok, c, lp in flat.T.tolist():
             r = requests[int(b)]
             commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
+        for b in broken.nonzero().flatten().tolist():
+            commits[b] = RowError(
+                "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
+            )
         return commits
 
     def _forward(

@@ -160,10 +160,15 @@ class Translator:
                 continue
             if out.finish_reason == "error":
                 message = f"generation failed: {out.error or 'engine error'}"
-                return APIError(500, message, type_="server_error", code="engine_error")
+                code = out.error_code or "engine_error"
+                return APIError(500, message, type_="server_error", code=code)
             if out.finish_reason == "abort":
+                retry = {"Retry-After": str(self.hub.settings.retry_after_s)}
                 return APIError(
-                    503, "the request was aborted (server shutting down)", code="aborted"
+                    503,
+                    "the request was aborted (server shutting down)",
+                    code="aborted",
+                    headers=retry,
                 )
         return None
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from scheduler.engine import Engine, StepOutput
-from scheduler.request import SamplingParams
+from scheduler.request import Request
 from server.metrics import Metrics, Timing
 
 log = logging.getLogger(__name__)
@@ -50,23 +50,16 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="marble-engine", daemon=True)
         self._thread.start()
 
-    def submit(
-        self,
-        request_id: str,
-        prompt: str | list[int],
-        params: SamplingParams,
-        suffix: str | list[int] | None = None,
-    ) -> int:
-        """Queue one engine request; returns its prompt length. Raises ValueError or
+    def submit(self, request: Request) -> None:
+        """Queue one engine request (built by `Engine.make_request`). Raises ValueError or
         QueueFullError (nothing is queued then)."""
-        self.timings[request_id] = Timing(submitted=time.monotonic())
+        self.timings[request.request_id] = Timing(submitted=time.monotonic())
         try:
-            request = self.engine.add_request(prompt, params, request_id=request_id, suffix=suffix)
+            self.engine.add(request)
         except BaseException:
-            self.timings.pop(request_id, None)
+            self.timings.pop(request.request_id, None)
             raise
         self._wake.set()
-        return request.prompt_tokens
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -151,6 +144,7 @@ class EngineLoop:
                     finished=True,
                     finish_reason="error",
                     error=message,
+                    error_code="engine_error",
                 )
             )
         return failed

@@ -58,19 +58,59 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
+def _field_path(loc: tuple[Any, ...]) -> list[str]:
+    """A validation error's location as the client wrote it: field names and list indices,
+    without "body" or the names pydantic gives the members of a union
+    (`list[constrained-int]`)."""
+    return [str(x) for x in loc if isinstance(x, int) or (x != "body" and x.isidentifier())]
+
+
+def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of the errors of one bad value, the one that says most: a failed check of ours
+    (value_error), else the deepest (for a union, the member that matched furthest)."""
+    checks = [e for e in errors if e.get("type") == "value_error"]
+    if checks:
+        return checks[0]
+    return max(errors, key=lambda e: len(_field_path(e.get("loc", ()))))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
-    first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    field = _field_path(errors[0].get("loc", ()))[:1]
+    first = _most_telling([e for e in errors if _field_path(e.get("loc", ()))[:1] == field])
+    loc = _field_path(first.get("loc", ()))
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
+    if tuple(first.get("loc", ())) == ("body",):  # the body as a whole, not one field
+        return _body_message(first), None
     if first.get("type") == "missing":
         return f"missing required field {param!r}", param
     return (f"{param}: {message}" if param else message), param
+
+
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _body_message(error: dict[str, Any]) -> str:
+    """Why a body that is missing, not JSON, or JSON but not an object was refused."""
+    if error.get("type") == "missing":
+        return "the request body is empty: send a JSON object (Content-Type: application/json)"
+    given = error.get("input")
+    if isinstance(given, bytes | bytearray):  # FastAPI parses JSON only when the type says so
+        return "the request body must be a JSON object sent as Content-Type: application/json"
+    return f"the request body must be a JSON object, not {_JSON_TYPES.get(type(given), 'that')}"
 
 
 def install_error_handlers(app: FastAPI, on_reject: Any = None) -> None:

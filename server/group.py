@@ -182,7 +182,7 @@ class RequestGroup:
             self.publish(
                 "error",
                 choice,
-                {"message": out.error or "engine error", "code": "engine_error"},
+                {"message": out.error or "engine error", "code": out.error_code or "engine_error"},
             )
         t = choice.timing
         choice.completed = self.publish(

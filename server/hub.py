@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 from model.tokenizer import TextTokenizer
 from scheduler.healing import unheal
-from scheduler.request import SamplingParams, blocks_of
+from scheduler.request import Request
 from server.engine_loop import Delivery, EngineLoop
 from server.events import Event, EventLog, Subscriber
 from server.group import Choice, RequestGroup
@@ -60,28 +60,27 @@ class Hub:
         self.groups[request_id] = group
         return group
 
-    def submit(
-        self,
-        group: RequestGroup,
-        prompt: str | list[int],
-        params: SamplingParams,
-        suffix: str | list[int] | None = None,
-    ) -> Choice:
-        """Queue one more choice of `group`; raises ValueError or QueueFullError."""
+    @staticmethod
+    def engine_id(group: RequestGroup, index: int) -> str:
+        """The engine's id for choice `index` of `group` (the first keeps the group's id)."""
+        return group.request_id if index == 0 else f"{group.request_id}-{index}"
+
+    def submit(self, group: RequestGroup, request: Request, prompt: str | list[int]) -> Choice:
+        """Queue one more choice of `group` (`request` made with `engine_id`); raises
+        ValueError or QueueFullError."""
         assert self.engine_loop is not None
-        index = len(group.choices)
-        engine_id = group.request_id if index == 0 else f"{group.request_id}-{index}"
+        params = request.params
         choice = Choice(
-            index, engine_id, params, 0, blocks_of(params.max_tokens, params.block_length)
+            len(group.choices), request.request_id, params, request.prompt_tokens, request.blocks
         )
         group.choices.append(choice)
-        self.routes[engine_id] = (group, choice)
+        self.routes[request.request_id] = (group, choice)
         self.idle.clear()
         try:
-            choice.prompt_tokens = self.engine_loop.submit(engine_id, prompt, params, suffix)
+            self.engine_loop.submit(request)
         except BaseException:
             group.choices.pop()
-            self.routes.pop(engine_id, None)
+            self.routes.pop(request.request_id, None)
             self._update_idle()
             raise
         params_json = dataclasses.asdict(params)
@@ -93,6 +92,8 @@ class Hub:
                 "created": group.created,
                 "model": group.model,
                 "prompt_tokens": choice.prompt_tokens,
+                # The prompt as sent (token ids decoded), so a dashboard card can show it.
+                "prompt": prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt),
                 "params": params_json,
             },
         )
@@ -163,7 +164,9 @@ class Hub:
     # -------------------------------------------------------------------- subscribers
     def new_subscriber(self, capacity: int | None = None) -> Subscriber:
         return Subscriber(
-            capacity or self.settings.subscriber_queue_size, self.metrics.dropped_events.inc
+            capacity or self.settings.subscriber_queue_size,
+            self.metrics.dropped_events.inc,
+            max_bytes=self.settings.subscriber_max_bytes,
         )
 
     def subscribe(self, group: RequestGroup, last_id: int | None = None) -> Subscriber:

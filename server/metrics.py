@@ -30,6 +30,8 @@ REJECT_REASONS = (
     "queue_full",
     "not_ready",
 )
+ERROR_CODES = ("non_finite_logits", "step_failed", "engine_error")
+STREAM_KINDS = ("generate", "attach", "dashboard", "completions", "chat")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -74,6 +76,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.errors = Counter(
+            "marble_request_errors",
+            "Engine requests failed by the engine (finish_reason error), by code: "
+            "non_finite_logits, step_failed, engine_error.",
+            ["code"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "marble_prompt_tokens", "Prompt tokens of finished requests.", registry=r
         )
@@ -91,6 +100,13 @@ class Metrics:
         self.dropped_events = Counter(
             "marble_dropped_step_events",
             "`step` events not delivered to a slow SSE subscriber.",
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "marble_open_streams",
+            "SSE streams open now, by kind: generate, attach (one request's events), "
+            "dashboard (every request's), completions, chat (OpenAI).",
+            ["kind"],
             registry=r,
         )
         self.queue_time = Histogram(
@@ -139,6 +155,10 @@ class Metrics:
             self.requests.labels(outcome)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for kind in STREAM_KINDS:
+            self.open_streams.labels(kind)
+        for code in ERROR_CODES:
+            self.errors.labels(code)
 
     # ------------------------------------------------------------------- engine thread
     def observe_step(
@@ -170,6 +190,8 @@ class Metrics:
                     self.time_to_first_text.observe(now - timing.submitted)
             if out.finished:
                 self.requests.labels(out.finish_reason or "error").inc()
+                if out.finish_reason == "error":
+                    self.errors.labels(out.error_code or "engine_error").inc()
                 self.prompt_tokens.inc(out.prompt_tokens)
                 self.generation_tokens.inc(out.completion_tokens)
                 self.steps_per_request.observe(out.step)

@@ -8,9 +8,41 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
-from scheduler.request import SamplingParams
+from scheduler.request import (
+    MAX_STEPS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS,
+    MAX_TOP_K,
+    SEED_LIMIT,
+    SamplingParams,
+)
+
+MAX_N = 1024  # choices per request: the server's own limit (`max_n`) is at most this
+MAX_TOKEN_ID = 1 << 31  # ids beyond any vocabulary; the engine checks the model's own
+
+
+def _unicode(text: str) -> str:
+    """JSON may carry a lone surrogate (\\ud800), which no tokenizer or UTF-8 encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from exc
+    return text
+
+
+# Every string a client sends that reaches the tokenizer or comes back in a response.
+Text = Annotated[str, AfterValidator(_unicode)]
+# Token ids and counts are JSON integers: true, 1.5 or "3" are refused, not coerced.
+TokenId = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKEN_ID)]
+Count = Annotated[int, Strict()]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+StopStrings = Annotated[
+    list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+    Field(max_length=MAX_STOP_STRINGS),
+]
 
 # Body fields that map one-to-one onto SamplingParams.
 _PARAM_FIELDS = (
@@ -49,35 +81,31 @@ class SamplingBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    model: Text | None = None
+    max_tokens: Annotated[Count, Field(ge=1, le=MAX_TOKENS)] | None = None
+    temperature: Annotated[Number, Field(ge=0, le=100)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    n: Annotated[Count, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    stop: Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)] | StopStrings | None = (
+        None
+    )
+    seed: Annotated[Count, Field(ge=0, lt=SEED_LIMIT)] | None = None
+    user: Text | None = None
     # Diffusion extensions (`extra_body` in the openai client).
-    steps: Annotated[int, Field(ge=1)] | None = None
-    block_length: Annotated[int, Field(ge=1)] | None = None
-    threshold: float | None = None
+    steps: Annotated[Count, Field(ge=1, le=MAX_STEPS)] | None = None
+    block_length: Annotated[Count, Field(ge=1, le=MAX_TOKENS)] | None = None
+    threshold: Annotated[Number, Field(ge=0, le=1)] | None = None
     remasking: str | None = None
     schedule: str | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    cfg_scale: float | None = None
+    top_k: Annotated[Count, Field(ge=0, le=MAX_TOP_K)] | None = None
+    cfg_scale: Annotated[Number, Field(ge=0, le=100)] | None = None
     ignore_eos: bool | None = None
     token_healing: bool | None = None
     diffusing: bool = False  # stream whole drafts (replace), Mercury-style
-    draft_every: Annotated[int, Field(ge=0)] | None = None  # native `step` events: draft every k
-
-    @field_validator("seed")
-    @classmethod
-    def _seed_range(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v < 2**63:
-            raise ValueError("seed must be in [0, 2**63)")
-        return v
+    # Native `step` events carry the full draft every k steps (0: never).
+    draft_every: Annotated[Count, Field(ge=0, le=MAX_STEPS)] | None = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -86,8 +114,9 @@ class SamplingBody(BaseModel):
         """Given fields over the serving defaults; raises ValueError for invalid values.
 
         Choice k of a seeded request uses seed + k, so choices differ yet reproduce. Giving
-        `steps` without `threshold` selects the fixed-step schedule; an explicit null
-        `threshold` or `block_length` means "off" (one block for the whole completion).
+        `steps` without `threshold` selects the fixed-step schedule (SamplingParams' own
+        rule); an explicit null `threshold` or `block_length` means "off" (one block for the
+        whole completion).
         """
         given = {k: getattr(self, k) for k in _PARAM_FIELDS if getattr(self, k) is not None}
         max_tokens = self.max_new_tokens()
@@ -95,8 +124,6 @@ class SamplingBody(BaseModel):
             given["max_tokens"] = max_tokens
         explicit = self.model_fields_set
         if "threshold" in explicit and self.threshold is None:
-            given["threshold"] = None
-        elif self.steps is not None and "threshold" not in explicit:
             given["threshold"] = None
         if "block_length" in explicit and self.block_length is None:
             given["block_length"] = None
@@ -111,14 +138,20 @@ class SamplingBody(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+# Several prompts are several choices, which `n`'s ceiling bounds too.
+Prompt = (
+    Text
+    | Annotated[list[Text], Field(max_length=MAX_N)]
+    | list[TokenId]
+    | Annotated[list[list[TokenId]], Field(max_length=MAX_N)]
+)
 
 
 class CompletionRequest(SamplingBody):
     prompt: Prompt
-    suffix: str | None = None
+    suffix: Text | None = None
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[Count, Field(ge=0, le=5)] | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of single prompts (text or token ids)."""
@@ -140,15 +173,15 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: str = "text"
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def to_template(self) -> dict[str, Any]:
         """The message as a chat template expects it (text parts joined)."""
@@ -165,9 +198,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingBody):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Count, Field(ge=1, le=MAX_TOKENS)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
-    max_n: int = Field(16, ge=1)  # choices per request (each is one engine request)
+    max_n: int = Field(16, ge=1, le=1024)  # choices per request (each an engine request)
     retry_after_s: int = Field(1, ge=0)  # Retry-After on 429/503
     drain_timeout_s: float = Field(30.0, ge=0)  # shutdown waits this long for running requests
 
@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     event_log_size: int = Field(2048, ge=16)  # events kept per request for Last-Event-ID
     global_log_size: int = Field(4096, ge=16)  # events kept for the dashboard stream
     subscriber_queue_size: int = Field(256, ge=1)  # pending `step` events before dropping
+    # Encoded bytes one stream may have queued: `step` events drop past half, the stream
+    # closes past all of it (so 300 stalled listeners hold at most 300 x this).
+    subscriber_max_bytes: int = Field(1024 * 1024, ge=16 * 1024)
     retain_finished_s: float = Field(120.0, ge=0)  # finished requests stay attachable this long
     retain_finished_max: int = Field(256, ge=0)  # ... and at most this many of them
-    send_timeout_s: float = Field(60.0, gt=0)  # a stream whose client takes no bytes is closed
+    # A connection whose buffers are full and have not drained at all for this long is
+    # dropped (its stream ends, its memory is freed): server/stall_guard.py.
+    send_timeout_s: float = Field(60.0, gt=0)

@@ -8,6 +8,7 @@ routes stay thin. Knows nothing of response shapes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from scheduler.engine import Engine
+from scheduler.request import Request as EngineRequest
 from scheduler.request import SamplingParams
 from scheduler.scheduler import QueueFullError, SchedulerConfig
 from server.engine_loop import EngineLoop
@@ -128,22 +130,45 @@ class ServerState:
         self.hub = Hub(self.settings, engine.tokenizer, self.metrics)
         self.engine_loop = EngineLoop(engine, self.metrics, self.hub.deliver)
         self.hub.engine_loop = self.engine_loop
+        # What loading left behind (the tokenizer's tables, the model's modules) lives as long
+        # as the server: out of the collector's reach, full collections stay short pauses of
+        # the event loop instead of walking those objects every time.
+        gc.freeze()
         self.engine_loop.start(loop)
         self.phase = "ready"
         log.info("ready: serving %r", self.model_name)
 
-    async def shutdown(self) -> None:
-        """Refuse new work, let running requests finish (up to the drain timeout), stop."""
+    async def drain(self) -> None:
+        """Refuse new work (503 + Retry-After), let running requests finish for up to the
+        drain timeout, abort what is left, stop the engine thread.
+
+        The CLI runs it on SIGTERM/SIGINT while the socket still listens (server/drain.py);
+        the lifespan runs it again at exit, when it finds nothing left to do."""
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.phase == "ready":
             self.phase = "draining"
         if self.hub is not None and self.engine_loop is not None:
+            if self.hub.routes:
+                log.info(
+                    "draining: %d running requests get up to %g s to finish",
+                    len(self.hub.routes),
+                    self.settings.drain_timeout_s,
+                )
             try:
                 await asyncio.wait_for(self.hub.idle.wait(), self.settings.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain timeout: aborting %d requests", len(self.hub.routes))
             await self.engine_loop.stop()
+
+    def abort_running(self) -> None:
+        """Cut a drain short: every running request ends now, answered 503 `aborted`."""
+        if self.hub is not None:
+            for group in list(self.hub.groups.values()):
+                self.hub.abort(group)
+
+    async def shutdown(self) -> None:
+        await self.drain()
         if self.phase != "failed":
             self.phase = "stopped"
 
@@ -209,12 +234,32 @@ class ServerState:
         param = word if word in SamplingBody.model_fields or word in ("prompt", "suffix") else None
         return self.reject(400, "invalid", message, param=param, code="invalid_value")
 
-    def submit(self, group: RequestGroup, jobs: list[Job]) -> None:
-        """Queue every choice or none: a refusal aborts the ones already queued."""
-        hub = self.ready_hub()
+    async def submit(self, group: RequestGroup, jobs: list[Job]) -> None:
+        """Queue every choice or none: a refusal aborts the ones already queued.
+
+        Tokenizing and validating run in a worker thread (the tokenizer releases the GIL), so
+        a long prompt never stalls the event loop; queueing itself is O(1) per choice."""
+        hub, engine = self.ready_hub(), self.engine
+        assert engine is not None
+
+        def prepare() -> list[EngineRequest]:
+            return [
+                engine.make_request(job.prompt, job.params, Hub.engine_id(group, i), job.suffix)
+                for i, job in enumerate(jobs)
+            ]
+
         try:
-            for job in jobs:
-                hub.submit(group, job.prompt, job.params, job.suffix)
+            requests = await asyncio.to_thread(prepare)
+        except ValueError as exc:
+            hub.discard(group)
+            raise self.invalid(exc) from exc
+        try:
+            hub = self.ready_hub()  # the server may have started draining meanwhile
+            for job, request in zip(jobs, requests):
+                hub.submit(group, request, job.prompt)
+        except APIError:
+            hub.discard(group)
+            raise
         except QueueFullError as exc:
             hub.discard(group)
             retry = {"Retry-After": str(self.settings.retry_after_s)}

@@ -183,14 +183,59 @@ def test_eos_stops_after_its_block(tokenizer: TextTokenizer):
     assert final.completion_tokens == 6 and final.num_masked == 0
 
 
-def test_stop_string_cuts_text(tokenizer: TextTokenizer):
+@pytest.mark.parametrize("which", ["eos", "eot"])
+def test_a_model_that_prefers_a_stop_token_stops_at_once(tokenizer: TextTokenizer, which: str):
+    """EOS and the end-of-turn token end the text where they stand in the stable prefix, and
+    no forward is spent after that; with ignore_eos they are text like any other token."""
+    prompt = tokenizer.encode("hello")
+    token = getattr(tokenizer.special, which)
+    engine = scripted_engine(tokenizer, [token] * 16, len(prompt))
+    outs = list(engine.generate(prompt, SamplingParams(max_tokens=16, block_length=4)))
+    assert len(outs) == 1 and outs[-1].finish_reason == "stop"
+    assert outs[-1].text == "" and outs[-1].completion_tokens == 0 and outs[-1].num_masked == 0
+    params = SamplingParams(max_tokens=16, block_length=4, ignore_eos=True)
+    outs = list(engine.generate(prompt, params))
+    assert outs[-1].finish_reason == "length" and len(outs) == 4  # one forward per block
+    assert outs[-1].tokens == [token] * 16
+
+
+@pytest.mark.parametrize("stop", [" gamma", "gamma", "a g", "ta"])
+def test_stop_string_cuts_text_and_nothing_shown_is_taken_back(tokenizer: TextTokenizer, stop: str):
     prompt = tokenizer.encode("say:")
-    script = tokenizer.encode(" alpha beta gamma delta epsilon zeta eta theta")
+    words = " alpha beta gamma delta epsilon zeta eta theta"
+    script = tokenizer.encode(words)
     engine = scripted_engine(tokenizer, script, len(prompt))
-    params = SamplingParams(max_tokens=len(script), block_length=None, stop=(" gamma",))
+    # One token per step, left to right: the stable text passes through every prefix, so some
+    # step ends exactly one character short of the stop string.
+    params = SamplingParams(
+        max_tokens=len(script), block_length=None, steps=len(script), stop=(stop,)
+    )
     texts = [o.text for o in engine.generate(prompt, params)]
-    assert texts[-1] == " alpha beta"
-    assert all(" gam" not in t for t in texts)  # held back until the stop was decided
+    assert texts[-1] == words[: words.index(stop)]
+    assert len(texts) >= 8  # one step per token: the intermediate texts were there to check
+    assert all(texts[-1].startswith(t) for t in texts)  # held back until the stop was decided
+
+
+@pytest.mark.parametrize("banned", ["mask", "undecodable"])
+def test_a_model_that_prefers_a_banned_id_never_commits_it(tokenizer: TextTokenizer, banned):
+    """The mask (a committed mask would never resolve) and ids the tokenizer cannot decode
+    (embedding rows past its vocabulary) are never committed, however strongly predicted."""
+    prompt = tokenizer.encode("hi")
+    cfg_vocab = preset("tiny").vocab_size
+    assert cfg_vocab > len(tokenizer)  # the tiny model has rows the tokenizer cannot decode
+    token = tokenizer.special.mask if banned == "mask" else cfg_vocab - 1
+    engine = scripted_engine(tokenizer, [token] * 8, len(prompt))
+    params = SamplingParams(max_tokens=8, block_length=4, steps=8)
+    engine.add_request(prompt, params)
+    outs = []
+    for _ in range(8):  # bounded: a committed mask would keep the request running forever
+        outs += engine.step()
+        if outs[-1].finished:
+            break
+    committed = [c.token_id for o in outs for c in o.committed]
+    assert len(committed) == 8 and token not in committed
+    assert outs[-1].finished and outs[-1].num_masked == 0
+    assert all(0 <= t < len(tokenizer) and t != tokenizer.special.mask for t in outs[-1].tokens)
 
 
 def test_bad_requests_raise_value_error(tokenizer: TextTokenizer):

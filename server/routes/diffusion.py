@@ -8,11 +8,11 @@ connection's disconnect aborts a request; attached listeners just leave.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from server.events import Subscriber
 from server.group import RequestGroup
@@ -22,6 +22,7 @@ from server.sse import sse_response
 from server.state import ServerState
 
 router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key)])
+CHUNK_BYTES = 32 * 1024
 
 
 def _last_id(header: str | None, query: int | None) -> int | None:
@@ -47,11 +48,11 @@ async def generate(
     group = hub.create(request_id, state.model_name, len(jobs), draft_every, lossless=False)
     sub = hub.subscribe(group)  # before submitting, so it sees `request.queued`
     try:
-        state.submit(group, jobs)
+        await state.submit(group, jobs)
     except Exception:
         hub.unsubscribe(group, sub)
         raise
-    return _sse(state, sub, group, owner=True)
+    return _sse(state, sub, group, "generate", owner=True)
 
 
 @router.get("/requests/{request_id}/events")
@@ -72,7 +73,7 @@ async def request_events(
             code="request_not_found",
         )
     sub = hub.subscribe(group, _last_id(last_event_id, last_event_query))
-    return _sse(state, sub, group, owner=False)
+    return _sse(state, sub, group, "attach", owner=False)
 
 
 @router.get("/events")
@@ -84,32 +85,42 @@ async def all_events(
 ) -> EventSourceResponse:
     hub = state.ready_hub()
     sub = hub.subscribe_all(_last_id(last_event_id, last_event_query))
-    return _sse(state, sub, None, owner=False, global_ids=True)
+    return _sse(state, sub, None, "dashboard", owner=False, global_ids=True)
 
 
 def _sse(
     state: ServerState,
     sub: Subscriber,
     group: RequestGroup | None,
+    kind: str,
     *,
     owner: bool,
     global_ids: bool = False,
 ) -> EventSourceResponse:
-    async def events() -> AsyncIterator[bytes]:
+    hub = state.hub
+    assert hub is not None
+
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             while (event := await sub.get()) is not None:
-                # Everything already queued leaves in one write: fewer sends, fewer wake-ups.
-                chunk = []
-                while event is not None:
-                    seq = event.global_seq if global_ids else event.seq
-                    sse = ServerSentEvent(data=event.json, event=event.name, id=str(seq), sep="\n")
-                    chunk.append(sse.encode())
-                    event = sub.get_nowait()
+                # What is already queued leaves in one write, fewer sends and wake-ups, but at
+                # most about one transport high-water mark: 300 listeners waking at once
+                # must not each build a megabyte.
+                chunk = [event.encode(global_ids)]
+                size = len(chunk[0])
+                while size < CHUNK_BYTES and (event := sub.get_nowait()) is not None:
+                    chunk.append(event.encode(global_ids))
+                    size += len(chunk[-1])
                 yield b"".join(chunk)
         finally:
-            assert state.hub is not None
-            state.hub.unsubscribe(group, sub)
+            hub.unsubscribe(group, sub)
             if owner and group is not None:
                 state.client_gone(group)
 
-    return sse_response(state.settings, events(), ping=True, endless=sub if group is None else None)
+    return sse_response(
+        state.settings,
+        events(),
+        ping=True,
+        open_streams=state.metrics.open_streams.labels(kind),
+        endless=sub if group is None else None,
+    )

@@ -6,7 +6,8 @@ JSON body). A client that disconnects, streaming or not, aborts its request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -32,6 +33,10 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     }
     if state.engine is not None:
         card["max_model_len"] = state.engine.model.cfg.max_seq_len
+        # The serving defaults a request's fields are merged over (the dashboard's form).
+        defaults = dataclasses.asdict(state.engine.defaults)
+        defaults["stop"] = list(state.engine.defaults.stop)
+        card["defaults"] = defaults
     return card
 
 
@@ -58,7 +63,7 @@ async def completions(
     if body.echo:
         echo = [p if isinstance(p, str) else hub.tokenizer.decode(p) for p in prompts]
     group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
-    state.submit(group, jobs)
+    await state.submit(group, jobs)
     translator = Translator(
         "completion",
         hub,
@@ -89,7 +94,7 @@ async def chat_completions(
         raise state.reject(400, "invalid", str(exc), param="messages") from exc
     jobs = state.jobs(body, [prompt])
     group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
-    state.submit(group, jobs)
+    await state.submit(group, jobs)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     translator = Translator(
         "chat",
@@ -110,11 +115,17 @@ async def _respond(
         result = await state.until_done_or_disconnect(request, translator.collect(), group)
         return result if isinstance(result, Response) else JSONResponse(result)
 
-    async def chunks() -> AsyncIterator[str]:
+    async def chunks() -> AsyncGenerator[str, None]:
         try:
             async for payload in translator.stream():
                 yield payload
         finally:
             state.client_gone(group)  # no-op once finished; aborts when the client left
 
-    return sse_response(state.settings, chunks(), ping=False)
+    kind = "chat" if translator.kind == "chat" else "completions"
+    return sse_response(
+        state.settings,
+        chunks(),
+        ping=False,
+        open_streams=state.metrics.open_streams.labels(kind),
+    )

@@ -2,7 +2,8 @@
 
 Flags override `MARBLE_*` environment variables, which override the defaults in
 `server.settings.Settings`. The model loads after the socket is listening (`/health` says
-503 until it is ready); a missing model folder is reported before anything starts.
+503 until it is ready); a missing model folder is reported before anything starts. SIGTERM and
+SIGINT drain before the process exits (server/drain.py).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.drain import DrainingServer
+    from server.log_redaction import redact_logs
+    from server.stall_guard import stall_guarded
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,10 +99,13 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        http=stall_guarded(settings.send_timeout_s),  # drops clients that stopped reading
+        # Requests have drained by the time uvicorn shuts down; this bounds the last writes.
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    server = uvicorn.Server(config)
+    redact_logs()  # after uvicorn.Config, which sets up uvicorn's log handlers
     state = app.state.marble
+    server = DrainingServer(config, state.drain, state.abort_running)
     state.server = server
     server.run()
     if state.phase == "failed":

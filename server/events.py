@@ -1,8 +1,10 @@
 """Native stream events: the `Event` record, a bounded replay log, and per-subscriber queues.
 
 A subscriber that falls behind loses intermediate `step` events (counted), never lifecycle
-events; one that stops reading altogether is cut off rather than growing without bound.
-Everything here runs on the event loop. Knows nothing of the engine or of HTTP.
+events; one that stops reading altogether is cut off rather than growing without bound, both
+by count and by the encoded bytes it holds. An event is encoded for the wire once, however
+many subscribers send it. Everything here runs on the event loop. Knows nothing of the engine
+or of HTTP.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from sse_starlette import ServerSentEvent
 
 STEP = "step"
 LIFECYCLE = (
@@ -35,6 +39,7 @@ class Event:
     data: dict[str, Any]
     global_seq: int = 0
     _json: str | None = field(default=None, repr=False)
+    _wire: dict[bool, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def json(self) -> str:
@@ -42,6 +47,21 @@ class Event:
         if self._json is None:
             self._json = json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
         return self._json
+
+    def encode(self, global_ids: bool = False) -> bytes:
+        """The SSE frame (`id:` = `global_seq` or `seq`), built once per id kind: with 300
+        dashboards open, re-encoding per subscriber is what kept the event loop busy."""
+        wire = self._wire.get(global_ids)
+        if wire is None:
+            seq = self.global_seq if global_ids else self.seq
+            wire = ServerSentEvent(data=self.json, event=self.name, id=str(seq), sep="\n").encode()
+            self._wire[global_ids] = wire
+        return wire
+
+    @property
+    def size(self) -> int:
+        """Bytes this event takes on the wire (what a subscriber's byte bound counts)."""
+        return len(self.encode())
 
 
 class EventLog:
@@ -72,10 +92,12 @@ class EventLog:
 class Subscriber:
     """A bounded mailbox for one SSE connection.
 
-    `step` events beyond `capacity` pending are dropped (and `on_drop` called); the next step
-    accepted after a drop is replaced by a `snapshot` from `resync` so the client catches up.
-    Lifecycle events always queue, up to `hard_limit` pending; past that the subscriber is
-    closed (the client can reconnect with `Last-Event-ID`).
+    `step` events beyond `capacity` pending, or past half of `max_bytes` pending, are dropped
+    (and `on_drop` called); the next step accepted after a drop is replaced by a `snapshot`
+    from `resync` so the client catches up. Lifecycle events always queue, up to `hard_limit`
+    events or `max_bytes` pending; past either the subscriber is closed (the client can
+    reconnect with `Last-Event-ID`). So one subscriber never holds more than `max_bytes` plus
+    one event, whatever its events weigh.
     """
 
     def __init__(
@@ -83,12 +105,15 @@ class Subscriber:
         capacity: int,
         on_drop: Callable[[], None] = lambda: None,
         hard_limit: int | None = None,
+        max_bytes: int = 1 << 20,
     ) -> None:
         self.capacity = capacity
         self.hard_limit = hard_limit or 8 * capacity
+        self.max_bytes = max_bytes
         self.on_drop = on_drop
         self.dropped = 0
         self.closed = False
+        self.pending_bytes = 0
         self._items: deque[Event | None] = deque()
         self._pending_steps = 0
         self._stale: set[tuple[str, int]] = set()  # (request, choice) that lost step events
@@ -99,7 +124,8 @@ class Subscriber:
             return
         if event.name == STEP:
             choice = (event.data.get("request_id", ""), event.data.get("choice_index", 0))
-            if self._pending_steps >= self.capacity:
+            # Steps get half the byte budget, so lifecycle events still fit behind them.
+            if self._pending_steps >= self.capacity or not self._fits(event, self.max_bytes // 2):
                 self.dropped += 1
                 self._stale.add(choice)
                 self.on_drop()
@@ -111,16 +137,23 @@ class Subscriber:
                     event = snapshot
             if event.name == STEP:
                 self._pending_steps += 1
-        elif len(self._items) >= self.hard_limit:
+        if len(self._items) >= self.hard_limit or not self._fits(event, self.max_bytes):
             self.close()
             return
+        self.pending_bytes += event.size
         self._items.append(event)
         self._ready.set()
+
+    def _fits(self, event: Event, budget: int) -> bool:
+        """An event bigger than the whole budget still goes to a reader that has caught up:
+        otherwise that reader could never receive it."""
+        return not self._items or self.pending_bytes + event.size <= budget
 
     def replay(self, events: list[Event]) -> None:
         """Queue past events unthrottled: a resuming client asked for exactly these."""
         self._items.extend(events)
         self._pending_steps += sum(1 for e in events if e.name == STEP)
+        self.pending_bytes += sum(e.size for e in events)
         self._ready.set()
 
     def close(self) -> None:
@@ -145,6 +178,8 @@ class Subscriber:
 
     def _pop(self) -> Event | None:
         event = self._items.popleft()
-        if event is not None and event.name == STEP:
-            self._pending_steps -= 1
+        if event is not None:
+            self.pending_bytes -= event.size
+            if event.name == STEP:
+                self._pending_steps -= 1
         return event

@@ -1,9 +1,11 @@
-"""Settings, CLI, readiness while loading, the metric set, and the engine-failure boundary."""
+"""Settings, CLI, log redaction, readiness while loading, the metric set, and the
+engine-failure boundary."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 
 import httpx
@@ -12,6 +14,7 @@ import pytest
 from server import cli
 from server import state as state_module
 from server.app import create_app
+from server.log_redaction import RedactSecrets
 from server.settings import Settings
 from tests.server_helpers import serving, tiny_engine
 
@@ -53,6 +56,16 @@ def test_serve_without_a_model_says_what_to_do(monkeypatch, tmp_path, capsys):
     assert "--model" in err and "embedded default model" in err
     assert cli.main(["serve", "--model", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_log_redaction_hides_only_the_api_key_value():
+    line = '"GET /v1/diffusion/events?last_event_id=3&api%5Fkey=s3cret&API_KEY=x HTTP/1.1" 200'
+    record = logging.LogRecord("uvicorn.access", 20, "", 0, "%s - %s", ("1.2.3.4", line), None)
+    assert RedactSecrets().filter(record)
+    assert record.args == (
+        "1.2.3.4",
+        '"GET /v1/diffusion/events?last_event_id=3&api%5Fkey=***&API_KEY=*** HTTP/1.1" 200',
+    )
 
 
 @pytest.mark.anyio

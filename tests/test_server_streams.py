@@ -147,7 +147,9 @@ async def test_stuck_subscriber_is_cut_off():
 
 
 # --------------------------------------------------------------------------- disconnects
-async def call_app(app, path: str, body: dict, disconnect: asyncio.Event) -> list[dict]:
+async def call_app(
+    app, path: str, body: dict, disconnect: asyncio.Event, method: str = "POST"
+) -> list[dict]:
     """Drive the ASGI app directly so the test decides when the client goes away."""
     payload = json.dumps(body).encode()
     sent: list[dict] = []
@@ -168,7 +170,7 @@ async def call_app(app, path: str, body: dict, disconnect: asyncio.Event) -> lis
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": method,
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from scheduler.engine import Engine
 from server.errors import install_error_handlers
 from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from server.openapi import install_openapi
 from server.routes import diffusion, health, openai
 from server.settings import Settings
 from server.state import ServerState
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.marble = state
     install_error_handlers(app, state.metrics.reject)
+    install_openapi(app, state.model_name)  # built on first use, from every route
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(diffusion.router)

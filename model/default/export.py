@@ -1,8 +1,10 @@
 """Write a serving checkpoint folder from a training state: the layout every checkpoint has.
 
 config.json (ModelConfig.to_json_dict), model.safetensors in bfloat16 under our own parameter
-names (the tied lm_head dropped), tokenizer.json, tokenizer_config.json with a plain-text chat
-template, and marble_defaults.json (sampling defaults). Knows nothing about the training loop.
+names (the tied lm_head dropped), tokenizer.json, tokenizer_config.json without a chat
+template (the model was trained on code, never on conversations, so chat is refused with a 400
+rather than answered with junk), and marble_defaults.json (sampling defaults). Knows nothing
+about the training loop.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from safetensors.torch import save_file
 from model.config import ModelConfig
 from model.default.corpus import EOS_TOKEN, MASK_TOKEN
 
-# Each message's content on its own line; the code model just continues the text.
-CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
 # SamplingParams field names. Undertrained models collapse to newlines under greedy
 # confidence-ordered decoding; temperature with random unmasking order gives code-shaped text.
 STARTER_DEFAULTS: dict[str, Any] = {
@@ -39,7 +39,6 @@ def tokenizer_config(seq_len: int) -> dict[str, Any]:
         "pad_token": EOS_TOKEN,
         "mask_token": MASK_TOKEN,
         "model_max_length": seq_len,
-        "chat_template": CHAT_TEMPLATE,
     }
 
 

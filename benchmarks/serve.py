@@ -1,24 +1,27 @@
 """Serving benchmark: N concurrent clients over HTTP vs the same load on the in-process engine.
 
-Each of N clients sends R requests one after another through `POST /v1/diffusion/generate`
-(native step stream) to a real `python -m server` on 127.0.0.1, and records the time to the
-first `step` event and to `request.completed`. The baseline drives the same requests through
+Both paths do identical work: one explicit parameter set (every `SamplingParams` field given,
+so no checkpoint's serving defaults apply) is sent as the HTTP body and given to the in-process
+engine, and the server's `request.queued` echo of its parameters is checked against it. Each
+of N clients sends R requests one after another through `POST /v1/diffusion/generate` (native
+step stream) to a real `python -m server` on 127.0.0.1, and records the time to the first
+`step` event and to `request.completed`. The baseline drives the same requests through
 `Engine.step()` in this process with N requests kept in flight. Printed per N: throughput
-(completion tokens/s, requests/s), p50/p99 latency, p50 time to first step, and the ratio
-in-process / HTTP throughput (median over adjacent pairs of runs; 1.00 = no serving overhead,
-the target is <= 1.10). "busy" is the share of wall time the engine spent inside
-`Engine.step()` (for HTTP, from the server's /metrics): on a machine shared with other jobs the
-step time itself drifts, and busy shows how much of a gap is serving overhead (the engine
-waiting for work) rather than slower steps.
+(completion tokens/s, requests/s), p50/p99 latency, p50 time to first step, the share of wall
+time spent inside `Engine.step()` ("busy"; for HTTP from the server's /metrics), each the
+median over the repeats, and the ratio of the median throughputs, in-process / HTTP (1.00 = no
+serving overhead; the target is <= 1.10).
 
-    python benchmarks/serve.py                      # a random-weight "small" Marble model
+    python benchmarks/serve.py                      # the embedded default model
     python benchmarks/serve.py --model ../shared/reference/llada-tiny --clients 1,4,16
+    python benchmarks/serve.py --preset small       # a random-weight "small" Marble model
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -38,10 +41,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.config import preset  # noqa: E402
+from model.default import CHECKPOINT_DIR  # noqa: E402
 from model.transformer import Denoiser  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
 from scheduler.request import SamplingParams  # noqa: E402
 from scheduler.scheduler import SchedulerConfig  # noqa: E402
+
+LEGEND = """\
+  N         concurrent clients, each sending its requests one after another
+  tok/s     completion tokens / wall seconds of the run (median over the repeats)
+  req/s     requests completed / wall seconds of the run
+  p50, p99  request latency in seconds, submit to completion (HTTP: to request.completed)
+  TTFS ms   median time to the first denoising step (HTTP: to the first `step` event)
+  busy      share of the run's wall time spent inside Engine.step() (HTTP: server /metrics)
+  ratio     median engine tok/s / median HTTP tok/s: serving overhead (1.00 = none)"""
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -161,6 +174,10 @@ async def _client(
                     event = line[7:]
                     if event == "step" and first is None:
                         first = time.perf_counter() - t0
+                elif line.startswith("data: ") and event == "request.queued":
+                    served = json.loads(line[6:])["params"]
+                    if served != body:  # the server must run exactly what the engine runs
+                        raise RuntimeError(f"the server ran {served}, not the body {body}")
                 elif line.startswith("data: ") and event == "request.completed":
                     done = json.loads(line[6:])
                     result.tokens += done["usage"]["completion_tokens"]
@@ -229,22 +246,34 @@ def server(model: Path, port: int, threads: int, max_batch: int, device: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="checkpoint folder (default: synthesise)")
-    parser.add_argument("--preset", default="small", help="preset to synthesise (default small)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=CHECKPOINT_DIR,
+        help="checkpoint folder (default: the embedded default model)",
+    )
+    parser.add_argument(
+        "--preset", help="synthesise a random-weight checkpoint of this preset instead of --model"
+    )
     parser.add_argument(
         "--tokenizer-from",
         type=Path,
         default=REPO.parent / "shared" / "reference" / "llada-tiny",
-        help="tokenizer for the synthesised checkpoint",
+        help="tokenizer for a --preset checkpoint",
     )
-    parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--block-length", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clients", default="1,4,16", help="values of N (default 1,4,16)")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="R (default 4)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="per request (default 64)")
+    parser.add_argument("--steps", type=int, default=32, help="forwards per request (default 32)")
+    parser.add_argument("--block-length", type=int, default=32, help="(default 32)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads, here and in the server (default: CPU cores - 1)",
+    )
+    parser.add_argument("--port", type=int, default=8765, help="server port (default 8765)")
+    parser.add_argument("--device", default="cpu", help="both paths (default cpu)")
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating runs per N; medians are printed"
     )
@@ -252,23 +281,33 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or synth_checkpoint(
-            Path(tmp) / args.preset, args.tokenizer_from, args.preset
-        )
+        model = args.model
+        if args.preset:
+            model = synth_checkpoint(Path(tmp) / args.preset, args.tokenizer_from, args.preset)
         clients = [int(c) for c in args.clients.split(",")]
+        # One explicit parameter set for both paths: every field given, so neither side falls
+        # back on the checkpoint's serving defaults (the embedded model's are T=1 with token
+        # healing). The HTTP body is this dict; the engine gets SamplingParams built from it.
         body = {
             "max_tokens": args.max_tokens,
             "steps": args.steps,
             "block_length": args.block_length,
+            "threshold": None,  # fixed step count: `steps` forwards per request
+            "remasking": "low_confidence",
+            "schedule": "llada",
+            "temperature": 0.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "cfg_scale": 0.0,
+            "seed": None,
+            "stop": [],
             "ignore_eos": True,  # every request does the same work
+            "token_healing": False,
         }
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            steps=args.steps,
-            block_length=args.block_length,
-            threshold=None,
-            ignore_eos=True,
-        )
+        missing = {f.name for f in dataclasses.fields(SamplingParams)} - set(body)
+        if missing:
+            raise RuntimeError(f"benchmark body leaves {sorted(missing)} to server defaults")
+        params = SamplingParams.from_dict(body)
         engine = Engine.from_pretrained(
             model,
             device=args.device,
@@ -276,8 +315,9 @@ def main() -> None:
             progress=False,
         )
         print(
-            f"model {model.name}: {sum(p.numel() for p in engine.model.parameters()) / 1e6:.2f} M "
-            f"params; {args.max_tokens} tokens in {args.steps} steps per request; "
+            f"model {model}: {sum(p.numel() for p in engine.model.parameters()) / 1e6:.2f} M "
+            f"params; {args.max_tokens} tokens in {args.steps} steps per request (greedy, "
+            f"EOS ignored, no healing, same explicit params on both paths); "
             f"{args.requests_per_client} requests per client; torch threads {args.threads}; "
             f"cpu cores {os.cpu_count()}; device {args.device}; median of {args.repeats} runs"
         )
@@ -291,26 +331,24 @@ def main() -> None:
                 for _ in range(args.repeats):
                     locals_.append(run_in_process(engine, params, n, args.requests_per_client))
                     remotes.append(asyncio.run(run_http(base, body, n, args.requests_per_client)))
-                # Ratio of each adjacent pair, then the median: drift between pairs cancels.
-                ratio = statistics.median(
-                    a.tokens / a.seconds / (b.tokens / b.seconds) for a, b in zip(locals_, remotes)
-                )
-                rows.append((n, median_row(locals_), median_row(remotes), ratio))
+                local, remote = median_row(locals_), median_row(remotes)
+                rows.append((n, local, remote, local["tok_s"] / remote["tok_s"]))
         header = (
-            f"{'N':>3} {'HTTP tok/s':>10} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} "
-            f"{'TTFS p50 ms':>11} {'busy':>5} | {'engine tok/s':>12} {'p50 s':>7} {'p99 s':>7} "
-            f"{'TTFS ms':>8} {'busy':>5} | ratio"
+            f"{'N':>3} | {'HTTP tok/s':>10} {'req/s':>6} {'p50 s':>7} {'p99 s':>7} "
+            f"{'TTFS ms':>8} {'busy':>5} | {'engine tok/s':>12} {'req/s':>6} {'p50 s':>7} "
+            f"{'p99 s':>7} {'TTFS ms':>8} {'busy':>5} | {'ratio':>5}"
         )
         print(header)
         print("-" * len(header))
         for n, local, remote, ratio in rows:
             print(
-                f"{n:>3} {remote['tok_s']:>10.1f} {remote['req_s']:>7.2f} {remote['p50']:>7.3f} "
-                f"{remote['p99']:>7.3f} {remote['ttfs'] * 1e3:>11.1f} {remote['busy']:>5.0%} | "
-                f"{local['tok_s']:>12.1f} {local['p50']:>7.3f} {local['p99']:>7.3f} "
-                f"{local['ttfs'] * 1e3:>8.1f} {local['busy']:>5.0%} | "
-                f"{ratio:.2f}"
+                f"{n:>3} | {remote['tok_s']:>10.1f} {remote['req_s']:>6.2f} {remote['p50']:>7.3f} "
+                f"{remote['p99']:>7.3f} {remote['ttfs'] * 1e3:>8.1f} {remote['busy']:>5.0%} | "
+                f"{local['tok_s']:>12.1f} {local['req_s']:>6.2f} {local['p50']:>7.3f} "
+                f"{local['p99']:>7.3f} {local['ttfs'] * 1e3:>8.1f} {local['busy']:>5.0%} | "
+                f"{ratio:>5.2f}"
             )
+        print(LEGEND)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ exists. Behaviour in a real browser is the e2e tier's (tests/e2e/test_dashboard_
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from importlib import resources
 
 import pytest
 
+from scheduler.request import SamplingParams
 from tests.server_helpers import serving
 
 pytestmark = pytest.mark.anyio
@@ -62,3 +64,16 @@ def test_script_speaks_the_event_contract():
     ):
         assert f'"{name}"' in js, name
     assert "v1/diffusion/generate" in js and "v1/diffusion/events" in js
+
+
+def test_form_fields_are_sampling_params():
+    """Each form field is named after the SamplingParams field it sends (the script fills them
+    from the served defaults by that name), and the default prompt is Python code, what the
+    embedded model was trained on."""
+    html = STATIC.joinpath("index.html").read_text(encoding="utf-8")
+    form = html[html.index('<form id="generate-form"') : html.index("</form>")]
+    names = set(re.findall(r'<(?:input|select)[^>]*\bid="([^"]+)"', form)) - {"api-key"}
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert names and names <= fields, f"not SamplingParams fields: {sorted(names - fields)}"
+    prompt = re.search(r'<textarea id="prompt"[^>]*>(.*?)</textarea>', form, re.S).group(1)
+    assert prompt.startswith("def ") and prompt.endswith(":\n"), prompt

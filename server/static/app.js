@@ -7,6 +7,7 @@
 "use strict";
 
 const MAX_CARDS = 24;
+const PROMPT_CHARS = 2000; // a card shows a long prompt's end: the text its completion continues
 const EVENT_NAMES = [
   "request.queued", "request.started", "step", "block.committed", "snapshot",
   "request.completed", "error",
@@ -71,6 +72,8 @@ class Card {
     this.fresh = new Set(); // positions committed by the latest step
     this.text = "";
     this.textIsFinal = false;
+    this.prompt = null; // from request.queued (or what we sent); null: joined too late to see it
+    if (params && typeof params.prompt === "string") this.setPrompt(params.prompt);
     this.updated = performance.now();
     this.el = null;
   }
@@ -90,6 +93,7 @@ class Card {
     switch (name) {
       case "request.queued":
         this.state = "queued";
+        if (typeof data.prompt === "string") this.setPrompt(data.prompt);
         this.takeShape(data);
         break;
       case "request.started":
@@ -134,6 +138,10 @@ class Card {
         return false;
     }
     return true;
+  }
+
+  setPrompt(prompt) {
+    this.prompt = prompt.length > PROMPT_CHARS ? `…${prompt.slice(-PROMPT_CHARS)}` : prompt;
   }
 
   takeShape(data) {
@@ -201,10 +209,13 @@ function handleEvent(name, raw, params) {
   if (!card) {
     if (FINAL.has(name) && !params) return null; // a stranger's end: nothing to show
     card = new Card(key, params ? { ...params } : null);
+    delete card.params.prompt; // kept (shortened) in card.prompt
     cards.set(key, card);
     evictCards();
   } else if (params) {
-    for (const [k, v] of Object.entries(params)) if (card.params[k] === undefined) card.params[k] = v;
+    for (const [k, v] of Object.entries(params)) {
+      if (k !== "prompt" && card.params[k] === undefined) card.params[k] = v;
+    }
   }
   if (card.apply(name, data)) markDirty(card);
   return card;
@@ -238,6 +249,7 @@ const COLORS = {
   block: "#f2b134",
   fresh: "#ffffff",
   text: "#0b0f14",
+  mark: "rgba(11, 15, 20, 0.45)", // whitespace marks: visible, but clearly not text
 };
 
 function confidenceColor(conf) {
@@ -276,26 +288,60 @@ function drawCard(card) {
   el.querySelector(".masked").textContent = card.numMasked === null ? "–" : String(card.numMasked);
   const tpf = card.tokensPerForward();
   el.querySelector(".tpf").textContent = tpf === null ? "–" : tpf.toFixed(2);
+  const prompt = el.querySelector(".prompt");
+  if (prompt.textContent !== (card.prompt ?? "")) prompt.textContent = card.prompt ?? "";
+  prompt.hidden = card.prompt === null;
   const text = el.querySelector(".text");
   text.textContent = card.text;
   text.classList.toggle("final", card.textIsFinal);
   drawCanvas(card, el.querySelector("canvas"));
 }
 
-function visibleToken(t) {
-  return t.replace(/\n/g, "⏎").replace(/\t/g, "⇥").replace(/ /g, "·");
+// Whitespace and control characters drawn as visible marks (in a fainter ink than text).
+const MARKS = { " ": "·", "\n": "⏎", "\t": "⇥", "\r": "␍" };
+function glyphs(text) {
+  // -> [{ch, mark}] per code point; an empty token shows ∅.
+  if (text === "") return [{ ch: "∅", mark: true }];
+  return [...text].map((ch) => {
+    if (MARKS[ch]) return { ch: MARKS[ch], mark: true };
+    const code = ch.codePointAt(0);
+    if (code < 0x20) return { ch: String.fromCodePoint(0x2400 + code), mark: true };
+    return { ch, mark: false };
+  });
 }
 
-function drawCanvas(card, canvas) {
-  const n = Math.max(card.length, 1);
-  const cssWidth = canvas.clientWidth || 600;
-  const withText = n <= 256;
-  const cellW = withText ? 46 : 12;
-  const cellH = withText ? 22 : 12;
-  const gap = 2;
-  const cols = Math.max(1, Math.floor((cssWidth + gap) / (cellW + gap)));
-  const rows = Math.ceil(n / cols);
-  const cssHeight = rows * (cellH + gap);
+const CELL = {
+  font: "12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace",
+  h: 22, // cell height; the text's baseline sits at `baseline`, its descenders above `bar`
+  baseline: 14,
+  bar: 19, // the block underline: rows [bar, h), below every glyph (underscores included)
+  gap: 3,
+  pad: 3,
+  minChars: 2,
+  tiny: 12, // without text (long canvases): square cells
+};
+
+// Flow layout: each cell is as wide as its whole text (monospace: characters x one advance),
+// cells wrap to the next row at the canvas edge. -> [{x, y, w, glyphs}]
+function layoutCells(card, n, width, charW) {
+  const cells = [];
+  let x = 0;
+  let y = 0;
+  for (let pos = 0; pos < n; pos++) {
+    const cell = card.cells[pos];
+    const g = cell ? glyphs(cell.text) : [{ ch: "▒", mark: false }];
+    const w = Math.min(width, Math.max(CELL.minChars, g.length) * charW + 2 * CELL.pad);
+    if (x > 0 && x + w > width) {
+      x = 0;
+      y += CELL.h + CELL.gap;
+    }
+    cells.push({ x, y, w, glyphs: g });
+    x += w + CELL.gap;
+  }
+  return { cells, height: y + CELL.h };
+}
+
+function sizeCanvas(canvas, cssWidth, cssHeight) {
   const dpr = window.devicePixelRatio || 1;
   if (canvas.width !== Math.round(cssWidth * dpr) || canvas.height !== Math.round(cssHeight * dpr)) {
     canvas.width = Math.round(cssWidth * dpr);
@@ -305,53 +351,110 @@ function drawCanvas(card, canvas) {
   const ctx = canvas.getContext("2d");
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, cssWidth, cssHeight);
-  ctx.font = "11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
-  ctx.textBaseline = "middle";
+  return ctx;
+}
+
+function drawCanvas(card, canvas) {
+  const n = Math.max(card.length, 1);
+  const cssWidth = canvas.clientWidth || 600;
   const block = card.finished ? null : card.blockRange();
-  for (let pos = 0; pos < n; pos++) {
-    const x = (pos % cols) * (cellW + gap);
-    const y = Math.floor(pos / cols) * (cellH + gap);
+  const inBlock = (pos) => block && pos >= block[0] && pos < block[1];
+  if (n > 256) {
+    // Too many positions to read: small squares, colour only.
+    const size = CELL.tiny;
+    const cols = Math.max(1, Math.floor((cssWidth + 2) / (size + 2)));
+    const ctx = sizeCanvas(canvas, cssWidth, Math.ceil(n / cols) * (size + 2));
+    for (let pos = 0; pos < n; pos++) {
+      const x = (pos % cols) * (size + 2);
+      const y = Math.floor(pos / cols) * (size + 2);
+      const cell = card.cells[pos];
+      ctx.fillStyle = cell ? confidenceColor(cell.confidence) : COLORS.masked;
+      ctx.fillRect(x, y, size, size);
+      if (inBlock(pos)) {
+        ctx.fillStyle = COLORS.block;
+        ctx.fillRect(x, y + size - 3, size, 3);
+      }
+      if (cell && card.fresh.has(pos)) {
+        ctx.strokeStyle = COLORS.fresh;
+        ctx.strokeRect(x + 0.5, y + 0.5, size - 1, size - 1);
+      }
+    }
+    return;
+  }
+  const measure = canvas.getContext("2d");
+  measure.font = CELL.font;
+  const charW = Math.ceil(measure.measureText("M").width);
+  const layout = layoutCells(card, n, cssWidth, charW);
+  const ctx = sizeCanvas(canvas, cssWidth, layout.height);
+  ctx.font = CELL.font;
+  ctx.textBaseline = "alphabetic";
+  ctx.textAlign = "center";
+  layout.cells.forEach(({ x, y, w, glyphs: g }, pos) => {
     const cell = card.cells[pos];
     ctx.fillStyle = cell ? confidenceColor(cell.confidence) : COLORS.masked;
-    ctx.fillRect(x, y, cellW, cellH);
-    if (block && pos >= block[0] && pos < block[1]) {
+    ctx.fillRect(x, y, w, CELL.h);
+    if (inBlock(pos)) {
       ctx.fillStyle = COLORS.block;
-      ctx.fillRect(x, y + cellH - 3, cellW, 3);
+      ctx.fillRect(x, y + CELL.bar, w, CELL.h - CELL.bar);
     }
     if (cell && card.fresh.has(pos)) {
       ctx.strokeStyle = COLORS.fresh;
       ctx.lineWidth = 2;
-      ctx.strokeRect(x + 1, y + 1, cellW - 2, cellH - 2);
+      ctx.strokeRect(x + 1, y + 1, w - 2, CELL.h - 2);
     }
-    if (withText) {
-      ctx.save();
-      ctx.beginPath();
-      ctx.rect(x + 2, y, cellW - 4, cellH);
-      ctx.clip();
-      ctx.fillStyle = cell ? COLORS.text : COLORS.maskedText;
-      ctx.fillText(cell ? visibleToken(cell.text) : "▒", x + 3, y + cellH / 2);
-      ctx.restore();
-    }
-  }
+    // One glyph per character slot, centred in it; a glyph wider than the slot (⏎ in some
+    // fonts) or a token wider than the whole row is squeezed, never cut.
+    const slots = Math.max(CELL.minChars, g.length);
+    const slotW = (w - 2 * CELL.pad) / slots;
+    const left = x + CELL.pad + ((slots - g.length) * slotW) / 2;
+    g.forEach(({ ch, mark }, i) => {
+      ctx.fillStyle = !cell ? COLORS.maskedText : mark ? COLORS.mark : COLORS.text;
+      ctx.fillText(ch, left + (i + 0.5) * slotW, y + CELL.baseline, slotW);
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------- own requests
+// The form's fields, as SamplingParams names. Until the served model's defaults arrive (GET
+// /v1/models) a blank field is left out and the server applies its default; once they have,
+// the form holds them and every field is sent as shown (an empty nullable field as null).
+const NUMBER_FIELDS = ["max_tokens", "steps", "block_length", "threshold", "temperature", "seed"];
+const NULLABLE = {
+  steps: "one token/step",
+  threshold: "off (fixed steps)",
+  block_length: "one block",
+  seed: "random",
+};
+const CHECK_FIELDS = ["token_healing", "ignore_eos"];
+let served = null; // the served model's defaults, once loaded
+
+function applyDefaults(defaults) {
+  for (const name of NUMBER_FIELDS) {
+    const v = defaults[name];
+    $(name).value = v === null || v === undefined ? "" : String(v);
+  }
+  // What an empty nullable field means once the form is the served defaults.
+  for (const [name, meaning] of Object.entries(NULLABLE)) $(name).placeholder = meaning;
+  if ([...$("remasking").options].some((o) => o.value === defaults.remasking)) {
+    $("remasking").value = defaults.remasking;
+  }
+  for (const name of CHECK_FIELDS) {
+    $(name).indeterminate = false;
+    $(name).checked = Boolean(defaults[name]);
+  }
+}
+
 function readParams() {
-  const num = (id) => {
-    const v = $(id).value.trim();
-    return v === "" ? undefined : Number(v);
-  };
-  const body = {
-    prompt: $("prompt").value,
-    max_tokens: num("max_tokens"),
-    steps: num("steps"),
-    block_length: num("block_length"),
-    threshold: num("threshold"),
-    remasking: $("remasking").value,
-    temperature: num("temperature"),
-    ignore_eos: $("ignore_eos").checked || undefined,
-  };
-  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+  const body = { prompt: $("prompt").value };
+  for (const name of NUMBER_FIELDS) {
+    const v = $(name).value.trim();
+    if (v !== "") body[name] = Number(v);
+    else if (served && name in NULLABLE) body[name] = null;
+  }
+  if ($("remasking").value) body.remasking = $("remasking").value;
+  for (const name of CHECK_FIELDS) {
+    if (served || !$(name).indeterminate) body[name] = $(name).checked;
+  }
   return body;
 }
 
@@ -499,9 +602,22 @@ async function pollHealth() {
 async function loadModel() {
   try {
     const resp = await fetch("v1/models", { headers: authHeaders() });
-    if (!resp.ok) return;
+    if (!resp.ok) {
+      if (!served) $("defaults-status").textContent = `model defaults: ${await errorMessage(resp)}`;
+      return;
+    }
     const body = await resp.json();
-    if (body.data && body.data.length) $("model-name").textContent = body.data[0].id;
+    const card = body.data && body.data[0];
+    if (!card) return;
+    $("model-name").textContent = card.id;
+    // The first defaults to arrive fill the form; a later reload (new API key) keeps edits.
+    if (card.defaults && !served) {
+      served = card.defaults;
+      applyDefaults(served);
+      $("defaults-status").textContent = `The form starts from ${card.id}'s serving defaults.`;
+      document.body.dataset.defaults = "loaded";
+      $("reset-defaults").disabled = false;
+    }
   } catch {
     // the health pill already says the server is unreachable
   }
@@ -512,6 +628,10 @@ window.addEventListener("resize", () => {
 });
 $("generate-form").addEventListener("submit", generate);
 $("stop").addEventListener("click", stop);
+$("reset-defaults").addEventListener("click", () => {
+  if (served) applyDefaults(served);
+});
+for (const name of CHECK_FIELDS) $(name).indeterminate = true; // "server default" until loaded
 $("watch-all").addEventListener("change", (e) => setWatch(e.target.checked));
 $("api-key").addEventListener("change", () => {
   loadModel();

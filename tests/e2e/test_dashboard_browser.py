@@ -1,6 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright) against a
-real server on 127.0.0.1: a prompt's canvas resolves step by step and ends with the final text;
-"watch all" keeps up with 16 concurrent requests. Screenshots go to artifacts/.
+real server on 127.0.0.1: the form starts from the served model's defaults and sends them; a
+prompt's canvas resolves step by step under its prompt and ends with the final text; "watch
+all" keeps up with 16 concurrent requests and shows each one's prompt. Screenshots go to
+artifacts/.
 
 Needs `pip install playwright` and `apt-get install chromium`; never `playwright install`.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from model.default import CHECKPOINT_DIR
 from tests.e2e.conftest import REPO, running_server
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +37,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = REPO / "artifacts"
 # Long enough on the server (~0.6 s for 96 steps of the tiny model) to span many frames.
 FIXED = {"max_tokens": 192, "steps": 96, "block_length": 48, "temperature": 0, "ignore_eos": True}
+# The form's fields (element ids are SamplingParams names).
+NUMBER_FIELDS = ("max_tokens", "steps", "block_length", "threshold", "temperature", "seed")
+CHECK_FIELDS = ("token_healing", "ignore_eos")
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 if not Path(CHROMIUM).exists():
@@ -67,6 +73,13 @@ new MutationObserver((records) => {
 def dashboard_server(llada_tiny_path: Path) -> Iterator[str]:
     """Tiny LLaDA, no API key (the page is used as a person would, with no key to type)."""
     with running_server(llada_tiny_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def embedded_server() -> Iterator[str]:
+    """The embedded default model (a Python code model with its own serving defaults)."""
+    with running_server(CHECKPOINT_DIR) as url:
         yield url
 
 
@@ -118,6 +131,43 @@ def _completed(url: str, body: dict) -> dict:
     raise AssertionError("the stream ended without request.completed")
 
 
+def _served_defaults(url: str) -> dict:
+    r = httpx.get(f"{url}/v1/models", timeout=10)
+    r.raise_for_status()
+    return r.json()["data"][0]["defaults"]
+
+
+def _open(page: object, url: str) -> None:
+    """Load the page and wait until the served defaults are in the form (they would overwrite
+    anything typed before)."""
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
+    page.wait_for_function("document.body.dataset.defaults === 'loaded'")
+
+
+def _form(page: object) -> dict:
+    """What the form shows, as strings and booleans."""
+    shown = {name: page.input_value(f"#{name}") for name in NUMBER_FIELDS}
+    shown["remasking"] = page.input_value("#remasking")
+    shown.update({name: page.is_checked(f"#{name}") for name in CHECK_FIELDS})
+    return shown
+
+
+def _js_number(value: float | None) -> str:
+    """JavaScript's String(value) for the numbers the form holds ("" for null)."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _as_form(defaults: dict) -> dict:
+    """How the form shows these defaults: a null number is an empty field."""
+    shown = {name: _js_number(defaults[name]) for name in NUMBER_FIELDS}
+    shown["remasking"] = defaults["remasking"]
+    shown.update({name: bool(defaults[name]) for name in CHECK_FIELDS})
+    return shown
+
+
 def _fill(page: object, prompt: str, params: dict) -> None:
     page.fill("#prompt", prompt)
     for name in ("max_tokens", "steps", "block_length", "temperature"):
@@ -132,8 +182,8 @@ def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> Non
     # The same request without the page (temperature 0: the same text and step count).
     expected = _completed(dashboard_server, {"prompt": prompt, **FIXED})
 
-    page.goto(dashboard_server + "/")
-    page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
+    _open(page, dashboard_server)
+    assert _form(page) == _as_form(_served_defaults(dashboard_server))
     page.evaluate(RECORDER)
     _throttle(page, 20_000)
     _fill(page, prompt, FIXED)
@@ -156,6 +206,7 @@ def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> Non
     masked = [int(f["masked"]) for f in running if f["masked"].isdigit()]
     assert masked == sorted(masked, reverse=True), f"masked count went up: {masked}"
 
+    assert card.locator(".prompt").text_content() == prompt
     assert card.get_attribute("data-step") == str(expected["steps"])
     assert card.locator(".text").evaluate("e => e.classList.contains('final')")
     assert card.locator(".text").evaluate("e => e.textContent") == expected["text"]
@@ -232,6 +283,9 @@ def test_watch_all_keeps_up_with_16_concurrent_requests(dashboard_server: str, p
         )
     )
     assert shown & set(texts.values()), "no finished card shows its request's final text"
+    # Strangers' cards show their prompts too (from request.queued on the firehose).
+    prompts = page.locator(".card .prompt").evaluate_all("els => els.map(e => e.textContent)")
+    assert {f"Request number {i}" for i in range(n)} <= set(prompts)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-watch-all.png"), full_page=False)
     assert errors == [], f"console errors: {errors}"
@@ -247,8 +301,7 @@ def test_stop_aborts_the_request(dashboard_server: str, page: tuple) -> None:
         return float(line.split()[-1])
 
     before = disconnects()
-    page.goto(dashboard_server + "/")
-    page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
+    _open(page, dashboard_server)
     _fill(
         page, "A long one", {"max_tokens": 480, "steps": 480, "block_length": 480, "temperature": 0}
     )
@@ -268,4 +321,40 @@ def test_stop_aborts_the_request(dashboard_server: str, page: tuple) -> None:
         assert time.monotonic() < deadline, "the server never counted the disconnect"
         time.sleep(0.1)
     assert page.is_enabled("#generate") and not page.is_enabled("#stop")
+    assert errors == [], f"console errors: {errors}"
+
+
+def test_form_starts_from_the_served_defaults(embedded_server: str, page: tuple) -> None:
+    """On the embedded model the form shows its serving defaults (temperature 1, threshold off,
+    token healing), sends exactly them, and the card shows the default prompt: Python code."""
+    page, errors = page
+    defaults = _served_defaults(embedded_server)
+    _open(page, embedded_server)
+    assert _form(page) == _as_form(defaults)
+    prompt = page.input_value("#prompt")
+    assert prompt.startswith("def ") and prompt.endswith(":\n"), prompt
+
+    _throttle(page, 20_000)  # slow enough to catch the canvas mid-denoising
+    with page.expect_request("**/v1/diffusion/generate") as request:
+        page.click("#generate")
+    sent = request.value.post_data_json
+    assert sent == {"prompt": prompt, **{k: defaults[k] for k in sent if k != "prompt"}}
+    assert set(sent) == {"prompt", "remasking", *NUMBER_FIELDS, *CHECK_FIELDS}
+
+    card = page.locator(".card").first
+    card.wait_for(timeout=30_000)
+    assert card.locator(".prompt").text_content() == prompt
+    page.wait_for_function(
+        "+document.querySelector('.card').dataset.step >= 24", polling=50, timeout=60_000
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-embedded.png"), full_page=True)
+    page.wait_for_function(
+        "document.querySelector('.card').dataset.state === 'completed'", timeout=90_000
+    )
+    assert card.locator(".prompt").text_content() == prompt
+    # Defaults puts back what the server serves after an edit.
+    page.fill("#temperature", "0.3")
+    page.click("#reset-defaults")
+    assert _form(page) == _as_form(defaults)
     assert errors == [], f"console errors: {errors}"

@@ -29,6 +29,8 @@ METRICS = [
     "marble_denoising_steps_total",
     "marble_client_disconnects_total",
     "marble_dropped_step_events_total",
+    "marble_request_errors_total",
+    "marble_open_streams",
     "marble_queue_time_seconds",
     "marble_time_to_first_step_seconds",
     "marble_time_to_first_text_seconds",

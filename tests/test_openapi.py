@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema
 import pytest
 
 from server.app import create_app
@@ -102,7 +103,6 @@ async def test_empty_or_non_object_body_is_a_clear_400(llada_tiny_path):
 
 @pytest.mark.anyio
 async def test_bodies_sent_match_their_documented_schemas(llada_tiny_path):
-    jsonschema = pytest.importorskip("jsonschema")
     async with serving(llada_tiny_path) as (app, client):
         spec = (await client.get("/openapi.json")).json()
 

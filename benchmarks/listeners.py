@@ -116,9 +116,11 @@ def complete(port: int, body: dict) -> bool:
         conn.close()
 
 
-def generations(port: int, body: dict, stop: threading.Event, done: list[int]) -> None:
+def generations(port: int, body: dict, stop: threading.Event, done: list[bool]) -> None:
     while not stop.is_set():
-        done[0] += complete(port, body)
+        # One append per request (atomic): `done[0] += complete()` would read the count
+        # before the request and lose every other thread's updates meanwhile.
+        done.append(complete(port, body))
 
 
 def main() -> int:
@@ -167,7 +169,7 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("the server did not take every listener in within 60 s")
             time.sleep(0.1)
-        stop, done = threading.Event(), [0]
+        stop, done = threading.Event(), []
         workers = [
             threading.Thread(target=generations, args=(port, body, stop, done), daemon=True)
             for _ in range(args.generations)
@@ -214,7 +216,7 @@ def main() -> int:
         print(
             f"{args.listeners} idle listeners (SO_RCVBUF {args.rcvbuf}), "
             f"{args.generations} concurrent generations for {args.seconds:.0f} s "
-            f"({done[0]} completed, max_tokens {args.max_tokens})"
+            f"({sum(done)} completed, {len(done) - sum(done)} failed, max_tokens {args.max_tokens})"
         )
         print(
             f"/health over {len(health_ms)} calls: p50 {q[49]:.1f} ms  p99 {q[98]:.1f} ms  "

@@ -59,11 +59,11 @@ async def completions(
     hub = state.ready_hub()
     prompts = state.params(body.prompts)
     jobs = state.jobs(body, prompts, body.suffix)
-    echo = None
-    if body.echo:
-        echo = [p if isinstance(p, str) else hub.tokenizer.decode(p) for p in prompts]
     group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
     await state.submit(group, jobs)
+    echo = None
+    if body.echo:  # after submitting: the prompts are known to fit the context by now
+        echo = [p if isinstance(p, str) else hub.tokenizer.decode(p) for p in prompts]
     translator = Translator(
         "completion",
         hub,

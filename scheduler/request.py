@@ -135,6 +135,10 @@ class SamplingParams:
             raise ValueError(f"unknown sampling parameters: {unknown}")
         return cls(**values)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (what `from_dict` reads back)."""
+        return {**dataclasses.asdict(self), "stop": list(self.stop)}
+
     def replace(self, **changes: Any) -> SamplingParams:
         """These settings with `changes` over them; `steps` given without `threshold` selects
         the fixed-count rule, as in the constructor."""

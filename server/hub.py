@@ -8,7 +8,6 @@ Knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import OrderedDict
 
@@ -83,8 +82,6 @@ class Hub:
             self.routes.pop(request.request_id, None)
             self._update_idle()
             raise
-        params_json = dataclasses.asdict(params)
-        params_json["stop"] = list(params.stop)
         group.publish(
             "request.queued",
             choice,
@@ -94,7 +91,7 @@ class Hub:
                 "prompt_tokens": choice.prompt_tokens,
                 # The prompt as sent (token ids decoded), so a dashboard card can show it.
                 "prompt": prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt),
-                "params": params_json,
+                "params": params.to_dict(),
             },
         )
         return choice

@@ -6,7 +6,6 @@ JSON body). A client that disconnects, streaming or not, aborts its request.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -34,9 +33,7 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     if state.engine is not None:
         card["max_model_len"] = state.engine.model.cfg.max_seq_len
         # The serving defaults a request's fields are merged over (the dashboard's form).
-        defaults = dataclasses.asdict(state.engine.defaults)
-        defaults["stop"] = list(state.engine.defaults.stop)
-        card["defaults"] = defaults
+        card["defaults"] = state.engine.defaults.to_dict()
     return card
 
 

@@ -63,6 +63,7 @@ COPY README.md /src/
 COPY model/ /src/model/
 COPY scheduler/ /src/scheduler/
 COPY server/ /src/server/
+COPY training/ /src/training/
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
 
 # ------------------------------------------------------------------------------------ runtime
@@ -80,7 +81,7 @@ COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /dist/ /tmp/dist/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/dist/*.whl \
     && rm -rf /tmp/dist \
-    && /opt/venv/bin/python -c "import model, scheduler, server.cli"
+    && /opt/venv/bin/python -c "import marble.model, marble.scheduler, marble.server.cli"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \

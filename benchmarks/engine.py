@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from model.default import CHECKPOINT_DIR
-from scheduler.engine import Engine
-from scheduler.request import SamplingParams
-from scheduler.scheduler import SchedulerConfig
+from marble.model.default import CHECKPOINT_DIR
+from marble.scheduler.engine import Engine
+from marble.scheduler.request import SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
 
 PROMPT = "def fibonacci(n):\n    "
 PAIR_EVERY = 2  # full-batch steps per timed (step, bare forward) pair: keeps the run short

@@ -1,6 +1,6 @@
 """Fuzz the HTTP API against its own OpenAPI spec with schemathesis: no 5xx, no spec violation.
 
-Starts a real server (`python -m server`, 127.0.0.1 only, small limits so generated requests
+Starts a real server (`python -m marble.server`, 127.0.0.1 only, small limits so generated requests
 finish fast: a view of the checkpoint whose serving defaults ask for a short canvas, at most 2
 choices; a cap on its address space so a runaway request fails instead of taking the machine's
 memory), loads its `/openapi.json`, sends `--cases` generated requests spread over every
@@ -115,7 +115,7 @@ def short_defaults(model: Path, into: Path) -> Path:
 
 
 def start_server(args: argparse.Namespace, port: int, model: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "marble.server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--model", str(model)]
     limit = int(args.memory_gb * 2**30)
 

@@ -1,6 +1,6 @@
 """Slow listeners: server memory and /health latency while dashboards never read.
 
-Starts a real `python -m server` on 127.0.0.1, opens N raw TCP connections to
+Starts a real `python -m marble.server` on 127.0.0.1, opens N raw TCP connections to
 `GET /v1/diffusion/events` that never read (a tiny receive buffer, so the server's side fills
 up), runs G concurrent generations (`POST /v1/completions`) for a while and times `/health`
 meanwhile. Printed: the server's RSS before the listeners, at the end of the traffic and after
@@ -145,7 +145,7 @@ def main() -> int:
     if args.send_timeout is not None:
         env["MARBLE_SEND_TIMEOUT_S"] = str(args.send_timeout)
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="marble-listeners-")
-    cmd = [sys.executable, "-m", "server", "--model", args.model, "--port", str(port)]
+    cmd = [sys.executable, "-m", "marble.server", "--model", args.model, "--port", str(port)]
     cmd += ["--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     socks: list[socket.socket] = []

@@ -4,7 +4,7 @@ Both paths do identical work: one explicit parameter set (every `SamplingParams`
 so no checkpoint's serving defaults apply) is sent as the HTTP body and given to the in-process
 engine, and the server's `request.queued` echo of its parameters is checked against it. Each
 of N clients sends R requests one after another through `POST /v1/diffusion/generate` (native
-step stream) to a real `python -m server` on 127.0.0.1, and records the time to the first
+step stream) to a real `python -m marble.server` on 127.0.0.1, and records the time to the first
 `step` event and to `request.completed`. The baseline drives the same requests through
 `Engine.step()` in this process with N requests kept in flight. Printed per N: throughput
 (completion tokens/s, requests/s), p50/p99 latency, p50 time to first step, the share of wall
@@ -40,12 +40,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model.config import preset  # noqa: E402
-from model.default import CHECKPOINT_DIR  # noqa: E402
-from model.transformer import Denoiser  # noqa: E402
-from scheduler.engine import Engine  # noqa: E402
-from scheduler.request import SamplingParams  # noqa: E402
-from scheduler.scheduler import SchedulerConfig  # noqa: E402
+from marble.model.config import preset  # noqa: E402
+from marble.model.default import CHECKPOINT_DIR  # noqa: E402
+from marble.model.transformer import Denoiser  # noqa: E402
+from marble.scheduler.engine import Engine  # noqa: E402
+from marble.scheduler.request import SamplingParams  # noqa: E402
+from marble.scheduler.scheduler import SchedulerConfig  # noqa: E402
 
 LEGEND = """\
   N         concurrent clients, each sending its requests one after another
@@ -219,7 +219,7 @@ async def run_http(base: str, body: dict, clients: int, per_client: int) -> Resu
 
 @contextmanager
 def server(model: Path, port: int, threads: int, max_batch: int, device: str):
-    cmd = [sys.executable, "-m", "server", "--model", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "marble.server", "--model", str(model), "--port", str(port)]
     cmd += ["--host", "127.0.0.1", "--log-level", "warning", "--torch-threads", str(threads)]
     cmd += ["--max-batch-size", str(max_batch), "--device", device, "--dtype", "float32"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

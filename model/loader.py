@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from model.config import ModelConfig
-from model.transformer import Denoiser
+from marble.model.config import ModelConfig
+from marble.model.transformer import Denoiser
 
 log = logging.getLogger(__name__)
 

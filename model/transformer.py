@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ModelConfig
+from marble.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

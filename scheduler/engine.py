@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from model.default import CHECKPOINT_DIR
-from model.loader import load_model
-from model.tokenizer import TextTokenizer
-from model.transformer import Denoiser
-from scheduler.healing import heal, unheal
-from scheduler.request import Request, RequestStatus, SamplingParams
-from scheduler.runner import Commit, ModelRunner, RowError
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from marble.model.default import CHECKPOINT_DIR
+from marble.model.loader import load_model
+from marble.model.tokenizer import TextTokenizer
+from marble.model.transformer import Denoiser
+from marble.scheduler.healing import heal, unheal
+from marble.scheduler.request import Request, RequestStatus, SamplingParams
+from marble.scheduler.runner import Commit, ModelRunner, RowError
+from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ alone or merged, so the text stays exact. Knows nothing of batching or models.
 
 from __future__ import annotations
 
-from model.tokenizer import TextTokenizer
+from marble.model.tokenizer import TextTokenizer
 
 
 def heal(

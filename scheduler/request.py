@@ -63,7 +63,7 @@ class SamplingParams:
     explicit `threshold` wins over `steps`; `threshold=None` with `steps=None` is one token per
     step. `block_length=None` denoises the whole generated region as one block.
     `token_healing` moves a text prompt's trailing whitespace token into the canvas (see
-    `scheduler.healing`).
+    `marble.scheduler.healing`).
     """
 
     max_tokens: int = 128

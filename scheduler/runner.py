@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from model.sampling import (
+from marble.model.sampling import (
     Confidence,
     dream_counts,
     dream_timesteps,
@@ -26,8 +26,8 @@ from model.sampling import (
     score_confidence,
     select_commits,
 )
-from model.transformer import Denoiser
-from scheduler.request import Request, SamplingParams
+from marble.model.transformer import Denoiser
+from marble.scheduler.request import Request, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from scheduler.request import Request, RequestStatus
+from marble.scheduler.request import Request, RequestStatus
 
 
 class QueueFullError(RuntimeError):

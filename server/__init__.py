@@ -1,1 +1,1 @@
-"""Marble's HTTP layer: FastAPI app, engine thread, SSE streams, metrics (see `server.app`)."""
+"""Marble's HTTP layer: the FastAPI app and the legs of a request's round trip (README)."""

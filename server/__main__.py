@@ -1,7 +1,7 @@
-"""`python -m server [flags]` = `marble serve [flags]`."""
+"""`python -m marble.server [flags]` = `marble serve [flags]`."""
 
 import sys
 
-from server.cli import main
+from marble.server.cli import main
 
 sys.exit(main(["serve", *sys.argv[1:]]))

@@ -14,13 +14,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from scheduler.engine import Engine
-from server.errors import install_error_handlers
-from server.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from server.openapi import install_openapi
-from server.routes import diffusion, health, openai
-from server.settings import Settings
-from server.state import ServerState
+from marble.scheduler.engine import Engine
+from marble.server.errors import install_error_handlers
+from marble.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from marble.server.openapi import install_openapi
+from marble.server.routes import diffusion, health, openai
+from marble.server.settings import Settings
+from marble.server.state import ServerState
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

@@ -1,7 +1,7 @@
 """The `marble` command: `marble serve [--model PATH] [--host H] [--port P] ...`.
 
 Flags override `MARBLE_*` environment variables, which override the defaults in
-`server.settings.Settings`. The model loads after the socket is listening (`/health` says
+`marble.server.settings.Settings`. The model loads after the socket is listening (`/health` says
 503 until it is ready); a missing model folder is reported before anything starts. SIGTERM and
 SIGINT drain before the process exits (server/drain.py).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.settings import Settings
+from marble.server.settings import Settings
 
 # flag -> (settings field, type, help)
 _FLAGS: list[tuple[str, type, str]] = [
@@ -58,10 +58,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _model_problem(settings: Settings) -> str | None:
-    from server.state import default_model_path
+    from marble.model.default import CHECKPOINT_DIR
 
     if settings.model is None:
-        path = default_model_path()
+        path = CHECKPOINT_DIR
         if not (path / "config.json").exists():
             return (
                 "no model given and the embedded default model is not available yet "
@@ -78,10 +78,10 @@ def serve(settings: Settings) -> int:
     import torch
     import uvicorn
 
-    from server.app import create_app
-    from server.drain import DrainingServer
-    from server.log_redaction import redact_logs
-    from server.stall_guard import stall_guarded
+    from marble.server.app import create_app
+    from marble.server.drain import DrainingServer
+    from marble.server.log_redaction import redact_logs
+    from marble.server.stall_guard import stall_guarded
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

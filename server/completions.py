@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.tokenizer import TextTokenizer
-from scheduler.engine import StepOutput
-from scheduler.healing import unheal
-from server.errors import APIError
-from server.group import RequestGroup
-from server.hub import Hub
+from marble.model.tokenizer import TextTokenizer
+from marble.scheduler.engine import StepOutput
+from marble.scheduler.healing import unheal
+from marble.server.errors import APIError
+from marble.server.group import RequestGroup
+from marble.server.hub import Hub
 
 log = logging.getLogger(__name__)
 

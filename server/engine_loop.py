@@ -13,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from scheduler.engine import Engine, StepOutput
-from scheduler.request import Request
-from server.metrics import Metrics, Timing
+from marble.scheduler.engine import Engine, StepOutput
+from marble.scheduler.request import Request
+from marble.server.metrics import Metrics, Timing
 
 log = logging.getLogger(__name__)
 

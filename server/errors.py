@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.protocol import error_body
+from marble.server.protocol import error_body
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from scheduler.engine import StepOutput
-from scheduler.healing import unheal
-from scheduler.request import SamplingParams
-from server.events import Event, EventLog, Subscriber
-from server.metrics import Timing
+from marble.scheduler.engine import StepOutput
+from marble.scheduler.healing import unheal
+from marble.scheduler.request import SamplingParams
+from marble.server.events import Event, EventLog, Subscriber
+from marble.server.metrics import Timing
 
 if TYPE_CHECKING:  # the hub owns groups; a group only calls back into it
-    from server.hub import Hub
+    from marble.server.hub import Hub
 
 
 def _num(x: float | None) -> float | None:

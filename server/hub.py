@@ -11,14 +11,14 @@ import asyncio
 import time
 from collections import OrderedDict
 
-from model.tokenizer import TextTokenizer
-from scheduler.healing import unheal
-from scheduler.request import Request
-from server.engine_loop import Delivery, EngineLoop
-from server.events import Event, EventLog, Subscriber
-from server.group import Choice, RequestGroup
-from server.metrics import Metrics
-from server.settings import Settings
+from marble.model.tokenizer import TextTokenizer
+from marble.scheduler.healing import unheal
+from marble.scheduler.request import Request
+from marble.server.engine_loop import Delivery, EngineLoop
+from marble.server.events import Event, EventLog, Subscriber
+from marble.server.group import Choice, RequestGroup
+from marble.server.metrics import Metrics
+from marble.server.settings import Settings
 
 ID_PREFIXES = ("chatcmpl-", "cmpl-", "gen-")
 

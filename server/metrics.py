@@ -19,7 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from scheduler.engine import EngineStats, StepOutput
+from marble.scheduler.engine import EngineStats, StepOutput
 
 OUTCOMES = ("stop", "length", "abort", "error")
 REJECT_REASONS = (

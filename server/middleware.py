@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import APIError
-from server.protocol import error_body
+from marble.server.errors import APIError
+from marble.server.protocol import error_body
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 FastAPI generates the request side from the routes; this module rewrites the response side
 of every operation from one table: the error statuses its path can raise, each with OpenAI's
-error body (never FastAPI's 422: `server.errors` sends invalid input as 400), the 200 bodies
+error body (never FastAPI's 422: `marble.server.errors` sends invalid input as 400), the 200 bodies
 as they are built, and the event streams as `text/event-stream`. Knows nothing of the engine.
 """
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
-from scheduler.request import (
+from marble.scheduler.request import (
     MAX_STEPS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,

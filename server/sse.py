@@ -16,8 +16,8 @@ import anyio
 from prometheus_client import Gauge
 from sse_starlette import EventSourceResponse
 
-from server.events import Subscriber
-from server.settings import Settings
+from marble.server.events import Subscriber
+from marble.server.settings import Settings
 
 
 def sse_response(

@@ -19,27 +19,21 @@ import torch
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scheduler.engine import Engine
-from scheduler.request import Request as EngineRequest
-from scheduler.request import SamplingParams
-from scheduler.scheduler import QueueFullError, SchedulerConfig
-from server.engine_loop import EngineLoop
-from server.errors import APIError
-from server.group import RequestGroup
-from server.hub import Hub
-from server.metrics import Metrics
-from server.protocol import SamplingBody
-from server.settings import Settings
+from marble.model.default import CHECKPOINT_DIR
+from marble.scheduler.engine import Engine
+from marble.scheduler.request import Request as EngineRequest
+from marble.scheduler.request import SamplingParams
+from marble.scheduler.scheduler import QueueFullError, SchedulerConfig
+from marble.server.engine_loop import EngineLoop
+from marble.server.errors import APIError
+from marble.server.group import RequestGroup
+from marble.server.hub import Hub
+from marble.server.metrics import Metrics
+from marble.server.protocol import SamplingBody
+from marble.server.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def default_model_path() -> Path:
-    """Where the embedded default checkpoint lives (it may not exist yet)."""
-    import model
-
-    return Path(model.__file__).resolve().parent / "default" / "checkpoint"
 
 
 def resolve_device(device: str) -> str:
@@ -68,7 +62,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def build_engine(settings: Settings) -> Engine:
     """Load the checkpoint named by the settings (the embedded model when none is)."""
-    path = settings.model or default_model_path()
+    path = settings.model or CHECKPOINT_DIR
     device = resolve_device(settings.device)
     config = SchedulerConfig(
         max_batch_size=settings.max_batch_size,

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from scheduler.engine import Engine
-from scheduler.scheduler import SchedulerConfig
-from server.app import create_app
-from server.settings import Settings
+from marble.scheduler.engine import Engine
+from marble.scheduler.scheduler import SchedulerConfig
+from marble.server.app import create_app
+from marble.server.settings import Settings
 
 
 def tiny_engine(path: Path, **config: Any) -> Engine:

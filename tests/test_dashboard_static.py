@@ -10,12 +10,12 @@ from importlib import resources
 
 import pytest
 
-from scheduler.request import SamplingParams
+from marble.scheduler.request import SamplingParams
 from tests.server_helpers import serving
 
 pytestmark = pytest.mark.anyio
 
-STATIC = resources.files("server").joinpath("static")
+STATIC = resources.files("marble.server").joinpath("static")
 FILES = ("index.html", "app.js", "style.css")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from model.default import CHECKPOINT_DIR
-from model.default.evaluate import choose_defaults
-from scheduler.engine import Engine, load_defaults
+from marble.model.default import CHECKPOINT_DIR
+from marble.scheduler.engine import Engine, load_defaults
+from marble.training.evaluate import choose_defaults
 
 
 def test_shipped_checkpoint_is_complete_and_small():
@@ -36,7 +36,7 @@ def test_shipped_checkpoint_generates():
 
 
 def test_compile_probe_counts_code_not_comments():
-    from model.default.completions import compiles, cut_last_line
+    from marble.training.completions import compiles, cut_last_line
 
     prompt = 'def f(x):\n    """Doc."""\n'
     assert not compiles(prompt, "\n\n#\n#\n")  # header + docstring alone already compile

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.config import preset
-from model.default.corpus import (
+from marble.model.config import preset
+from marble.model.loader import load_model
+from marble.model.transformer import Denoiser
+from marble.training.corpus import (
     EOS_TOKEN,
     MASK_TOKEN,
     is_heldout,
@@ -20,11 +22,9 @@ from model.default.corpus import (
     stdlib_files,
     train_tokenizer,
 )
-from model.default.evaluate import training_summary
-from model.default.objective import features, noise, stratified_t
-from model.default.train import Batches, TrainConfig, export, train, training_seconds
-from model.loader import load_model
-from model.transformer import Denoiser
+from marble.training.evaluate import training_summary
+from marble.training.objective import features, noise, stratified_t
+from marble.training.train import Batches, TrainConfig, export, train, training_seconds
 
 
 def tiny(run_dir, **overrides) -> TrainConfig:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from model.config import preset
-from model.tokenizer import TextTokenizer
-from model.transformer import Denoiser
-from scheduler.engine import Engine
-from scheduler.request import SamplingParams
-from scheduler.scheduler import SchedulerConfig
+from marble.model.config import preset
+from marble.model.tokenizer import TextTokenizer
+from marble.model.transformer import Denoiser
+from marble.scheduler.engine import Engine
+from marble.scheduler.request import SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import preset
-from model.default import CHECKPOINT_DIR
-from model.tokenizer import TextTokenizer
-from model.transformer import Denoiser
-from scheduler.engine import Engine
-from scheduler.healing import heal
-from scheduler.request import SamplingParams
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from marble.model.config import preset
+from marble.model.default import CHECKPOINT_DIR
+from marble.model.tokenizer import TextTokenizer
+from marble.model.transformer import Denoiser
+from marble.scheduler.engine import Engine
+from marble.scheduler.healing import heal
+from marble.scheduler.request import SamplingParams
+from marble.server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.server_helpers import parse_sse, serving
 
 PROMPT = "def area(r):\n"

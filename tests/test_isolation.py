@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.loader import CheckpointError, load_model
-from scheduler.engine import Engine
-from scheduler.request import SamplingParams
+from marble.model.loader import CheckpointError, load_model
+from marble.scheduler.engine import Engine
+from marble.scheduler.request import SamplingParams
 from tests.server_helpers import serving, tiny_engine
 
 PROMPTS = [[5 + i, 40 + 3 * i, 7] * (1 + i % 3) for i in range(7)]

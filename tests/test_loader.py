@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig, UnsupportedModelError, preset
-from model.loader import CheckpointError, load_model
-from model.tokenizer import ChatTemplateError, TextTokenizer
-from model.transformer import Denoiser
+from marble.model.config import ModelConfig, UnsupportedModelError, preset
+from marble.model.loader import CheckpointError, load_model
+from marble.model.tokenizer import ChatTemplateError, TextTokenizer
+from marble.model.transformer import Denoiser
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

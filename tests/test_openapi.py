@@ -10,9 +10,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from server.app import create_app
-from server.protocol import error_body
-from server.settings import Settings
+from marble.server.app import create_app
+from marble.server.protocol import error_body
+from marble.server.settings import Settings
 from tests.server_helpers import parse_sse, serving
 
 POSTS = ("/v1/completions", "/v1/chat/completions", "/v1/diffusion/generate")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.loader import load_model
-from scheduler.engine import Engine
-from scheduler.request import SamplingParams
+from marble.model.loader import load_model
+from marble.scheduler.engine import Engine
+from marble.scheduler.request import SamplingParams
 
 TOLERANCE = 1e-4
 
@@ -147,7 +147,7 @@ def test_dream_generation_traces(index: int, golden_dir: Path, dream_dir: Path):
 
 
 def test_chat_prompts_tokenise_like_reference(golden_dir: Path, llada_dir: Path, dream_dir: Path):
-    from model.tokenizer import TextTokenizer
+    from marble.model.tokenizer import TextTokenizer
 
     for name, folder in (("llada", llada_dir), ("dream", dream_dir)):
         tok = TextTokenizer(folder)

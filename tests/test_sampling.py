@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from model.sampling import (
+from marble.model.sampling import (
     Confidence,
     dream_counts,
     dream_timesteps,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.request import Request, RequestStatus, SamplingParams, steps_per_block
-from scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from marble.scheduler.request import Request, RequestStatus, SamplingParams, steps_per_block
+from marble.scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 MASK = 99
 
@@ -90,7 +90,7 @@ def test_blocks_and_step_split():
 def test_stored_defaults_keep_explicit_nulls(tmp_path):
     import json
 
-    from scheduler.engine import load_defaults
+    from marble.scheduler.engine import load_defaults
 
     (tmp_path / "marble_defaults.json").write_text(
         json.dumps({"temperature": 0.7, "threshold": None, "block_length": None})

@@ -135,7 +135,7 @@ async def test_a_huge_prompt_is_refused_without_tokenizing_it(llada_tiny_path, m
 async def test_steps_without_threshold_mean_the_same_offline_and_over_http(llada_tiny_path):
     """One meaning of `steps`: given without `threshold` it is the fixed-count rule, for the
     offline SamplingParams and for an HTTP body alike; an explicit threshold wins."""
-    from scheduler.request import SamplingParams
+    from marble.scheduler.request import SamplingParams
 
     assert SamplingParams(steps=8).threshold is None
     assert SamplingParams().replace(steps=8).threshold is None

@@ -11,11 +11,12 @@ import threading
 import httpx
 import pytest
 
-from server import cli
-from server import state as state_module
-from server.app import create_app
-from server.log_redaction import RedactSecrets
-from server.settings import Settings
+import marble.model.default
+from marble.server import cli
+from marble.server import state as state_module
+from marble.server.app import create_app
+from marble.server.log_redaction import RedactSecrets
+from marble.server.settings import Settings
 from tests.server_helpers import serving, tiny_engine
 
 METRICS = [
@@ -52,7 +53,7 @@ def test_settings_from_env_and_flags(monkeypatch, tmp_path):
 
 
 def test_serve_without_a_model_says_what_to_do(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(state_module, "default_model_path", lambda: tmp_path / "missing")
+    monkeypatch.setattr(marble.model.default, "CHECKPOINT_DIR", tmp_path / "missing")
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "embedded default model" in err

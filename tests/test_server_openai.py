@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from server.settings import Settings
+from marble.server.settings import Settings
 from tests.server_helpers import serving, tiny_engine
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from server.events import Event, Subscriber
+from marble.server.events import Event, Subscriber
 from tests.server_helpers import parse_sse, serving
 
 pytestmark = pytest.mark.anyio
@@ -81,7 +81,7 @@ async def test_attach_and_resume_after_last_event_id(llada_tiny_path):
 
 
 async def test_evicted_log_resyncs_with_a_snapshot(llada_tiny_path):
-    from server.settings import Settings
+    from marble.server.settings import Settings
 
     async with serving(llada_tiny_path, Settings(event_log_size=16)) as (_, client):
         r, events = await generate(
@@ -225,7 +225,7 @@ async def test_disconnect_aborts_within_two_steps(llada_tiny_path, path, extra):
 
 
 async def test_a_subscriber_that_never_reads_loses_steps_only(llada_tiny_path):
-    from server.settings import Settings
+    from marble.server.settings import Settings
 
     async with serving(llada_tiny_path, Settings(subscriber_queue_size=2)) as (app, client):
         hub = app.state.marble.hub

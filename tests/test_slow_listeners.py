@@ -12,9 +12,9 @@ import time
 import pytest
 import uvicorn
 
-from server.events import Event, Subscriber
-from server.settings import Settings
-from server.stall_guard import stall_guarded
+from marble.server.events import Event, Subscriber
+from marble.server.settings import Settings
+from marble.server.stall_guard import stall_guarded
 from tests.server_helpers import serving
 from tests.test_server_streams import call_app
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.errors import APIError
-from server.middleware import request_id_of
-from server.state import ServerState
+from marble.server.errors import APIError
+from marble.server.middleware import request_id_of
+from marble.server.state import ServerState
 
 
 def get_state(request: Request) -> ServerState:

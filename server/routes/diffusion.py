@@ -14,12 +14,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse
 
-from server.events import Subscriber
-from server.group import RequestGroup
-from server.protocol import GenerateRequest
-from server.routes.deps import RequestIdDep, StateDep, require_api_key
-from server.sse import sse_response
-from server.state import ServerState
+from marble.server.events import Subscriber
+from marble.server.group import RequestGroup
+from marble.server.protocol import GenerateRequest
+from marble.server.routes.deps import RequestIdDep, StateDep, require_api_key
+from marble.server.sse import sse_response
+from marble.server.state import ServerState
 
 router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key)])
 CHUNK_BYTES = 32 * 1024

@@ -8,7 +8,7 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from server.routes.deps import StateDep
+from marble.server.routes.deps import StateDep
 
 router = APIRouter()
 
@@ -42,5 +42,7 @@ async def metrics(state: StateDep) -> Response:
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard() -> HTMLResponse:
-    page = resources.files("server").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = (
+        resources.files("marble.server").joinpath("static/index.html").read_text(encoding="utf-8")
+    )
     return HTMLResponse(page)

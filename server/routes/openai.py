@@ -12,13 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from model.tokenizer import ChatTemplateError
-from server.completions import Translator
-from server.group import RequestGroup
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.routes.deps import RequestIdDep, StateDep, require_api_key
-from server.sse import sse_response
-from server.state import ServerState
+from marble.model.tokenizer import ChatTemplateError
+from marble.server.completions import Translator
+from marble.server.group import RequestGroup
+from marble.server.protocol import ChatCompletionRequest, CompletionRequest
+from marble.server.routes.deps import RequestIdDep, StateDep, require_api_key
+from marble.server.sse import sse_response
+from marble.server.state import ServerState
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 

@@ -1,4 +1,4 @@
-"""A real `python -m server` on 127.0.0.1 and a free port, ready when `/health` says so."""
+"""A real `python -m marble.server` on 127.0.0.1 and a free port, ready when `/health` says so."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def free_port() -> int:
 
 
 def start_server(model: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `python -m server` and return once `/health` is 200 (the caller stops it)."""
+    """Start `python -m marble.server` and return once `/health` is 200 (the caller stops it)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "marble.server", "--model", str(model), "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning", *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model.default import CHECKPOINT_DIR
+from marble.model.default import CHECKPOINT_DIR
 from tests.e2e.conftest import REPO, running_server
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Process-level behaviour of `python -m server`: the drain on SIGTERM and SIGINT (README,
+"""Process-level behaviour of `python -m marble.server`: the drain on SIGTERM and SIGINT (README,
 "Server") and secrets kept out of its logs. Each test owns its server process."""
 
 from __future__ import annotations

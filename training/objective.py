@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.transformer import Denoiser, rotary_tables
+from marble.model.transformer import Denoiser, rotary_tables
 
 
 def stratified_t(batch: int, eps: float, generator: torch.Generator) -> Tensor:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from model.config import ModelConfig
-from model.default.corpus import EOS_TOKEN, MASK_TOKEN
+from marble.model.config import ModelConfig
+from marble.training.corpus import EOS_TOKEN, MASK_TOKEN
 
 # SamplingParams field names. Undertrained models collapse to newlines under greedy
 # confidence-ordered decoding; temperature with random unmasking order gives code-shaped text.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recipe of the shipped default model: one wall-clock-budgeted run on one GPU, then export.
 #
-# Run from the repository root: `bash model/default/train-gpu.sh` (BUDGET seconds, default
+# Run from the repository root: `bash training/train-gpu.sh` (BUDGET seconds, default
 # 450; OUT, the folder for the checkpoint and logs). The extra training text is whatever
 # installed packages of WANT the interpreter finds, so the run records the list it used. The
 # tokenizer is the shipped one, so checkpoints stay comparable. It ends with the CUDA training
@@ -17,13 +17,13 @@ PKGS=$($PY -c "import importlib.util as u,sys;print(','.join(n for n in sys.argv
 echo "packages: $PKGS"
 cp model/default/checkpoint/tokenizer.json "$R/"
 # The process's own budget covers corpus loading and compilation; timeout is only a backstop.
-timeout -s TERM $((BUDGET + 60)) $PY -m model.default.train --run-dir "$R" --device "$DEVICE" \
+timeout -s TERM $((BUDGET + 60)) $PY -m marble.training.train --run-dir "$R" --device "$DEVICE" \
   --budget-s "$BUDGET" --tokens 4000000000 --seed 2 --threads 8 \
   --d-model 320 --n-layers 6 --n-heads 5 --mlp-hidden 768 --seq-len 256 --batch-size 256 \
   --lr 3e-3 --warmup-steps 200 --decay-frac 0.3 --eval-every 500 --eval-windows 64 \
   --extra-packages "$PKGS" --stdlib-share 0.15 ${EXTRA:-} > "$OUT/stdout.log" 2>&1
 echo "train rc=$?"
-$PY -m model.default.train --run-dir "$R" --export "$OUT/ckpt" 2>&1 | tail -2
+$PY -m marble.training.train --run-dir "$R" --export "$OUT/ckpt" 2>&1 | tail -2
 cp "$R/train.log" "$OUT/"
 grep -E "params|budget|eval step|saved|python" "$R/train.log" | cut -c1-300 | tail -40
 timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_default_train.py -k cuda 2>&1 | tail -3

@@ -1,6 +1,6 @@
 """Train Marble's default masked-diffusion LM on Python sources; resumable; `--export` writes it.
 
-`python -m model.default.train` trains (or resumes) in a run dir (runs/default/): tokenizer,
+`python -m marble.training.train` trains (or resumes) in a run dir (runs/default/): tokenizer,
 `state.pt` (weights, optimizer, step, RNG states) saved every few minutes, `train.log` and
 `metrics.jsonl`. `--init-from RUN` starts a new run from another run's final weights and
 tokenizer (a second stage with its own schedule and corpus). `--export DIR` writes a serving
@@ -31,8 +31,9 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.config import ModelConfig
-from model.default.corpus import (
+from marble.model.config import ModelConfig
+from marble.model.transformer import Denoiser
+from marble.training.corpus import (
     EOS_TOKEN,
     MASK_TOKEN,
     encode_files,
@@ -41,10 +42,9 @@ from model.default.corpus import (
     split_files,
     train_tokenizer,
 )
-from model.default.evaluate import heldout_bound, windows
-from model.default.export import export_checkpoint
-from model.default.objective import features, masked_loss, noise, stratified_t
-from model.transformer import Denoiser
+from marble.training.evaluate import heldout_bound, windows
+from marble.training.export import export_checkpoint
+from marble.training.objective import features, masked_loss, noise, stratified_t
 
 log = logging.getLogger("marble.train")
 

@@ -20,19 +20,19 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from model.default import CHECKPOINT_DIR
-from model.default.completions import (
+from marble.model.default import CHECKPOINT_DIR
+from marble.model.transformer import Denoiser
+from marble.training.completions import (
     code_share,
     compiles,
     function_prompts,
     unigram_completions,
 )
-from model.default.corpus import encode_files, read_sources, split_files
-from model.default.objective import masked_loss, noise
-from model.transformer import Denoiser
+from marble.training.corpus import encode_files, read_sources, split_files
+from marble.training.objective import masked_loss, noise
 
 if TYPE_CHECKING:
-    from scheduler.engine import Engine
+    from marble.scheduler.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def serving_engine(folder: Path) -> Engine:
     """The serving engine on `folder`, batching up to 16 probe prompts at once."""
     # The probe drives the serving engine itself: this evaluation tool sits above the
     # scheduler (nothing on the serving path imports it), so the import is local.
-    from scheduler.engine import Engine
-    from scheduler.scheduler import SchedulerConfig
+    from marble.scheduler.engine import Engine
+    from marble.scheduler.scheduler import SchedulerConfig
 
     return Engine.from_pretrained(folder, config=SchedulerConfig(max_batch_size=16), progress=False)
 
@@ -246,7 +246,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from model.loader import load_model
+    from marble.model.loader import load_model
 
     folder = Path(args.checkpoint)
     model = load_model(folder, progress=False)

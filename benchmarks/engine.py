@@ -23,7 +23,7 @@ import torch
 
 from marble.model.default import CHECKPOINT_DIR
 from marble.scheduler.engine import Engine
-from marble.scheduler.request import SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig
 
 PROMPT = "def fibonacci(n):\n    "
@@ -77,7 +77,7 @@ def run(engine: Engine, batch: int, params: SamplingParams, prompt_len: int) -> 
     canvas = prompt_len + params.max_tokens
     window = min(params.block_length or params.max_tokens, params.max_tokens)
     for _ in range(batch):
-        engine.add_request(PROMPT, params)
+        engine.add(engine.make_request(PROMPT, params))
     step_times, forward_times = [], []
     engine_seconds, committed, forwards, full = 0.0, 0, 0, 0
     while engine.has_unfinished():

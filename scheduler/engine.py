@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from marble.model.default import CHECKPOINT_DIR
+from marble.model.device import resolve_device, resolve_dtype
 from marble.model.loader import load_model
 from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.healing import heal, unheal
-from marble.scheduler.request import Request, RequestStatus, SamplingParams
+from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.runner import Commit, ModelRunner, RowError
+from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -91,30 +93,24 @@ class Engine:
         cls,
         path: str | Path | None = None,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         config: SchedulerConfig | None = None,
         defaults: SamplingParams | None = None,
         progress: bool = True,
     ) -> Engine:
         """Load a local checkpoint folder (None: the embedded default model, wherever Marble
-        is installed); serving defaults stored with it apply unless given."""
+        is installed); serving defaults stored with it apply unless given. `device` and
+        `dtype` may be "auto" (model/device.py)."""
         path = CHECKPOINT_DIR if path is None else Path(path)
-        model = load_model(path, device=device, dtype=dtype, progress=progress)
+        device = resolve_device(device)
+        model = load_model(
+            path, device=device, dtype=resolve_dtype(dtype, device), progress=progress
+        )
         if defaults is None:
             defaults = load_defaults(path)
         return cls(model, TextTokenizer(path), config, defaults)
 
     # ----------------------------------------------------------------------------- requests
-    def add_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        suffix: str | list[int] | None = None,
-    ) -> Request:
-        """Validate and queue; raises ValueError (bad input) or QueueFullError."""
-        return self.add(self.make_request(prompt, params, request_id, suffix))
-
     def make_request(
         self,
         prompt: str | list[int],
@@ -122,36 +118,43 @@ class Engine:
         request_id: str | None = None,
         suffix: str | list[int] | None = None,
     ) -> Request:
-        """Validate and tokenize without queueing; raises ValueError. Touches no engine state,
-        so the server runs it off the event loop. Sizes are checked in O(1) before anything
-        proportional to them is built: max_tokens and top_k against the model first, text
-        against the longest text the context could hold before it is tokenized."""
+        """Validate and tokenize without queueing; raises `InvalidParam` naming the field.
+        Touches no engine state, so the server runs it off the event loop. Sizes are checked in
+        O(1) before anything proportional to them is built: max_tokens and top_k against the
+        model first, text against the longest text the context could hold before it is
+        tokenized."""
         params = params or self.defaults
         context = self.model.cfg.max_seq_len
         if params.max_tokens > context:
-            raise ValueError(
-                f"max_tokens ({params.max_tokens}) exceeds the model's context of {context}"
+            raise InvalidParam(
+                "max_tokens",
+                f"max_tokens ({params.max_tokens}) exceeds the model's context of {context}",
             )
         vocab = min(len(self.tokenizer), self.model.cfg.vocab_size)
         if params.top_k > vocab:
-            raise ValueError(f"top_k ({params.top_k}) exceeds the vocabulary of {vocab} tokens")
+            raise InvalidParam(
+                "top_k", f"top_k ({params.top_k}) exceeds the vocabulary of {vocab} tokens"
+            )
         prompt_ids = self._ids("prompt", prompt, context)
         suffix_ids = self._ids("suffix", suffix or [], context)
         if not prompt_ids:
-            raise ValueError("prompt is empty")
+            raise InvalidParam("prompt", "prompt is empty")
         for name, ids in (("prompt", prompt_ids), ("suffix", suffix_ids)):
             if any(not 0 <= i < vocab for i in ids):
-                raise ValueError(f"{name} token ids must be in [0, {vocab})")
+                raise InvalidParam(name, f"{name} token ids must be in [0, {vocab})")
             if self.special.mask in ids:
-                raise ValueError(f"{name} must not contain the mask token id {self.special.mask}")
+                raise InvalidParam(
+                    name, f"{name} must not contain the mask token id {self.special.mask}"
+                )
         heal_text, heal_ids = "", None
         if params.token_healing and isinstance(prompt, str):  # ids are taken as given
             banned = self.special.stop_ids | {self.special.mask}
             prompt_ids, heal_text, heal_ids = heal(self.tokenizer, prompt_ids, vocab, banned)
         if len(prompt_ids) + params.max_tokens + len(suffix_ids) > context:
-            raise ValueError(
+            raise InvalidParam(
+                "prompt",
                 f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) + suffix "
-                f"({len(suffix_ids)}) exceeds the model's context of {context}"
+                f"({len(suffix_ids)}) exceeds the model's context of {context}",
             )
         return Request(
             request_id or uuid.uuid4().hex,
@@ -169,12 +172,15 @@ class Engine:
         normalisation) is never tokenized."""
         if not isinstance(value, str):
             if len(value) > context:
-                raise ValueError(f"{name} ({len(value)} tokens) exceeds the context of {context}")
+                raise InvalidParam(
+                    name, f"{name} ({len(value)} tokens) exceeds the context of {context}"
+                )
             return list(value)
         if len(value) > 2 * context * self.tokenizer.max_token_chars:
-            raise ValueError(
+            raise InvalidParam(
+                name,
                 f"{name} ({len(value)} characters) cannot fit the model's context of {context} "
-                "tokens"
+                "tokens",
             )
         return self.tokenizer.encode(value)
 
@@ -236,8 +242,6 @@ class Engine:
         return outputs
 
     def _postprocess(self, request: Request, commits: list[Commit]) -> StepOutput:
-        now = time.monotonic()
-        request.first_step_time = request.first_step_time or now
         request.num_steps += 1
         request.step_in_block += 1
         for c in commits:
@@ -373,7 +377,7 @@ class Engine:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
-        ids = [self.add_request(p, params).request_id for p in prompts]
+        ids = [self.add(self.make_request(p, params)).request_id for p in prompts]
         pending = set(ids)
         while pending:
             for out in self.step():

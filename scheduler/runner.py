@@ -27,7 +27,8 @@ from marble.model.sampling import (
     select_commits,
 )
 from marble.model.transformer import Denoiser
-from marble.scheduler.request import Request, SamplingParams
+from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

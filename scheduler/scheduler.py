@@ -7,7 +7,6 @@ from the event loop while the engine thread schedules. No torch here.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -91,7 +90,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        request.finish_time = time.monotonic()
 
     @property
     def num_waiting(self) -> int:

@@ -15,41 +15,43 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from marble.scheduler.engine import Engine
+from marble.server.admission import Admission
 from marble.server.errors import install_error_handlers
+from marble.server.lifecycle import Lifecycle
 from marble.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from marble.server.openapi import install_openapi
 from marble.server.routes import diffusion, health, openai
 from marble.server.settings import Settings
-from marble.server.state import ServerState
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
-    state = ServerState(settings, engine)
+    lifecycle = Lifecycle(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.startup()
+        await lifecycle.startup()
         try:
             yield
         finally:
-            await state.shutdown()
+            await lifecycle.shutdown()
 
     app = FastAPI(
         title="Marble",
         summary="OpenAI-compatible server for diffusion language models, with live step streams",
         lifespan=lifespan,
     )
-    app.state.marble = state
-    install_error_handlers(app, state.metrics.reject)
-    install_openapi(app, state.model_name)  # built on first use, from every route
+    app.state.lifecycle = lifecycle
+    app.state.admission = Admission(lifecycle)
+    install_error_handlers(app, lifecycle.metrics.reject)
+    install_openapi(app, lifecycle.model_name)  # built on first use, from every route
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(diffusion.router)
     # The dashboard's scripts and styles (`/` serves its page).
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     app.add_middleware(
-        BodyLimitMiddleware, limit=settings.max_body_bytes, on_reject=state.metrics.reject
+        BodyLimitMiddleware, limit=settings.max_body_bytes, on_reject=lifecycle.metrics.reject
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: every response gets its id
     return app

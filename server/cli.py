@@ -19,21 +19,30 @@ from pydantic import ValidationError
 
 from marble.server.settings import Settings
 
-# flag -> (settings field, type, help)
+# flag -> (type, help); the flag names a `Settings` field, whose default the help shows.
 _FLAGS: list[tuple[str, type, str]] = [
     ("--model", Path, "checkpoint folder (default: the embedded Marble model)"),
     ("--served-model-name", str, "name clients pass as `model` (default: the folder's name)"),
-    ("--host", str, "interface to bind (default 127.0.0.1)"),
-    ("--port", int, "port (default 8000)"),
-    ("--device", str, "auto, cpu, cuda, cuda:1, ... (default auto)"),
-    ("--dtype", str, "auto, float32, bfloat16 or float16 (default auto)"),
-    ("--max-batch-size", int, "requests denoised together in one step (default 16)"),
-    ("--max-queue", int, "waiting requests before 429 (default 256)"),
-    ("--max-batch-tokens", int, "canvas tokens per forward (default 32768)"),
+    ("--host", str, "interface to bind"),
+    ("--port", int, "port"),
+    ("--device", str, "auto, cpu, cuda, cuda:1, ..."),
+    ("--dtype", str, "auto, float32, bfloat16 or float16"),
+    ("--max-batch-size", int, "requests denoised together in one step"),
+    ("--max-queue", int, "waiting requests before 429"),
+    ("--max-batch-tokens", int, "canvas tokens per forward"),
     ("--api-key", str, "require `Authorization: Bearer <key>` on /v1 routes"),
     ("--torch-threads", int, "CPU threads for torch (default: all cores but one)"),
-    ("--log-level", str, "debug, info, warning, error (default info)"),
+    ("--log-level", str, "debug, info, warning, error"),
 ]
+
+
+def _field(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _help(flag: str, text: str) -> str:
+    default = Settings.model_fields[_field(flag)].default
+    return text if default is None else f"{text} (default {default})"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,14 +55,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for flag, type_, help_ in _FLAGS:
-        parser.add_argument(flag, type=type_, default=None, help=help_)
+        parser.add_argument(flag, type=type_, default=None, help=_help(flag, help_))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    given = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in _FLAGS
-    }
+    given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in _FLAGS}
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -104,12 +110,12 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     redact_logs()  # after uvicorn.Config, which sets up uvicorn's log handlers
-    state = app.state.marble
-    server = DrainingServer(config, state.drain, state.abort_running)
-    state.server = server
+    lifecycle = app.state.lifecycle
+    server = DrainingServer(config, lifecycle.drain, lifecycle.abort_running)
+    lifecycle.server = server
     server.run()
-    if state.phase == "failed":
-        print(f"marble: the model failed to load: {state.load_error}", file=sys.stderr)
+    if lifecycle.phase == "failed":
+        print(f"marble: the model failed to load: {lifecycle.load_error}", file=sys.stderr)
         return 1
     return 0
 

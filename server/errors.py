@@ -33,7 +33,8 @@ _TYPES = {
 
 class APIError(HTTPException):
     """An error response in OpenAI's shape; subclassing HTTPException lets it cross
-    FastAPI's body parsing unchanged."""
+    FastAPI's body parsing unchanged. A refusal names its `reason`, the label it counts under
+    in `marble_requests_rejected_total` when it reaches the handler."""
 
     def __init__(
         self,
@@ -44,11 +45,13 @@ class APIError(HTTPException):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(status, message, headers)
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
         self.param = param
         self.code = code
+        self.reason = reason
 
     def body(self) -> dict[str, Any]:
         return error_body(str(self.detail), self.type, self.param, self.code)
@@ -129,6 +132,8 @@ def install_error_handlers(app: FastAPI, on_reject: Any = None) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         if isinstance(exc, APIError):
+            if exc.reason is not None:
+                count(exc.reason)
             return error_response(exc)
         status = exc.status_code
         code = {404: "not_found", 405: "method_not_allowed"}.get(status)

@@ -6,7 +6,6 @@ reports rejections, disconnects and dropped stream events. Knows nothing of HTTP
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -48,6 +47,10 @@ class Timing:
     first_step: float | None = None  # its first step output
     first_text: float | None = None  # its first non-empty stable text
     finished: float | None = None
+
+
+# One engine step's outputs, each with its request's timing: what the engine thread hands over.
+Delivery = list[tuple[StepOutput, Timing | None]]
 
 
 class Metrics:
@@ -166,7 +169,7 @@ class Metrics:
         stats: EngineStats | None,
         step_start: float,
         now: float,
-        outputs: Iterable[tuple[StepOutput, Timing | None]],
+        outputs: Delivery,
     ) -> None:
         """One engine step; also stamps each request's `Timing` the first time it happens."""
         if stats is not None:

@@ -1,22 +1,24 @@
 """Wire models: OpenAI request bodies plus Marble's diffusion extensions, and the error shape.
 
-Pydantic lives here, at the edge; `to_sampling_params()` turns a body into the engine's
-`SamplingParams`, merged over the checkpoint's serving defaults. Knows nothing of the engine.
+Pydantic lives here, at the edge, and checks what JSON can get wrong (types, the HTTP-only
+fields such as `n`). The fields that are `SamplingParams` fields keep its names; their ranges
+are documented in the schema from `SamplingParams`' own table and checked once, by
+`SamplingParams`, whose refusal names the field. `sampling_params()` is the one conversion.
+Knows nothing of the engine.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
-from marble.scheduler.request import (
+from marble.scheduler.sampling_params import (
     MAX_STEPS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
-    MAX_TOKENS,
-    MAX_TOP_K,
-    SEED_LIMIT,
+    RANGES,
+    InvalidParam,
     SamplingParams,
 )
 
@@ -38,28 +40,19 @@ Text = Annotated[str, AfterValidator(_unicode)]
 # Token ids and counts are JSON integers: true, 1.5 or "3" are refused, not coerced.
 TokenId = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKEN_ID)]
 Count = Annotated[int, Strict()]
-Number = Annotated[float, Field(allow_inf_nan=False)]
-StopStrings = Annotated[
-    list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-    Field(max_length=MAX_STOP_STRINGS),
-]
 
-# Body fields that map one-to-one onto SamplingParams.
-_PARAM_FIELDS = (
-    "max_tokens",
-    "steps",
-    "block_length",
-    "threshold",
-    "remasking",
-    "schedule",
-    "temperature",
-    "top_k",
-    "top_p",
-    "cfg_scale",
-    "seed",
-    "ignore_eos",
-    "token_healing",
-)
+
+def _sampling(name: str) -> Any:
+    """A `SamplingParams` field, unset by default; its range is shown in the schema and
+    checked by `SamplingParams`."""
+    low, high, open_low = RANGES[name]
+    return Field(
+        None,
+        json_schema_extra={
+            "exclusiveMinimum" if open_low else "minimum": low,
+            "maximum": high,
+        },
+    )
 
 
 def error_body(
@@ -82,68 +75,71 @@ class SamplingBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Text | None = None
-    max_tokens: Annotated[Count, Field(ge=1, le=MAX_TOKENS)] | None = None
-    temperature: Annotated[Number, Field(ge=0, le=100)] | None = None
-    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     n: Annotated[Count, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)] | StopStrings | None = (
-        None
-    )
-    seed: Annotated[Count, Field(ge=0, lt=SEED_LIMIT)] | None = None
     user: Text | None = None
-    # Diffusion extensions (`extra_body` in the openai client).
-    steps: Annotated[Count, Field(ge=1, le=MAX_STEPS)] | None = None
-    block_length: Annotated[Count, Field(ge=1, le=MAX_TOKENS)] | None = None
-    threshold: Annotated[Number, Field(ge=0, le=1)] | None = None
-    remasking: str | None = None
-    schedule: str | None = None
-    top_k: Annotated[Count, Field(ge=0, le=MAX_TOP_K)] | None = None
-    cfg_scale: Annotated[Number, Field(ge=0, le=100)] | None = None
-    ignore_eos: bool | None = None
-    token_healing: bool | None = None
     diffusing: bool = False  # stream whole drafts (replace), Mercury-style
     # Native `step` events carry the full draft every k steps (0: never).
     draft_every: Annotated[Count, Field(ge=0, le=MAX_STEPS)] | None = None
+    # SamplingParams' fields, by its names (diffusion ones through `extra_body` in the openai
+    # client). Unset or null: the serving default, except where null is itself a setting.
+    max_tokens: Count | None = _sampling("max_tokens")
+    temperature: float | None = _sampling("temperature")
+    top_p: float | None = _sampling("top_p")
+    stop: Text | list[Text] | None = Field(
+        None,
+        description=f"up to {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters",
+    )
+    seed: Count | None = _sampling("seed")
+    steps: Count | None = _sampling("steps")
+    block_length: Count | None = _sampling("block_length")
+    threshold: float | None = _sampling("threshold")
+    remasking: str | None = None
+    schedule: str | None = None
+    top_k: Count | None = _sampling("top_k")
+    cfg_scale: float | None = _sampling("cfg_scale")
+    ignore_eos: bool | None = None
+    token_healing: bool | None = None
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
+    # An explicit null here means "off" (one block; no threshold), not the default.
+    NULL_IS_A_SETTING: ClassVar[tuple[str, ...]] = ("threshold", "block_length")
 
-    def to_sampling_params(self, defaults: SamplingParams, choice: int = 0) -> SamplingParams:
-        """Given fields over the serving defaults; raises ValueError for invalid values.
+    def sampling_fields(self) -> dict[str, Any]:
+        """The `SamplingParams` fields this body sets."""
+        given = {
+            name: getattr(self, name)
+            for name in SamplingParams.field_names()
+            if getattr(self, name) is not None
+            or (name in self.NULL_IS_A_SETTING and name in self.model_fields_set)
+        }
+        if isinstance(self.stop, str):
+            given["stop"] = (self.stop,)
+        return given
 
-        Choice k of a seeded request uses seed + k, so choices differ yet reproduce. Giving
-        `steps` without `threshold` selects the fixed-step schedule (SamplingParams' own
-        rule); an explicit null `threshold` or `block_length` means "off" (one block for the
-        whole completion).
-        """
-        given = {k: getattr(self, k) for k in _PARAM_FIELDS if getattr(self, k) is not None}
-        max_tokens = self.max_new_tokens()
-        if max_tokens is not None:
-            given["max_tokens"] = max_tokens
-        explicit = self.model_fields_set
-        if "threshold" in explicit and self.threshold is None:
-            given["threshold"] = None
-        if "block_length" in explicit and self.block_length is None:
-            given["block_length"] = None
-        if self.stop is not None:
-            given["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if self.seed is not None:
-            given["seed"] = (self.seed + choice) % 2**63
-        return defaults.replace(**given)
+    def param_name(self, field: str | None) -> str | None:
+        """The body field a `SamplingParams` field came from."""
+        return field
+
+    def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
+        """The body's settings over the serving defaults, validated (once) by SamplingParams:
+        an `InvalidParam` names the body's field."""
+        try:
+            return defaults.replace(**self.sampling_fields())
+        except InvalidParam as exc:
+            raise InvalidParam(self.param_name(exc.param), str(exc)) from exc
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-# Several prompts are several choices, which `n`'s ceiling bounds too.
+# Several prompts are several choices, which `n`'s ceiling bounds too; none is not a prompt.
 Prompt = (
     Text
-    | Annotated[list[Text], Field(max_length=MAX_N)]
-    | list[TokenId]
-    | Annotated[list[list[TokenId]], Field(max_length=MAX_N)]
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[list[TokenId]], Field(min_length=1, max_length=MAX_N)]
 )
 
 
@@ -158,8 +154,6 @@ class CompletionRequest(SamplingBody):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if not p:
-            raise ValueError("prompt must not be empty")
         if isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
         return list(p)  # type: ignore[arg-type]
@@ -198,17 +192,21 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingBody):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[Count, Field(ge=1, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: Count | None = _sampling("max_tokens")
     logprobs: bool = False
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-    def to_sampling_params(self, defaults: SamplingParams, choice: int = 0) -> SamplingParams:
+    def sampling_fields(self) -> dict[str, Any]:
         """As for completions, but no token healing unless asked: a chat template's trailing
         newline is how the model saw every assistant turn begin, not a cut in the text."""
-        params = super().to_sampling_params(defaults, choice)
+        given = super().sampling_fields()
+        if self.max_completion_tokens is not None:
+            given["max_tokens"] = self.max_completion_tokens
         if self.token_healing is None:
-            params = params.replace(token_healing=False)
-        return params
+            given["token_healing"] = False
+        return given
+
+    def param_name(self, field: str | None) -> str | None:
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return field

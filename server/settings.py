@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from marble.scheduler.scheduler import SchedulerConfig
+
 
 class Settings(BaseSettings):
     """`marble serve` flags map one-to-one onto these fields (`--max-batch-size` ->
@@ -24,9 +26,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"  # "auto" = cuda when available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
-    max_batch_size: int = Field(16, ge=1)
-    max_queue: int = Field(256, ge=0)
-    max_batch_tokens: int = Field(32768, ge=1)
+    # The scheduler's limits; their defaults are the scheduler's own.
+    max_batch_size: int = Field(SchedulerConfig.max_batch_size, ge=1)
+    max_queue: int = Field(SchedulerConfig.max_queue, ge=0)
+    max_batch_tokens: int = Field(SchedulerConfig.max_batch_tokens, ge=1)
     api_key: str | None = None
     torch_threads: int | None = Field(None, ge=1)  # None: all cores but one on cpu
     log_level: str = "info"

@@ -16,8 +16,8 @@ import anyio
 from prometheus_client import Gauge
 from sse_starlette import EventSourceResponse
 
-from marble.server.events import Subscriber
 from marble.server.settings import Settings
+from marble.server.subscriber import Subscriber
 
 
 def sse_response(

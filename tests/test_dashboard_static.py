@@ -10,7 +10,7 @@ from importlib import resources
 
 import pytest
 
-from marble.scheduler.request import SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 from tests.server_helpers import serving
 
 pytestmark = pytest.mark.anyio

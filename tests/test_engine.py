@@ -12,7 +12,7 @@ from marble.model.config import preset
 from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.engine import Engine
-from marble.scheduler.request import SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig
 
 
@@ -82,7 +82,7 @@ def test_invariants_hold_every_step(tokenizer: TextTokenizer):
     requests = {}
     for i, params in enumerate(SAMPLERS):
         prompt = PROMPTS[i % len(PROMPTS)]
-        r = engine.add_request(prompt, params)
+        r = engine.add(engine.make_request(prompt, params))
         requests[r.request_id] = (tokenizer.encode(prompt), r)
     last = {rid: None for rid in requests}
     finals = {}
@@ -111,9 +111,9 @@ def test_invariants_hold_every_step(tokenizer: TextTokenizer):
 
 
 def final_tokens(engine: Engine, prompt: str, params: SamplingParams, others=()) -> list[int]:
-    target = engine.add_request(prompt, params)
+    target = engine.add(engine.make_request(prompt, params))
     for i, other in enumerate(others):
-        engine.add_request(PROMPTS[i % len(PROMPTS)] * (i + 1), other)
+        engine.add(engine.make_request(PROMPTS[i % len(PROMPTS)] * (i + 1), other))
     result = None
     while engine.has_unfinished():
         for out in engine.step():
@@ -157,7 +157,7 @@ def test_temperature_zero_ignores_seed(tokenizer: TextTokenizer):
 def test_abort_frees_the_slot(tokenizer: TextTokenizer):
     engine = tiny_engine(tokenizer, max_batch_size=2)
     params = SamplingParams(max_tokens=32, threshold=None)
-    a, b, c = (engine.add_request("hi", params) for _ in range(3))
+    a, b, c = (engine.add(engine.make_request("hi", params)) for _ in range(3))
     engine.step()
     assert engine.scheduler.num_running == 2 and engine.scheduler.num_waiting == 1
     engine.abort(a.request_id)
@@ -226,7 +226,7 @@ def test_a_model_that_prefers_a_banned_id_never_commits_it(tokenizer: TextTokeni
     token = tokenizer.special.mask if banned == "mask" else cfg_vocab - 1
     engine = scripted_engine(tokenizer, [token] * 8, len(prompt))
     params = SamplingParams(max_tokens=8, block_length=4, steps=8)
-    engine.add_request(prompt, params)
+    engine.add(engine.make_request(prompt, params))
     outs = []
     for _ in range(8):  # bounded: a committed mask would keep the request running forever
         outs += engine.step()
@@ -241,11 +241,11 @@ def test_a_model_that_prefers_a_banned_id_never_commits_it(tokenizer: TextTokeni
 def test_bad_requests_raise_value_error(tokenizer: TextTokenizer):
     engine = tiny_engine(tokenizer)
     with pytest.raises(ValueError):
-        engine.add_request("", SamplingParams())
+        engine.add(engine.make_request("", SamplingParams()))
     with pytest.raises(ValueError):
-        engine.add_request([tokenizer.special.mask], SamplingParams())
+        engine.add(engine.make_request([tokenizer.special.mask], SamplingParams()))
     with pytest.raises(ValueError):
-        engine.add_request([10_000], SamplingParams())
+        engine.add(engine.make_request([10_000], SamplingParams()))
     with pytest.raises(ValueError):
-        engine.add_request("x", SamplingParams(max_tokens=10_000))
+        engine.add(engine.make_request("x", SamplingParams(max_tokens=10_000)))
     assert not engine.has_unfinished()

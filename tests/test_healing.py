@@ -12,7 +12,7 @@ from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.engine import Engine
 from marble.scheduler.healing import heal
-from marble.scheduler.request import SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 from marble.server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.server_helpers import parse_sse, serving
 
@@ -63,7 +63,7 @@ def final_output(engine: Engine):
 @pytest.mark.parametrize("seed", range(6))
 def test_healed_completion_starts_with_the_healed_text_and_reads_on(tokenizer, seed):
     engine = random_engine(tokenizer)
-    request = engine.add_request(PROMPT, HEALED.replace(seed=seed))
+    request = engine.add(engine.make_request(PROMPT, HEALED.replace(seed=seed)))
     healed_prompt = list(request.prompt_ids)
     out = final_output(engine)
     assert out.prompt_tokens == len(tokenizer.encode(PROMPT)) == len(healed_prompt) + 1
@@ -76,19 +76,22 @@ def test_healed_completion_starts_with_the_healed_text_and_reads_on(tokenizer, s
 def test_token_id_prompts_and_unhealed_params_stay_as_given(tokenizer):
     engine = random_engine(tokenizer)
     ids = tokenizer.encode(PROMPT)
-    assert engine.add_request(ids, HEALED).prompt_ids == ids
-    assert engine.add_request(PROMPT, HEALED.replace(token_healing=False)).prompt_ids == ids
+    assert engine.add(engine.make_request(ids, HEALED)).prompt_ids == ids
+    assert (
+        engine.add(engine.make_request(PROMPT, HEALED.replace(token_healing=False))).prompt_ids
+        == ids
+    )
 
 
 def test_chat_heals_only_when_asked():
     defaults = SamplingParams(token_healing=True)
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    assert not ChatCompletionRequest(**chat).to_sampling_params(defaults).token_healing
+    assert not ChatCompletionRequest(**chat).sampling_params(defaults).token_healing
     asked = ChatCompletionRequest(**chat, token_healing=True)
-    assert asked.to_sampling_params(defaults).token_healing
-    assert CompletionRequest(prompt="x").to_sampling_params(defaults).token_healing
+    assert asked.sampling_params(defaults).token_healing
+    assert CompletionRequest(prompt="x").sampling_params(defaults).token_healing
     off = CompletionRequest(prompt="x", token_healing=False)
-    assert not off.to_sampling_params(defaults).token_healing
+    assert not off.sampling_params(defaults).token_healing
 
 
 @pytest.mark.anyio

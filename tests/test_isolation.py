@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from marble.model.loader import CheckpointError, load_model
 from marble.scheduler.engine import Engine
-from marble.scheduler.request import SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 from tests.server_helpers import serving, tiny_engine
 
 PROMPTS = [[5 + i, 40 + 3 * i, 7] * (1 + i % 3) for i in range(7)]
@@ -37,7 +37,7 @@ def _unused(engine: Engine, outputs: list[list[int]]) -> int:
 
 
 def _run_batch(engine: Engine, prompts: list[list[int]]) -> dict[int, object]:
-    ids = [engine.add_request(p, _params(i)).request_id for i, p in enumerate(prompts)]
+    ids = [engine.add(engine.make_request(p, _params(i))).request_id for i, p in enumerate(prompts)]
     final = {}
     while engine.has_unfinished():
         for out in engine.step():

@@ -133,3 +133,16 @@ async def test_bodies_sent_match_their_documented_schemas(llada_tiny_path):
         check(await client.get("/health"), "get", "/health")
         check(await client.get("/live"), "get", "/live")
         check(await client.post("/v1/completions", content=b""), "post", "/v1/completions")
+
+
+def test_sampling_ranges_in_the_schema_are_the_ones_enforced(spec):
+    """The schema shows SamplingParams' own range table, which is what refuses a value."""
+    from marble.scheduler.sampling_params import RANGES
+
+    for name in ("CompletionRequest", "ChatCompletionRequest", "GenerateRequest"):
+        properties = spec["components"]["schemas"][name]["properties"]
+        for field, (low, high, open_low) in RANGES.items():
+            prop = properties[field]
+            # (2**63 - 1 leaves the schema as a float: compare as floats)
+            assert float(prop["maximum"]) == float(high), (name, field)
+            assert prop["exclusiveMinimum" if open_low else "minimum"] == low, (name, field)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from marble.model.loader import load_model
 from marble.scheduler.engine import Engine
-from marble.scheduler.request import SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 
 TOLERANCE = 1e-4
 
@@ -95,7 +95,7 @@ def _run(engine: Engine, case: dict, params: SamplingParams):
         ids if masks is None else [t for t, m in zip(ids, masks[b]) if m]
         for b, ids in enumerate(case["prompt_ids"])
     ]
-    requests = [engine.add_request(r, params) for r in rows]
+    requests = [engine.add(engine.make_request(r, params)) for r in rows]
     history = {r.request_id: ([], []) for r in requests}
     while engine.has_unfinished():
         for out in engine.step():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from marble.scheduler.request import Request, RequestStatus, SamplingParams, steps_per_block
+from marble.scheduler.request import Request, RequestStatus, steps_per_block
+from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 MASK = 99

@@ -111,7 +111,7 @@ async def test_chat_content_with_a_lone_surrogate_is_400(llada_tiny_path):
 async def test_a_huge_prompt_is_refused_without_tokenizing_it(llada_tiny_path, monkeypatch):
     """Before: a 4 MB prompt was tokenized on the event loop (/health froze 3.4 s)."""
     async with serving(llada_tiny_path) as (app, client):
-        tokenizer = app.state.marble.engine.tokenizer
+        tokenizer = app.state.lifecycle.engine.tokenizer
         calls = []
         encode = tokenizer.encode
         monkeypatch.setattr(
@@ -135,7 +135,7 @@ async def test_a_huge_prompt_is_refused_without_tokenizing_it(llada_tiny_path, m
 async def test_steps_without_threshold_mean_the_same_offline_and_over_http(llada_tiny_path):
     """One meaning of `steps`: given without `threshold` it is the fixed-count rule, for the
     offline SamplingParams and for an HTTP body alike; an explicit threshold wins."""
-    from marble.scheduler.request import SamplingParams
+    from marble.scheduler.sampling_params import SamplingParams
 
     assert SamplingParams(steps=8).threshold is None
     assert SamplingParams().replace(steps=8).threshold is None
@@ -146,3 +146,52 @@ async def test_steps_without_threshold_mean_the_same_offline_and_over_http(llada
         r = await client.post("/v1/diffusion/generate", json=body)
         queued = next(line for line in r.text.splitlines() if line.startswith("data: "))
         assert '"threshold":null' in queued and '"steps":8' in queued
+
+
+def test_every_sampling_field_crosses_the_http_layer_by_its_name():
+    """One shape: each SamplingParams field is a body field of the same name, and a body that
+    sets them all gives exactly those settings (nothing dropped, renamed or re-derived)."""
+    from marble.scheduler.sampling_params import SamplingParams
+    from marble.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    chosen = {
+        "max_tokens": 7,
+        "steps": 5,
+        "block_length": 4,
+        "threshold": 0.5,
+        "remasking": "margin",
+        "schedule": "dream",
+        "temperature": 0.3,
+        "top_k": 3,
+        "top_p": 0.8,
+        "cfg_scale": 1.5,
+        "seed": 11,
+        "stop": ["x"],
+        "ignore_eos": True,
+        "token_healing": True,
+    }
+    assert set(chosen) == set(SamplingParams.field_names())
+    for name in SamplingParams.field_names():
+        assert name in CompletionRequest.model_fields and name in ChatCompletionRequest.model_fields
+    params = CompletionRequest(prompt="x", **chosen).sampling_params(SamplingParams())
+    assert params.to_dict() == chosen
+    messages = [{"role": "user", "content": "x"}]
+    chat = ChatCompletionRequest(messages=messages, **chosen).sampling_params(SamplingParams())
+    assert chat.to_dict() == chosen
+
+
+@pytest.mark.anyio
+async def test_a_refusal_names_the_field_the_client_wrote(llada_tiny_path):
+    """The 400's `param` comes from the validation that refused the value, under the name the
+    body used (chat's `max_completion_tokens` is SamplingParams' `max_tokens`)."""
+    messages = [{"role": "user", "content": "hi"}]
+    async with serving(llada_tiny_path) as (_, client):
+        for body, param in [
+            ({"messages": messages, "max_completion_tokens": 0}, "max_completion_tokens"),
+            ({"messages": messages, "max_tokens": 0}, "max_tokens"),
+            ({"messages": messages, "top_p": 0}, "top_p"),
+            ({"messages": messages, "remasking": "sideways"}, "remasking"),
+        ]:
+            _is_400(await _post(client, "/v1/chat/completions", body), param)
+        _is_400(await _post(client, "/v1/completions", {"prompt": []}), "prompt")
+        _is_400(await _post(client, "/v1/completions", {"prompt": ""}), "prompt")

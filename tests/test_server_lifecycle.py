@@ -13,7 +13,7 @@ import pytest
 
 import marble.model.default
 from marble.server import cli
-from marble.server import state as state_module
+from marble.server import lifecycle as lifecycle_module
 from marble.server.app import create_app
 from marble.server.log_redaction import RedactSecrets
 from marble.server.settings import Settings
@@ -79,7 +79,7 @@ async def test_health_is_503_while_loading_then_ready(monkeypatch, llada_tiny_pa
         release.wait(10)
         return tiny_engine(llada_tiny_path)
 
-    monkeypatch.setattr(state_module, "build_engine", slow_build)
+    monkeypatch.setattr(lifecycle_module, "build_engine", slow_build)
     app = create_app(Settings(model=llada_tiny_path))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app)
@@ -105,7 +105,7 @@ async def test_failed_load_is_reported(monkeypatch, llada_tiny_path):
     def broken(settings):
         raise FileNotFoundError("no weights here")
 
-    monkeypatch.setattr(state_module, "build_engine", broken)
+    monkeypatch.setattr(lifecycle_module, "build_engine", broken)
     app = create_app(Settings(model=llada_tiny_path))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app)

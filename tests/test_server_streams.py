@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from marble.server.events import Event, Subscriber
+from marble.server.event_log import Event
+from marble.server.subscriber import Subscriber
 from tests.server_helpers import parse_sse, serving
 
 pytestmark = pytest.mark.anyio
@@ -193,32 +194,32 @@ async def call_app(
 )
 async def test_disconnect_aborts_within_two_steps(llada_tiny_path, path, extra):
     async with serving(llada_tiny_path) as (app, _):
-        state = app.state.marble
-        engine_loop = state.engine_loop
+        lifecycle = app.state.lifecycle
+        thread = lifecycle.engine.thread
         at_abort: list[int] = []
-        real_abort = engine_loop.abort
+        real_abort = thread.abort
 
         def abort(request_id: str) -> None:
-            request = state.engine.requests.get(request_id)
+            request = lifecycle.engine.engine.requests.get(request_id)
             at_abort.append(request.num_steps if request else -1)
             real_abort(request_id)
 
-        engine_loop.abort = abort
+        thread.abort = abort
         disconnect = asyncio.Event()
         body = {"prompt": "Hi", "max_tokens": 256, "steps": 256, "ignore_eos": True, **extra}
         task = asyncio.create_task(call_app(app, path, body, disconnect))
-        hub = state.hub
-        while not any(c.last for g in hub.groups.values() for c in g.choices):
+        registry = lifecycle.engine.registry
+        while not any(c.last for r in registry for c in r.choices):
             await asyncio.sleep(0.005)
-        (group,) = hub.groups.values()
+        (record,) = registry
         disconnect.set()
         await asyncio.wait_for(task, 10)
-        await asyncio.wait_for(hub.idle.wait(), 10)
-        (choice,) = group.choices
+        await asyncio.wait_for(registry.idle.wait(), 10)
+        (choice,) = record.choices
         assert choice.last.finish_reason == "abort"
         assert at_abort and choice.last.step - at_abort[0] <= 2
         assert choice.last.step < 256
-        metrics = (await asyncio.to_thread(state.metrics.render))[0].decode()
+        metrics = (await asyncio.to_thread(lifecycle.metrics.render))[0].decode()
         assert "marble_client_disconnects_total 1.0" in metrics
         assert 'marble_requests_total{outcome="abort"} 1.0' in metrics
         assert "marble_requests_running 0.0" in metrics
@@ -228,8 +229,8 @@ async def test_a_subscriber_that_never_reads_loses_steps_only(llada_tiny_path):
     from marble.server.settings import Settings
 
     async with serving(llada_tiny_path, Settings(subscriber_queue_size=2)) as (app, client):
-        hub = app.state.marble.hub
-        sub = hub.subscribe_all()  # a dashboard that reads nothing until the end
+        firehose = app.state.lifecycle.engine.registry.firehose
+        sub = firehose.subscribe()  # a dashboard that reads nothing until the end
         body = {"prompt": "Hi", "max_tokens": 16, "steps": 16, "block_length": 8}
         r = await client.post("/v1/completions", json={**body, "ignore_eos": True})
         assert r.status_code == 200  # the engine was not held back

@@ -12,9 +12,10 @@ import time
 import pytest
 import uvicorn
 
-from marble.server.events import Event, Subscriber
+from marble.server.event_log import Event
 from marble.server.settings import Settings
 from marble.server.stall_guard import stall_guarded
+from marble.server.subscriber import Subscriber
 from tests.server_helpers import serving
 from tests.test_server_streams import call_app
 
@@ -57,10 +58,10 @@ def open_streams(text: str) -> dict[str, float]:
 
 async def test_open_streams_gauge_goes_up_and_back_to_zero(llada_tiny_path):
     async with serving(llada_tiny_path) as (app, client):
-        state = app.state.marble
+        state = app.state.lifecycle
         gone = asyncio.Event()
         task = asyncio.create_task(call_app(app, "/v1/diffusion/events", {}, gone, "GET"))
-        while not state.hub.dashboard:
+        while not state.engine.registry.firehose.subscribers:
             await asyncio.sleep(0.01)
         r = await client.post(
             "/v1/completions", json={"prompt": "Hi", "max_tokens": 8, "steps": 4, "stream": True}
@@ -70,7 +71,7 @@ async def test_open_streams_gauge_goes_up_and_back_to_zero(llada_tiny_path):
         assert during == {"generate": 0, "attach": 0, "dashboard": 1, "completions": 0, "chat": 0}
         gone.set()
         await asyncio.wait_for(task, 10)
-        assert not state.hub.dashboard
+        assert not state.engine.registry.firehose.subscribers
         after = open_streams((await client.get("/metrics")).text)
         assert set(after) == {"generate", "attach", "dashboard", "completions", "chat"}
         assert all(v == 0 for v in after.values())
@@ -86,7 +87,7 @@ async def test_a_listener_that_stops_reading_is_dropped_and_freed(llada_tiny_pat
     timeout_s = 0.5
     settings = Settings(send_timeout_s=timeout_s)
     async with serving(llada_tiny_path, settings) as (app, _):
-        hub = app.state.marble.hub
+        firehose = app.state.lifecycle.engine.registry.firehose
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -106,9 +107,9 @@ async def test_a_listener_that_stops_reading_is_dropped_and_freed(llada_tiny_pat
             client.setblocking(False)
             await loop.sock_connect(client, ("127.0.0.1", config.port))
             await loop.sock_sendall(client, b"GET /v1/diffusion/events HTTP/1.1\r\nHost: m\r\n\r\n")
-            while not hub.dashboard:
+            while not firehose.subscribers:
                 await asyncio.sleep(0.01)
-            (sub,) = hub.dashboard
+            (sub,) = firehose.subscribers
             # More than the kernel and transport buffers hold, less than the byte bound: the
             # stream stays open, blocked on a client that reads nothing.
             for seq in range(1, 41):
@@ -116,11 +117,11 @@ async def test_a_listener_that_stops_reading_is_dropped_and_freed(llada_tiny_pat
             assert not sub.closed
             start = time.monotonic()
             deadline = start + 10 * timeout_s + 10
-            while hub.dashboard or server.server_state.connections:
+            while firehose.subscribers or server.server_state.connections:
                 assert time.monotonic() < deadline, "the stalled listener was never dropped"
                 await asyncio.sleep(0.02)
             assert time.monotonic() - start >= 0.9 * timeout_s  # not before its time
-            assert open_streams(app.state.marble.metrics.render()[0].decode())["dashboard"] == 0
+            assert open_streams(app.state.lifecycle.metrics.render()[0].decode())["dashboard"] == 0
             client.close()
         finally:
             server.should_exit = True

@@ -143,7 +143,8 @@ def completion_probe(
     base = engine.defaults.replace(max_tokens=max_tokens, block_length=32, steps=None)
     params = [base.replace(**settings, seed=seed + i) for i in range(len(prompts))]
     ids = {
-        engine.add_request(p, sp).request_id: i for i, (p, sp) in enumerate(zip(prompts, params))
+        engine.add(engine.make_request(p, sp)).request_id: i
+        for i, (p, sp) in enumerate(zip(prompts, params))
     }
     texts: dict[int, str] = {}
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Dependencies shared by the routes: the server state and the API key check."""
+"""Dependencies shared by the routes: the lifecycle, admission, request id and API key check."""
 
 from __future__ import annotations
 
@@ -7,27 +7,33 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from marble.server.admission import Admission
 from marble.server.errors import APIError
+from marble.server.lifecycle import Lifecycle
 from marble.server.middleware import request_id_of
-from marble.server.state import ServerState
 
 
-def get_state(request: Request) -> ServerState:
-    return request.app.state.marble
+def get_lifecycle(request: Request) -> Lifecycle:
+    return request.app.state.lifecycle
+
+
+def get_admission(request: Request) -> Admission:
+    return request.app.state.admission
 
 
 def get_request_id(request: Request) -> str:
     return request_id_of(request.scope)
 
 
-StateDep = Annotated[ServerState, Depends(get_state)]
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+def require_api_key(request: Request, lifecycle: LifecycleDep) -> None:
     """`Authorization: Bearer <key>` when the server has a key. GET streams may pass
     `?api_key=` instead, since browsers' EventSource cannot set headers."""
-    key = state.settings.api_key
+    key = lifecycle.settings.api_key
     if not key:
         return
     given = ""
@@ -37,10 +43,10 @@ def require_api_key(request: Request, state: StateDep) -> None:
     elif request.method == "GET":
         given = request.query_params.get("api_key", "")
     if not secrets.compare_digest(given.encode(), key.encode()):
-        state.metrics.reject("unauthorized")
         raise APIError(
             401,
             "invalid or missing API key (send Authorization: Bearer <key>)",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
+            reason="unauthorized",
         )

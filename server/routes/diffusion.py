@@ -8,18 +8,19 @@ connection's disconnect aborts a request; attached listeners just leave.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query
+from prometheus_client import Gauge
 from sse_starlette import EventSourceResponse
 
-from marble.server.events import Subscriber
-from marble.server.group import RequestGroup
+from marble.server.errors import APIError
 from marble.server.protocol import GenerateRequest
-from marble.server.routes.deps import RequestIdDep, StateDep, require_api_key
+from marble.server.routes.deps import AdmissionDep, LifecycleDep, RequestIdDep, require_api_key
+from marble.server.settings import Settings
 from marble.server.sse import sse_response
-from marble.server.state import ServerState
+from marble.server.subscriber import Subscriber
 
 router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key)])
 CHUNK_BYTES = 32 * 1024
@@ -39,66 +40,73 @@ LastEventQuery = Annotated[int | None, Query(alias="last_event_id", ge=0)]
 
 @router.post("/generate")
 async def generate(
-    body: GenerateRequest, state: StateDep, request_id: RequestIdDep
+    body: GenerateRequest, admission: AdmissionDep, request_id: RequestIdDep
 ) -> EventSourceResponse:
-    state.check_model(body.model)
-    hub = state.ready_hub()
-    jobs = state.jobs(body, state.params(body.prompts), body.suffix)
+    engine = admission.ready(body.model)
     draft_every = 1 if body.diffusing else body.draft_every
-    group = hub.create(request_id, state.model_name, len(jobs), draft_every, lossless=False)
-    sub = hub.subscribe(group)  # before submitting, so it sees `request.queued`
-    try:
-        await state.submit(group, jobs)
-    except Exception:
-        hub.unsubscribe(group, sub)
-        raise
-    return _sse(state, sub, group, "generate", owner=True)
+    record = await admission.admit(
+        engine,
+        request_id,
+        body,
+        body.prompts(),
+        body.suffix,
+        lossless=False,
+        draft_every=draft_every,
+    )
+    sub = record.subscribe()  # replays `request.queued`: nothing has run since the submission
+
+    def leave() -> None:
+        record.unsubscribe(sub)
+        engine.client_gone(record)
+
+    return _sse(admission.settings, engine.metrics.open_streams.labels("generate"), sub, leave)
 
 
 @router.get("/requests/{request_id}/events")
 async def request_events(
     request_id: str,
-    state: StateDep,
+    lifecycle: LifecycleDep,
     last_event_id: LastEventId = None,
     last_event_query: LastEventQuery = None,
 ) -> EventSourceResponse:
-    hub = state.ready_hub()
-    group = hub.get(request_id)
-    if group is None:
-        raise state.reject(
+    engine = lifecycle.ready()
+    record = engine.registry.get(request_id)
+    if record is None:
+        raise APIError(
             404,
-            "invalid",
             f"no running or recently finished request {request_id!r}",
             param="request_id",
             code="request_not_found",
+            reason="invalid",
         )
-    sub = hub.subscribe(group, _last_id(last_event_id, last_event_query))
-    return _sse(state, sub, group, "attach", owner=False)
+    sub = record.subscribe(_last_id(last_event_id, last_event_query))
+    attach = lifecycle.metrics.open_streams.labels("attach")
+    return _sse(lifecycle.settings, attach, sub, lambda: record.unsubscribe(sub))
 
 
 @router.get("/events")
 async def all_events(
-    request: Request,
-    state: StateDep,
+    lifecycle: LifecycleDep,
     last_event_id: LastEventId = None,
     last_event_query: LastEventQuery = None,
 ) -> EventSourceResponse:
-    hub = state.ready_hub()
-    sub = hub.subscribe_all(_last_id(last_event_id, last_event_query))
-    return _sse(state, sub, None, "dashboard", owner=False, global_ids=True)
+    firehose = lifecycle.ready().registry.firehose
+    sub = firehose.subscribe(_last_id(last_event_id, last_event_query))
+    dashboard = lifecycle.metrics.open_streams.labels("dashboard")
+    return _sse(lifecycle.settings, dashboard, sub, lambda: firehose.unsubscribe(sub), endless=True)
 
 
 def _sse(
-    state: ServerState,
+    settings: Settings,
+    open_streams: Gauge,
     sub: Subscriber,
-    group: RequestGroup | None,
-    kind: str,
+    leave: Callable[[], None],
     *,
-    owner: bool,
-    global_ids: bool = False,
+    endless: bool = False,
 ) -> EventSourceResponse:
-    hub = state.hub
-    assert hub is not None
+    """`leave` runs once the stream ends, however it ends. `endless`: the dashboard feed,
+    which numbers events server-wide and has no end of its own."""
+    global_ids = endless
 
     async def events() -> AsyncGenerator[bytes, None]:
         try:
@@ -113,14 +121,12 @@ def _sse(
                     size += len(chunk[-1])
                 yield b"".join(chunk)
         finally:
-            hub.unsubscribe(group, sub)
-            if owner and group is not None:
-                state.client_gone(group)
+            leave()
 
     return sse_response(
-        state.settings,
+        settings,
         events(),
         ping=True,
-        open_streams=state.metrics.open_streams.labels(kind),
-        endless=sub if group is None else None,
+        open_streams=open_streams,
+        endless=sub if endless else None,
     )

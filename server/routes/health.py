@@ -8,24 +8,24 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from marble.server.routes.deps import StateDep
+from marble.server.routes.deps import LifecycleDep
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health(state: StateDep) -> JSONResponse:
+async def health(lifecycle: LifecycleDep) -> JSONResponse:
     """200 when ready to serve; 503 while loading, draining, or after a failed load."""
     body: dict = {
-        "status": "ok" if state.phase == "ready" else state.phase,
-        "model": state.model_name,
+        "status": "ok" if lifecycle.phase == "ready" else lifecycle.phase,
+        "model": lifecycle.model_name,
     }
-    if state.phase == "ready" and state.hub is not None:
-        body["active_requests"] = len(state.hub.routes)
+    if lifecycle.phase == "ready" and lifecycle.engine is not None:
+        body["active_requests"] = lifecycle.engine.registry.num_running
         return JSONResponse(body)
-    if state.load_error:
-        body["error"] = state.load_error
-    headers = {"Retry-After": str(state.settings.retry_after_s)}
+    if lifecycle.load_error:
+        body["error"] = lifecycle.load_error
+    headers = {"Retry-After": str(lifecycle.settings.retry_after_s)}
     return JSONResponse(body, status_code=503, headers=headers)
 
 
@@ -35,8 +35,8 @@ async def live() -> dict:
 
 
 @router.get("/metrics")
-async def metrics(state: StateDep) -> Response:
-    payload, content_type = state.metrics.render()
+async def metrics(lifecycle: LifecycleDep) -> Response:
+    payload, content_type = lifecycle.metrics.render()
     return Response(payload, media_type=content_type)
 
 

@@ -1,128 +1,165 @@
 """OpenAI endpoints: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 
-Body -> `SamplingParams` per choice -> `ServerState.submit` -> `Translator` (chunks or one
-JSON body). A client that disconnects, streaming or not, aborts its request.
+Body -> `Admission.admit` (settings, choices, one submission) -> `OpenAIResponse` (chunks or
+one JSON body). A client that disconnects, streaming or not, aborts its request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Any
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from marble.model.tokenizer import ChatTemplateError
-from marble.server.completions import Translator
-from marble.server.group import RequestGroup
-from marble.server.protocol import ChatCompletionRequest, CompletionRequest
-from marble.server.routes.deps import RequestIdDep, StateDep, require_api_key
+from marble.server.admission import Admission
+from marble.server.async_engine import AsyncEngine
+from marble.server.draft import DraftRenderer
+from marble.server.errors import APIError
+from marble.server.lifecycle import Lifecycle
+from marble.server.openai_format import Kind, OpenAIResponse
+from marble.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
+from marble.server.request_record import RequestRecord
+from marble.server.routes.deps import AdmissionDep, LifecycleDep, RequestIdDep, require_api_key
 from marble.server.sse import sse_response
-from marble.server.state import ServerState
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+T = TypeVar("T")
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
+def _model_card(lifecycle: Lifecycle) -> dict[str, Any]:
     card: dict[str, Any] = {
-        "id": state.model_name,
+        "id": lifecycle.model_name,
         "object": "model",
         "created": 0,
         "owned_by": "marble",
     }
-    if state.engine is not None:
-        card["max_model_len"] = state.engine.model.cfg.max_seq_len
+    if lifecycle.engine is not None:
+        card["max_model_len"] = lifecycle.engine.context
         # The serving defaults a request's fields are merged over (the dashboard's form).
-        card["defaults"] = state.engine.defaults.to_dict()
+        card["defaults"] = lifecycle.engine.defaults.to_dict()
     return card
 
 
 @router.get("/models")
-async def models(state: StateDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(state)]}
+async def models(lifecycle: LifecycleDep) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(lifecycle)]}
 
 
 @router.get("/models/{model:path}")
-async def model(model: str, state: StateDep) -> dict[str, Any]:
-    state.check_model(model)
-    return _model_card(state)
+async def model(model: str, admission: AdmissionDep) -> dict[str, Any]:
+    admission.check_model(model)
+    return _model_card(admission.lifecycle)
 
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
-) -> Response | dict[str, Any]:
-    state.check_model(body.model)
-    hub = state.ready_hub()
-    prompts = state.params(body.prompts)
-    jobs = state.jobs(body, prompts, body.suffix)
-    group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
-    await state.submit(group, jobs)
+    body: CompletionRequest, request: Request, admission: AdmissionDep, request_id: RequestIdDep
+) -> Response:
+    engine = admission.ready(body.model)
+    prompts = body.prompts()
+    record = await admission.admit(engine, request_id, body, prompts, body.suffix, lossless=True)
     echo = None
     if body.echo:  # after submitting: the prompts are known to fit the context by now
-        echo = [p if isinstance(p, str) else hub.tokenizer.decode(p) for p in prompts]
-    translator = Translator(
-        "completion",
-        hub,
-        group,
-        n=body.n,
-        echo=echo,
-        logprobs=body.logprobs,
-        diffusing=body.diffusing,
-        include_usage=body.include_usage,
-    )
-    return await _respond(state, request, group, translator, body.stream)
+        echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    response = _openai("completion", admission, engine, record, body, body.logprobs, echo)
+    return await _respond(admission, engine, request, record, response, body.stream)
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, state: StateDep, request_id: RequestIdDep
-) -> Response | dict[str, Any]:
-    state.check_model(body.model)
-    hub = state.ready_hub()
+    body: ChatCompletionRequest, request: Request, admission: AdmissionDep, request_id: RequestIdDep
+) -> Response:
+    engine = admission.ready(body.model)
     try:
         messages = [m.to_template() for m in body.messages]
-        prompt = hub.tokenizer.render_chat(messages)
+        prompt = engine.tokenizer.render_chat(messages)
     except ChatTemplateError as exc:
-        raise state.reject(
-            400, "invalid", str(exc), param="messages", code="no_chat_template"
+        raise APIError(
+            400, str(exc), param="messages", code="no_chat_template", reason="invalid"
         ) from exc
     except ValueError as exc:
-        raise state.reject(400, "invalid", str(exc), param="messages") from exc
-    jobs = state.jobs(body, [prompt])
-    group = hub.create(request_id, state.model_name, len(jobs), draft_every=None, lossless=True)
-    await state.submit(group, jobs)
+        raise APIError(400, str(exc), param="messages", reason="invalid") from exc
+    record = await admission.admit(engine, request_id, body, [prompt], lossless=True)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    translator = Translator(
-        "chat",
-        hub,
-        group,
+    response = _openai("chat", admission, engine, record, body, logprobs)
+    return await _respond(admission, engine, request, record, response, body.stream)
+
+
+def _openai(
+    kind: Kind,
+    admission: Admission,
+    engine: AsyncEngine,
+    record: RequestRecord,
+    body: SamplingBody,
+    logprobs: int | None,
+    echo: list[str] | None = None,
+) -> OpenAIResponse:
+    settings = admission.settings
+    return OpenAIResponse(
+        kind,
+        record,
+        DraftRenderer(engine.tokenizer, settings.mask_placeholder),
         n=body.n,
+        retry_after_s=settings.retry_after_s,
+        on_failure=lambda: engine.abort(record),
+        echo=echo,
         logprobs=logprobs,
         diffusing=body.diffusing,
         include_usage=body.include_usage,
     )
-    return await _respond(state, request, group, translator, body.stream)
 
 
 async def _respond(
-    state: ServerState, request: Request, group: RequestGroup, translator: Translator, stream: bool
+    admission: Admission,
+    engine: AsyncEngine,
+    request: Request,
+    record: RequestRecord,
+    response: OpenAIResponse,
+    stream: bool,
 ) -> Response:
     if not stream:
-        result = await state.until_done_or_disconnect(request, translator.collect(), group)
+        result = await _until_done_or_disconnect(engine, request, response.collect(), record)
         return result if isinstance(result, Response) else JSONResponse(result)
 
     async def chunks() -> AsyncGenerator[str, None]:
         try:
-            async for payload in translator.stream():
+            async for payload in response.stream():
                 yield payload
         finally:
-            state.client_gone(group)  # no-op once finished; aborts when the client left
+            engine.client_gone(record)  # no-op once finished; aborts when the client left
 
-    kind = "chat" if translator.kind == "chat" else "completions"
+    kind = "chat" if response.kind == "chat" else "completions"
     return sse_response(
-        state.settings,
+        admission.settings,
         chunks(),
         ping=False,
-        open_streams=state.metrics.open_streams.labels(kind),
+        open_streams=engine.metrics.open_streams.labels(kind),
     )
+
+
+async def _until_done_or_disconnect(
+    engine: AsyncEngine, request: Request, work: Awaitable[T], record: RequestRecord
+) -> T | Response:
+    """Await a non-streaming result; if the client leaves first, abort its request."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    engine.client_gone(record)
+    return Response(status_code=499)  # nobody is listening
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,8 +1,9 @@
 """The engine thread: runs `Engine.step()` while there is work and hands each step's outputs
 to the event loop with one `loop.call_soon_threadsafe` per step.
 
-Owns the thread's lifecycle (start, drain, stop) and per-request timings. The event loop never
-runs the model; this module knows nothing of HTTP, SSE or OpenAI shapes.
+Owns the thread's lifecycle (start, stop) and per-request timings. Only async_engine.py calls
+it. The event loop never runs the model; this module knows nothing of HTTP, SSE or OpenAI
+shapes.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from collections.abc import Callable
 
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.request import Request
-from marble.server.metrics import Metrics, Timing
+from marble.server.metrics import Delivery, Metrics, Timing
 
 log = logging.getLogger(__name__)
 
-Delivery = list[tuple[StepOutput, Timing | None]]
 
-
-class EngineLoop:
+class EngineThread:
     """One thread drives the engine; `submit`/`abort` are called from the event loop."""
 
     def __init__(

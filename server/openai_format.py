@@ -1,4 +1,5 @@
-"""OpenAI responses from step outputs: completion and chat, streamed chunks or one JSON body.
+"""The OpenAI output format: completion and chat responses from step outputs, as streamed
+chunks or one JSON body (native_events.py is the other format).
 
 Streams carry append-only deltas of the stable text (it only grows, so nothing sent is ever
 taken back), or with `diffusing` the whole current draft in each chunk (replace, not append).
@@ -11,16 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import StepOutput
 from marble.scheduler.healing import unheal
+from marble.server.draft import DraftRenderer
 from marble.server.errors import APIError
-from marble.server.group import RequestGroup
-from marble.server.hub import Hub
+from marble.server.request_record import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +42,38 @@ class ChoiceState:
     done: bool = False
 
 
-class Translator:
-    """Consumes one group's raw outputs (`group.outputs`) and produces OpenAI shapes."""
+class OpenAIResponse:
+    """Consumes one record's raw outputs (`record.outputs`) and produces OpenAI shapes.
+
+    `on_failure` runs when a streamed choice fails or is aborted (the others are aborted)."""
 
     def __init__(
         self,
         kind: Kind,
-        hub: Hub,
-        group: RequestGroup,
+        record: RequestRecord,
+        draft: DraftRenderer,
         *,
         n: int,
+        retry_after_s: int,
+        on_failure: Callable[[], None],
         echo: list[str] | None = None,
         logprobs: int | None = None,
         diffusing: bool = False,
         include_usage: bool = False,
     ) -> None:
         self.kind = kind
-        self.hub = hub
-        self.tokenizer: TextTokenizer = hub.tokenizer
-        self.group = group
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + group.request_id
+        self.record = record
+        self.draft = draft
+        self.tokenizer: TextTokenizer = draft.tokenizer
+        self.retry_after_s = retry_after_s
+        self.on_failure = on_failure
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + record.request_id
         self.object = "chat.completion" if kind == "chat" else "text_completion"
         self.logprobs = logprobs  # None: off; k: on, with k alternatives asked for
         self.diffusing = diffusing
         self.include_usage = include_usage
         self.n = n
-        total = len(group.choices)
+        total = len(record.choices)
         self.states = [ChoiceState(i, i // n, (echo[i // n] if echo else "")) for i in range(total)]
 
     # ------------------------------------------------------------------------- common
@@ -80,7 +87,7 @@ class Translator:
     def _delta(self, state: ChoiceState, out: StepOutput) -> str:
         """New stable text since the last call; the engine promises it only grows."""
         if not out.text.startswith(state.sent):
-            log.warning("request %s: stable text changed; not resending", self.group.request_id)
+            log.warning("request %s: stable text changed; not resending", self.record.request_id)
             return ""
         delta = out.text[len(state.sent) :]
         state.sent = out.text
@@ -145,7 +152,7 @@ class Translator:
 
     def usage(self) -> dict[str, int]:
         """Each prompt counted once (its choices share it), completions summed."""
-        prompt = sum(c.prompt_tokens for c in self.group.choices if c.index % self.n == 0)
+        prompt = sum(c.prompt_tokens for c in self.record.choices if c.index % self.n == 0)
         completion = sum(s.last.completion_tokens for s in self.states if s.last)
         return {
             "prompt_tokens": prompt,
@@ -163,7 +170,7 @@ class Translator:
                 code = out.error_code or "engine_error"
                 return APIError(500, message, type_="server_error", code=code)
             if out.finish_reason == "abort":
-                retry = {"Retry-After": str(self.hub.settings.retry_after_s)}
+                retry = {"Retry-After": str(self.retry_after_s)}
                 return APIError(
                     503,
                     "the request was aborted (server shutting down)",
@@ -173,7 +180,7 @@ class Translator:
         return None
 
     async def _outputs(self) -> AsyncIterator[tuple[ChoiceState, StepOutput]]:
-        queue = self.group.outputs
+        queue = self.record.outputs
         assert queue is not None
         remaining = sum(1 for s in self.states if not s.done)
         while remaining:
@@ -210,8 +217,8 @@ class Translator:
         return {
             "id": self.id,
             "object": self.object,
-            "created": self.group.created,
-            "model": self.group.model,
+            "created": self.record.created,
+            "model": self.record.model,
             "choices": choices,
             "usage": self.usage(),
         }
@@ -221,8 +228,8 @@ class Translator:
         body: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.group.created,
-            "model": self.group.model,
+            "created": self.record.created,
+            "model": self.record.model,
             "choices": choices,
         }
         if usage is not None:
@@ -265,7 +272,7 @@ class Translator:
             if out.finished and out.finish_reason in ("error", "abort"):
                 failure = self._failure()
                 assert failure is not None
-                self.hub.abort(self.group)
+                self.on_failure()
                 yield json.dumps(failure.body())
                 yield "[DONE]"
                 return
@@ -277,7 +284,7 @@ class Translator:
                     offset = len(state.echo) + len(state.sent)
                     logprobs = self._logprobs_json(state, ids, lps, offset, heal)
             if self.diffusing:
-                text = out.text if out.finished else self.hub.draft(out.tokens, out.heal_text)
+                text = out.text if out.finished else self.draft.render(out.tokens, out.heal_text)
                 if self.kind == "completion":
                     text = state.echo + text
                 if text == state.draft and finish is None and logprobs is None:

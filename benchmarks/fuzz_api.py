@@ -22,16 +22,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import resource
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from local_server import local_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT.parent / "shared" / "reference" / "llada-tiny"
@@ -92,12 +92,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def short_defaults(model: Path, into: Path) -> Path:
     """The checkpoint's files linked under `into` (same folder name, so the same served model
     name), with serving defaults of an 8-token canvas: a request that leaves `max_tokens`
@@ -114,33 +108,12 @@ def short_defaults(model: Path, into: Path) -> Path:
     return view
 
 
-def start_server(args: argparse.Namespace, port: int, model: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "marble.server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--model", str(model)]
-    limit = int(args.memory_gb * 2**30)
-
-    def cap() -> None:
-        if limit:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    env = {**os.environ, **SERVER_ENV}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, preexec_fn=cap)
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become ready")
+def memory_cap(gigabytes: float) -> Callable[[], None] | None:
+    """Caps the server's address space, so a request that allocates without bound fails."""
+    limit = int(gigabytes * 2**30)
+    if not limit:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @dataclass
@@ -329,20 +302,16 @@ def main() -> int:
     except ImportError:
         print("needs schemathesis: pip install schemathesis", file=sys.stderr)
         return 2
-    port = args.port or free_port()
-    base = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="marble-fuzz-") as tmp:
-        proc = start_server(args, port, short_defaults(args.model.resolve(), Path(tmp)))
-        try:
-            wait_ready(base, proc)
+        model = short_defaults(args.model.resolve(), Path(tmp))
+        with local_server(
+            ["--model", str(model)],
+            port=args.port,
+            env=SERVER_ENV,
+            preexec_fn=memory_cap(args.memory_gb),
+        ) as (base, _):
             tally = run(args, base)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     report(tally, time.monotonic() - started)
     return 1 if tally.failures else 0
 

@@ -29,13 +29,9 @@ import threading
 import time
 from pathlib import Path
 
+from local_server import free_port, local_server
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -77,20 +73,6 @@ def open_streams(port: int) -> dict[str, float]:
     return {kind: float(value) for kind, value in found}
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if get(port, "/health", timeout=1.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"server not healthy after {deadline_s} s")
-
-
 def listener(port: int, rcvbuf: int) -> socket.socket:
     """A dashboard connection that sends its request and then never reads."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -123,34 +105,10 @@ def generations(port: int, body: dict, stop: threading.Event, done: list[bool]) 
         done.append(complete(port, body))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(REPO / "model/default/checkpoint"))
-    parser.add_argument("--listeners", type=int, default=300, help="idle dashboard listeners")
-    parser.add_argument("--generations", type=int, default=8, help="concurrent generations")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=20.0, help="generation traffic time")
-    parser.add_argument("--health-calls", type=int, default=200)
-    parser.add_argument("--rcvbuf", type=int, default=4096, help="listeners' SO_RCVBUF")
-    parser.add_argument("--send-timeout", type=float, help="server's MARBLE_SEND_TIMEOUT_S")
-    parser.add_argument(
-        "--stall-wait", type=float, default=0.0, help="seconds to keep listeners open after"
-    )
-    args = parser.parse_args()
-    if not 1 <= args.listeners <= 1000 or not 0 < args.seconds <= 300:
-        parser.error("--listeners must be 1..1000 and --seconds 0..300")
-
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.send_timeout is not None:
-        env["MARBLE_SEND_TIMEOUT_S"] = str(args.send_timeout)
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="marble-listeners-")
-    cmd = [sys.executable, "-m", "marble.server", "--model", args.model, "--port", str(port)]
-    cmd += ["--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+def measure(args: argparse.Namespace, port: int, proc: subprocess.Popen) -> None:
+    """Warm up, open the listeners, run the traffic and print every figure."""
     socks: list[socket.socket] = []
     try:
-        wait_healthy(port, proc, 120)
         body = {"prompt": "def add(a, b):", "max_tokens": args.max_tokens, "ignore_eos": True}
         # Warm up with one full batch, so the engine's own working memory is in the baseline.
         warm = [
@@ -240,18 +198,42 @@ def main() -> int:
             f"marble_open_streams: end of traffic {streams_during or 'n/a'}  "
             f"after stall wait {streams_stall or 'n/a'}  after close {streams_after or 'n/a'}"
         )
-        return 0
     finally:
         for s in socks:
             s.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.returncode not in (0, -15):
-            log.seek(0)
-            print(log.read()[-3000:], file=sys.stderr)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(REPO / "model/default/checkpoint"))
+    parser.add_argument("--listeners", type=int, default=300, help="idle dashboard listeners")
+    parser.add_argument("--generations", type=int, default=8, help="concurrent generations")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0, help="generation traffic time")
+    parser.add_argument("--health-calls", type=int, default=200)
+    parser.add_argument("--rcvbuf", type=int, default=4096, help="listeners' SO_RCVBUF")
+    parser.add_argument("--send-timeout", type=float, help="server's MARBLE_SEND_TIMEOUT_S")
+    parser.add_argument(
+        "--stall-wait", type=float, default=0.0, help="seconds to keep listeners open after"
+    )
+    args = parser.parse_args()
+    if not 1 <= args.listeners <= 1000 or not 0 < args.seconds <= 300:
+        parser.error("--listeners must be 1..1000 and --seconds 0..300")
+
+    port = free_port()
+    env = {"PYTHONUNBUFFERED": "1"}
+    if args.send_timeout is not None:
+        env["MARBLE_SEND_TIMEOUT_S"] = str(args.send_timeout)
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="marble-listeners-")
+    flags = ["--model", args.model, "--log-level", "warning"]
+    try:
+        with local_server(flags, port=port, env=env, output=log) as (_, proc):
+            measure(args, port, proc)
+    except BaseException:
+        log.seek(0)
+        print(log.read()[-3000:], file=sys.stderr)
+        raise
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,26 +26,23 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
+from local_server import local_server
+
+from marble.model.config import preset
+from marble.model.default import CHECKPOINT_DIR
+from marble.model.transformer import Denoiser
+from marble.scheduler.engine import Engine
+from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from marble.model.config import preset  # noqa: E402
-from marble.model.default import CHECKPOINT_DIR  # noqa: E402
-from marble.model.transformer import Denoiser  # noqa: E402
-from marble.scheduler.engine import Engine  # noqa: E402
-from marble.scheduler.request import SamplingParams  # noqa: E402
-from marble.scheduler.scheduler import SchedulerConfig  # noqa: E402
 
 LEGEND = """\
   N         concurrent clients, each sending its requests one after another
@@ -134,7 +131,7 @@ def run_in_process(engine: Engine, params: SamplingParams, clients: int, per_cli
 
     def submit(client: int) -> None:
         if queue[client]:
-            request = engine.add_request(queue[client].pop(0), params)
+            request = engine.add(engine.make_request(queue[client].pop(0), params))
             started[request.request_id] = time.perf_counter()
             owner[request.request_id] = client
 
@@ -217,31 +214,10 @@ async def run_http(base: str, body: dict, clients: int, per_client: int) -> Resu
     return result
 
 
-@contextmanager
 def server(model: Path, port: int, threads: int, max_batch: int, device: str):
-    cmd = [sys.executable, "-m", "marble.server", "--model", str(model), "--port", str(port)]
-    cmd += ["--host", "127.0.0.1", "--log-level", "warning", "--torch-threads", str(threads)]
-    cmd += ["--max-batch-size", str(max_batch), "--device", device, "--dtype", "float32"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become ready")
-            time.sleep(0.05)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    flags = ["--model", str(model), "--log-level", "warning", "--torch-threads", str(threads)]
+    flags += ["--max-batch-size", str(max_batch), "--device", device, "--dtype", "float32"]
+    return local_server(flags, port=port)
 
 
 def main() -> None:
@@ -323,7 +299,7 @@ def main() -> None:
         )
         run_in_process(engine, params, 1, 1)  # warm-up
         rows = []
-        with server(model, args.port, args.threads, max(clients), args.device) as base:
+        with server(model, args.port, args.threads, max(clients), args.device) as (base, _):
             asyncio.run(run_http(base, body, 1, 1))  # warm-up
             for n in clients:
                 # Alternate the two so drifting background load hits both alike.

@@ -8,8 +8,10 @@ masked before hashing: request ids (each becomes its case's name), `created`, th
 `timings`/`queue_s` seconds and SSE ping comments.
 Run it before and after a change with the same arguments and compare the digests.
 
-    python tools/stream_digest.py --out /tmp/after
-    python tools/stream_digest.py --out /tmp/after-chat --model ../shared/reference/dream-tiny
+    python benchmarks/stream_digest.py --out /tmp/after
+    python benchmarks/stream_digest.py --out /tmp/after-chat --model ../shared/reference/dream-tiny
+    python /path/to/new/benchmarks/stream_digest.py --out /tmp/before \\
+        --serve "python -m server" --cwd /path/to/old/checkout      # before the `marble` name
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from local_server import local_server
 
 _MASKS = [
     (re.compile(rb'"created":\s?\d+'), b'"created":0'),
@@ -169,46 +168,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: embedded)")
-    parser.add_argument("--port", type=int, default=8791)
     parser.add_argument(
         "--serve",
         default=f"{sys.executable} -m marble.server",
         help="the command that starts `marble serve` (flags are appended)",
     )
-    parser.add_argument("--cwd", default=".", help="where to run it")
+    parser.add_argument("--cwd", default=None, help="where to run it")
     args = parser.parse_args()
-    cmd = args.serve.split() + ["--port", str(args.port), "--torch-threads", "1"]
+    flags = ["--torch-threads", "1", "--log-level", "warning"]
     if args.model:
-        cmd += ["--model", str(Path(args.model).resolve())]
-    server = subprocess.Popen(cmd, cwd=args.cwd, env={**os.environ, "MARBLE_LOG_LEVEL": "warning"})
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("server did not become ready", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        cases = chat_cases() if args.model else native_cases()
-        args.out.mkdir(parents=True, exist_ok=True)
-        digests: dict[str, str] = {}
-        ids: dict[str, str] = {}
+        flags += ["--model", str(Path(args.model).resolve())]
+    cases = chat_cases() if args.model else native_cases()
+    args.out.mkdir(parents=True, exist_ok=True)
+    digests: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    with local_server(flags, command=args.serve.split(), cwd=args.cwd) as (url, _):
         with httpx.Client(base_url=url, timeout=120) as client:
             for name, method, path, body in cases:
                 raw = mask(fetch(client, ids, name, method, path, body))
                 (args.out / f"{name}.txt").write_bytes(raw)
                 digests[name] = hashlib.sha256(raw).hexdigest()[:16]
                 print(f"{name:18} {len(raw):7d} bytes  {digests[name]}")
-        (args.out / "digests.json").write_text(json.dumps(digests, indent=1))
-        return 0
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(30)
+    (args.out / "digests.json").write_text(json.dumps(digests, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

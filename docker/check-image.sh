@@ -155,9 +155,9 @@ checked=0
 if [[ -n "$model_dir" ]]; then
     check_serving "$model_dir"
 else
-    # The embedded default model, when the image holds it (package data of `model`).
+    # The embedded default model, when the image holds it (package data of `marble.model`).
     embedded="$(podman --runtime runc run --rm "${podman_limits[@]}" --entrypoint python3 "$image" \
-        -c "import model, pathlib; print((pathlib.Path(model.__file__).parent / 'default/checkpoint/config.json').exists())" \
+        -c "from marble.model.default import CHECKPOINT_DIR; print((CHECKPOINT_DIR / 'config.json').exists())" \
         2>/dev/null | tail -n 1)"
     case "$embedded" in
         True) check_serving "" ;;

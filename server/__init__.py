@@ -1,1 +1,2 @@
-"""Marble's HTTP layer: the FastAPI app and the legs of a request's round trip (README)."""
+"""Marble's HTTP layer: the FastAPI app and one file per leg of a request's round trip
+(docs/architecture.md)."""

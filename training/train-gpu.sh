@@ -10,6 +10,8 @@ set -u
 DEVICE=${DEVICE:-cuda} BUDGET=${BUDGET:-450} R=${R:-/tmp/gpu-run} PY=${PY:-python3}
 OUT=${OUT:-runs/gpu-export}
 export PYTHONUNBUFFERED=1
+# The trainer runs as `marble.training`: install the checkout (editable) where it is not yet.
+$PY -c "import marble.training" 2>/dev/null || $PY -m pip install -q --no-deps -e .
 mkdir -p "$OUT" "$R"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 WANT=torch,numpy,scipy,sklearn,pandas,sympy,matplotlib,networkx,jax,flax,optax,transformers,jinja2,httpx,requests,rich,pygments,aiohttp,werkzeug,click,hypothesis,_pytest,numba,xarray,statsmodels,skimage,timm,torchvision,accelerate,peft,tqdm,typer,pydantic,fastapi,starlette,uvicorn

@@ -25,6 +25,14 @@ ALLOWED = {
 }
 
 
+# Plain-Python request bookkeeping: no torch.
+BOOKKEEPING = (
+    "marble.scheduler.request",
+    "marble.scheduler.sampling_params",
+    "marble.scheduler.scheduler",
+)
+
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -100,6 +108,18 @@ def find_circles(edges: dict[str, set[str]]) -> list[str]:
         if module not in state:
             visit(module, [module])
     return circles
+
+
+def test_no_asyncio_below_the_server_and_no_torch_in_the_bookkeeping():
+    web = {"asyncio", "fastapi", "starlette", "uvicorn", "sse_starlette"}
+    wrong = []
+    for module, targets in graph().items():
+        heads = {t.split(".")[0] for t in targets}
+        if layer_of(module) in ("model", "scheduler") and heads & web:
+            wrong.append(f"{module} imports {sorted(heads & web)}")
+        if module in BOOKKEEPING and "torch" in heads:
+            wrong.append(f"{module} imports torch")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_no_import_circles_inside_a_layer():

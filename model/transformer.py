@@ -2,8 +2,13 @@
 
 RMSNorm, RoPE, SwiGLU, MHA/GQA with optional q/k/v bias, SDPA attention with a key-padding
 mask, and position ids so left-padded rows batch correctly. It computes logits only where asked
-(`gather`) because a full [B, L, V] tensor is gigabytes for real vocabularies. Knows nothing
-about masks-as-tokens, sampling or requests.
+(`gather`) because a full [B, L, V] tensor is gigabytes for real vocabularies.
+
+Two kinds of forward: `forward` runs every position (and can hand back each layer's keys and
+values, RoPE applied, to serve as a KV cache); `forward_cached` runs only some query positions
+against such keys and values, writing the queries' fresh keys and values over theirs first
+(Fast-dLLM's prefix and dual cache are the two choices of query range). Knows nothing about
+masks-as-tokens, sampling or requests.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.model.config import ModelConfig
+
+# One layer's keys (RoPE applied at their positions) and values, [B, Hkv, K, Dh] each.
+KeyValues = tuple[Tensor, Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -56,13 +64,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
-        """x [B, L, D], attn_mask bool [B, 1, 1, L] (True = attend) or None -> [B, L, D]."""
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        attn_mask: Tensor | None,
+        cached: KeyValues | None = None,
+        slots: Tensor | None = None,
+        keep: list[KeyValues] | None = None,
+    ) -> Tensor:
+        """x [B, Q, D], attn_mask bool [B, 1, 1, K] (True = attend) or None -> [B, Q, D].
+
+        Without `cached` the queries are the keys. With it, the queries' fresh keys and values
+        are written into `cached` [B, Hkv, K, Dh] at `slots` [B, Q] (in place: a scratch copy)
+        and every query attends over all K. `keep` collects this layer's keys and values."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cached is not None:
+            assert slots is not None
+            index = slots[:, None, :, None].expand(-1, self.n_kv_heads, -1, self.head_dim)
+            k = cached[0].scatter_(2, index, k)
+            v = cached[1].scatter_(2, index, v)
+        if keep is not None:
+            keep.append((k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv_heads
         )
@@ -88,8 +115,16 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], attn_mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, attn_mask)
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        attn_mask: Tensor | None,
+        cached: KeyValues | None = None,
+        slots: Tensor | None = None,
+        keep: list[KeyValues] | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask, cached, slots, keep)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -128,6 +163,7 @@ class Denoiser(nn.Module):
         position_ids: Tensor | None = None,
         gather: Tensor | None = None,
         align: bool = True,
+        keep: list[KeyValues] | None = None,
     ) -> Tensor:
         """input_ids [B, L] -> logits [B, L, V], or [B, W, V] at positions `gather` [B, W].
 
@@ -135,7 +171,7 @@ class Denoiser(nn.Module):
         default to 0..L-1. With `align` (the default) logits[:, i] scores position i for every
         architecture: Dream's next-token-aligned output is shifted right by one here
         (position 0 reuses raw logit 0, as Dream's sampler does). `align=False` returns the raw
-        head output.
+        head output. `keep` collects every layer's keys and values, for a KV cache.
         """
         b, n = input_ids.shape
         if position_ids is None:
@@ -151,7 +187,7 @@ class Denoiser(nn.Module):
             # cannot reach a real position.
             x = x.masked_fill(~attention_mask.bool()[..., None], 0.0)
         for layer in self.layers:
-            x = layer(x, rope, attn_mask)
+            x = layer(x, rope, attn_mask, keep=keep)
         x = self.norm(x)
         shift = align and self.cfg.shift_logits
         if gather is not None:
@@ -162,3 +198,26 @@ class Denoiser(nn.Module):
         if shift:
             logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
         return logits
+
+    def forward_cached(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        cache: list[KeyValues],
+        slots: Tensor,
+        key_mask: Tensor | None,
+        gather: Tensor,
+    ) -> Tensor:
+        """Queries only: input_ids and position_ids [B, Q] -> raw logits [B, W, V] at query
+        rows `gather` [B, W] (no alignment shift: the caller picks the rows).
+
+        `cache` holds each layer's keys and values [B, Hkv, K, Dh], overwritten in place at
+        `slots` [B, Q] by the queries' own; key_mask [B, K] (True = a key) or None."""
+        rope = rotary_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        x = self.embed(input_ids)
+        for layer, cached in zip(self.layers, cache):
+            x = layer(x, rope, attn_mask, cached, slots)
+        x = self.norm(x)
+        x = x.gather(1, gather[..., None].expand(-1, -1, x.shape[-1]))
+        return self.lm_head(x)

@@ -25,7 +25,7 @@ from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.healing import heal, unheal
 from marble.scheduler.request import Request, RequestStatus
-from marble.scheduler.runner import Commit, ModelRunner, RowError
+from marble.scheduler.runner import FORWARD_KINDS, Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -53,6 +53,8 @@ class StepOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     heal_text: str = ""  # token healing: the first token's leading text, left out of `text`
+    forward: str | None = None  # the kind of forward this step took (runner.FORWARD_KINDS)
+    positions: int = 0  # canvas positions that forward computed for this request
 
 
 @dataclass
@@ -65,6 +67,9 @@ class EngineStats:
     step_seconds: float
     tokens_committed: int
     finished: dict[str, int] = field(default_factory=dict)
+    forwards: dict[str, int] = field(default_factory=dict)  # rows by kind of forward
+    positions: int = 0  # canvas positions computed this step, over all rows
+    cache_bytes: int = 0  # KV cache the running requests hold after the step
 
 
 class Engine:
@@ -213,7 +218,7 @@ class Engine:
             if request.request_id not in self.runner.rows:
                 self.runner.add(request)
         for request, result in zip(running, self.runner.run(running) if running else []):
-            if not isinstance(result, RowError):
+            if isinstance(result, RowStep):
                 try:
                     outputs.append(self._postprocess(request, result))
                     continue
@@ -238,10 +243,14 @@ class Engine:
             step_seconds=time.perf_counter() - start,
             tokens_committed=sum(len(o.committed) for o in outputs),
             finished=finished,
+            forwards={k: sum(o.forward == k for o in outputs) for k in FORWARD_KINDS},
+            positions=sum(o.positions for o in outputs),
+            cache_bytes=self.runner.cache_bytes,
         )
         return outputs
 
-    def _postprocess(self, request: Request, commits: list[Commit]) -> StepOutput:
+    def _postprocess(self, request: Request, step: RowStep) -> StepOutput:
+        commits = step.commits
         request.num_steps += 1
         request.step_in_block += 1
         for c in commits:
@@ -283,6 +292,8 @@ class Engine:
             prompt_tokens=request.prompt_tokens,
             completion_tokens=self._completion_len(request),
             heal_text=request.heal_text,
+            forward=step.forward,
+            positions=step.positions,
         )
 
     def _advance_stable(self, request: Request) -> bool:

@@ -1,9 +1,13 @@
-"""One denoising step for a batch: pad, forward once, commit tokens per row.
+"""One denoising step for a batch: forward the rows that need it, commit tokens per row.
 
-Owns the device-side state of each running request (its canvas and its random generator).
-Rows of different prompt lengths, block sizes, schedules and samplers share one left-padded
-forward; only the current block of each row is sent through the LM head. One row's failure
-(non-finite logits, an exception) fails that row alone: its batch mates step on.
+Owns the device-side state of each running request: its canvas, its random generator and, for
+a cached request, the keys and values its block-start forward kept. Each step a row takes one
+of three kinds of forward: `full` (every position: no cache, or a block start that rebuilds the
+cache), `prefix_cached` (the current block onward against the kept prefix) or `dual_cached`
+(the current block only, against everything kept). Full rows share left-padded forwards,
+grouped by length so a short row does not pay for a long one; cached rows share one forward
+over their query positions. Only the current block of each row goes through the LM head.
+One row's failure (non-finite logits, an exception) fails that row alone.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from marble.model.sampling import (
     score_confidence,
     select_commits,
 )
-from marble.model.transformer import Denoiser
+from marble.model.transformer import Denoiser, KeyValues
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 
@@ -56,7 +60,21 @@ class RowError:
     message: str
 
 
-StepResult = list[Commit] | RowError
+@dataclass(frozen=True)
+class RowStep:
+    """One row's step: what it committed, and the forward that produced it."""
+
+    commits: list[Commit]
+    forward: str  # FULL, PREFIX_CACHED or DUAL_CACHED
+    positions: int  # canvas positions this row's forward computed (queries, CFG copy included)
+
+
+StepResult = RowStep | RowError
+FULL, PREFIX_CACHED, DUAL_CACHED = "full", "prefix_cached", "dual_cached"
+FORWARD_KINDS = (FULL, PREFIX_CACHED, DUAL_CACHED)
+# Full rows share a padded forward while its longest row is at most this much longer than
+# the shortest; past that, a separate forward costs less than the padding.
+PAD_RATIO = 1.5
 
 
 @dataclass
@@ -64,6 +82,16 @@ class _Row:
     canvas: Tensor  # [L] prompt + generated region + suffix
     generator: torch.Generator
     first_allowed: Tensor | None = None  # [V] bool: token healing's first-token constraint
+    # Per forward unit (the canvas, then CFG's unconditional copy): each layer's keys and values
+    # [Hkv, L, Dh] from the block-start forward of `cache_block`.
+    cache: list[list[KeyValues]] | None = None
+    cache_block: int = -1
+
+    @property
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.nbytes for unit in self.cache for kv in unit for t in kv)
 
 
 class ModelRunner:
@@ -93,6 +121,20 @@ class ModelRunner:
     def remove(self, request_id: str) -> None:
         self.rows.pop(request_id, None)
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values the running rows hold now."""
+        return sum(row.cache_bytes for row in self.rows.values())
+
+    def forward_kind(self, request: Request) -> str:
+        """The forward `request` takes next: full unless it caches and its cache is this
+        block's."""
+        row = self.rows[request.request_id]
+        mode = request.params.cache
+        if mode == "none" or row.cache is None or row.cache_block != request.block_index:
+            return FULL
+        return PREFIX_CACHED if mode == "prefix" else DUAL_CACHED
+
     def _dream_t(self, steps: int, index: int) -> float:
         if steps not in self._timesteps:
             self._timesteps[steps] = dream_timesteps(steps)
@@ -115,6 +157,7 @@ class ModelRunner:
         for request, row, (canvas, state) in zip(requests, rows, saved):
             row.canvas = canvas
             row.generator.set_state(state)
+            row.cache, row.cache_block = None, -1  # rebuilt by a full forward
             results += self.run([request])
         return results
 
@@ -131,9 +174,6 @@ class ModelRunner:
         )
         n = ids.shape[1]
         offsets = n - lengths  # [B] left padding per row
-        arange = torch.arange(n, device=dev)
-        attention = arange[None, :] >= offsets[:, None]  # [B, L]
-        positions = (arange[None, :] - offsets[:, None]).clamp_min(0)
 
         # Current block of each row, as canvas positions [B, W] with a validity mask.
         starts = [r.gen_start + r.current_block[0] for r in requests]
@@ -148,7 +188,8 @@ class ModelRunner:
         window_ids = ids.gather(1, win_pos)
         eligible = valid & (window_ids == self.mask_id)
 
-        logits = self._forward(requests, ids, attention, positions, offsets, win_pos)
+        kinds = [self.forward_kind(r) for r in requests]
+        logits, computed = self._logits(requests, rows, kinds, starts, sizes, width)
         logits[..., self.mask_id] = float("-inf")
         logits[..., self.vocab_limit :] = float("-inf")
         for b, (r, row) in enumerate(zip(requests, rows)):
@@ -205,48 +246,188 @@ class ModelRunner:
                 logprob[b_idx, w_idx].double(),
             ]
         )
-        commits: list[StepResult] = [[] for _ in requests]
+        commits: list[list[Commit]] = [[] for _ in requests]
         for b, w, tok, c, lp in flat.T.tolist():
             r = requests[int(b)]
             commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
+        results: list[StepResult] = [
+            RowStep(row_commits, kind, n) for row_commits, kind, n in zip(commits, kinds, computed)
+        ]
         for b in broken.nonzero().flatten().tolist():
-            commits[b] = RowError(
+            results[b] = RowError(
                 "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
             )
-        return commits
+        return results
 
-    def _forward(
+    def _logits(
         self,
         requests: list[Request],
-        ids: Tensor,
-        attention: Tensor,
-        positions: Tensor,
-        offsets: Tensor,
-        win_pos: Tensor,
-    ) -> Tensor:
-        """Logits [B, W, V] at the window positions, classifier-free guided where asked."""
-        guided = [b for b, r in enumerate(requests) if r.params.cfg_scale > 0]
+        rows: list[_Row],
+        kinds: list[str],
+        starts: list[int],
+        sizes: list[int],
+        width: int,
+    ) -> tuple[Tensor, list[int]]:
+        """Logits [B, W, V] at each row's window (classifier-free guided where asked), and the
+        canvas positions each row's forward computed."""
+        units = [(b, False) for b in range(len(requests))]
+        units += [(b, True) for b, r in enumerate(requests) if r.params.cfg_scale > 0]
+        col = torch.arange(width, device=self.device)
+        # Window column c of row b is canvas position starts[b] + c (padding repeats column 0).
+        window = [torch.where(col < sizes[b], col, 0) for b in range(len(requests))]
+        out: dict[tuple[int, bool], Tensor] = {}
+        computed = [0] * len(requests)
+        full = [u for u in units if kinds[u[0]] == FULL]
+        cached = [u for u in units if kinds[u[0]] != FULL]
+        for group in self._length_groups(requests, rows, full):
+            for unit, logits, n in zip(group, *self._full(requests, rows, group, starts, window)):
+                out[unit] = logits
+                computed[unit[0]] += n
+        if cached:
+            results = self._cached(requests, rows, cached, kinds, starts, window)
+            for unit, logits, n in zip(cached, *results):
+                out[unit] = logits
+                computed[unit[0]] += n
+        cond = torch.stack([out[(b, False)] for b in range(len(requests))]).float()
+        for b, r in enumerate(requests):
+            if r.params.cfg_scale > 0:
+                uncond = out[(b, True)].float()
+                cond[b] = uncond + (r.params.cfg_scale + 1) * (cond[b] - uncond)
+        return cond, computed
+
+    def _unit_ids(self, request: Request, row: _Row, uncond: bool) -> Tensor:
+        """The canvas a forward unit reads: CFG's unconditional copy masks every prompt and
+        suffix token (as LLaDA does)."""
+        if not uncond:
+            return row.canvas
+        ids = row.canvas.clone()
+        ids[: request.gen_start] = self.mask_id
+        ids[request.gen_start + request.params.max_tokens :] = self.mask_id
+        return ids
+
+    @staticmethod
+    def _length_groups(
+        requests: list[Request], rows: list[_Row], units: list[tuple[int, bool]]
+    ) -> list[list[tuple[int, bool]]]:
+        """Full-forward units in groups of similar canvas length (longest first)."""
+        ordered = sorted(units, key=lambda u: -len(rows[u[0]].canvas))
+        groups: list[list[tuple[int, bool]]] = []
+        for unit in ordered:
+            length = len(rows[unit[0]].canvas)
+            if groups and len(rows[groups[-1][0][0]].canvas) <= PAD_RATIO * length:
+                groups[-1].append(unit)
+            else:
+                groups.append([unit])
+        return groups
+
+    def _full(
+        self,
+        requests: list[Request],
+        rows: list[_Row],
+        units: list[tuple[int, bool]],
+        starts: list[int],
+        window: list[Tensor],
+    ) -> tuple[list[Tensor], list[int]]:
+        """One left-padded forward over every position of `units`; a caching row keeps this
+        forward's keys and values as its cache for the current block."""
+        dev = self.device
+        seqs = [self._unit_ids(requests[b], rows[b], uncond) for b, uncond in units]
+        lengths = torch.tensor([len(x) for x in seqs], device=dev)
+        ids = pad_sequence(seqs, batch_first=True, padding_value=self.pad_id, padding_side="left")
+        n = ids.shape[1]
+        offsets = n - lengths
+        arange = torch.arange(n, device=dev)
+        attention = arange[None, :] >= offsets[:, None]
+        positions = (arange[None, :] - offsets[:, None]).clamp_min(0)
+        gather = torch.stack(
+            [int(offsets[i]) + starts[b] + window[b] for i, (b, _) in enumerate(units)]
+        )
+        caching = [requests[b].params.cache != "none" for b, _ in units]
+        keep: list[KeyValues] | None = [] if any(caching) else None
         mask = None if bool(attention.all()) else attention
-        if not guided:
-            return self.model(ids, mask, positions, gather=win_pos).float()
-        # Unconditional copy: every prompt and suffix token becomes a mask (as LLaDA does).
-        un_ids = ids[guided].clone()
-        for i, b in enumerate(guided):
-            r, off = requests[b], int(offsets[b])
-            un_ids[i, off : off + r.gen_start] = self.mask_id
-            un_ids[i, off + r.gen_start + r.params.max_tokens :] = self.mask_id
-        both = torch.cat([ids, un_ids])
-        both_mask = None if mask is None else torch.cat([mask, mask[guided]])
-        logits = self.model(
-            both,
-            both_mask,
-            torch.cat([positions, positions[guided]]),
-            gather=torch.cat([win_pos, win_pos[guided]]),
-        ).float()
-        cond, uncond = logits[: len(requests)], logits[len(requests) :]
-        scale = torch.tensor([requests[b].params.cfg_scale for b in guided], device=ids.device)
-        cond[guided] = uncond + (scale.view(-1, 1, 1) + 1) * (cond[guided] - uncond)
-        return cond
+        logits = self.model(ids, mask, positions, gather=gather, keep=keep)
+        if keep is not None:
+            alone = len(units) == 1 and int(offsets[0]) == 0
+            for i, (b, uncond) in enumerate(units):
+                if not caching[i]:
+                    continue
+                off = int(offsets[i])
+                # A view of a shared batch tensor would keep all of it alive: copy the row out.
+                layers = [
+                    (k[i, :, off:], v[i, :, off:])
+                    if alone
+                    else (k[i, :, off:].clone(), v[i, :, off:].clone())
+                    for k, v in keep
+                ]
+                row = rows[b]
+                if not uncond:
+                    row.cache, row.cache_block = [layers], requests[b].block_index
+                else:
+                    assert row.cache is not None
+                    row.cache.append(layers)
+        return list(logits.unbind(0)), [len(x) for x in seqs]
+
+    def _cached(
+        self,
+        requests: list[Request],
+        rows: list[_Row],
+        units: list[tuple[int, bool]],
+        kinds: list[str],
+        starts: list[int],
+        window: list[Tensor],
+    ) -> tuple[list[Tensor], list[int]]:
+        """One forward over the query positions of `units` against their caches: the current
+        block onward (prefix) or the block alone (dual). For a model whose logits are shifted
+        (Dream scores position p with the output at p - 1), the queries start one earlier."""
+        dev = self.device
+        shift = 1 if self.model.cfg.shift_logits else 0
+        spans = []
+        for b, _ in units:
+            r = requests[b]
+            q0 = starts[b] - shift
+            q1 = (
+                len(rows[b].canvas)
+                if kinds[b] == PREFIX_CACHED
+                else r.gen_start + r.current_block[1]
+            )
+            spans.append((q0, q1))
+        caches = [rows[b].cache[1 if uncond else 0] for b, uncond in units]  # type: ignore[index]
+        keys = [len(rows[b].canvas) for b, _ in units]
+        q_len = max(q1 - q0 for q0, q1 in spans)
+        ids = torch.full((len(units), q_len), self.pad_id, dtype=torch.long, device=dev)
+        positions = torch.zeros((len(units), q_len), dtype=torch.long, device=dev)
+        if len(units) == 1:
+            # Alone: the row's own cache is the scratch (every query slot is rewritten before
+            # it is read, at every cached step), so nothing is copied.
+            slots_end, key_mask = keys[0], None
+            layers = [(k[None], v[None]) for k, v in caches[0]]
+        else:
+            # Together: one padded copy; padded queries write to a spare slot no one reads.
+            slots_end = max(keys)
+            key_mask = (
+                torch.arange(slots_end + 1, device=dev)[None, :]
+                < torch.tensor(keys, device=dev)[:, None]
+            )
+            layers = []
+            for layer in range(len(caches[0])):
+                k0, v0 = caches[0][layer]
+                shape = (len(units), k0.shape[0], slots_end + 1, k0.shape[2])
+                k_all, v_all = k0.new_zeros(shape), v0.new_zeros(shape)
+                for i, cache in enumerate(caches):
+                    k, v = cache[layer]
+                    k_all[i, :, : k.shape[1]] = k
+                    v_all[i, :, : v.shape[1]] = v
+                layers.append((k_all, v_all))
+        slots = torch.full((len(units), q_len), slots_end, dtype=torch.long, device=dev)
+        for i, ((b, uncond), (q0, q1)) in enumerate(zip(units, spans)):
+            canvas = self._unit_ids(requests[b], rows[b], uncond)
+            ids[i, : q1 - q0] = canvas[q0:q1]
+            span = torch.arange(q0, q1, device=dev)
+            positions[i, : q1 - q0] = span
+            slots[i, : q1 - q0] = span
+        gather = torch.stack([window[b] for b, _ in units])
+        logits = self.model.forward_cached(ids, positions, layers, slots, key_mask, gather)
+        return list(logits.unbind(0)), [q1 - q0 for q0, q1 in spans]
 
     def _counts(self, requests: list[Request], eligible: Tensor) -> Tensor:
         """Tokens each count-rule row commits this step [B] (ignored for threshold rows)."""

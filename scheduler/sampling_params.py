@@ -35,6 +35,10 @@ UNSET: Any = _Unset()
 # Names the reference implementations use for the same rules.
 REMASKING_ALIASES = {"maskgit_plus": "low_confidence", "topk_margin": "margin"}
 SCHEDULES = ("llada", "dream")
+# KV cache (Fast-dLLM): none recomputes every position each step; at each block start one full
+# forward keeps every position's keys and values, then "prefix" recomputes the current block
+# onward against the kept prefix, "dual" only the current block against everything kept.
+CACHES = ("none", "prefix", "dual")
 
 # Fields whose value must lie in a range: (low, high, whether low itself is excluded). Read by
 # the checks below and by the HTTP layer's OpenAPI schema, which documents the same bounds.
@@ -71,7 +75,7 @@ class SamplingParams:
     explicit `threshold` wins over `steps`; `threshold=None` with `steps=None` is one token per
     step. `block_length=None` denoises the whole generated region as one block.
     `token_healing` moves a text prompt's trailing whitespace token into the canvas (see
-    `marble.scheduler.healing`).
+    `marble.scheduler.healing`). `cache` picks the KV cache (CACHES).
     """
 
     max_tokens: int = 128
@@ -88,6 +92,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     token_healing: bool = False
+    cache: str = "none"
 
     def __post_init__(self) -> None:
         if self.threshold is UNSET:
@@ -106,6 +111,8 @@ class SamplingParams:
             )
         if self.schedule not in SCHEDULES:
             raise InvalidParam("schedule", f"schedule must be one of {SCHEDULES}")
+        if self.cache not in CACHES:
+            raise InvalidParam("cache", f"cache must be one of {CACHES}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidParam("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):

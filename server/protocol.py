@@ -101,6 +101,7 @@ class SamplingBody(BaseModel):
     cfg_scale: float | None = _sampling("cfg_scale")
     ignore_eos: bool | None = None
     token_healing: bool | None = None
+    cache: str | None = None
 
     # An explicit null here means "off" (one block; no threshold), not the default.
     NULL_IS_A_SETTING: ClassVar[tuple[str, ...]] = ("threshold", "block_length")

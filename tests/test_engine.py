@@ -41,7 +41,9 @@ class ScriptedModel(nn.Module):
         self.script = torch.tensor(script)
         self.prompt_len = prompt_len
 
-    def forward(self, ids, attention_mask=None, position_ids=None, gather=None, align=True):
+    def forward(
+        self, ids, attention_mask=None, position_ids=None, gather=None, align=True, keep=None
+    ):
         b, w = gather.shape
         gen_pos = (position_ids.gather(1, gather) - self.prompt_len).clamp(0, len(self.script) - 1)
         logits = torch.zeros(b, w, self.cfg.vocab_size)

@@ -169,6 +169,7 @@ def test_every_sampling_field_crosses_the_http_layer_by_its_name():
         "stop": ["x"],
         "ignore_eos": True,
         "token_healing": True,
+        "cache": "dual",
     }
     assert set(chosen) == set(SamplingParams.field_names())
     for name in SamplingParams.field_names():

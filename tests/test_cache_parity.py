@@ -1,0 +1,99 @@
+"""KV-cached decoding against Fast-dLLM's own samplers (../shared/reference/golden/*/
+golden_cache.json): every LLaDA case reproduced through the engine, alone and all together
+beside uncached requests of other lengths; Dream's cases under Marble's one cache rule.
+
+Upstream spends a cached forward on a block its full forward already filled (`empty_forwards`);
+the engine moves to the next block instead, so those forwards, which commit nothing and change
+no canvas, are left out of the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from marble.scheduler.engine import Engine, StepOutput
+from marble.scheduler.sampling_params import SamplingParams
+
+
+def _cases(golden_dir: Path, name: str) -> list[dict]:
+    return json.loads((golden_dir / name / "golden_cache.json").read_text())["cases"]
+
+
+def _mode(case: dict) -> str:
+    return "prefix" if case["name"].startswith("prefix_cache") else "dual"
+
+
+def llada_params(case: dict) -> SamplingParams:
+    p = case["params"]
+    return SamplingParams(
+        max_tokens=p["gen_length"],
+        steps=p["steps"],
+        block_length=p["block_length"],
+        threshold=p.get("threshold"),
+        remasking=p["remasking"],
+        temperature=p["temperature"],
+        ignore_eos=True,
+        cache=_mode(case),
+    )
+
+
+def expected_trace(case: dict) -> list[tuple[list[int], int, str, int]]:
+    """Per forward upstream made (empty ones dropped): (generated region after it, tokens it
+    committed, its kind, positions it computed)."""
+    prompt = case["prompt_length"]
+    empty = set(case["empty_forwards"])
+    return [
+        (canvas[0][prompt:], committed[0], forward["kind"], forward["input_length"])
+        for i, (canvas, committed, forward) in enumerate(
+            zip(case["canvases"], case["committed_per_step"], case["forwards"])
+        )
+        if i not in empty
+    ]
+
+
+def trace(outs: list[StepOutput]) -> list[tuple[list[int], int, str, int]]:
+    return [(o.tokens, len(o.committed), o.forward, o.positions) for o in outs if o.forward]
+
+
+def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[StepOutput]]:
+    """All jobs in flight together; each one's outputs in order."""
+    ids = [engine.add(engine.make_request(p, sp)).request_id for p, sp in jobs]
+    outs: dict[str, list[StepOutput]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    return [outs[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def llada(llada_dir: Path) -> Engine:
+    return Engine.from_pretrained(llada_dir, progress=False)
+
+
+@pytest.mark.parametrize("index", range(44))
+def test_llada_cached_sampler_alone(index: int, golden_dir: Path, llada: Engine):
+    case = _cases(golden_dir, "llada")[index]
+    (outs,) = run(llada, [(case["prompt_ids"][0], llada_params(case))])
+    assert trace(outs) == expected_trace(case), case["name"]
+    assert outs[-1].tokens == case["final_ids"][0][case["prompt_length"] :]
+    assert len(outs) == case["num_forward_passes"] - len(case["empty_forwards"])
+
+
+def test_llada_cached_samplers_batched_equal_alone(golden_dir: Path, llada: Engine):
+    """Every case at once, among uncached requests of other lengths: each row's trace is the
+    one it has alone (rows rebuild, reuse and drop their caches at different steps)."""
+    cases = _cases(golden_dir, "llada")
+    others = [
+        ([5 + i for i in range(n)], SamplingParams(max_tokens=24, block_length=8, seed=n))
+        for n in (3, 40, 90)
+    ]
+    jobs = [(c["prompt_ids"][0], llada_params(c)) for c in cases] + others
+    together = run(llada, jobs)
+    for case, outs in zip(cases, together):
+        assert trace(outs) == expected_trace(case), case["name"]
+    for (prompt, params), outs in zip(others, together[len(cases) :]):
+        (alone,) = run(llada, [(prompt, params)])
+        assert [o.tokens for o in outs] == [o.tokens for o in alone]

@@ -8,6 +8,7 @@ a request is finished. Knows nothing of HTTP or asyncio.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from marble.model.default import CHECKPOINT_DIR
-from marble.model.device import resolve_device, resolve_dtype
+from marble.model.device import default_kv_budget, resolve_device, resolve_dtype
 from marble.model.loader import load_model
 from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
@@ -84,7 +85,16 @@ class Engine:
         self.tokenizer = tokenizer
         self.special = tokenizer.special
         self.defaults = defaults or SamplingParams()
-        self.scheduler = Scheduler(config or SchedulerConfig())
+        config = config or SchedulerConfig()
+        device = next(model.parameters()).device
+        if config.max_kv_bytes is None:
+            config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(device)))
+        self.scheduler = Scheduler(config)
+        cfg = model.cfg
+        # KV bytes per cached canvas position: every layer keeps a key and a value vector.
+        self.kv_bytes_per_token = (
+            cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * next(model.parameters()).itemsize
+        )
         pad = self.special.pad if self.special.pad is not None else self.special.mask
         self.runner = ModelRunner(
             model, self.special.mask, pad, min(len(tokenizer), model.cfg.vocab_size)
@@ -161,7 +171,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) + suffix "
                 f"({len(suffix_ids)}) exceeds the model's context of {context}",
             )
-        return Request(
+        request = Request(
             request_id or uuid.uuid4().hex,
             prompt_ids,
             params,
@@ -170,6 +180,10 @@ class Engine:
             heal_text=heal_text,
             heal_ids=heal_ids,
         )
+        if params.cache != "none":
+            copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
+            request.kv_bytes = copies * request.canvas_len * self.kv_bytes_per_token
+        return request
 
     def _ids(self, name: str, value: str | list[int], context: int) -> list[int]:
         """Token ids of a prompt or suffix, refusing at once what cannot fit the context: a

@@ -53,6 +53,7 @@ class Request:
     # must start with its text, which the completion's text then leaves out.
     heal_text: str = ""
     heal_ids: list[int] | None = None  # the tokens allowed at the first generated position
+    kv_bytes: int = 0  # the KV cache it will hold while it runs (0 without a cache)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     error_code: str | None = None

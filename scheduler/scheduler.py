@@ -1,5 +1,8 @@
 """Which requests run this step: a bounded waiting queue, a running set, and aborts.
 
+Admission is FIFO within three budgets: batch size, canvas tokens per forward, and KV cache
+bytes (each request's known at admission); what can never fit is refused when it is added.
+
 The only place a request's status changes. Thread-safe (one lock): the server adds and aborts
 from the event loop while the engine thread schedules. No torch here.
 """
@@ -11,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from marble.scheduler.request import Request, RequestStatus
+from marble.scheduler.sampling_params import InvalidParam
 
 
 class QueueFullError(RuntimeError):
@@ -23,10 +27,15 @@ class SchedulerConfig:
     max_queue: int = 256
     # Sum of canvas lengths in one forward (a CFG request counts twice): bounds activation memory.
     max_batch_tokens: int = 32768
+    # Bytes of KV cache the running requests may hold together (None: the engine picks one for
+    # its device, model/device.py).
+    max_kv_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 0 or self.max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1, max_queue >= 0")
+        if self.max_kv_bytes is not None and self.max_kv_bytes < 0:
+            raise ValueError("max_kv_bytes must be >= 0")
 
 
 def request_cost(request: Request) -> int:
@@ -42,12 +51,24 @@ class Scheduler:
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
 
+    @property
+    def kv_budget(self) -> float:
+        """None configured: no limit here (the engine always sets one for its device)."""
+        limit = self.config.max_kv_bytes
+        return float("inf") if limit is None else limit
+
     def add(self, request: Request) -> None:
         """Queue a request; raises QueueFullError when full, ValueError when it can never fit."""
         if request_cost(request) > self.config.max_batch_tokens:
             raise ValueError(
                 f"request needs {request_cost(request)} tokens per forward, more than "
                 f"max_batch_tokens={self.config.max_batch_tokens}"
+            )
+        if request.kv_bytes > self.kv_budget:
+            raise InvalidParam(
+                "cache",
+                f"request needs {request.kv_bytes} bytes of KV cache, more than the server's "
+                f"KV budget of {self.kv_budget:.0f} bytes (send cache: none, or fewer tokens)",
             )
         with self._lock:
             if len(self.waiting) >= self.config.max_queue:
@@ -69,11 +90,14 @@ class Scheduler:
             for request in aborted:
                 self._finish_locked(request, RequestStatus.FINISHED_ABORTED)
             budget = self.config.max_batch_tokens - sum(map(request_cost, self.running))
+            kv_free = self.kv_budget - self.kv_reserved
             while self.waiting and len(self.running) < self.config.max_batch_size:
-                if request_cost(self.waiting[0]) > budget:
+                head = self.waiting[0]
+                if request_cost(head) > budget or head.kv_bytes > kv_free:
                     break  # FIFO: a large request waits rather than being overtaken forever
                 request = self.waiting.popleft()
                 budget -= request_cost(request)
+                kv_free -= request.kv_bytes
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
             return list(self.running), aborted
@@ -90,6 +114,11 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+
+    @property
+    def kv_reserved(self) -> int:
+        """KV bytes admitted: what the running requests hold or will at their next step."""
+        return sum(r.kv_bytes for r in self.running)
 
     @property
     def num_waiting(self) -> int:

@@ -38,6 +38,7 @@ def build_engine(settings: Settings) -> Engine:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_batch_tokens=settings.max_batch_tokens,
+        max_kv_bytes=settings.kv_cache_bytes,
     )
     device = resolve_device(settings.device)
     log.info("loading %s on %s", path, device)
@@ -87,6 +88,7 @@ class Lifecycle:
         events = NativeEvents(engine.tokenizer, DraftRenderer(engine.tokenizer, s.mask_placeholder))
         registry = Registry(s, events, Firehose(s.global_log_size, limits), limits)
         self.engine = AsyncEngine(engine, self.metrics, registry)
+        self.metrics.kv_cache_budget.set(engine.scheduler.kv_budget)
         # What loading left behind (the tokenizer's tables, the model's modules) lives as long
         # as the server: out of the collector's reach, full collections stay short pauses of
         # the event loop instead of walking those objects every time.

@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 from marble.scheduler.engine import EngineStats, StepOutput
+from marble.scheduler.runner import FORWARD_KINDS
 
 OUTCOMES = ("stop", "length", "abort", "error")
 REJECT_REASONS = (
@@ -35,6 +36,7 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKENS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_POSITIONS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 @dataclass
@@ -105,6 +107,34 @@ class Metrics:
             "`step` events not delivered to a slow SSE subscriber.",
             registry=r,
         )
+        self.forwards = Counter(
+            "marble_forwards",
+            "Rows of denoising forwards by kind: full (every position), prefix_cached (the "
+            "current block onward against a KV cache), dual_cached (the current block only).",
+            ["kind"],
+            registry=r,
+        )
+        self.positions = Counter(
+            "marble_positions_computed",
+            "Canvas positions the denoising forwards computed (queries; CFG copies included).",
+            registry=r,
+        )
+        self.positions_per_step = Histogram(
+            "marble_positions_computed_per_step",
+            "Canvas positions one engine step computed, over all its rows.",
+            buckets=_POSITIONS,
+            registry=r,
+        )
+        self.kv_cache_bytes = Gauge(
+            "marble_kv_cache_bytes",
+            "Bytes of KV cache the running requests hold.",
+            registry=r,
+        )
+        self.kv_cache_budget = Gauge(
+            "marble_kv_cache_budget_bytes",
+            "Bytes of KV cache the running requests may hold together (admission waits past it).",
+            registry=r,
+        )
         self.open_streams = Gauge(
             "marble_open_streams",
             "SSE streams open now, by kind: generate, attach (one request's events), "
@@ -162,6 +192,8 @@ class Metrics:
             self.open_streams.labels(kind)
         for code in ERROR_CODES:
             self.errors.labels(code)
+        for kind in FORWARD_KINDS:
+            self.forwards.labels(kind)
 
     # ------------------------------------------------------------------- engine thread
     def observe_step(
@@ -176,9 +208,14 @@ class Metrics:
             self.running.set(stats.num_running)
             self.waiting.set(stats.num_waiting)
             self.batch_size.set(stats.batch_size)
+            self.kv_cache_bytes.set(stats.cache_bytes)
             if stats.batch_size:
                 self.steps.inc()
                 self.step_duration.observe(stats.step_seconds)
+                self.positions.inc(stats.positions)
+                self.positions_per_step.observe(stats.positions)
+                for kind, rows in stats.forwards.items():
+                    self.forwards.labels(kind).inc(rows)
         for out, timing in outputs:
             ran = out.step > 0 and not (out.finished and out.finish_reason in ("abort", "error"))
             if ran:
@@ -206,6 +243,7 @@ class Metrics:
         self.running.set(0)
         self.waiting.set(num_waiting)
         self.batch_size.set(0)
+        self.kv_cache_bytes.set(0)
 
     # ---------------------------------------------------------------------- event loop
     def reject(self, reason: str) -> None:

@@ -67,6 +67,10 @@ class NativeEvents:
             "block_index": out.block_index,
             "num_blocks": out.num_blocks,
             "num_masked": out.num_masked,
+            # Which forward produced this step (full, prefix_cached, dual_cached) and how many
+            # canvas positions it computed for this request.
+            "forward": out.forward,
+            "positions": out.positions,
             "committed": [
                 {
                     "pos": c.pos,

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(SchedulerConfig.max_batch_size, ge=1)
     max_queue: int = Field(SchedulerConfig.max_queue, ge=0)
     max_batch_tokens: int = Field(SchedulerConfig.max_batch_tokens, ge=1)
+    # KV cache bytes the running requests may hold together; None: half the GPU memory free
+    # after loading, 2 GiB on CPU (model/device.py).
+    kv_cache_bytes: int | None = Field(SchedulerConfig.max_kv_bytes, ge=0)
     api_key: str | None = None
     torch_threads: int | None = Field(None, ge=1)  # None: all cores but one on cpu
     log_level: str = "info"

@@ -66,6 +66,8 @@ class Card {
     this.blockIndex = null;
     this.numBlocks = null;
     this.numMasked = null;
+    this.forward = null; // the kind of forward the last step took: full, prefix_cached, dual_cached
+    this.positions = null; // canvas positions that forward computed
     this.length = params && params.max_tokens ? params.max_tokens : 0;
     this.cells = []; // pos -> {text, confidence, step} | undefined (masked)
     this.committedCount = 0;
@@ -109,6 +111,8 @@ class Card {
         if (data.total_steps !== undefined) this.totalSteps = data.total_steps;
         if (typeof data.block_index === "number") this.blockIndex = data.block_index;
         if (typeof data.num_masked === "number") this.numMasked = data.num_masked;
+        if (typeof data.forward === "string") this.forward = data.forward;
+        if (typeof data.positions === "number") this.positions = data.positions;
         if (typeof data.draft === "string" && !this.textIsFinal) this.text = data.draft;
         else if (typeof data.text === "string" && !this.textIsFinal) this.text = data.text;
         this.length = Math.max(this.length, this.committedCount + (this.numMasked || 0));
@@ -288,6 +292,8 @@ function drawCard(card) {
   el.querySelector(".masked").textContent = card.numMasked === null ? "–" : String(card.numMasked);
   const tpf = card.tokensPerForward();
   el.querySelector(".tpf").textContent = tpf === null ? "–" : tpf.toFixed(2);
+  el.querySelector(".fwd").textContent =
+    card.forward === null ? "–" : `${card.forward.replace("_", " ")} (${card.positions} positions)`;
   const prompt = el.querySelector(".prompt");
   if (prompt.textContent !== (card.prompt ?? "")) prompt.textContent = card.prompt ?? "";
   prompt.hidden = card.prompt === null;

@@ -1,0 +1,103 @@
+"""KV cache invariants: a cached forward on an unchanged canvas is the full forward; memory
+is a budget known at admission, queued when it does not fit now, refused when it never can,
+freed on finish and abort; the gauge is what the running requests hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from marble.model.config import preset
+from marble.model.transformer import Denoiser
+from marble.scheduler.engine import Engine
+from marble.scheduler.sampling_params import SamplingParams
+from marble.server.metrics import Metrics
+from tests.server_helpers import serving, tiny_engine
+
+CACHED = SamplingParams(max_tokens=16, block_length=8, threshold=None, steps=16, cache="dual")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_cached_forward_on_an_unchanged_canvas_is_the_full_forward(shift: bool):
+    torch.manual_seed(0)
+    cfg = preset("tiny", shift_logits=shift)
+    model = Denoiser(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        keep: list = []
+        full = model(ids, keep=keep, align=False)
+        for q0, q1 in [(10, 40), (10, 18), (0, 40)]:  # prefix, dual, everything
+            cache = [(k.clone(), v.clone()) for k, v in keep]
+            span = torch.arange(q0, q1).expand(2, -1)
+            gather = torch.arange(q1 - q0).expand(2, -1)
+            out = model.forward_cached(ids[:, q0:q1], span, cache, span, None, gather)
+            assert (out - full[:, q0:q1]).abs().max() < 1e-4
+
+
+def _run_some(engine: Engine, steps: int, *requests) -> None:
+    for request in requests:
+        engine.add(request)
+    for _ in range(steps):
+        engine.step()
+
+
+def _held(engine: Engine) -> int:
+    return sum(r.kv_bytes for r in engine.scheduler.running)
+
+
+def test_finish_and_abort_give_the_cache_back(llada_dir):
+    engine = tiny_engine(llada_dir)
+    a = engine.make_request("hello there", CACHED)
+    b = engine.make_request("a longer prompt than the other one", CACHED)
+    plain = engine.make_request("no cache", CACHED.replace(cache="none"))
+    assert a.kv_bytes == a.canvas_len * engine.kv_bytes_per_token > 0 and plain.kv_bytes == 0
+    _run_some(engine, 2, a, b, plain)
+    assert engine.runner.cache_bytes == a.kv_bytes + b.kv_bytes == _held(engine)
+    engine.abort(a.request_id)
+    engine.step()
+    assert engine.runner.cache_bytes == b.kv_bytes == _held(engine)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.runner.cache_bytes == 0 and not engine.runner.rows
+
+
+def test_the_kv_gauge_is_what_running_requests_hold(llada_dir):
+    engine = tiny_engine(llada_dir)
+    metrics = Metrics()
+    cfg_request = engine.make_request("guided", CACHED.replace(cfg_scale=1.0))
+    assert cfg_request.kv_bytes == 2 * cfg_request.canvas_len * engine.kv_bytes_per_token
+    _run_some(engine, 1, cfg_request, engine.make_request("plain", CACHED))
+    metrics.observe_step(engine.last_stats, 0.0, 0.0, [])
+    text = metrics.render()[0].decode()
+    held = engine.runner.cache_bytes
+    assert held == _held(engine) > 0
+    assert f"marble_kv_cache_bytes {float(held)}" in text
+
+
+def test_a_request_waits_for_kv_room_and_one_that_can_never_fit_is_refused(llada_dir):
+    probe = tiny_engine(llada_dir).make_request("hello there", CACHED)
+    engine = tiny_engine(llada_dir, max_kv_bytes=probe.kv_bytes)  # room for exactly one
+    first = engine.make_request("hello there", CACHED)
+    second = engine.make_request("hello there", CACHED)
+    _run_some(engine, 1, first, second)
+    assert [r.request_id for r in engine.scheduler.running] == [first.request_id]
+    assert engine.scheduler.num_waiting == 1  # not refused: it runs once there is room
+    while first.request_id in engine.requests:
+        engine.step()
+    engine.step()
+    assert [r.request_id for r in engine.scheduler.running] == [second.request_id]
+    with pytest.raises(ValueError, match="KV budget"):
+        engine.add(engine.make_request("a prompt that is longer", CACHED))
+
+
+@pytest.mark.anyio
+async def test_over_http_a_request_past_the_kv_budget_is_a_400(llada_dir):
+    async with serving(llada_dir, max_kv_bytes=1000) as (_, client):
+        body = {"prompt": "hi", "max_tokens": 16, "cache": "dual"}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache"
+        assert "KV budget" in r.json()["error"]["message"]
+        ok = await client.post("/v1/completions", json={**body, "cache": "none"})
+        assert ok.status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert "marble_kv_cache_budget_bytes 1000.0" in metrics

@@ -61,17 +61,24 @@ def score_confidence(
     logits: Tensor, x0: Tensor, kind: Tensor, uniform: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """logits [B, W, V], x0 [B, W], kind [B] (Confidence), uniform [B, W] or None ->
-    (confidence [B, W], log-probability of x0 [B, W]), both float32."""
-    logp = logits.float().log_softmax(-1)
-    logp_x0 = logp.gather(-1, x0[..., None]).squeeze(-1)
+    (confidence [B, W], log-probability of x0 [B, W]), both float32.
+
+    log p(x0) = logit(x0) - logsumexp(logits): no [B, W, V] log-softmax is built, except
+    for the rows scored by entropy, which need every probability."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    logp_x0 = lf.gather(-1, x0[..., None]).squeeze(-1) - lse
     conf = logp_x0.exp()
     kinds = set(kind.tolist())
     if Confidence.MARGIN in kinds:
-        top2 = logp.topk(2, dim=-1).values.exp()
-        conf = torch.where((kind == Confidence.MARGIN)[:, None], top2[..., 0] - top2[..., 1], conf)
+        top2 = lf.topk(2, dim=-1).values
+        margin = (top2[..., 0] - lse).exp() - (top2[..., 1] - lse).exp()
+        conf = torch.where((kind == Confidence.MARGIN)[:, None], margin, conf)
     if Confidence.ENTROPY in kinds:
-        p = logp.exp()
-        neg_entropy = (p * torch.log(p + 1e-10)).sum(-1)
+        rows = (kind == Confidence.ENTROPY).nonzero().flatten()
+        p = (lf[rows] - lse[rows, :, None]).exp()
+        neg_entropy = conf.clone()
+        neg_entropy[rows] = (p * torch.log(p + 1e-10)).sum(-1)
         conf = torch.where((kind == Confidence.ENTROPY)[:, None], neg_entropy, conf)
     if Confidence.RANDOM in kinds and uniform is not None:
         conf = torch.where((kind == Confidence.RANDOM)[:, None], uniform.float(), conf)

@@ -164,6 +164,7 @@ class Denoiser(nn.Module):
         gather: Tensor | None = None,
         align: bool = True,
         keep: list[KeyValues] | None = None,
+        project: bool = True,
     ) -> Tensor:
         """input_ids [B, L] -> logits [B, L, V], or [B, W, V] at positions `gather` [B, W].
 
@@ -171,7 +172,9 @@ class Denoiser(nn.Module):
         default to 0..L-1. With `align` (the default) logits[:, i] scores position i for every
         architecture: Dream's next-token-aligned output is shifted right by one here
         (position 0 reuses raw logit 0, as Dream's sampler does). `align=False` returns the raw
-        head output. `keep` collects every layer's keys and values, for a KV cache.
+        head output. `keep` collects every layer's keys and values, for a KV cache. With
+        `project=False` (and `gather`) the result is the final hidden states [B, W, D], for the
+        caller to send through `lm_head` only where it needs logits.
         """
         b, n = input_ids.shape
         if position_ids is None:
@@ -193,7 +196,7 @@ class Denoiser(nn.Module):
         if gather is not None:
             index = (gather - 1).clamp_min(0) if shift else gather
             x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-            return self.lm_head(x)
+            return self.lm_head(x) if project else x
         logits = self.lm_head(x)
         if shift:
             logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
@@ -207,9 +210,11 @@ class Denoiser(nn.Module):
         slots: Tensor,
         key_mask: Tensor | None,
         gather: Tensor,
+        project: bool = True,
     ) -> Tensor:
         """Queries only: input_ids and position_ids [B, Q] -> raw logits [B, W, V] at query
-        rows `gather` [B, W] (no alignment shift: the caller picks the rows).
+        rows `gather` [B, W] (no alignment shift: the caller picks the rows), or the hidden
+        states there [B, W, D] with `project=False`.
 
         `cache` holds each layer's keys and values [B, Hkv, K, Dh], overwritten in place at
         `slots` [B, Q] by the queries' own; key_mask [B, K] (True = a key) or None."""
@@ -220,4 +225,4 @@ class Denoiser(nn.Module):
             x = layer(x, rope, attn_mask, cached, slots)
         x = self.norm(x)
         x = x.gather(1, gather[..., None].expand(-1, -1, x.shape[-1]))
-        return self.lm_head(x)
+        return self.lm_head(x) if project else x

@@ -189,51 +189,75 @@ class ModelRunner:
         eligible = valid & (window_ids == self.mask_id)
 
         kinds = [self.forward_kind(r) for r in requests]
-        logits, computed = self._logits(requests, rows, kinds, starts, sizes, width)
-        logits[..., self.mask_id] = float("-inf")
-        logits[..., self.vocab_limit :] = float("-inf")
+        # Only positions that can still be committed (masked, in the block) get logits: each
+        # row's eligible window columns, first, in order ([B, E], `ok` where real).
+        n_eligible = eligible.sum(-1)
+        cols = torch.argsort((~eligible).to(torch.int8), dim=-1, stable=True)
+        cols = cols[:, : max(1, int(n_eligible.max()))]
+        ok = torch.arange(cols.shape[1], device=dev)[None, :] < n_eligible[:, None]
+        cols = torch.where(ok, cols, cols[:, :1])
+        b_e, j_e = ok.nonzero(as_tuple=True)  # entries, row-major: row b's in window order
+        w_e = cols[b_e, j_e]
+        logits, computed = self._logits(requests, rows, kinds, starts, cols, ok)  # [N, V]
+        logits[:, self.mask_id] = float("-inf")
+        logits[:, self.vocab_limit :] = float("-inf")
         for b, (r, row) in enumerate(zip(requests, rows)):
-            # Window column 0 is the first generated position while block 0 is denoised.
+            # The first generated position is window column 0 while block 0 is denoised.
             if row.first_allowed is not None and r.current_block[0] == 0:
-                logits[b, 0].masked_fill_(~row.first_allowed, float("-inf"))
+                first = (b_e == b) & (w_e == 0)
+                logits[first] = logits[first].masked_fill(~row.first_allowed, float("-inf"))
         params = [r.params for r in requests]
-        top_k = torch.tensor([p.top_k for p in params], device=dev)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
-        logits = filter_top_k_top_p(logits, top_k, top_p)
+        per_entry = logits[:, None]  # [N, 1, V]: the samplers' [B, W, V] with one column each
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], device=dev)[b_e]
+            top_p = torch.tensor([p.top_p for p in params], device=dev)[b_e]
+            per_entry = filter_top_k_top_p(per_entry, top_k, top_p)
 
-        x0 = logits.argmax(-1)
-        # Each row draws only its own block's noise from its own generator, so its stream
-        # (and its tokens) do not depend on which other requests share the batch.
+        x0 = per_entry.argmax(-1)  # [N, 1]
+        # Each row draws its whole block's noise from its own generator, so its stream (and
+        # its tokens) do not depend on which other requests share the batch or what is masked.
         sampled = [b for b, p in enumerate(params) if p.temperature > 0]
         if sampled:
             vocab = logits.shape[-1]
-            uniform = torch.full((len(sampled), width, vocab), 0.5, dtype=torch.float64, device=dev)
-            for i, b in enumerate(sampled):
-                uniform[i, : sizes[b]] = torch.rand(
+            draws = []
+            for b in sampled:
+                noise = torch.rand(
                     (sizes[b], vocab), generator=rows[b].generator, dtype=torch.float64, device=dev
                 )
+                draws.append(noise[cols[b][ok[b]]])
+            entries = torch.cat([(b_e == b).nonzero().flatten() for b in sampled])
             temps = torch.tensor([params[b].temperature for b in sampled], device=dev)
-            x0[sampled] = gumbel_argmax(logits[sampled], temps, uniform)
-        kind = torch.tensor([_CONFIDENCE[p.remasking] for p in params], device=dev)
+            temps = torch.repeat_interleave(temps, n_eligible[sampled])
+            x0[entries] = gumbel_argmax(per_entry[entries], temps, torch.cat(draws)[:, None])
+        kind = torch.tensor([_CONFIDENCE[p.remasking] for p in params], device=dev)[b_e]
         random_conf = None
         if any(p.remasking == "random" for p in params):
-            random_conf = torch.zeros((len(rows), width), device=dev)
+            draw = torch.zeros((len(rows), width), device=dev)
             for b, p in enumerate(params):
                 if p.remasking == "random":
-                    random_conf[b, : sizes[b]] = torch.rand(
+                    draw[b, : sizes[b]] = torch.rand(
                         sizes[b], generator=rows[b].generator, device=dev
                     )
-        conf, logprob = score_confidence(logits, x0, kind, random_conf)
+            random_conf = draw[b_e, w_e][:, None]
+        conf_e, logprob_e = score_confidence(per_entry, x0, kind, random_conf)
+        # Back to window shape [B, W] (small): what the commit rules read.
+        conf = torch.full((len(rows), width), float("-inf"), device=dev)
+        conf[b_e, w_e] = conf_e[:, 0]
+        tokens = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
+        tokens[b_e, w_e] = x0[:, 0]
+        logprob = torch.zeros((len(rows), width), device=dev)
+        logprob[b_e, w_e] = logprob_e[:, 0]
         # NaN or infinite logits (a broken checkpoint, an overflow) turn the row's log-softmax
         # into NaN: that row commits nothing and fails; the others are unaffected.
-        broken = ((torch.isnan(logprob) | torch.isnan(conf)) & valid).any(-1)  # [B]
+        broken = torch.zeros(len(rows), dtype=torch.bool, device=dev)
+        broken[b_e[torch.isnan(logprob_e[:, 0]) | torch.isnan(conf_e[:, 0])]] = True
 
         commit = select_commits(
             conf, eligible, self._counts(requests, eligible), self._thresholds(params, dev)
         )
         commit &= ~broken[:, None]
         b_idx, w_idx = commit.nonzero(as_tuple=True)
-        ids[b_idx, win_pos[b_idx, w_idx]] = x0[b_idx, w_idx]
+        ids[b_idx, win_pos[b_idx, w_idx]] = tokens[b_idx, w_idx]
         for b, row in enumerate(rows):
             row.canvas = ids[b, int(offsets[b]) :]
 
@@ -241,7 +265,7 @@ class ModelRunner:
             [
                 b_idx.double(),
                 w_idx.double(),
-                x0[b_idx, w_idx].double(),
+                tokens[b_idx, w_idx].double(),
                 conf[b_idx, w_idx].double(),
                 logprob[b_idx, w_idx].double(),
             ]
@@ -265,35 +289,44 @@ class ModelRunner:
         rows: list[_Row],
         kinds: list[str],
         starts: list[int],
-        sizes: list[int],
-        width: int,
+        cols: Tensor,
+        ok: Tensor,
     ) -> tuple[Tensor, list[int]]:
-        """Logits [B, W, V] at each row's window (classifier-free guided where asked), and the
-        canvas positions each row's forward computed."""
+        """Float32 logits [N, V] for the N real entries of `cols` [B, E] (window columns;
+        `ok` marks the real ones), row by row, classifier-free guided where asked; and the
+        canvas positions each row's forward computed. Every forward returns hidden states
+        and one LM-head matmul scores them all: one vocabulary-sized tensor per step."""
         units = [(b, False) for b in range(len(requests))]
         units += [(b, True) for b, r in enumerate(requests) if r.params.cfg_scale > 0]
-        col = torch.arange(width, device=self.device)
-        # Window column c of row b is canvas position starts[b] + c (padding repeats column 0).
-        window = [torch.where(col < sizes[b], col, 0) for b in range(len(requests))]
-        out: dict[tuple[int, bool], Tensor] = {}
+        hidden: dict[tuple[int, bool], Tensor] = {}
         computed = [0] * len(requests)
         full = [u for u in units if kinds[u[0]] == FULL]
         cached = [u for u in units if kinds[u[0]] != FULL]
         for group in self._length_groups(requests, rows, full):
-            for unit, logits, n in zip(group, *self._full(requests, rows, group, starts, window)):
-                out[unit] = logits
+            for unit, h, n in zip(group, *self._full(requests, rows, group, starts, cols)):
+                hidden[unit] = h[ok[unit[0]]]
                 computed[unit[0]] += n
         if cached:
-            results = self._cached(requests, rows, cached, kinds, starts, window)
-            for unit, logits, n in zip(cached, *results):
-                out[unit] = logits
+            for unit, h, n in zip(
+                cached, *self._cached(requests, rows, cached, kinds, starts, cols)
+            ):
+                hidden[unit] = h[ok[unit[0]]]
                 computed[unit[0]] += n
-        cond = torch.stack([out[(b, False)] for b in range(len(requests))]).float()
-        for b, r in enumerate(requests):
-            if r.params.cfg_scale > 0:
-                uncond = out[(b, True)].float()
-                cond[b] = uncond + (r.params.cfg_scale + 1) * (cond[b] - uncond)
-        return cond, computed
+        guided = [b for b, r in enumerate(requests) if r.params.cfg_scale > 0]
+        states = [hidden[(b, False)] for b in range(len(requests))]
+        states += [hidden[(b, True)] for b in guided]
+        logits = self.model.lm_head(torch.cat(states)).float()
+        n = int(ok.sum())
+        offset = n
+        starts_of = torch.cumsum(ok.sum(-1), 0) - ok.sum(-1)
+        for b in guided:
+            size = int(ok[b].sum())
+            first = int(starts_of[b])
+            cond, uncond = logits[first : first + size], logits[offset : offset + size]
+            scale = requests[b].params.cfg_scale
+            cond.sub_(uncond).mul_(scale + 1).add_(uncond)
+            offset += size
+        return logits[:n], computed
 
     def _unit_ids(self, request: Request, row: _Row, uncond: bool) -> Tensor:
         """The canvas a forward unit reads: CFG's unconditional copy masks every prompt and
@@ -326,10 +359,10 @@ class ModelRunner:
         rows: list[_Row],
         units: list[tuple[int, bool]],
         starts: list[int],
-        window: list[Tensor],
+        cols: Tensor,
     ) -> tuple[list[Tensor], list[int]]:
-        """One left-padded forward over every position of `units`; a caching row keeps this
-        forward's keys and values as its cache for the current block."""
+        """One left-padded forward over every position of `units` (hidden states at each
+        row's `cols`); a caching row keeps its keys and values as its cache for the block."""
         dev = self.device
         seqs = [self._unit_ids(requests[b], rows[b], uncond) for b, uncond in units]
         lengths = torch.tensor([len(x) for x in seqs], device=dev)
@@ -340,12 +373,12 @@ class ModelRunner:
         attention = arange[None, :] >= offsets[:, None]
         positions = (arange[None, :] - offsets[:, None]).clamp_min(0)
         gather = torch.stack(
-            [int(offsets[i]) + starts[b] + window[b] for i, (b, _) in enumerate(units)]
+            [int(offsets[i]) + starts[b] + cols[b] for i, (b, _) in enumerate(units)]
         )
         caching = [requests[b].params.cache != "none" for b, _ in units]
         keep: list[KeyValues] | None = [] if any(caching) else None
         mask = None if bool(attention.all()) else attention
-        logits = self.model(ids, mask, positions, gather=gather, keep=keep)
+        hidden = self.model(ids, mask, positions, gather=gather, keep=keep, project=False)
         if keep is not None:
             alone = len(units) == 1 and int(offsets[0]) == 0
             for i, (b, uncond) in enumerate(units):
@@ -365,7 +398,7 @@ class ModelRunner:
                 else:
                     assert row.cache is not None
                     row.cache.append(layers)
-        return list(logits.unbind(0)), [len(x) for x in seqs]
+        return list(hidden.unbind(0)), [len(x) for x in seqs]
 
     def _cached(
         self,
@@ -374,7 +407,7 @@ class ModelRunner:
         units: list[tuple[int, bool]],
         kinds: list[str],
         starts: list[int],
-        window: list[Tensor],
+        cols: Tensor,
     ) -> tuple[list[Tensor], list[int]]:
         """One forward over the query positions of `units` against their caches: the current
         block onward (prefix) or the block alone (dual). For a model whose logits are shifted
@@ -425,9 +458,12 @@ class ModelRunner:
             span = torch.arange(q0, q1, device=dev)
             positions[i, : q1 - q0] = span
             slots[i, : q1 - q0] = span
-        gather = torch.stack([window[b] for b, _ in units])
-        logits = self.model.forward_cached(ids, positions, layers, slots, key_mask, gather)
-        return list(logits.unbind(0)), [q1 - q0 for q0, q1 in spans]
+        # Window column c is query row c: the queries start at the block (one earlier, shifted).
+        gather = torch.stack([cols[b] for b, _ in units])
+        hidden = self.model.forward_cached(
+            ids, positions, layers, slots, key_mask, gather, project=False
+        )
+        return list(hidden.unbind(0)), [q1 - q0 for q0, q1 in spans]
 
     def _counts(self, requests: list[Request], eligible: Tensor) -> Tensor:
         """Tokens each count-rule row commits this step [B] (ignored for threshold rows)."""

@@ -32,7 +32,9 @@ def tiny_engine(tokenizer: TextTokenizer, **config) -> Engine:
 
 
 class ScriptedModel(nn.Module):
-    """Predicts `script[pos]` at each generated position, with confidence rising left to right."""
+    """Predicts `script[pos]` at each generated position, with confidence rising left to right.
+
+    Its "hidden states" are already those logits, so its LM head is the identity."""
 
     def __init__(self, cfg, script: list[int], prompt_len: int) -> None:
         super().__init__()
@@ -40,9 +42,17 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.script = torch.tensor(script)
         self.prompt_len = prompt_len
+        self.lm_head = nn.Identity()
 
     def forward(
-        self, ids, attention_mask=None, position_ids=None, gather=None, align=True, keep=None
+        self,
+        ids,
+        attention_mask=None,
+        position_ids=None,
+        gather=None,
+        align=True,
+        keep=None,
+        project=True,
     ):
         b, w = gather.shape
         gen_pos = (position_ids.gather(1, gather) - self.prompt_len).clamp(0, len(self.script) - 1)

@@ -122,7 +122,7 @@ class Engine:
             path, device=device, dtype=resolve_dtype(dtype, device), progress=progress
         )
         if defaults is None:
-            defaults = load_defaults(path)
+            defaults = load_defaults(path, model.cfg.arch)
         return cls(model, TextTokenizer(path), config, defaults)
 
     # ----------------------------------------------------------------------------- requests
@@ -412,9 +412,9 @@ class Engine:
                         pending.discard(out.request_id)
 
 
-def load_defaults(path: str | Path) -> SamplingParams:
-    """Serving defaults stored with a checkpoint (`marble_defaults.json`), else Marble's."""
+def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
+    """Serving defaults stored with a checkpoint (`marble_defaults.json`) over Marble's own;
+    a Dream checkpoint's fixed-step schedule is Dream's unless the file says otherwise."""
     file = Path(path) / "marble_defaults.json"
-    if not file.exists():
-        return SamplingParams()
-    return SamplingParams.from_dict(json.loads(file.read_text()))
+    stored = json.loads(file.read_text()) if file.exists() else {}
+    return SamplingParams.from_dict({"schedule": "dream" if arch == "dream" else "llada", **stored})

@@ -69,13 +69,14 @@ class SamplingParams:
     """Per-request denoising settings; an invalid value raises `InvalidParam` naming its field.
 
     Defaults: confidence-threshold parallel decoding (0.9) inside semi-autoregressive blocks
-    of 32, greedy (temperature 0). One rule picks the commit rule, for every caller: `steps`
-    given without `threshold` means the fixed-count schedule over that many forwards (here
-    and in `replace`, which is how request fields are merged over serving defaults); an
-    explicit `threshold` wins over `steps`; `threshold=None` with `steps=None` is one token per
-    step. `block_length=None` denoises the whole generated region as one block.
-    `token_healing` moves a text prompt's trailing whitespace token into the canvas (see
-    `marble.scheduler.healing`). `cache` picks the KV cache (CACHES).
+    of 32, greedy (temperature 0), with the dual KV cache (Fast-dLLM's speed setting). One
+    rule picks the commit rule, for every caller: `steps` given without `threshold` means the
+    fixed-count schedule over that many forwards (here and in `replace`, which is how request
+    fields are merged over serving defaults); an explicit `threshold` wins over `steps`;
+    `threshold=None` with `steps=None` is one token per step. `block_length=None` denoises the
+    whole generated region as one block. `token_healing` moves a text prompt's trailing
+    whitespace token into the canvas (see `marble.scheduler.healing`). `cache` picks the KV
+    cache (CACHES).
     """
 
     max_tokens: int = 128
@@ -92,7 +93,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     token_healing: bool = False
-    cache: str = "none"
+    cache: str = "dual"
 
     def __post_init__(self) -> None:
         if self.threshold is UNSET:

@@ -57,3 +57,15 @@ def test_defaults_choice_treats_one_prompt_as_noise():
     }
     assert choose_defaults(probes, 48) == "code"
     assert choose_defaults(probes | {"better": probe(0.125, 0.6)}, 48) == "better"
+
+
+def test_defaults_decode_at_least_one_and_a_half_tokens_per_forward():
+    def probe(rate, tokens_per_forward):
+        return {
+            "compile_rate": rate,
+            "code_line_share": 0.8,
+            "tokens_per_forward": tokens_per_forward,
+        }
+
+    probes = {"one-at-a-time": probe(0.5, 1.0), "parallel": probe(0.3, 1.7)}
+    assert choose_defaults(probes, 48) == "parallel"

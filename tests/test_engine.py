@@ -54,8 +54,14 @@ class ScriptedModel(nn.Module):
         keep=None,
         project=True,
     ):
-        b, w = gather.shape
-        gen_pos = (position_ids.gather(1, gather) - self.prompt_len).clamp(0, len(self.script) - 1)
+        return self._script(position_ids.gather(1, gather))
+
+    def forward_cached(self, ids, position_ids, cache, slots, key_mask, gather, project=True):
+        return self._script(position_ids.gather(1, gather))
+
+    def _script(self, positions):
+        b, w = positions.shape
+        gen_pos = (positions - self.prompt_len).clamp(0, len(self.script) - 1)
         logits = torch.zeros(b, w, self.cfg.vocab_size)
         logits.scatter_(-1, self.script[gen_pos][..., None], 10.0 - 0.01 * gen_pos[..., None])
         return logits

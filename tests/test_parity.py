@@ -67,6 +67,7 @@ def _llada_params(case: dict) -> SamplingParams:
         cfg_scale=p.get("cfg_scale", 0.0),
         schedule="llada",
         ignore_eos=True,
+        cache="none",
     )
 
 
@@ -81,6 +82,7 @@ def _dream_params(case: dict) -> SamplingParams:
         temperature=p["temperature"],
         schedule="dream",
         ignore_eos=True,
+        cache="none",
     )
 
 

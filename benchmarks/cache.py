@@ -1,0 +1,219 @@
+"""KV cache benchmark: none / prefix / dual at threshold 0.9 and at fixed steps, in process.
+
+For each model, rule, generation length (block 32, up to the model's context) and batch size,
+B requests of a 32-token prompt run together through `Engine.step()`; printed: generated
+tokens/s, forwards (engine steps), canvas positions computed per forward (all rows), and the
+speed-up over `none` on the same row. Every block of a canvas costs the same (the canvas does
+not grow), so each run is timed over its first `--blocks` blocks, then aborted: the figure is
+the whole request's rate. Fixed steps take `max_tokens / 2` steps (2 tokens per forward).
+
+Models: `embedded` (Marble's own, context 256) and `llada-vocab` (random weights, LLaDA-8B's
+126,464-token vocabulary, d_model 512, 4 layers, context 4096). `--chart docs/cache.png`
+draws tokens/s against generation length at batch 1 (needs matplotlib).
+
+    python benchmarks/cache.py                                  # ~10 min on 2 CPU cores
+    python benchmarks/cache.py --models embedded --gens 64,128 --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from marble.model.config import preset
+from marble.model.default import CHECKPOINT_DIR
+from marble.model.tokenizer import TextTokenizer
+from marble.model.transformer import Denoiser
+from marble.scheduler.engine import Engine
+from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO.parent / "shared" / "reference" / "llada-tiny"
+MODES = ("none", "prefix", "dual")
+PROMPT_TOKENS = 32
+LEGEND = """\
+  tok/s    generated tokens per second, all rows together (timed blocks only)
+  steps    engine steps timed (one batched forward pass each, per kind of forward)
+  pos/fwd  canvas positions one row's forward computed, on average (full: the whole canvas)
+  tok/fwd  tokens one row's forward committed, on average
+  x none   tok/s over the same row with cache none"""
+
+
+@dataclass
+class Run:
+    model: str
+    rule: str
+    gen: int
+    batch: int
+    cache: str
+    tokens_per_s: float
+    steps: int
+    positions_per_forward: float
+    tokens_per_forward: float
+    seconds: float
+
+
+def engine_for(name: str, threads: int) -> Engine:
+    torch.set_num_threads(threads)
+    config = SchedulerConfig(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=8 << 30)
+    if name == "embedded":
+        return Engine.from_pretrained(CHECKPOINT_DIR, config=config, progress=False)
+    tokenizer = TextTokenizer(TOKENIZER)
+    special = tokenizer.special
+    cfg = preset(
+        name, mask_token_id=special.mask, eos_token_id=special.eos, pad_token_id=special.pad
+    )
+    torch.manual_seed(0)
+    model = Denoiser(cfg)
+    model.init_weights()
+    return Engine(model.eval(), tokenizer, config)
+
+
+def params_for(rule: str, gen: int, cache: str) -> SamplingParams:
+    common = dict(max_tokens=gen, block_length=32, ignore_eos=True, cache=cache, seed=0)
+    if rule == "threshold":
+        return SamplingParams(threshold=0.9, **common)
+    return SamplingParams(steps=gen // 2, **common)
+
+
+def measure(engine: Engine, label: str, rule: str, gen: int, batch: int, cache: str, blocks: int):
+    vocab = min(len(engine.tokenizer), engine.model.cfg.vocab_size)
+    banned = engine.special.stop_ids | {engine.special.mask}
+    usable = [t for t in range(5, vocab) if t not in banned]
+    params = params_for(rule, gen, cache)
+    ids = []
+    for b in range(batch):
+        prompt = [usable[(b * 7 + i * 13) % len(usable)] for i in range(PROMPT_TOKENS)]
+        ids.append(engine.add(engine.make_request(prompt, params)).request_id)
+    done_blocks = dict.fromkeys(ids, 0)
+    tokens = forwards = row_forwards = positions = 0
+    start = time.perf_counter()
+    while min(done_blocks.values()) < min(blocks, gen // 32):
+        outputs = engine.step()
+        forwards += 1
+        for out in outputs:
+            tokens += len(out.committed)
+            positions += out.positions
+            row_forwards += out.forward is not None
+            if out.block_completed is not None:
+                done_blocks[out.request_id] += 1
+            if out.finished:
+                done_blocks[out.request_id] = 1 << 30
+    seconds = time.perf_counter() - start
+    for request_id in ids:
+        engine.abort(request_id)
+    while engine.has_unfinished():
+        engine.step()
+    return Run(
+        label,
+        rule,
+        gen,
+        batch,
+        cache,
+        tokens / seconds,
+        forwards,
+        positions / row_forwards,
+        tokens / row_forwards,
+        seconds,
+    )
+
+
+def chart(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r.model for r in runs})
+    rules = ("threshold", "fixed")
+    fig, axes = plt.subplots(
+        len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False, sharex="row"
+    )
+    for i, model in enumerate(models):
+        for j, rule in enumerate(rules):
+            ax = axes[i][j]
+            for cache, style in zip(MODES, ("o-", "s--", "^-")):
+                rows = sorted(
+                    (
+                        r
+                        for r in runs
+                        if (r.model, r.rule, r.cache, r.batch) == (model, rule, cache, 1)
+                    ),
+                    key=lambda r: r.gen,
+                )
+                if rows:
+                    ax.plot(
+                        [r.gen for r in rows], [r.tokens_per_s for r in rows], style, label=cache
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(
+                f"{model}, {'threshold 0.9' if rule == 'threshold' else 'fixed steps (gen/2)'}"
+            )
+            ax.set_xlabel("generated tokens (block 32, batch 1)")
+            ax.set_ylabel("tokens/s")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(title="cache")
+    fig.suptitle(f"Marble KV cache on {os.cpu_count()} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="embedded,llada-vocab")
+    parser.add_argument("--rules", default="threshold,fixed")
+    parser.add_argument("--gens", default="64,128,256,512,1024", help="capped by each context")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batch8-max-gen", type=int, default=256, help="batch > 1 up to here")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks timed per run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path, help="write every run here")
+    parser.add_argument("--chart", type=Path, help="draw tokens/s vs gen (batch 1) here")
+    args = parser.parse_args()
+    runs: list[Run] = []
+    print(LEGEND)
+    print(
+        f"{'model':12} {'rule':9} {'gen':>5} {'B':>2} {'cache':6} {'tok/s':>8} {'steps':>5} "
+        f"{'pos/fwd':>8} {'tok/fwd':>7} {'x none':>6}"
+    )
+    for label in args.models.split(","):
+        engine = engine_for(label, args.threads)
+        context = engine.model.cfg.max_seq_len - PROMPT_TOKENS
+        # Warm-up: first-call allocations are not part of any figure.
+        measure(engine, label, "threshold", 64, 1, "dual", 1)
+        for rule in args.rules.split(","):
+            for gen in (int(g) for g in args.gens.split(",")):
+                if gen > context:
+                    continue
+                for batch in (int(b) for b in args.batches.split(",")):
+                    if batch > 1 and gen > args.batch8_max_gen:
+                        continue
+                    base = None
+                    for cache in MODES:
+                        run = measure(engine, label, rule, gen, batch, cache, args.blocks)
+                        runs.append(run)
+                        base = base or run.tokens_per_s
+                        print(
+                            f"{label:12} {rule:9} {gen:5d} {batch:2d} {cache:6} "
+                            f"{run.tokens_per_s:8.1f} {run.steps:5d} "
+                            f"{run.positions_per_forward:8.1f} {run.tokens_per_forward:7.2f} "
+                            f"{run.tokens_per_s / base:6.2f}",
+                            flush=True,
+                        )
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    if args.chart:
+        chart(runs, args.chart)
+        print(f"chart: {args.chart}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Where one engine step's time goes: the transformer forward, the LM-head matmul, and the
+rest (the step's tail: sampling, confidence, commit rules, bookkeeping), per batch size.
+
+The target: the work after the LM-head matmul costs at most 0.3x that matmul on a model with
+a real vocabulary. Medians over `--steps` steps after a warm-up; each part is timed around its
+call (with a device sync on GPU).
+
+    python benchmarks/step_profile.py                        # llada-vocab, batch 1 and 8
+    python benchmarks/step_profile.py --model embedded --batches 1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from cache import engine_for
+
+from marble.scheduler.sampling_params import SamplingParams
+
+
+def timed(fn, bucket: list[float], sync):
+    def wrapper(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        bucket.append(time.perf_counter() - start)
+        return out
+
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llada-vocab")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--gen", type=int, default=64)
+    parser.add_argument("--cache", default="dual")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    engine = engine_for(args.model, args.threads)
+    model = engine.model
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    forward: list[float] = []
+    head: list[float] = []
+    model.forward = timed(model.forward, forward, sync)
+    model.forward_cached = timed(model.forward_cached, forward, sync)
+    model.lm_head.forward = timed(model.lm_head.forward, head, sync)
+    params = SamplingParams(
+        max_tokens=args.gen, block_length=32, steps=args.gen, ignore_eos=True, cache=args.cache
+    )
+    print(f"{args.model}, gen {args.gen}, block 32, cache {args.cache}, one token per step")
+    print(f"{'B':>3} {'step ms':>8} {'forward':>8} {'lm_head':>8} {'tail':>8} {'tail/head':>9}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        for i in range(batch):
+            engine.add(engine.make_request([10 + i] * 32, params))
+        rows = []
+        for step in range(args.steps + 2):
+            forward.clear()
+            head.clear()
+            sync()
+            start = time.perf_counter()
+            engine.step()
+            sync()
+            total = time.perf_counter() - start
+            if step >= 2:  # warm-up
+                rows.append((total, sum(forward), sum(head)))
+        while engine.has_unfinished():
+            for request_id in list(engine.requests):
+                engine.abort(request_id)
+            engine.step()
+        step_s = statistics.median(r[0] for r in rows)
+        fwd = statistics.median(r[1] for r in rows)
+        hd = statistics.median(r[2] for r in rows)
+        tail = statistics.median(r[0] - r[1] - r[2] for r in rows)
+        print(
+            f"{batch:3d} {1e3 * step_s:8.1f} {1e3 * fwd:8.1f} {1e3 * hd:8.1f} {1e3 * tail:8.1f} "
+            f"{tail / hd:9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -126,7 +126,7 @@ def test_dream_cases_under_marble_s_cache_rule(golden_dir: Path, dream_dir: Path
     cases = _cases(golden_dir, "dream")
     jobs = [(c["prompt_ids"][0], dream_params(c)) for c in cases]
     together = run(engine, jobs)
-    for case, (prompt, params), outs in zip(cases, jobs, together):
+    for case, (_, params), outs in zip(cases, jobs, together):
         kind = "prefix_cached" if params.cache == "prefix" else "dual_cached"
         blocks = [o.block_index for o in outs]
         for i, out in enumerate(outs):

@@ -101,3 +101,37 @@ async def test_over_http_a_request_past_the_kv_budget_is_a_400(llada_dir):
         assert ok.status_code == 200
         metrics = (await client.get("/metrics")).text
         assert "marble_kv_cache_budget_bytes 1000.0" in metrics
+
+
+def test_rows_in_every_phase_share_steps_and_each_gets_what_it_gets_alone(llada_dir):
+    """Cache rebuilds, cached steps of both kinds, no cache, suffixes and CFG (each copy with
+    its own cache), at different lengths and block sizes, in the same engine steps."""
+    jobs = [
+        ("short", CACHED),
+        ("a somewhat longer prompt here", CACHED.replace(cache="prefix", block_length=4)),
+        ("guided", CACHED.replace(cfg_scale=1.5)),
+        ("no cache at all", CACHED.replace(cache="none", block_length=16)),
+        ("with a suffix", CACHED.replace(cache="prefix")),
+        ("sampled", CACHED.replace(temperature=0.8, seed=5, threshold=0.5, steps=None)),
+    ]
+    suffixes = {4: " and then the end"}
+
+    def run(indices):
+        engine = tiny_engine(llada_dir)
+        ids = {}
+        for i in indices:
+            prompt, params = jobs[i]
+            ids[
+                engine.add(engine.make_request(prompt, params, suffix=suffixes.get(i))).request_id
+            ] = i
+        outs: dict[int, list] = {i: [] for i in indices}
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs[ids[out.request_id]].append((out.forward, out.tokens))
+        return outs
+
+    together = run(range(len(jobs)))
+    kinds = {kind for trace in together.values() for kind, _ in trace}
+    assert kinds == {"full", "prefix_cached", "dual_cached"}
+    for i in range(len(jobs)):
+        assert together[i] == run([i])[i], jobs[i][0]

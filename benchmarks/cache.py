@@ -2,16 +2,18 @@
 
 For each model, rule, generation length (block 32, up to the model's context) and batch size,
 B requests of a 32-token prompt run together through `Engine.step()`; printed: generated
-tokens/s, forwards (engine steps), canvas positions computed per forward (all rows), and the
-speed-up over `none` on the same row. Every block of a canvas costs the same (the canvas does
-not grow), so each run is timed over its first `--blocks` blocks, then aborted: the figure is
-the whole request's rate. Fixed steps take `max_tokens / 2` steps (2 tokens per forward).
+tokens/s, engine steps, canvas positions one row's forward computed, tokens per row-forward,
+and the speed-up over `none` on the same row. Up to `--whole-up-to` tokens every request runs
+to the end. Past it, only the first block is timed, and only for `none` and `dual`, whose
+blocks all cost the same (the canvas does not grow; dual's queries are always one block);
+`prefix`, whose queries shrink block by block, is left out there rather than mis-timed. Fixed
+steps take `max_tokens / 2` steps (2 tokens per forward).
 
 Models: `embedded` (Marble's own, context 256) and `llada-vocab` (random weights, LLaDA-8B's
-126,464-token vocabulary, d_model 512, 4 layers, context 4096). `--chart docs/cache.png`
+126,464-token vocabulary and 32 layers, d_model 512, context 4096). `--chart docs/cache.png`
 draws tokens/s against generation length at batch 1 (needs matplotlib).
 
-    python benchmarks/cache.py                                  # ~10 min on 2 CPU cores
+    python benchmarks/cache.py                                  # ~20 min on 2 CPU cores
     python benchmarks/cache.py --models embedded --gens 64,128 --batches 1
 """
 
@@ -39,8 +41,8 @@ TOKENIZER = REPO.parent / "shared" / "reference" / "llada-tiny"
 MODES = ("none", "prefix", "dual")
 PROMPT_TOKENS = 32
 LEGEND = """\
-  tok/s    generated tokens per second, all rows together (timed blocks only)
-  steps    engine steps timed (one batched forward pass each, per kind of forward)
+  tok/s    generated tokens per second, all rows together
+  steps    engine steps timed
   pos/fwd  canvas positions one row's forward computed, on average (full: the whole canvas)
   tok/fwd  tokens one row's forward committed, on average
   x none   tok/s over the same row with cache none"""
@@ -73,7 +75,10 @@ def engine_for(name: str, threads: int) -> Engine:
     torch.manual_seed(0)
     model = Denoiser(cfg)
     model.init_weights()
-    return Engine(model.eval(), tokenizer, config)
+    engine = Engine(model.eval(), tokenizer, config)
+    # The reference tokenizer is small; score every id as a real 126,464-token one would.
+    engine.runner.vocab_limit = cfg.vocab_size
+    return engine
 
 
 def params_for(rule: str, gen: int, cache: str) -> SamplingParams:
@@ -84,6 +89,7 @@ def params_for(rule: str, gen: int, cache: str) -> SamplingParams:
 
 
 def measure(engine: Engine, label: str, rule: str, gen: int, batch: int, cache: str, blocks: int):
+    """Time `blocks` blocks of every request (all of them when `blocks` >= gen / 32)."""
     vocab = min(len(engine.tokenizer), engine.model.cfg.vocab_size)
     banned = engine.special.stop_ids | {engine.special.mask}
     usable = [t for t in range(5, vocab) if t not in banned]
@@ -170,10 +176,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="embedded,llada-vocab")
     parser.add_argument("--rules", default="threshold,fixed")
-    parser.add_argument("--gens", default="64,128,256,512,1024", help="capped by each context")
+    parser.add_argument("--gens", default="64,128,192", help="for models of a short context")
+    parser.add_argument("--gens-long", default="64,256,512,1024", help="context >= 1024")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--batch8-max-gen", type=int, default=256, help="batch > 1 up to here")
-    parser.add_argument("--blocks", type=int, default=2, help="blocks timed per run")
+    parser.add_argument("--batch8-max-gen", type=int, default=64, help="batch > 1 up to here")
+    parser.add_argument("--whole-up-to", type=int, default=256, help="longest gen run to the end")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write every run here")
     parser.add_argument("--chart", type=Path, help="draw tokens/s vs gen (batch 1) here")
@@ -190,15 +197,18 @@ def main() -> None:
         # Warm-up: first-call allocations are not part of any figure.
         measure(engine, label, "threshold", 64, 1, "dual", 1)
         for rule in args.rules.split(","):
-            for gen in (int(g) for g in args.gens.split(",")):
+            gens = args.gens_long if context >= 1024 else args.gens
+            for gen in (int(g) for g in gens.split(",")):
                 if gen > context:
                     continue
                 for batch in (int(b) for b in args.batches.split(",")):
                     if batch > 1 and gen > args.batch8_max_gen:
                         continue
                     base = None
-                    for cache in MODES:
-                        run = measure(engine, label, rule, gen, batch, cache, args.blocks)
+                    whole = gen <= args.whole_up_to
+                    for cache in MODES if whole else ("none", "dual"):
+                        blocks = gen // 32 if whole else 1
+                        run = measure(engine, label, rule, gen, batch, cache, blocks)
                         runs.append(run)
                         base = base or run.tokens_per_s
                         print(

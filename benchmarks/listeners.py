@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--health-calls", type=int, default=200)
     parser.add_argument("--rcvbuf", type=int, default=4096, help="listeners' SO_RCVBUF")
     parser.add_argument("--send-timeout", type=float, help="server's MARBLE_SEND_TIMEOUT_S")
+    parser.add_argument("--torch-threads", type=int, help="server's --torch-threads")
     parser.add_argument(
         "--stall-wait", type=float, default=0.0, help="seconds to keep listeners open after"
     )
@@ -226,6 +227,8 @@ def main() -> int:
         env["MARBLE_SEND_TIMEOUT_S"] = str(args.send_timeout)
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="marble-listeners-")
     flags = ["--model", args.model, "--log-level", "warning"]
+    if args.torch_threads:
+        flags += ["--torch-threads", str(args.torch_threads)]
     try:
         with local_server(flags, port=port, env=env, output=log) as (_, proc):
             measure(args, port, proc)

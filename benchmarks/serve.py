@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="per request (default 64)")
     parser.add_argument("--steps", type=int, default=32, help="forwards per request (default 32)")
     parser.add_argument("--block-length", type=int, default=32, help="(default 32)")
+    parser.add_argument("--cache", default="dual", help="none, prefix or dual (default dual)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -279,6 +280,7 @@ def main() -> None:
             "stop": [],
             "ignore_eos": True,  # every request does the same work
             "token_healing": False,
+            "cache": args.cache,
         }
         missing = {f.name for f in dataclasses.fields(SamplingParams)} - set(body)
         if missing:

@@ -164,9 +164,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=768
     ),
-    # Benchmarks at a real vocabulary's cost: LLaDA-8B's 126,464 tokens and a long context.
+    # Benchmarks at a real model's proportions: LLaDA-8B's 126,464-token vocabulary, depth
+    # (32 layers) and MLP ratio (3x), its width shrunk from 4096 to 512 to fit a CPU.
     "llada-vocab": dict(
-        vocab_size=126464, d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, mlp_hidden=1376
+        vocab_size=126464, d_model=512, n_layers=32, n_heads=8, n_kv_heads=8, mlp_hidden=1536
     ),
 }
 

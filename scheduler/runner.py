@@ -143,7 +143,9 @@ class ModelRunner:
     def run(self, requests: list[Request]) -> list[StepResult]:
         """Advance every request by one step: each row's commits in window order, or the error
         that failed it. If the batched step raises, each row retries alone from its state
-        before the step (canvas and generator), so only the rows that raise fail."""
+        before the step (canvas and generator), so only the rows that raise fail. A cache
+        stays: one rebuilt in the failed step came from the canvas as it was before it, and
+        a cached forward rewrites its query slots before it reads them."""
         rows = [self.rows[r.request_id] for r in requests]
         saved = [(row.canvas, row.generator.get_state()) for row in rows]
         try:
@@ -157,7 +159,6 @@ class ModelRunner:
         for request, row, (canvas, state) in zip(requests, rows, saved):
             row.canvas = canvas
             row.generator.set_state(state)
-            row.cache, row.cache_block = None, -1  # rebuilt by a full forward
             results += self.run([request])
         return results
 
@@ -165,15 +166,15 @@ class ModelRunner:
     def _step(self, requests: list[Request]) -> list[StepResult]:
         rows = [self.rows[r.request_id] for r in requests]
         dev = self.device
-        lengths = torch.tensor([len(r.canvas) for r in rows], device=dev)
+        # Lengths and paddings are host integers: slicing by them costs no device sync.
+        pads = self._left_pads([len(r.canvas) for r in rows])
         ids = pad_sequence(
             [r.canvas for r in rows],
             batch_first=True,
             padding_value=self.pad_id,
             padding_side="left",
         )
-        n = ids.shape[1]
-        offsets = n - lengths  # [B] left padding per row
+        offsets = torch.tensor(pads, device=dev)  # [B] left padding per row
 
         # Current block of each row, as canvas positions [B, W] with a validity mask.
         starts = [r.gen_start + r.current_block[0] for r in requests]
@@ -190,22 +191,34 @@ class ModelRunner:
 
         kinds = [self.forward_kind(r) for r in requests]
         # Only positions that can still be committed (masked, in the block) get logits: each
-        # row's eligible window columns, first, in order ([B, E], `ok` where real).
-        n_eligible = eligible.sum(-1)
+        # row's eligible window columns first, in order ([B, E]). How many each row has is
+        # known on the host (its request's ids), so none of this waits on the device.
+        counts = [
+            r.tokens[r.current_block[0] : r.current_block[1]].count(self.mask_id) for r in requests
+        ]
+        firsts = [sum(counts[:b]) for b in range(len(counts))]
         cols = torch.argsort((~eligible).to(torch.int8), dim=-1, stable=True)
-        cols = cols[:, : max(1, int(n_eligible.max()))]
-        ok = torch.arange(cols.shape[1], device=dev)[None, :] < n_eligible[:, None]
-        cols = torch.where(ok, cols, cols[:, :1])
-        b_e, j_e = ok.nonzero(as_tuple=True)  # entries, row-major: row b's in window order
+        cols = cols[:, : max(1, max(counts))]
+        counts_t = torch.tensor(counts, device=dev)
+        # Past a row's own count, repeat its first column (a real position in its block).
+        real = torch.arange(cols.shape[1], device=dev)[None, :] < counts_t[:, None]
+        cols = torch.where(real, cols, cols[:, :1])
+        b_e = torch.repeat_interleave(
+            torch.arange(len(rows), device=dev), counts_t, output_size=sum(counts)
+        )  # entries, row-major: row b's in window order
+        j_e = torch.arange(sum(counts), device=dev) - torch.tensor(firsts, device=dev)[b_e]
         w_e = cols[b_e, j_e]
-        logits, computed = self._logits(requests, rows, kinds, starts, cols, ok)  # [N, V]
+        logits, computed = self._logits(requests, rows, kinds, starts, cols, counts)  # [N, V]
         logits[:, self.mask_id] = float("-inf")
         logits[:, self.vocab_limit :] = float("-inf")
         for b, (r, row) in enumerate(zip(requests, rows)):
-            # The first generated position is window column 0 while block 0 is denoised.
-            if row.first_allowed is not None and r.current_block[0] == 0:
-                first = (b_e == b) & (w_e == 0)
-                logits[first] = logits[first].masked_fill(~row.first_allowed, float("-inf"))
+            # The first generated position, while still masked, is row b's first entry.
+            if (
+                row.first_allowed is not None
+                and r.current_block[0] == 0
+                and r.tokens[0] == self.mask_id
+            ):
+                logits[firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
         params = [r.params for r in requests]
         per_entry = logits[:, None]  # [N, 1, V]: the samplers' [B, W, V] with one column each
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
@@ -224,10 +237,13 @@ class ModelRunner:
                 noise = torch.rand(
                     (sizes[b], vocab), generator=rows[b].generator, dtype=torch.float64, device=dev
                 )
-                draws.append(noise[cols[b][ok[b]]])
-            entries = torch.cat([(b_e == b).nonzero().flatten() for b in sampled])
-            temps = torch.tensor([params[b].temperature for b in sampled], device=dev)
-            temps = torch.repeat_interleave(temps, n_eligible[sampled])
+                draws.append(noise[cols[b, : counts[b]]])
+            entries = torch.cat(
+                [torch.arange(firsts[b], firsts[b] + counts[b], device=dev) for b in sampled]
+            )
+            temps = torch.tensor(
+                [params[b].temperature for b in sampled for _ in range(counts[b])], device=dev
+            )
             x0[entries] = gumbel_argmax(per_entry[entries], temps, torch.cat(draws)[:, None])
         kind = torch.tensor([_CONFIDENCE[p.remasking] for p in params], device=dev)[b_e]
         random_conf = None
@@ -259,7 +275,7 @@ class ModelRunner:
         b_idx, w_idx = commit.nonzero(as_tuple=True)
         ids[b_idx, win_pos[b_idx, w_idx]] = tokens[b_idx, w_idx]
         for b, row in enumerate(rows):
-            row.canvas = ids[b, int(offsets[b]) :]
+            row.canvas = ids[b, pads[b] :]
 
         flat = torch.stack(
             [
@@ -290,10 +306,10 @@ class ModelRunner:
         kinds: list[str],
         starts: list[int],
         cols: Tensor,
-        ok: Tensor,
+        counts: list[int],
     ) -> tuple[Tensor, list[int]]:
-        """Float32 logits [N, V] for the N real entries of `cols` [B, E] (window columns;
-        `ok` marks the real ones), row by row, classifier-free guided where asked; and the
+        """Float32 logits [N, V] for the first `counts[b]` entries of each row of `cols`
+        [B, E] (window columns), row by row, classifier-free guided where asked; and the
         canvas positions each row's forward computed. Every forward returns hidden states
         and one LM-head matmul scores them all: one vocabulary-sized tensor per step."""
         units = [(b, False) for b in range(len(requests))]
@@ -304,29 +320,32 @@ class ModelRunner:
         cached = [u for u in units if kinds[u[0]] != FULL]
         for group in self._length_groups(requests, rows, full):
             for unit, h, n in zip(group, *self._full(requests, rows, group, starts, cols)):
-                hidden[unit] = h[ok[unit[0]]]
+                hidden[unit] = h[: counts[unit[0]]]
                 computed[unit[0]] += n
         if cached:
             for unit, h, n in zip(
                 cached, *self._cached(requests, rows, cached, kinds, starts, cols)
             ):
-                hidden[unit] = h[ok[unit[0]]]
+                hidden[unit] = h[: counts[unit[0]]]
                 computed[unit[0]] += n
         guided = [b for b, r in enumerate(requests) if r.params.cfg_scale > 0]
         states = [hidden[(b, False)] for b in range(len(requests))]
         states += [hidden[(b, True)] for b in guided]
         logits = self.model.lm_head(torch.cat(states)).float()
-        n = int(ok.sum())
+        n = sum(counts)
         offset = n
-        starts_of = torch.cumsum(ok.sum(-1), 0) - ok.sum(-1)
         for b in guided:
-            size = int(ok[b].sum())
-            first = int(starts_of[b])
+            size, first = counts[b], sum(counts[:b])
             cond, uncond = logits[first : first + size], logits[offset : offset + size]
             scale = requests[b].params.cfg_scale
             cond.sub_(uncond).mul_(scale + 1).add_(uncond)
             offset += size
         return logits[:n], computed
+
+    @staticmethod
+    def _left_pads(lengths: list[int]) -> list[int]:
+        longest = max(lengths)
+        return [longest - n for n in lengths]
 
     def _unit_ids(self, request: Request, row: _Row, uncond: bool) -> Tensor:
         """The canvas a forward unit reads: CFG's unconditional copy masks every prompt and
@@ -365,26 +384,23 @@ class ModelRunner:
         row's `cols`); a caching row keeps its keys and values as its cache for the block."""
         dev = self.device
         seqs = [self._unit_ids(requests[b], rows[b], uncond) for b, uncond in units]
-        lengths = torch.tensor([len(x) for x in seqs], device=dev)
+        pads = self._left_pads([len(x) for x in seqs])
         ids = pad_sequence(seqs, batch_first=True, padding_value=self.pad_id, padding_side="left")
-        n = ids.shape[1]
-        offsets = n - lengths
-        arange = torch.arange(n, device=dev)
+        offsets = torch.tensor(pads, device=dev)
+        arange = torch.arange(ids.shape[1], device=dev)
         attention = arange[None, :] >= offsets[:, None]
         positions = (arange[None, :] - offsets[:, None]).clamp_min(0)
-        gather = torch.stack(
-            [int(offsets[i]) + starts[b] + cols[b] for i, (b, _) in enumerate(units)]
-        )
+        gather = torch.stack([pads[i] + starts[b] + cols[b] for i, (b, _) in enumerate(units)])
         caching = [requests[b].params.cache != "none" for b, _ in units]
         keep: list[KeyValues] | None = [] if any(caching) else None
-        mask = None if bool(attention.all()) else attention
+        mask = None if not any(pads) else attention
         hidden = self.model(ids, mask, positions, gather=gather, keep=keep, project=False)
         if keep is not None:
-            alone = len(units) == 1 and int(offsets[0]) == 0
+            alone = len(units) == 1 and pads[0] == 0
             for i, (b, uncond) in enumerate(units):
                 if not caching[i]:
                     continue
-                off = int(offsets[i])
+                off = pads[i]
                 # A view of a shared batch tensor would keep all of it alive: copy the row out.
                 layers = [
                     (k[i, :, off:], v[i, :, off:])

@@ -76,6 +76,11 @@ class _Raises(torch.nn.Module):
             raise RuntimeError("boom")
         return self.inner(input_ids, *args, **kwargs)
 
+    def forward_cached(self, input_ids, *args, **kwargs):
+        if bool((input_ids == self.trigger).any()):
+            raise RuntimeError("boom")
+        return self.inner.forward_cached(input_ids, *args, **kwargs)
+
 
 def test_an_exception_in_a_step_fails_only_the_row_that_raised(llada_tiny_path: Path):
     """Before: one row's exception failed all 8 requests of its batch."""

@@ -432,6 +432,7 @@ const NULLABLE = {
   seed: "random",
 };
 const CHECK_FIELDS = ["token_healing", "ignore_eos"];
+const SELECT_FIELDS = ["remasking", "cache"];
 let served = null; // the served model's defaults, once loaded
 
 function applyDefaults(defaults) {
@@ -441,8 +442,8 @@ function applyDefaults(defaults) {
   }
   // What an empty nullable field means once the form is the served defaults.
   for (const [name, meaning] of Object.entries(NULLABLE)) $(name).placeholder = meaning;
-  if ([...$("remasking").options].some((o) => o.value === defaults.remasking)) {
-    $("remasking").value = defaults.remasking;
+  for (const name of SELECT_FIELDS) {
+    if ([...$(name).options].some((o) => o.value === defaults[name])) $(name).value = defaults[name];
   }
   for (const name of CHECK_FIELDS) {
     $(name).indeterminate = false;
@@ -457,7 +458,9 @@ function readParams() {
     if (v !== "") body[name] = Number(v);
     else if (served && name in NULLABLE) body[name] = null;
   }
-  if ($("remasking").value) body.remasking = $("remasking").value;
+  for (const name of SELECT_FIELDS) {
+    if ($(name).value) body[name] = $(name).value;
+  }
   for (const name of CHECK_FIELDS) {
     if (served || !$(name).indeterminate) body[name] = $(name).checked;
   }

@@ -246,8 +246,8 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=max(1, (os.cpu_count() or 2) - 1),
-        help="torch threads, here and in the server (default: CPU cores - 1)",
+        default=os.cpu_count() or 1,
+        help="torch threads, here and in the server (default: every core, as the server's)",
     )
     parser.add_argument("--port", type=int, default=8765, help="server port (default 8765)")
     parser.add_argument("--device", default="cpu", help="both paths (default cpu)")

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # after loading, 2 GiB on CPU (model/device.py).
     kv_cache_bytes: int | None = Field(SchedulerConfig.max_kv_bytes, ge=0)
     api_key: str | None = None
-    torch_threads: int | None = Field(None, ge=1)  # None: all cores but one on cpu
+    torch_threads: int | None = Field(None, ge=1)  # None: every core (measured: README)
     log_level: str = "info"
 
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413

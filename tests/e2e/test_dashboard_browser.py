@@ -40,6 +40,7 @@ FIXED = {"max_tokens": 192, "steps": 96, "block_length": 48, "temperature": 0, "
 # The form's fields (element ids are SamplingParams names).
 NUMBER_FIELDS = ("max_tokens", "steps", "block_length", "threshold", "temperature", "seed")
 CHECK_FIELDS = ("token_healing", "ignore_eos")
+SELECT_FIELDS = ("remasking", "cache")
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 if not Path(CHROMIUM).exists():
@@ -148,7 +149,7 @@ def _open(page: object, url: str) -> None:
 def _form(page: object) -> dict:
     """What the form shows, as strings and booleans."""
     shown = {name: page.input_value(f"#{name}") for name in NUMBER_FIELDS}
-    shown["remasking"] = page.input_value("#remasking")
+    shown.update({name: page.input_value(f"#{name}") for name in SELECT_FIELDS})
     shown.update({name: page.is_checked(f"#{name}") for name in CHECK_FIELDS})
     return shown
 
@@ -163,7 +164,7 @@ def _js_number(value: float | None) -> str:
 def _as_form(defaults: dict) -> dict:
     """How the form shows these defaults: a null number is an empty field."""
     shown = {name: _js_number(defaults[name]) for name in NUMBER_FIELDS}
-    shown["remasking"] = defaults["remasking"]
+    shown.update({name: defaults[name] for name in SELECT_FIELDS})
     shown.update({name: bool(defaults[name]) for name in CHECK_FIELDS})
     return shown
 
@@ -339,7 +340,7 @@ def test_form_starts_from_the_served_defaults(embedded_server: str, page: tuple)
         page.click("#generate")
     sent = request.value.post_data_json
     assert sent == {"prompt": prompt, **{k: defaults[k] for k in sent if k != "prompt"}}
-    assert set(sent) == {"prompt", "remasking", *NUMBER_FIELDS, *CHECK_FIELDS}
+    assert set(sent) == {"prompt", *SELECT_FIELDS, *NUMBER_FIELDS, *CHECK_FIELDS}
 
     card = page.locator(".card").first
     card.wait_for(timeout=30_000)

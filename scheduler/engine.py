@@ -86,15 +86,13 @@ class Engine:
         self.special = tokenizer.special
         self.defaults = defaults or SamplingParams()
         config = config or SchedulerConfig()
-        device = next(model.parameters()).device
+        weight = next(model.parameters())
         if config.max_kv_bytes is None:
-            config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(device)))
+            config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(weight.device)))
         self.scheduler = Scheduler(config)
         cfg = model.cfg
         # KV bytes per cached canvas position: every layer keeps a key and a value vector.
-        self.kv_bytes_per_token = (
-            cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * next(model.parameters()).itemsize
-        )
+        self.kv_bytes_per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * weight.itemsize
         pad = self.special.pad if self.special.pad is not None else self.special.mask
         self.runner = ModelRunner(
             model, self.special.mask, pad, min(len(tokenizer), model.cfg.vocab_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -196,7 +197,7 @@ class ModelRunner:
         counts = [
             r.tokens[r.current_block[0] : r.current_block[1]].count(self.mask_id) for r in requests
         ]
-        firsts = [sum(counts[:b]) for b in range(len(counts))]
+        firsts = [0, *accumulate(counts)][:-1]  # row b's first entry
         cols = torch.argsort((~eligible).to(torch.int8), dim=-1, stable=True)
         cols = cols[:, : max(1, max(counts))]
         counts_t = torch.tensor(counts, device=dev)
@@ -208,7 +209,7 @@ class ModelRunner:
         )  # entries, row-major: row b's in window order
         j_e = torch.arange(sum(counts), device=dev) - torch.tensor(firsts, device=dev)[b_e]
         w_e = cols[b_e, j_e]
-        logits, computed = self._logits(requests, rows, kinds, starts, cols, counts)  # [N, V]
+        logits, computed = self._logits(requests, rows, kinds, starts, cols, counts, firsts)
         logits[:, self.mask_id] = float("-inf")
         logits[:, self.vocab_limit :] = float("-inf")
         for b, (r, row) in enumerate(zip(requests, rows)):
@@ -269,7 +270,7 @@ class ModelRunner:
         broken[b_e[torch.isnan(logprob_e[:, 0]) | torch.isnan(conf_e[:, 0])]] = True
 
         commit = select_commits(
-            conf, eligible, self._counts(requests, eligible), self._thresholds(params, dev)
+            conf, eligible, self._counts(requests, counts_t), self._thresholds(params, dev)
         )
         commit &= ~broken[:, None]
         b_idx, w_idx = commit.nonzero(as_tuple=True)
@@ -307,11 +308,13 @@ class ModelRunner:
         starts: list[int],
         cols: Tensor,
         counts: list[int],
+        firsts: list[int],
     ) -> tuple[Tensor, list[int]]:
         """Float32 logits [N, V] for the first `counts[b]` entries of each row of `cols`
-        [B, E] (window columns), row by row, classifier-free guided where asked; and the
-        canvas positions each row's forward computed. Every forward returns hidden states
-        and one LM-head matmul scores them all: one vocabulary-sized tensor per step."""
+        [B, E] (window columns), row b's from entry `firsts[b]`, classifier-free guided where
+        asked; and the canvas positions each row's forward computed. Every forward returns
+        hidden states and one LM-head matmul scores them all: one vocabulary-sized tensor per
+        step."""
         units = [(b, False) for b in range(len(requests))]
         units += [(b, True) for b, r in enumerate(requests) if r.params.cfg_scale > 0]
         hidden: dict[tuple[int, bool], Tensor] = {}
@@ -335,7 +338,7 @@ class ModelRunner:
         n = sum(counts)
         offset = n
         for b in guided:
-            size, first = counts[b], sum(counts[:b])
+            size, first = counts[b], firsts[b]
             cond, uncond = logits[first : first + size], logits[offset : offset + size]
             scale = requests[b].params.cfg_scale
             cond.sub_(uncond).mul_(scale + 1).add_(uncond)
@@ -481,10 +484,10 @@ class ModelRunner:
         )
         return list(hidden.unbind(0)), [q1 - q0 for q0, q1 in spans]
 
-    def _counts(self, requests: list[Request], eligible: Tensor) -> Tensor:
-        """Tokens each count-rule row commits this step [B] (ignored for threshold rows)."""
-        dev = eligible.device
-        masked_now = eligible.sum(-1)
+    def _counts(self, requests: list[Request], masked_now: Tensor) -> Tensor:
+        """Tokens each count-rule row commits this step [B] (ignored for threshold rows), from
+        the masks left in each row's block [B]."""
+        dev = masked_now.device
         steps = [1 if r.block_steps is None else r.block_steps[r.block_index] for r in requests]
         step = [r.step_in_block for r in requests]
         llada = llada_counts(

@@ -50,6 +50,7 @@ class Lifecycle:
         self.settings = settings
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
+        self.draft: DraftRenderer | None = None  # built with the engine
         self.phase = "loading"
         self.load_error: str | None = None
         self.server: Any = None  # a uvicorn.Server to stop if loading fails (set by the CLI)
@@ -85,7 +86,9 @@ class Lifecycle:
         limits = StreamLimits(
             s.subscriber_queue_size, s.subscriber_max_bytes, self.metrics.dropped_events.inc
         )
-        events = NativeEvents(engine.tokenizer, DraftRenderer(engine.tokenizer, s.mask_placeholder))
+        # One renderer of drafts for both output formats.
+        self.draft = DraftRenderer(engine.tokenizer, s.mask_placeholder)
+        events = NativeEvents(engine.tokenizer, self.draft)
         registry = Registry(s, events, Firehose(s.global_log_size, limits), limits)
         self.engine = AsyncEngine(engine, self.metrics, registry)
         self.metrics.kv_cache_budget.set(engine.scheduler.kv_budget)

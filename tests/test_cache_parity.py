@@ -16,6 +16,7 @@ import pytest
 
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.sampling_params import SamplingParams
+from tests.test_parity import _llada_params
 
 
 def _cases(golden_dir: Path, name: str) -> list[dict]:
@@ -27,17 +28,8 @@ def _mode(case: dict) -> str:
 
 
 def llada_params(case: dict) -> SamplingParams:
-    p = case["params"]
-    return SamplingParams(
-        max_tokens=p["gen_length"],
-        steps=p["steps"],
-        block_length=p["block_length"],
-        threshold=p.get("threshold"),
-        remasking=p["remasking"],
-        temperature=p["temperature"],
-        ignore_eos=True,
-        cache=_mode(case),
-    )
+    """The uncached parity settings of the same case, with its cache."""
+    return _llada_params(case).replace(cache=_mode(case))
 
 
 def expected_trace(case: dict) -> list[tuple[list[int], int, str, int]]:

@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse, Response
 from marble.model.tokenizer import ChatTemplateError
 from marble.server.admission import Admission
 from marble.server.async_engine import AsyncEngine
-from marble.server.draft import DraftRenderer
 from marble.server.errors import APIError
 from marble.server.lifecycle import Lifecycle
 from marble.server.openai_format import Kind, OpenAIResponse
@@ -97,11 +96,12 @@ def _openai(
     logprobs: int | None,
     echo: list[str] | None = None,
 ) -> OpenAIResponse:
-    settings = admission.settings
+    settings, draft = admission.settings, admission.lifecycle.draft
+    assert draft is not None  # the engine is ready, so its renderer exists
     return OpenAIResponse(
         kind,
         record,
-        DraftRenderer(engine.tokenizer, settings.mask_placeholder),
+        draft,
         n=body.n,
         retry_after_s=settings.retry_after_s,
         on_failure=lambda: engine.abort(record),

@@ -58,7 +58,7 @@ def main() -> None:
     model.forward = timed(model.forward, forward, sync)
     model.forward_cached = timed(model.forward_cached, forward, sync)
     head_end: list[float] = []
-    model.lm_head.forward = timed(model.lm_head.forward, head, sync, head_end)
+    model.project = timed(model.project, head, sync, head_end)
     params = SamplingParams(
         max_tokens=args.gen, block_length=32, steps=args.gen, ignore_eos=True, cache=args.cache
     )

@@ -202,6 +202,15 @@ class Denoiser(nn.Module):
             logits = torch.cat((logits[:, :1], logits[:, :-1]), dim=1)
         return logits
 
+    def project(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """The LM head over hidden states [N, D] -> logits [N, V], written into `out` when
+        given: a caller that scores every step keeps one buffer, because on CPU a fresh
+        vocabulary-sized tensor costs its page faults each time (a fifth of the matmul's time
+        at 256 x 126,464)."""
+        if out is None:
+            return self.lm_head(hidden)
+        return torch.mm(hidden, self.lm_head.weight.t(), out=out)
+
     def forward_cached(
         self,
         input_ids: Tensor,

@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from marble.model.sampling import (
     Confidence,
+    argmax,
     dream_counts,
     dream_timesteps,
     filter_top_k_top_p,
@@ -104,7 +105,11 @@ class ModelRunner:
         # itself are never committed: a committed mask would never resolve.
         self.vocab_limit = vocab_limit
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.rows: dict[str, _Row] = {}
+        # The LM head writes every step's logits here (grown to the largest step seen), so a
+        # step allocates no vocabulary-sized tensor.
+        self._scores: Tensor | None = None
         self._timesteps: dict[int, list[float]] = {}
 
     def add(self, request: Request) -> None:
@@ -227,7 +232,7 @@ class ModelRunner:
             top_p = torch.tensor([p.top_p for p in params], device=dev)[b_e]
             per_entry = filter_top_k_top_p(per_entry, top_k, top_p)
 
-        x0 = per_entry.argmax(-1)  # [N, 1]
+        x0 = argmax(per_entry)  # [N, 1]
         # Each row draws its whole block's noise from its own generator, so its stream (and
         # its tokens) do not depend on which other requests share the batch or what is masked.
         sampled = [b for b, p in enumerate(params) if p.temperature > 0]
@@ -334,7 +339,8 @@ class ModelRunner:
         guided = [b for b, r in enumerate(requests) if r.params.cfg_scale > 0]
         states = [hidden[(b, False)] for b in range(len(requests))]
         states += [hidden[(b, True)] for b in guided]
-        logits = self.model.lm_head(torch.cat(states)).float()
+        stacked = torch.cat(states)
+        logits = self.model.project(stacked, out=self._score_buffer(len(stacked))).float()
         n = sum(counts)
         offset = n
         for b in guided:
@@ -344,6 +350,13 @@ class ModelRunner:
             cond.sub_(uncond).mul_(scale + 1).add_(uncond)
             offset += size
         return logits[:n], computed
+
+    def _score_buffer(self, n: int) -> Tensor:
+        """[n, V] rows of the step's logits buffer, in the model's dtype."""
+        if self._scores is None or len(self._scores) < n:
+            shape = (n, self.model.cfg.vocab_size)
+            self._scores = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self._scores[:n]
 
     @staticmethod
     def _left_pads(lengths: list[int]) -> list[int]:

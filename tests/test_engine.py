@@ -34,7 +34,7 @@ def tiny_engine(tokenizer: TextTokenizer, **config) -> Engine:
 class ScriptedModel(nn.Module):
     """Predicts `script[pos]` at each generated position, with confidence rising left to right.
 
-    Its "hidden states" are already those logits, so its LM head is the identity."""
+    Its "hidden states" are already those logits, so its projection is the identity."""
 
     def __init__(self, cfg, script: list[int], prompt_len: int) -> None:
         super().__init__()
@@ -42,7 +42,6 @@ class ScriptedModel(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.script = torch.tensor(script)
         self.prompt_len = prompt_len
-        self.lm_head = nn.Identity()
 
     def forward(
         self,
@@ -58,6 +57,9 @@ class ScriptedModel(nn.Module):
 
     def forward_cached(self, ids, position_ids, cache, slots, key_mask, gather, project=True):
         return self._script(position_ids.gather(1, gather))
+
+    def project(self, hidden, out=None):
+        return hidden if out is None else out.copy_(hidden)
 
     def _script(self, positions):
         b, w = positions.shape

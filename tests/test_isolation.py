@@ -69,7 +69,7 @@ class _Raises(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, trigger: int) -> None:
         super().__init__()
         self.inner, self.cfg, self.trigger = model, model.cfg, trigger
-        self.lm_head = model.lm_head
+        self.project = model.project
 
     def forward(self, input_ids, *args, **kwargs):
         if bool((input_ids == self.trigger).any()):

@@ -8,11 +8,13 @@ import torch
 
 from marble.model.sampling import (
     Confidence,
+    argmax,
     dream_counts,
     dream_timesteps,
     filter_top_k_top_p,
     gumbel_argmax,
     llada_counts,
+    logsumexp_,
     score_confidence,
     select_commits,
 )
@@ -83,10 +85,30 @@ def test_confidence_kinds():
         (Confidence.MARGIN, 0.3),
         (Confidence.ENTROPY, sum(q * math.log(q + 1e-10) for q in (0.6, 0.3, 0.1))),
     ]:
-        conf, logprob = score_confidence(logits, x0, torch.tensor([int(kind)]), None)
+        conf, logprob = score_confidence(logits.clone(), x0, torch.tensor([int(kind)]), None)
         assert abs(conf.item() - expected) < 1e-5
         assert abs(logprob.item() - math.log(0.6)) < 1e-5
     conf, _ = score_confidence(
-        logits, x0, torch.tensor([int(Confidence.RANDOM)]), torch.tensor([[0.123]])
+        logits.clone(), x0, torch.tensor([int(Confidence.RANDOM)]), torch.tensor([[0.123]])
     )
     assert abs(conf.item() - 0.123) < 1e-6
+
+
+def test_argmax_equals_torch_argmax_with_ties_remainders_and_nan():
+    g = torch.Generator().manual_seed(0)
+    for vocab in (5, 128, 300, 1000):
+        ties = torch.randint(0, 3, (64, vocab), generator=g).float()
+        assert torch.equal(argmax(ties, group=7), ties.argmax(-1))
+        assert torch.equal(argmax(ties), ties.argmax(-1))
+    x = torch.randn(4, 2, 1000, generator=g)
+    x[0, 1, 3] = float("nan")
+    x[2, 0, 997] = float("nan")
+    assert torch.equal(argmax(x, group=16), x.argmax(-1))
+
+
+def test_logsumexp_in_place_equals_torch():
+    x = torch.randn(8, 5000) * 4
+    x[1] = float("-inf")
+    x[2, 7] = float("inf")
+    expected = torch.logsumexp(x, -1)
+    assert torch.equal(logsumexp_(x.clone()), expected)

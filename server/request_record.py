@@ -54,6 +54,7 @@ class RequestRecord:
     outputs: asyncio.Queue[tuple[int, StepOutput]] | None = None
     seq: int = 0
     finished_at: float | None = None
+    _resynced: tuple[Event, Event] | None = field(default=None, repr=False)  # (step, snapshot)
 
     @property
     def multi(self) -> bool:
@@ -103,9 +104,13 @@ class RequestRecord:
         return head
 
     def resync(self, step: Event) -> Event:
-        """A `snapshot` standing in for a `step` a subscriber could not take in time."""
-        index = step.data.get("choice_index", 0)
-        return self.snapshot(self.choices[index], step.seq, step.global_seq)
+        """A `snapshot` standing in for a `step` a subscriber could not take in time, built
+        once however many subscribers missed that step: 300 dashboards catching up on the
+        same step each rendered its draft, which held the event loop for tens of ms."""
+        if self._resynced is None or self._resynced[0] is not step:
+            index = step.data.get("choice_index", 0)
+            self._resynced = (step, self.snapshot(self.choices[index], step.seq, step.global_seq))
+        return self._resynced[1]
 
     def snapshot(self, choice: Choice, seq: int, global_seq: int = 0) -> Event:
         data = self.events.snapshot(

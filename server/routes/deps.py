@@ -13,15 +13,15 @@ from marble.server.lifecycle import Lifecycle
 from marble.server.middleware import request_id_of
 
 
-def get_lifecycle(request: Request) -> Lifecycle:
+async def get_lifecycle(request: Request) -> Lifecycle:
     return request.app.state.lifecycle
 
 
-def get_admission(request: Request) -> Admission:
+async def get_admission(request: Request) -> Admission:
     return request.app.state.admission
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     return request_id_of(request.scope)
 
 
@@ -30,7 +30,7 @@ AdmissionDep = Annotated[Admission, Depends(get_admission)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
-def require_api_key(request: Request, lifecycle: LifecycleDep) -> None:
+async def require_api_key(request: Request, lifecycle: LifecycleDep) -> None:
     """`Authorization: Bearer <key>` when the server has a key. GET streams may pass
     `?api_key=` instead, since browsers' EventSource cannot set headers."""
     key = lifecycle.settings.api_key

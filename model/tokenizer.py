@@ -83,6 +83,9 @@ class TextTokenizer:
         if isinstance(self.chat_template, list):  # named templates: take the default one
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default")
+        if self.chat_template is None and (folder / "chat_template.jinja").exists():
+            # Newer checkpoints (Gemma 4) ship the template as a file beside tokenizer_config.
+            self.chat_template = (folder / "chat_template.jinja").read_text()
         self.special = self._special_ids(folder)
         self._ids_by_prefix: dict[str, list[int]] = {}
 
@@ -165,9 +168,14 @@ class TextTokenizer:
         return [self.tok.decode([i], skip_special_tokens=False) for i in ids]
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
     ) -> str:
-        """Render with the checkpoint's jinja2 template, as transformers' apply_chat_template."""
+        """Render with the checkpoint's jinja2 template, as transformers' apply_chat_template.
+
+        `template_kwargs` reach the template as variables (e.g. `enable_thinking=True`)."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -189,6 +197,7 @@ class TextTokenizer:
                 add_generation_prompt=add_generation_prompt,
                 tools=None,
                 **{k: (v or "") for k, v in specials.items()},
+                **template_kwargs,
             )
         except TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc

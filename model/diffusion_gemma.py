@@ -1,0 +1,343 @@
+"""DiffusionGemma's text model: one Gemma 4 weight stack run in two modes.
+
+`encode` is causal (sliding layers windowed) and writes the KV cache for the prompt or a
+finished canvas; `decode` runs a canvas bidirectionally over [cache ; canvas], reads the cache
+without writing it, and returns softcapped logits. Self-conditioning feeds the previous step's
+distribution back into the decoder input. Knows nothing of sampling, tokenizers or requests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marble.model.diffusion_gemma_cache import DiffusionGemmaCache
+from marble.model.diffusion_gemma_config import SLIDING, DiffusionGemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """x * (mean(x^2) + eps)^-1/2, times the weight as stored (not 1 + weight) if it has one."""
+
+    def __init__(self, dim: int, eps: float, with_weight: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_weight else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., D] -> [..., D], statistics in float32."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            xf = xf * self.weight.float()
+        return xf.to(x.dtype)
+
+
+def rotary_tables(
+    positions: Tensor, head_dim: int, theta: float, partial: float
+) -> tuple[Tensor, Tensor]:
+    """positions [B, T] -> (cos, sin) [B, 1, T, head_dim] float32.
+
+    Only the first floor(partial * head_dim / 2) frequencies rotate ("proportional" RoPE);
+    the exponent is still divided by the whole head_dim. The rest get frequency 0."""
+    half = head_dim // 2
+    rotated = int(partial * head_dim / 2)
+    exponent = torch.arange(0, 2 * rotated, 2, device=positions.device).float() / head_dim
+    inv_freq = torch.zeros(half, device=positions.device)
+    inv_freq[:rotated] = 1.0 / theta**exponent
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, half]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D] rotated in the rotate-half layout (pairs i, i + D/2)."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., H] -> down(gelu_tanh(gate x) * up x) [..., H]."""
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class SelfConditioning(GatedMLP):
+    """The previous step's expected embedding, pre-normed, through a gated MLP."""
+
+    def __init__(self, hidden: int, inner: int, eps: float) -> None:
+        super().__init__(hidden, inner)
+        self.pre_norm = RMSNorm(hidden, eps)
+
+    def forward(self, s: Tensor) -> Tensor:
+        """[B, L, H] -> [B, L, H]; exactly 0 for s = 0."""
+        return super().forward(self.pre_norm(s))
+
+
+class Attention(nn.Module):
+    """q/k norms, weightless v norm, attention scale 1; full layers use k_proj as values."""
+
+    def __init__(self, cfg: DiffusionGemmaConfig, sliding: bool) -> None:
+        super().__init__()
+        self.sliding = sliding
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads if sliding else cfg.num_global_key_value_heads
+        self.head_dim = cfg.head_dim if sliding else cfg.global_head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False) if sliding else None
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_weight=False)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, H] -> q [B, Hq, T, D], k and v [B, Hkv, T, D] (RoPE on q and k)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        raw_k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        raw_v = raw_k if self.v_proj is None else self.v_proj(x)
+        raw_v = raw_v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(raw_k), cos, sin)
+        return q, k, self.v_norm(raw_v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, S, D], allowed bool [B, 1, T, S] -> [B, T, H]."""
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # A finite fill, not -inf: a pad query that sees no key gets a harmless average
+        # instead of NaN, which would reach real rows through 0 * NaN in later layers.
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.eps = cfg.rms_norm_eps
+        self.root = cfg.hidden_size**-0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, H] -> (weights [N, k], experts [N, k]); top-k renormalised, then scaled."""
+        xf = x.float()
+        r = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        r = (r * self.root * self.scale.float()).to(x.dtype)
+        probs = self.proj(r).float().softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale.float()[experts], experts
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h))  # [gate ; up]
+        self.down_proj = nn.Parameter(torch.zeros(e, h, i))
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """x [N, H], weights/experts [N, k] -> sum_k w_k * expert_k(x) [N, H]."""
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        token = order // experts.shape[1]
+        w = weights.flatten()[order].to(x.dtype)[:, None]
+        # One host sync per layer for the group sizes; a grouped GEMM can replace the loop.
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):  # experts, not rows: tokens grouped per expert
+            if n == 0:
+                continue
+            rows = token[start : start + n]
+            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            out.index_add_(0, rows, y * w[start : start + n])
+            start += n
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Attention, then a dense MLP beside top-k experts, then the mode's layer scalar."""
+
+    def __init__(self, cfg: DiffusionGemmaConfig, layer_type: str) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.sliding = layer_type == SLIDING
+        self.self_attn = Attention(cfg, self.sliding)
+        self.mlp = GatedMLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "post_feedforward_layernorm_1",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_2",
+        ):
+            self.add_module(name, RMSNorm(h, eps))
+        self.register_buffer("layer_scalar", torch.ones(1))  # decoder mode
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder mode
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        past: tuple[Tensor, Tensor],
+        allowed: Tensor,
+        encoder: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
+        q, k, v = self.self_attn.project(self.input_layernorm(x), *rope)
+        keys, values = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        x = x + self.post_attention_layernorm(self.self_attn.attend(q, keys, values, allowed))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts)
+        moe = self.post_feedforward_layernorm_2(moe.view_as(x))
+        scalar = self.encoder_layer_scalar if encoder else self.layer_scalar
+        return (x + self.post_feedforward_layernorm(dense + moe)) * scalar, k, v
+
+
+class DiffusionGemma(nn.Module):
+    """The text stack; `encode` writes a `DiffusionGemmaCache`, `decode` only reads it."""
+
+    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(h, cfg.intermediate_size, cfg.rms_norm_eps)
+        self.input_norm = RMSNorm(h, cfg.rms_norm_eps, with_weight=False)
+
+    def new_cache(self, batch: int) -> DiffusionGemmaCache:
+        """An empty encoder cache for `batch` rows on this model's device and dtype."""
+        shapes = [(layer.self_attn.n_kv, layer.self_attn.head_dim) for layer in self.layers]
+        sliding = tuple(layer.sliding for layer in self.layers)
+        w = self.embed_tokens.weight
+        return DiffusionGemmaCache.empty(
+            batch, shapes, sliding, self.cfg.sliding_window, w.device, w.dtype
+        )
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """Embeddings times sqrt(hidden), the factor rounded to their dtype first."""
+        return x * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=x.dtype)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """ids [B, T] -> E[ids] * sqrt(hidden) [B, T, H]."""
+        return self._scale(self.embed_tokens(ids))
+
+    def _ropes(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+        return {
+            True: rotary_tables(positions, cfg.head_dim, cfg.sliding_rope_theta, 1.0),
+            False: rotary_tables(
+                positions,
+                cfg.global_head_dim,
+                cfg.full_rope_theta,
+                cfg.full_partial_rotary_factor,
+            ),
+        }
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden [B, T, H] -> softcapped logits [B, T, V] (float32)."""
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        cache: DiffusionGemmaCache,
+        valid: Tensor | None = None,
+    ) -> Tensor:
+        """Causal pass over ids [B, T] at positions [B, T]; appends to cache; -> hidden [B, T, H].
+
+        valid [B, T] (False = left pad) hides those tokens as keys, now and later. Masks follow
+        slot order (rows right-aligned); positions only feed RoPE, so pads may be counted."""
+        b, t = ids.shape
+        if valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        start = cache.length
+        query = torch.arange(start, start + t, device=ids.device)  # absolute slots
+        ropes = self._ropes(positions)
+        x = self._embed(ids)
+        for i, layer in enumerate(self.layers):
+            stored = cache.stored(i)
+            key = torch.arange(start - stored, start + t, device=ids.device)
+            allowed = key[None, :] <= query[:, None]  # [T, S + T]
+            if layer.sliding:
+                allowed &= key[None, :] > query[:, None] - self.cfg.sliding_window
+            key_valid = torch.cat((cache.layer_valid(i), valid.bool()), dim=1)  # [B, S + T]
+            allowed = allowed[None, None] & key_valid[:, None, None, :]
+            kv = cache.layers[i]
+            x, k, v = layer(x, ropes[layer.sliding], (kv.keys, kv.values), allowed, True)
+            cache.extend(i, k, v)
+        cache.extend_valid(valid)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        canvas: Tensor,
+        positions: Tensor,
+        cache: DiffusionGemmaCache,
+        self_cond_logits: Tensor | None = None,
+        self_cond_mask: Tensor | None = None,
+        hidden_states: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Bidirectional pass of canvas [B, L] at positions [B, L] over the cache -> [B, L, V].
+
+        self_cond_logits [B, L, V] are the previous step's logits (None: first step);
+        self_cond_mask [B] False turns it off per row. The cache is read, never written.
+        `hidden_states`, if given, collects the input, each layer's output and the final norm."""
+        b, length = canvas.shape
+        e = self._embed(canvas)
+        if self_cond_logits is not None:
+            w = self.embed_tokens.weight
+            probs = self_cond_logits.float().softmax(-1).to(w.dtype)
+            s = self._scale(probs @ w)  # the expected embedding [B, L, H]
+            if self_cond_mask is not None:
+                s = s * self_cond_mask.to(s.dtype)[:, None, None]
+            e = e + self.self_conditioning(s)
+        x = self.input_norm(e)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        ropes = self._ropes(positions)
+        canvas_valid = torch.ones(b, length, dtype=torch.bool, device=canvas.device)
+        for i, layer in enumerate(self.layers):
+            kv = cache.layers[i]
+            key_valid = torch.cat((cache.layer_valid(i), canvas_valid), dim=1)
+            allowed = key_valid[:, None, None, :].expand(b, 1, length, -1)
+            x, _, _ = layer(x, ropes[layer.sliding], (kv.keys, kv.values), allowed, False)
+            if hidden_states is not None and i < len(self.layers) - 1:
+                hidden_states.append(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return self.head(x)

@@ -1,0 +1,107 @@
+"""DiffusionGemma's encoder KV cache: per layer keys and values, plus which slots are real.
+
+Only the encoder writes it (prompt, then each finished canvas); the decoder reads it. Sliding
+layers keep the last `sliding_window - 1` slots, full layers every slot. Rows are right-aligned:
+slot s of every row is the same absolute index, and a row shorter than the batch is padded on
+the left with slots marked not `valid`. A scheduler owns one cache per request (B = 1) and
+stacks them for a batched step. Knows nothing of weights, sampling or requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerKV:
+    """One layer's cached keys (k_norm + RoPE applied) and values (v_norm applied)."""
+
+    keys: Tensor  # [B, Hkv, S, Dh]
+    values: Tensor  # [B, Hkv, S, Dh]
+
+
+@dataclass
+class DiffusionGemmaCache:
+    layers: list[LayerKV]
+    sliding: tuple[bool, ...]  # per layer: keeps only the last `window - 1` slots
+    window: int
+    valid: Tensor  # [B, S_total] bool: False for pad slots (full-layer slot order)
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        kv_shapes: list[tuple[int, int]],
+        sliding: tuple[bool, ...],
+        window: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> DiffusionGemmaCache:
+        """An empty cache; kv_shapes[i] = (kv heads, head dim) of layer i."""
+        layers = [
+            LayerKV(
+                torch.empty(batch, h, 0, d, device=device, dtype=dtype),
+                torch.empty(batch, h, 0, d, device=device, dtype=dtype),
+            )
+            for h, d in kv_shapes
+        ]
+        valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
+        return cls(layers, tuple(sliding), window, valid)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Tokens committed so far, pads included: the next position of an unpadded row."""
+        return self.valid.shape[1]
+
+    def stored(self, layer: int) -> int:
+        """Slots layer `layer` holds (at most window - 1 for sliding layers)."""
+        return self.layers[layer].keys.shape[2]
+
+    def layer_valid(self, layer: int) -> Tensor:
+        """[B, S_layer] bool: which of this layer's stored slots are real tokens."""
+        return self.valid[:, self.length - self.stored(layer) :]
+
+    def extend(self, layer: int, keys: Tensor, values: Tensor) -> None:
+        """Append [B, Hkv, T, Dh] keys/values to one layer, trimming sliding layers."""
+        kv = self.layers[layer]
+        k, v = torch.cat((kv.keys, keys), dim=2), torch.cat((kv.values, values), dim=2)
+        if self.sliding[layer]:
+            k, v = k[:, :, -(self.window - 1) :], v[:, :, -(self.window - 1) :]
+        self.layers[layer] = LayerKV(k.contiguous(), v.contiguous())
+
+    def extend_valid(self, valid: Tensor) -> None:
+        """Record [B, T] validity of the tokens just appended to every layer."""
+        self.valid = torch.cat((self.valid, valid.to(torch.bool)), dim=1)
+
+    def rows(self, index: Tensor | list[int]) -> DiffusionGemmaCache:
+        """The cache of a subset of rows (copies), left padding kept."""
+        index = torch.as_tensor(index, device=self.valid.device)
+        layers = [LayerKV(kv.keys[index], kv.values[index]) for kv in self.layers]
+        return DiffusionGemmaCache(layers, self.sliding, self.window, self.valid[index])
+
+    @staticmethod
+    def stack(caches: list[DiffusionGemmaCache]) -> DiffusionGemmaCache:
+        """One batch from per-request caches of any lengths: shorter ones left-padded."""
+        first = caches[0]
+        total = max(c.length for c in caches)
+
+        def left_pad(t: Tensor, size: int, dim: int) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = size - t.shape[dim]
+            return torch.cat((t.new_zeros(shape), t), dim=dim)
+
+        layers = []
+        for i in range(len(first.layers)):
+            s = max(c.stored(i) for c in caches)
+            keys = torch.cat([left_pad(c.layers[i].keys, s, 2) for c in caches])
+            values = torch.cat([left_pad(c.layers[i].values, s, 2) for c in caches])
+            layers.append(LayerKV(keys, values))
+        valid = torch.cat([left_pad(c.valid, total, 1) for c in caches])
+        return DiffusionGemmaCache(layers, first.sliding, first.window, valid)

@@ -242,6 +242,16 @@ class DiffusionGemma(nn.Module):
             batch, shapes, sliding, self.cfg.sliding_window, w.device, w.dtype
         )
 
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes of KV cache one row holds once `tokens` tokens are encoded: full layers keep
+        every token, sliding layers the last window - 1."""
+        itemsize = self.embed_tokens.weight.itemsize
+        total = 0
+        for layer in self.layers:
+            kept = min(tokens, self.cfg.sliding_window - 1) if layer.sliding else tokens
+            total += 2 * kept * layer.self_attn.n_kv * layer.self_attn.head_dim * itemsize
+        return total
+
     def _scale(self, x: Tensor) -> Tensor:
         """Embeddings times sqrt(hidden), the factor rounded to their dtype first."""
         return x * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=x.dtype)

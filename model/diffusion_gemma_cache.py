@@ -60,6 +60,16 @@ class DiffusionGemmaCache:
         """Tokens committed so far, pads included: the next position of an unpadded row."""
         return self.valid.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held now."""
+        return sum(kv.keys.nbytes + kv.values.nbytes for kv in self.layers)
+
+    def copy_refs(self) -> DiffusionGemmaCache:
+        """A second cache over the same tensors: `extend` replaces tensors rather than writing
+        into them, so this one keeps the state it had (a step's rollback point)."""
+        return DiffusionGemmaCache(list(self.layers), self.sliding, self.window, self.valid)
+
     def stored(self, layer: int) -> int:
         """Slots layer `layer` holds (at most window - 1 for sliding layers)."""
         return self.layers[layer].keys.shape[2]

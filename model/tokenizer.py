@@ -34,11 +34,14 @@ class SpecialIds:
     eos: int | None
     pad: int | None
     eot: int | None  # end of turn (<|eot_id|>, <|im_end|>), found through the chat template
+    # Further ids the checkpoint lists as ending a generation (an `eos_token_id` list, e.g.
+    # DiffusionGemma's [1, 106, 50] in generation_config.json).
+    listed: frozenset[int] = frozenset()
 
     @property
     def stop_ids(self) -> frozenset[int]:
         """Ids that end a generation; the text is cut before the first of them."""
-        return frozenset(i for i in (self.eos, self.eot) if i is not None)
+        return frozenset(i for i in (self.eos, self.eot) if i is not None) | self.listed
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -112,8 +115,18 @@ class TextTokenizer:
         pad = model_cfg.get("pad_token_id")
         if pad is None:
             pad = self._id_of("pad_token")
+        listed = [
+            i
+            for cfg in (model_cfg, gen_cfg)
+            if isinstance(cfg.get("eos_token_id"), list)
+            for i in cfg["eos_token_id"]
+        ]
         return SpecialIds(
-            mask=mask, eos=eos, pad=pad if pad is not None else eos, eot=self._end_of_turn_id(eos)
+            mask=mask,
+            eos=eos,
+            pad=pad if pad is not None else eos,
+            eot=self._end_of_turn_id(eos),
+            listed=frozenset(listed),
         )
 
     def _end_of_turn_id(self, eos: int | None) -> int | None:

@@ -21,6 +21,12 @@ import torch
 
 from marble.model.default import CHECKPOINT_DIR
 from marble.model.device import default_kv_budget, resolve_device, resolve_dtype
+from marble.model.diffusion_gemma import DiffusionGemma
+from marble.model.diffusion_gemma_config import (
+    DiffusionGemmaGenerationConfig,
+    is_diffusion_gemma,
+)
+from marble.model.diffusion_gemma_loader import load_diffusion_gemma
 from marble.model.loader import load_model
 from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
@@ -29,6 +35,13 @@ from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.runner import FORWARD_KINDS, Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
+from marble.scheduler.uniform_runner import (
+    DECODE,
+    ENCODE,
+    CanvasStep,
+    Change,
+    UniformRunner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,16 @@ class StepOutput:
     heal_text: str = ""  # token healing: the first token's leading text, left out of `text`
     forward: str | None = None  # the kind of forward this step took (runner.FORWARD_KINDS)
     positions: int = 0  # canvas positions that forward computed for this request
+    # Forwards of each kind this step took for the request (a uniform-state step may encode
+    # a finished canvas before its decode), and every kind so far.
+    forwards: dict[str, int] = field(default_factory=dict)
+    forwards_total: dict[str, int] = field(default_factory=dict)
+    # Uniform-state models (DiffusionGemma): shown tokens that changed, and this step's
+    # accepted and re-noised position counts. Masked models commit (`committed`) instead.
+    changes: list[Change] = field(default_factory=list)
+    accepted: int = 0
+    renoised: int = 0
+    canvas_completed: bool = False  # this step ended a canvas (its tokens are final)
 
 
 @dataclass
@@ -71,6 +94,9 @@ class EngineStats:
     forwards: dict[str, int] = field(default_factory=dict)  # rows by kind of forward
     positions: int = 0  # canvas positions computed this step, over all rows
     cache_bytes: int = 0  # KV cache the running requests hold after the step
+    accepted: int = 0  # uniform-state rows: positions accepted this step, over all rows
+    renoised: int = 0  # ... and re-noised
+    canvases: list[int] = field(default_factory=list)  # canvases of each request finished now
 
 
 class Engine:
@@ -91,12 +117,22 @@ class Engine:
             config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(weight.device)))
         self.scheduler = Scheduler(config)
         cfg = model.cfg
-        # KV bytes per cached canvas position: every layer keeps a key and a value vector.
-        self.kv_bytes_per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * weight.itemsize
-        pad = self.special.pad if self.special.pad is not None else self.special.mask
-        self.runner = ModelRunner(
-            model, self.special.mask, pad, min(len(tokenizer), model.cfg.vocab_size)
-        )
+        # Uniform-state block diffusion (DiffusionGemma) or a masked denoiser (LLaDA, Dream,
+        # Marble's own): each has its runner and its step bookkeeping.
+        self.uniform = isinstance(model, DiffusionGemma)
+        self.vocab_size = min(len(tokenizer), cfg.vocab_size)
+        self.runner: ModelRunner | UniformRunner
+        if self.uniform:
+            self.context = cfg.max_position_embeddings
+            self.runner = UniformRunner(model)
+        else:
+            self.context = cfg.max_seq_len
+            # KV bytes per cached canvas position: every layer keeps a key and a value vector.
+            self.kv_bytes_per_token = (
+                cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * weight.itemsize
+            )
+            pad = self.special.pad if self.special.pad is not None else self.special.mask
+            self.runner = ModelRunner(model, self.special.mask, pad, self.vocab_size)
         self.requests: dict[str, Request] = {}
         self.last_stats: EngineStats | None = None
         _ = tokenizer.max_token_chars  # a vocabulary scan: at load, not in the first request
@@ -116,11 +152,17 @@ class Engine:
         `dtype` may be "auto" (model/device.py)."""
         path = CHECKPOINT_DIR if path is None else Path(path)
         device = resolve_device(device)
-        model = load_model(
-            path, device=device, dtype=resolve_dtype(dtype, device), progress=progress
-        )
+        model: Denoiser | DiffusionGemma
+        if is_diffusion_gemma(json.loads((path / "config.json").read_text())):
+            model = load_diffusion_gemma(path, device=device, dtype=resolve_dtype(dtype, device))
+            arch = "diffusion_gemma"
+        else:
+            model = load_model(
+                path, device=device, dtype=resolve_dtype(dtype, device), progress=progress
+            )
+            arch = model.cfg.arch
         if defaults is None:
-            defaults = load_defaults(path, model.cfg.arch)
+            defaults = load_defaults(path, arch)
         return cls(model, TextTokenizer(path), config, defaults)
 
     # ----------------------------------------------------------------------------- requests
@@ -137,13 +179,15 @@ class Engine:
         model first, text against the longest text the context could hold before it is
         tokenized."""
         params = params or self.defaults
-        context = self.model.cfg.max_seq_len
+        context = self.context
+        if self.uniform:
+            self._check_uniform(params, suffix)
         if params.max_tokens > context:
             raise InvalidParam(
                 "max_tokens",
                 f"max_tokens ({params.max_tokens}) exceeds the model's context of {context}",
             )
-        vocab = min(len(self.tokenizer), self.model.cfg.vocab_size)
+        vocab = self.vocab_size
         if params.top_k > vocab:
             raise InvalidParam(
                 "top_k", f"top_k ({params.top_k}) exceeds the vocabulary of {vocab} tokens"
@@ -155,7 +199,7 @@ class Engine:
         for name, ids in (("prompt", prompt_ids), ("suffix", suffix_ids)):
             if any(not 0 <= i < vocab for i in ids):
                 raise InvalidParam(name, f"{name} token ids must be in [0, {vocab})")
-            if self.special.mask in ids:
+            if not self.uniform and self.special.mask in ids:
                 raise InvalidParam(
                     name, f"{name} must not contain the mask token id {self.special.mask}"
                 )
@@ -163,11 +207,17 @@ class Engine:
         if params.token_healing and isinstance(prompt, str):  # ids are taken as given
             banned = self.special.stop_ids | {self.special.mask}
             prompt_ids, heal_text, heal_ids = heal(self.tokenizer, prompt_ids, vocab, banned)
-        if len(prompt_ids) + params.max_tokens + len(suffix_ids) > context:
+        generated = self._canvas_tokens(params.max_tokens)
+        if len(prompt_ids) + generated + len(suffix_ids) > context:
             raise InvalidParam(
                 "prompt",
-                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) + suffix "
-                f"({len(suffix_ids)}) exceeds the model's context of {context}",
+                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}"
+                + (
+                    f", decoded as {generated} in whole canvases"
+                    if generated > params.max_tokens
+                    else ""
+                )
+                + f") + suffix ({len(suffix_ids)}) exceeds the model's context of {context}",
             )
         request = Request(
             request_id or uuid.uuid4().hex,
@@ -178,10 +228,39 @@ class Engine:
             heal_text=heal_text,
             heal_ids=heal_ids,
         )
-        if params.cache != "none":
+        if self.uniform:
+            # The cache holds the prompt and every canvas but the last, which is never encoded.
+            tokens = len(prompt_ids) + generated - self.model.cfg.canvas_length
+            request.kv_bytes = self.model.cache_bytes(tokens)
+        elif params.cache != "none":
             copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
             request.kv_bytes = copies * request.canvas_len * self.kv_bytes_per_token
         return request
+
+    def _canvas_tokens(self, max_tokens: int) -> int:
+        """Tokens the model decodes for `max_tokens`: a uniform-state model decodes whole
+        canvases (the completion is then cut to max_tokens)."""
+        if not self.uniform:
+            return max_tokens
+        length = self.model.cfg.canvas_length
+        return -(-max_tokens // length) * length
+
+    def _check_uniform(self, params: SamplingParams, suffix: str | list[int] | None) -> None:
+        """What a uniform-state model cannot do, refused by name."""
+        length = self.model.cfg.canvas_length
+        if params.block_length != length:
+            raise InvalidParam(
+                "block_length",
+                f"this model denoises canvases of {length} tokens: block_length must be "
+                f"{length} (or left out)",
+            )
+        if params.steps is None:
+            raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
+        for name, off in (("cfg_scale", 0.0), ("token_healing", False)):
+            if getattr(params, name) != off:
+                raise InvalidParam(name, f"{name} is not supported by this model")
+        if suffix:
+            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
 
     def _ids(self, name: str, value: str | list[int], context: int) -> list[int]:
         """Token ids of a prompt or suffix, refusing at once what cannot fit the context: a
@@ -230,9 +309,12 @@ class Engine:
             if request.request_id not in self.runner.rows:
                 self.runner.add(request)
         for request, result in zip(running, self.runner.run(running) if running else []):
-            if isinstance(result, RowStep):
+            if isinstance(result, RowStep | CanvasStep):
                 try:
-                    outputs.append(self._postprocess(request, result))
+                    if isinstance(result, CanvasStep):
+                        outputs.append(self._postprocess_canvas(request, result))
+                    else:
+                        outputs.append(self._postprocess(request, result))
                     continue
                 except Exception as exc:
                     log.exception("postprocessing failed for request %s", request.request_id)
@@ -243,11 +325,19 @@ class Engine:
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
             outputs.append(self._final_output(request))
         finished: dict[str, int] = {}
+        forwards = dict.fromkeys(
+            FORWARD_KINDS + (ENCODE, DECODE) if self.uniform else FORWARD_KINDS, 0
+        )
+        canvases: list[int] = []
         for out in outputs:
+            for kind, n in out.forwards.items():
+                forwards[kind] = forwards.get(kind, 0) + n
             if out.finished:
                 self.runner.remove(out.request_id)
-                self.requests.pop(out.request_id, None)
+                request = self.requests.pop(out.request_id, None)
                 finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
+                if self.uniform and request is not None:
+                    canvases.append(request.canvases_done)
         self.last_stats = EngineStats(
             batch_size=len(running),
             num_running=self.scheduler.num_running,
@@ -255,15 +345,19 @@ class Engine:
             step_seconds=time.perf_counter() - start,
             tokens_committed=sum(len(o.committed) for o in outputs),
             finished=finished,
-            forwards={k: sum(o.forward == k for o in outputs) for k in FORWARD_KINDS},
+            forwards=forwards,
             positions=sum(o.positions for o in outputs),
             cache_bytes=self.runner.cache_bytes,
+            accepted=sum(o.accepted for o in outputs),
+            renoised=sum(o.renoised for o in outputs),
+            canvases=canvases,
         )
         return outputs
 
     def _postprocess(self, request: Request, step: RowStep) -> StepOutput:
         commits = step.commits
         request.num_steps += 1
+        request.forwards[step.forward] = request.forwards.get(step.forward, 0) + 1
         request.step_in_block += 1
         for c in commits:
             request.tokens[c.pos] = c.token_id
@@ -278,7 +372,10 @@ class Engine:
                 request.step_in_block = 0
                 nstart, nend = request.current_block
                 request.masks_at_block_start = nend - nstart
-        text, cut_by_stop = self._stable_text(request, self._advance_stable(request))
+        stable = request.stable_len
+        while stable < len(request.tokens) and request.tokens[stable] != request.mask_id:
+            stable += 1
+        text, cut_by_stop = self._stable_text(request, self._advance_stable(request, stable))
         status = None
         if cut_by_stop:
             status = RequestStatus.FINISHED_STOPPED
@@ -306,15 +403,69 @@ class Engine:
             heal_text=request.heal_text,
             forward=step.forward,
             positions=step.positions,
+            forwards={step.forward: 1},
+            forwards_total=dict(request.forwards),
         )
 
-    def _advance_stable(self, request: Request) -> bool:
-        """Extend the stable prefix over newly committed leading tokens, noting the first
-        EOS/end-of-turn in the part just added; returns whether the prefix grew."""
+    def _postprocess_canvas(self, request: Request, step: CanvasStep) -> StepOutput:
+        """A uniform-state step: the current canvas's region of `tokens` shows the canvas as
+        it is now; once the canvas is final its tokens become stable text."""
+        request.num_steps += 1
+        forwards = {DECODE: 1} | ({ENCODE: 1} if step.encoded else {})
+        for kind, n in forwards.items():
+            request.forwards[kind] = request.forwards.get(kind, 0) + n
+        index = request.block_index
+        start, end = request.current_block
+        request.tokens[start:end] = step.canvas[: end - start]
+        changes = [c for c in step.changes if c.pos < end]  # past max_tokens: never shown
+        stable = request.stable_len
+        if step.final:
+            stable = end
+            request.canvases_done += 1
+            request.num_masked = len(request.tokens) - end
+            if index + 1 < len(request.blocks):
+                request.block_index += 1
+        text, cut_by_stop = self._stable_text(request, self._advance_stable(request, stable))
+        status = None
+        if cut_by_stop:
+            status = RequestStatus.FINISHED_STOPPED
+        elif step.final and index + 1 == len(request.blocks):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request, status)
+        else:
+            text = self._hold_back(request, text)
+        return StepOutput(
+            request_id=request.request_id,
+            step=request.num_steps,
+            total_steps=None,
+            block_index=index,
+            num_blocks=len(request.blocks),
+            committed=[],
+            num_masked=request.num_masked,
+            tokens=list(request.tokens),
+            text=text,
+            block_completed=index if step.final else None,
+            finished=status is not None,
+            finish_reason=None if status is None else status.value,
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=self._completion_len(request),
+            forward=step.forward,
+            positions=step.positions,
+            forwards=forwards,
+            forwards_total=dict(request.forwards),
+            changes=changes,
+            accepted=step.accepted,
+            renoised=step.renoised,
+            canvas_completed=step.final,
+        )
+
+    def _advance_stable(self, request: Request, stable_len: int) -> bool:
+        """Extend the stable prefix (text that can no longer change) to `stable_len`, noting
+        the first EOS/end-of-turn in the part just added; returns whether the prefix grew."""
         old = request.stable_len
         tokens = request.tokens
-        while request.stable_len < len(tokens) and tokens[request.stable_len] != request.mask_id:
-            request.stable_len += 1
+        request.stable_len = stable_len
         if request.eos_at is None and not request.params.ignore_eos:
             stop_ids = self.special.stop_ids
             request.eos_at = next(
@@ -387,6 +538,7 @@ class Engine:
             prompt_tokens=request.prompt_tokens,
             completion_tokens=end,
             heal_text=request.heal_text,
+            forwards_total=dict(request.forwards),
         )
 
     # ------------------------------------------------------------------------------ offline
@@ -412,7 +564,23 @@ class Engine:
 
 def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
     """Serving defaults stored with a checkpoint (`marble_defaults.json`) over Marble's own;
-    a Dream checkpoint's fixed-step schedule is Dream's unless the file says otherwise."""
+    a Dream checkpoint's fixed-step schedule is Dream's unless the file says otherwise, and
+    a DiffusionGemma checkpoint's come from its generation config (one canvas, its steps,
+    temperature schedule, entropy budget and stop rule)."""
     file = Path(path) / "marble_defaults.json"
     stored = json.loads(file.read_text()) if file.exists() else {}
-    return SamplingParams.from_dict({"schedule": "dream" if arch == "dream" else "llada", **stored})
+    family: dict[str, object] = {"schedule": "dream" if arch == "dream" else "llada"}
+    if arch == "diffusion_gemma":
+        gen = DiffusionGemmaGenerationConfig.from_folder(path)
+        family = {
+            "max_tokens": gen.max_new_tokens,
+            "block_length": json.loads((Path(path) / "config.json").read_text())["canvas_length"],
+            "steps": gen.max_denoising_steps,
+            "t_min": gen.t_min,
+            "t_max": gen.t_max,
+            "entropy_bound": gen.entropy_bound,
+            "stability_threshold": gen.stability_threshold,
+            "confidence_threshold": gen.confidence_threshold,
+            "cache": "none",  # the Fast-dLLM caches are for masked models; this one has its own
+        }
+    return SamplingParams.from_dict({**family, **stored})

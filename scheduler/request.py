@@ -69,6 +69,8 @@ class Request:
     stable_len: int = 0  # leading committed tokens: text that can no longer change
     eos_at: int | None = None  # first EOS/end-of-turn within the stable prefix
     stable_text: str = ""  # decoded stable prefix (up to eos_at), refreshed when it grows
+    forwards: dict[str, int] = field(default_factory=dict)  # forwards taken, by kind
+    canvases_done: int = 0  # uniform-state models: canvases finished
 
     def __post_init__(self) -> None:
         p = self.params  # validated and bounded by the engine before a Request exists

@@ -52,8 +52,13 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "top_p": (0.0, 1.0, True),
     "cfg_scale": (0.0, 100.0, False),
     "seed": (0, SEED_LIMIT - 1, False),
+    "entropy_bound": (0.0, 1e6, False),
+    "t_min": (0.0, 100.0, False),
+    "t_max": (0.0, 100.0, True),
+    "stability_threshold": (0, 64, False),
+    "confidence_threshold": (0.0, 1e6, False),
 }
-INT_FIELDS = ("max_tokens", "steps", "block_length", "top_k", "seed")
+INT_FIELDS = ("max_tokens", "steps", "block_length", "top_k", "seed", "stability_threshold")
 
 
 class InvalidParam(ValueError):
@@ -77,6 +82,13 @@ class SamplingParams:
     whole generated region as one block. `token_healing` moves a text prompt's trailing
     whitespace token into the canvas (see `marble.scheduler.healing`). `cache` picks the KV
     cache (CACHES).
+
+    Uniform-state models (DiffusionGemma) read `steps` as their denoising steps per canvas and
+    the five fields after `cache`: the entropy budget of one step's accepted positions, the
+    temperature schedule from `t_max` (first step) down towards `t_min`, and the stop rule (a
+    canvas ends once its argmax held for `stability_threshold` steps and its mean entropy is
+    below `confidence_threshold`). Their defaults are DiffusionGemma's generation config;
+    masked models ignore them.
     """
 
     max_tokens: int = 128
@@ -94,6 +106,11 @@ class SamplingParams:
     ignore_eos: bool = False
     token_healing: bool = False
     cache: str = "dual"
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
 
     def __post_init__(self) -> None:
         if self.threshold is UNSET:
@@ -114,6 +131,10 @@ class SamplingParams:
             raise InvalidParam("schedule", f"schedule must be one of {SCHEDULES}")
         if self.cache not in CACHES:
             raise InvalidParam("cache", f"cache must be one of {CACHES}")
+        if self.t_min >= self.t_max:
+            raise InvalidParam(
+                "t_min", f"t_min ({self.t_min:g}) must be below t_max ({self.t_max:g})"
+            )
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidParam("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):

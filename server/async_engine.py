@@ -55,7 +55,7 @@ class AsyncEngine:
 
     @property
     def context(self) -> int:
-        return self.engine.model.cfg.max_seq_len
+        return self.engine.context
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.thread.start(loop)

@@ -36,6 +36,7 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKENS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_CANVAS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # positions of one canvas (256 in the real model)
 _POSITIONS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -110,7 +111,8 @@ class Metrics:
         self.forwards = Counter(
             "marble_forwards",
             "Rows of denoising forwards by kind: full (every position), prefix_cached (the "
-            "current block onward against a KV cache), dual_cached (the current block only).",
+            "current block onward against a KV cache), dual_cached (the current block only); "
+            "for uniform-state models, encode (a causal pass writing the cache) and decode.",
             ["kind"],
             registry=r,
         )
@@ -123,6 +125,20 @@ class Metrics:
             "marble_positions_computed_per_step",
             "Canvas positions one engine step computed, over all its rows.",
             buckets=_POSITIONS,
+            registry=r,
+        )
+        self.canvas_positions = Histogram(
+            "marble_canvas_positions_per_step",
+            "Uniform-state models: canvas positions one request's step accepted (op=accepted) "
+            "or re-noised (op=renoised).",
+            ["op"],
+            buckets=_CANVAS,
+            registry=r,
+        )
+        self.canvases_per_request = Histogram(
+            "marble_canvases_per_request",
+            "Uniform-state models: canvases a finished request denoised.",
+            buckets=_STEPS,
             registry=r,
         )
         self.kv_cache_bytes = Gauge(
@@ -216,9 +232,14 @@ class Metrics:
                 self.positions_per_step.observe(stats.positions)
                 for kind, rows in stats.forwards.items():
                     self.forwards.labels(kind).inc(rows)
+            for canvases in stats.canvases:
+                self.canvases_per_request.observe(canvases)
         for out, timing in outputs:
             ran = out.step > 0 and not (out.finished and out.finish_reason in ("abort", "error"))
-            if ran:
+            if ran and (out.accepted or out.renoised):
+                self.canvas_positions.labels("accepted").observe(out.accepted)
+                self.canvas_positions.labels("renoised").observe(out.renoised)
+            elif ran:
                 self.tokens_per_forward.observe(len(out.committed))
             if timing is not None:
                 if ran and timing.first_step is None:

@@ -82,6 +82,28 @@ class NativeEvents:
                 for c, text in zip(out.committed, texts)
             ],
         }
+        if out.forwards.get("encode"):
+            data["forwards"] = out.forwards  # this step encoded a canvas before its decode
+        if out.accepted or out.renoised:
+            # A uniform-state model (DiffusionGemma): no mask, and a shown token may change
+            # until its canvas is final. `changed` lists every position whose token changed,
+            # with what it held before and its `op`: accept (a kept candidate), renoise (noise
+            # again) or final (the canvas ended: these tokens are its last).
+            ctexts = self.tokenizer.token_text([c.token_id for c in out.changes])
+            data["accepted"] = out.accepted
+            data["renoised"] = out.renoised
+            data["canvas_completed"] = out.canvas_completed
+            data["changed"] = [
+                {
+                    "pos": c.pos,
+                    "token_id": c.token_id,
+                    "text": text,
+                    "previous": c.previous,
+                    "op": c.op,
+                    "entropy": _num(c.entropy),
+                }
+                for c, text in zip(out.changes, ctexts)
+            ]
         if draft_every and (out.step % draft_every == 0 or out.finished):
             data["draft"] = self.draft.render(out.tokens, out.heal_text)
         return data
@@ -114,6 +136,7 @@ class NativeEvents:
                 "total_tokens": prompt_tokens + out.completion_tokens,
             },
             "steps": out.step,
+            "forwards": out.forwards_total,
             "timings": {
                 "queue_s": _seconds(t.submitted, t.started) if t else None,
                 "time_to_first_step_s": _seconds(t.submitted, t.first_step) if t else None,

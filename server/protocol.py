@@ -102,6 +102,11 @@ class SamplingBody(BaseModel):
     ignore_eos: bool | None = None
     token_healing: bool | None = None
     cache: str | None = None
+    entropy_bound: float | None = _sampling("entropy_bound")
+    t_min: float | None = _sampling("t_min")
+    t_max: float | None = _sampling("t_max")
+    stability_threshold: Count | None = _sampling("stability_threshold")
+    confidence_threshold: float | None = _sampling("confidence_threshold")
 
     # An explicit null here means "off" (one block; no threshold), not the default.
     NULL_IS_A_SETTING: ClassVar[tuple[str, ...]] = ("threshold", "block_length")

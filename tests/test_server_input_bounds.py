@@ -170,6 +170,11 @@ def test_every_sampling_field_crosses_the_http_layer_by_its_name():
         "ignore_eos": True,
         "token_healing": True,
         "cache": "dual",
+        "entropy_bound": 0.25,
+        "t_min": 0.2,
+        "t_max": 0.9,
+        "stability_threshold": 2,
+        "confidence_threshold": 0.01,
     }
     assert set(chosen) == set(SamplingParams.field_names())
     for name in SamplingParams.field_names():

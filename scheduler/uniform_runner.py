@@ -1,0 +1,223 @@
+"""One denoising step for a batch of uniform-state requests (DiffusionGemma).
+
+Owns each running request's device-side state: its encoder KV cache, its current canvas, the
+previous step's scaled logits (self-conditioning), its stop-rule history and its random
+generator. A request's step first encodes what its cache still lacks (the prompt, or the
+canvas it finished last step: a causal forward that writes the cache), then takes one
+bidirectional decoder forward over its canvas; the decoder forwards of every row share one
+batched call against their caches stacked side by side. There is no mask token: each step
+accepts the lowest-entropy candidates within the entropy budget and re-noises the rest, so a
+canvas's tokens change until it is final (the stop rule fired, or its steps ran out).
+One row's failure fails that row alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from marble.model import uniform_sampling as us
+from marble.model.diffusion_gemma import DiffusionGemma
+from marble.model.diffusion_gemma_cache import DiffusionGemmaCache
+from marble.scheduler.request import Request
+from marble.scheduler.runner import RowError
+
+log = logging.getLogger(__name__)
+
+ENCODE, DECODE = "encode", "decode"
+ACCEPT, RENOISE, FINAL = "accept", "renoise", "final"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A canvas position whose shown token changed this step."""
+
+    pos: int  # counted from the first generated position
+    token_id: int
+    previous: int
+    op: str  # ACCEPT (a kept candidate), RENOISE (noise again) or FINAL (the canvas ended:
+    # every changed position of its last step)
+    entropy: float  # of the position's distribution this step (nats)
+
+
+@dataclass(frozen=True)
+class CanvasStep:
+    """One row's step: the canvas it shows now and how it got there."""
+
+    canvas: list[int]  # the canvas now: the next decoder input, or the final canvas
+    changes: list[Change]
+    final: bool  # the canvas ended this step (stop rule fired or steps ran out)
+    accepted: int  # positions accepted this step
+    renoised: int  # positions re-noised this step
+    encoded: int  # tokens the encoder wrote to the cache before this step's decode (0: none)
+    forward: str = DECODE
+    positions: int = 0  # positions computed: the canvas, plus what was encoded
+
+
+CanvasResult = CanvasStep | RowError
+
+
+@dataclass
+class _CanvasRow:
+    generator: torch.Generator
+    cache: DiffusionGemmaCache
+    pending: Tensor | None  # [T] ids the cache lacks: encoded before the next decode
+    canvas: Tensor | None = None  # [L] the decoder's next input
+    argmax: Tensor | None = None  # [L] the last step's argmax: the canvas if it ends now
+    scaled: Tensor | None = None  # [L, V] the last step's scaled logits (self-conditioning)
+    history: Tensor | None = None  # [S, L] the stop rule's argmax history
+    remaining: int = 0  # denoising steps left in this canvas, counting this one
+
+    def saved(self) -> _CanvasRow:
+        """A copy to roll back to: tensors are replaced, never written in place, except the
+        cache's, which `DiffusionGemmaCache.copy_refs` keeps."""
+        return replace(self, cache=self.cache.copy_refs())
+
+
+class UniformRunner:
+    def __init__(self, model: DiffusionGemma) -> None:
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.rows: dict[str, _CanvasRow] = {}
+
+    def add(self, request: Request) -> None:
+        generator = torch.Generator(device=self.device)
+        seed = request.params.seed
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
+        self.rows[request.request_id] = _CanvasRow(generator, self.model.new_cache(1), prompt)
+
+    def remove(self, request_id: str) -> None:
+        self.rows.pop(request_id, None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(row.cache.nbytes for row in self.rows.values())
+
+    def run(self, requests: list[Request]) -> list[CanvasResult]:
+        """Advance every request by one step. If the batched step raises, each row retries
+        alone from its state before the step, so only the rows that raise fail."""
+        rows = [self.rows[r.request_id] for r in requests]
+        saved = [(row.saved(), row.generator.get_state()) for row in rows]
+        try:
+            return self._step(requests, rows)
+        except Exception as exc:
+            if len(requests) == 1:
+                log.exception("step failed for request %s", requests[0].request_id)
+                return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
+            log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(rows))
+        results: list[CanvasResult] = []
+        for request, (row, state) in zip(requests, saved):
+            row.generator.set_state(state)
+            self.rows[request.request_id] = row
+            results += self.run([request])
+        return results
+
+    @torch.inference_mode()
+    def _step(self, requests: list[Request], rows: list[_CanvasRow]) -> list[CanvasResult]:
+        cfg, dev = self.model.cfg, self.device
+        length, vocab = cfg.canvas_length, cfg.vocab_size
+        params = [r.params for r in requests]
+        encoded = [
+            self._encode_pending(row, p.steps or 1, p.stability_threshold)
+            for row, p in zip(rows, params)
+        ]
+
+        caches = [row.cache for row in rows]
+        cache = caches[0] if len(rows) == 1 else DiffusionGemmaCache.stack(caches)
+        canvas = torch.stack([row.canvas for row in rows])  # type: ignore[misc]
+        span = torch.arange(length, device=dev)
+        positions = torch.stack([c.length + span for c in caches])  # each row's own positions
+        self_cond = mask = None
+        if any(row.scaled is not None for row in rows):
+            zeros = torch.zeros(length, vocab, device=dev)
+            self_cond = torch.stack([zeros if r.scaled is None else r.scaled for r in rows])
+            mask = torch.tensor([r.scaled is not None for r in rows], device=dev)
+        raw = self.model.decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
+
+        f64 = torch.float64
+        temperature = us.temperature_schedule(
+            torch.tensor([row.remaining for row in rows], device=dev),
+            torch.tensor([p.steps or 1 for p in params], device=dev),
+            torch.tensor([p.t_min for p in params], dtype=f64, device=dev),
+            torch.tensor([p.t_max for p in params], dtype=f64, device=dev),
+        )
+        scaled = raw / temperature[:, None, None]
+        generators = [row.generator for row in rows]
+        candidates = us.draw_candidates(scaled.softmax(-1), generators)
+        noise = us.draw_uniform(generators, length, vocab, dev)
+        bound = torch.tensor([p.entropy_bound for p in params], device=dev)
+        step = us.entropy_bound_step(scaled, candidates, noise, bound)
+
+        finals = []
+        for b, (row, p) in enumerate(zip(rows, params)):
+            fired, _, _, history = us.stable_and_confident(
+                step.argmax[b : b + 1],
+                step.token_entropy[b : b + 1],
+                row.history[:, None],  # type: ignore[index]
+                torch.tensor([p.confidence_threshold], device=dev),
+            )
+            row.history = history[:, 0]
+            finals.append(bool(fired) or row.remaining == 1)
+        final_t = torch.tensor(finals, device=dev)
+        shown = torch.where(final_t[:, None], step.argmax, step.canvas)  # [B, L]
+        changed = shown != canvas
+        # One transfer for everything the host needs from this step.
+        host = torch.stack(
+            [shown, canvas, changed.long(), step.accepted.long(), step.token_entropy.double()]
+        ).cpu()
+        results: list[CanvasResult] = []
+        for b, (request, row) in enumerate(zip(requests, rows)):
+            now, before, moved, kept, ent = (t[b].tolist() for t in host)
+            base = request.current_block[0]
+            changes = [
+                Change(
+                    base + i,
+                    int(now[i]),
+                    int(before[i]),
+                    FINAL if finals[b] else ACCEPT if kept[i] else RENOISE,
+                    ent[i],
+                )
+                for i in range(length)
+                if moved[i]
+            ]
+            accepted = int(sum(kept))
+            row.canvas, row.argmax, row.scaled = step.canvas[b], step.argmax[b], scaled[b]
+            row.remaining -= 1
+            if finals[b]:
+                # The next canvas starts where this one ends: its tokens are encoded first.
+                row.pending, row.canvas, row.scaled = shown[b], None, None
+            results.append(
+                CanvasStep(
+                    canvas=[int(t) for t in now],
+                    changes=changes,
+                    final=finals[b],
+                    accepted=accepted,
+                    renoised=length - accepted,
+                    encoded=encoded[b],
+                    positions=length + encoded[b],
+                )
+            )
+        return results
+
+    def _encode_pending(self, row: _CanvasRow, steps: int, stability: int) -> int:
+        """Write what the row's cache lacks, then start a fresh canvas of noise; returns the
+        tokens encoded (0 when the row is mid-canvas)."""
+        if row.pending is None:
+            return 0
+        ids = row.pending[None]
+        start = row.cache.length
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
+        self.model.encode(ids, positions, row.cache)
+        cfg = self.model.cfg
+        row.canvas = us.draw_uniform(
+            [row.generator], cfg.canvas_length, cfg.vocab_size, self.device
+        )[0]
+        row.argmax, row.scaled, row.remaining = row.canvas, None, steps
+        row.history = us.initial_history(stability, 1, cfg.canvas_length, self.device)[:, 0]
+        row.pending = None
+        return ids.shape[1]

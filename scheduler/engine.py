@@ -576,6 +576,7 @@ def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
             "max_tokens": gen.max_new_tokens,
             "block_length": json.loads((Path(path) / "config.json").read_text())["canvas_length"],
             "steps": gen.max_denoising_steps,
+            "temperature": 1.0,  # the schedule as it stands (0: greedy block refinement)
             "t_min": gen.t_min,
             "t_max": gen.t_max,
             "entropy_bound": gen.entropy_bound,

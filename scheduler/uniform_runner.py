@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ENCODE, DECODE = "encode", "decode"
 ACCEPT, RENOISE, FINAL = "accept", "renoise", "final"
+REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class _CanvasRow:
     cache: DiffusionGemmaCache
     pending: Tensor | None  # [T] ids the cache lacks: encoded before the next decode
     canvas: Tensor | None = None  # [L] the decoder's next input
-    argmax: Tensor | None = None  # [L] the last step's argmax: the canvas if it ends now
-    scaled: Tensor | None = None  # [L, V] the last step's scaled logits (self-conditioning)
+    scaled: Tensor | None = None  # [L, V] the last step's logits fed back (self-conditioning)
+    committed: Tensor | None = None  # [L] bool: greedy refinement's sticky commits
     history: Tensor | None = None  # [S, L] the stop rule's argmax history
     remaining: int = 0  # denoising steps left in this canvas, counting this one
 
@@ -76,6 +77,18 @@ class _CanvasRow:
         """A copy to roll back to: tensors are replaced, never written in place, except the
         cache's, which `DiffusionGemmaCache.copy_refs` keeps."""
         return replace(self, cache=self.cache.copy_refs())
+
+
+@dataclass
+class _Decision:
+    """One step's decisions for some rows, every field [n, L] (self_cond [n, L, V])."""
+
+    argmax: Tensor  # the canvas if the stop rule fires now
+    entropy: Tensor  # per position, what the stop rule reads
+    kept: Tensor  # bool: accepted this step (sampled) or committed so far (greedy)
+    fresh: Tensor  # bool: kept for the first time this step (op "accept")
+    canvas: Tensor  # the next decoder input: kept tokens, noise elsewhere
+    self_cond: Tensor  # the logits the next step reads back
 
 
 class UniformRunner:
@@ -139,54 +152,71 @@ class UniformRunner:
             mask = torch.tensor([r.scaled is not None for r in rows], device=dev)
         raw = self.model.decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
 
-        f64 = torch.float64
-        temperature = us.temperature_schedule(
-            torch.tensor([row.remaining for row in rows], device=dev),
-            torch.tensor([p.steps or 1 for p in params], device=dev),
-            torch.tensor([p.t_min for p in params], dtype=f64, device=dev),
-            torch.tensor([p.t_max for p in params], dtype=f64, device=dev),
-        )
-        scaled = raw / temperature[:, None, None]
-        generators = [row.generator for row in rows]
-        candidates = us.draw_candidates(scaled.softmax(-1), generators)
-        noise = us.draw_uniform(generators, length, vocab, dev)
-        bound = torch.tensor([p.entropy_bound for p in params], device=dev)
-        step = us.entropy_bound_step(scaled, candidates, noise, bound)
+        greedy = [b for b, p in enumerate(params) if p.temperature == 0]
+        sampled = [b for b, p in enumerate(params) if p.temperature > 0]
+        parts = [
+            (index, decide(requests, rows, raw, canvas, index))
+            for index, decide in ((sampled, self._sample), (greedy, self._refine))
+            if index
+        ]
+        # Back in batch order: [B, L] (and [B, L, V] for the self-conditioning logits).
+        merged = {}
+        for name in _Decision.__dataclass_fields__:
+            first = getattr(parts[0][1], name)
+            out = first.new_empty((len(rows), *first.shape[1:]))
+            for index, decision in parts:
+                out[torch.tensor(index, device=dev)] = getattr(decision, name)
+            merged[name] = out
+        step = _Decision(**merged)
 
-        finals = []
+        finals, fired_rows = [], []
         for b, (row, p) in enumerate(zip(rows, params)):
             fired, _, _, history = us.stable_and_confident(
                 step.argmax[b : b + 1],
-                step.token_entropy[b : b + 1],
+                step.entropy[b : b + 1],
                 row.history[:, None],  # type: ignore[index]
                 torch.tensor([p.confidence_threshold], device=dev),
             )
             row.history = history[:, 0]
-            finals.append(bool(fired) or row.remaining == 1)
-        final_t = torch.tensor(finals, device=dev)
-        shown = torch.where(final_t[:, None], step.argmax, step.canvas)  # [B, L]
+            fired_rows.append(bool(fired))
+            finals.append(fired_rows[-1] or row.remaining == 1)
+        # A canvas ends on its argmax (generate()); a greedy canvas that ran out of steps ends
+        # as it stands, every position committed (the pipeline's block refinement).
+        take_argmax = torch.tensor(
+            [f and (r or p.temperature > 0) for f, r, p in zip(finals, fired_rows, params)],
+            device=dev,
+        )
+        shown = torch.where(take_argmax[:, None], step.argmax, step.canvas)  # [B, L]
         changed = shown != canvas
         # One transfer for everything the host needs from this step.
         host = torch.stack(
-            [shown, canvas, changed.long(), step.accepted.long(), step.token_entropy.double()]
+            [
+                shown,
+                canvas,
+                changed.long(),
+                step.kept.long(),
+                step.fresh.long(),
+                step.entropy.double(),
+            ]
         ).cpu()
         results: list[CanvasResult] = []
         for b, (request, row) in enumerate(zip(requests, rows)):
-            now, before, moved, kept, ent = (t[b].tolist() for t in host)
+            now, before, moved, kept, fresh, ent = (t[b].tolist() for t in host)
             base = request.current_block[0]
             changes = [
                 Change(
                     base + i,
                     int(now[i]),
                     int(before[i]),
-                    FINAL if finals[b] else ACCEPT if kept[i] else RENOISE,
+                    FINAL if finals[b] else ACCEPT if fresh[i] else RENOISE,
                     ent[i],
                 )
                 for i in range(length)
                 if moved[i]
             ]
             accepted = int(sum(kept))
-            row.canvas, row.argmax, row.scaled = step.canvas[b], step.argmax[b], scaled[b]
+            row.canvas, row.scaled = step.canvas[b], step.self_cond[b]
+            row.committed = step.kept[b]
             row.remaining -= 1
             if finals[b]:
                 # The next canvas starts where this one ends: its tokens are encoded first.
@@ -204,6 +234,74 @@ class UniformRunner:
             )
         return results
 
+    def _sample(
+        self,
+        requests: list[Request],
+        rows: list[_CanvasRow],
+        raw: Tensor,
+        canvas: Tensor,
+        index: list[int],
+    ) -> _Decision:
+        """Entropy bound (generate()): sample a candidate per position at this step's
+        temperature, `temperature` times the schedule from t_max down towards t_min; keep the
+        lowest-entropy candidates within the budget, re-noise the rest."""
+        dev, cfg = self.device, self.model.cfg
+        params = [requests[b].params for b in index]
+        f64 = torch.float64
+        schedule = us.temperature_schedule(
+            torch.tensor([rows[b].remaining for b in index], device=dev),
+            torch.tensor([p.steps or 1 for p in params], device=dev),
+            torch.tensor([p.t_min for p in params], dtype=f64, device=dev),
+            torch.tensor([p.t_max for p in params], dtype=f64, device=dev),
+        )
+        scale = torch.tensor([p.temperature for p in params], device=dev)
+        temperature = schedule if bool((scale == 1).all()) else schedule * scale
+        scaled = raw[index] / temperature[:, None, None]
+        generators = [rows[b].generator for b in index]
+        candidates = us.draw_candidates(scaled.softmax(-1), generators)
+        noise = us.draw_uniform(generators, cfg.canvas_length, cfg.vocab_size, dev)
+        bound = torch.tensor([p.entropy_bound for p in params], device=dev)
+        step = us.entropy_bound_step(scaled, candidates, noise, bound)
+        return _Decision(
+            step.argmax, step.token_entropy, step.accepted, step.accepted, step.canvas, scaled
+        )
+
+    def _refine(
+        self,
+        requests: list[Request],
+        rows: list[_CanvasRow],
+        raw: Tensor,
+        canvas: Tensor,
+        index: list[int],
+    ) -> _Decision:
+        """Greedy block refinement (temperature 0, the diffusers pipeline's): commit the argmax
+        of the most confident positions on a cumulative schedule, plus every one above
+        `threshold` (0.95 when unset); commits are sticky, the rest re-noised."""
+        dev, cfg = self.device, self.model.cfg
+        params = [requests[b].params for b in index]
+        noise = us.draw_uniform(
+            [rows[b].generator for b in index], cfg.canvas_length, cfg.vocab_size, dev
+        )
+        steps = torch.tensor([p.steps or 1 for p in params], device=dev)
+        done = torch.tensor([rows[b].remaining for b in index], device=dev)
+        threshold = torch.tensor(
+            [REFINE_THRESHOLD if p.threshold is None else p.threshold for p in params],
+            device=dev,
+        )
+        logits = raw[index]
+        step = us.block_refinement_step(
+            logits,
+            canvas[index],
+            torch.stack([rows[b].committed for b in index]),  # type: ignore[misc]
+            noise,
+            steps - done,
+            steps,
+            threshold,
+        )
+        return _Decision(
+            logits.argmax(-1), us.entropy(logits), step.committed, step.commits, step.canvas, logits
+        )
+
     def _encode_pending(self, row: _CanvasRow, steps: int, stability: int) -> int:
         """Write what the row's cache lacks, then start a fresh canvas of noise; returns the
         tokens encoded (0 when the row is mid-canvas)."""
@@ -217,7 +315,8 @@ class UniformRunner:
         row.canvas = us.draw_uniform(
             [row.generator], cfg.canvas_length, cfg.vocab_size, self.device
         )[0]
-        row.argmax, row.scaled, row.remaining = row.canvas, None, steps
+        row.scaled, row.remaining = None, steps
+        row.committed = torch.zeros(cfg.canvas_length, dtype=torch.bool, device=self.device)
         row.history = us.initial_history(stability, 1, cfg.canvas_length, self.device)[:, 0]
         row.pending = None
         return ids.shape[1]

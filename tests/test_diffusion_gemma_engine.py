@@ -104,3 +104,40 @@ def test_what_the_model_cannot_do_is_refused_by_name(engine: Engine):
     with pytest.raises(InvalidParam) as err:
         engine.make_request([2, 5], engine.defaults, suffix=[7])
     assert err.value.param == "suffix"
+
+
+def test_greedy_block_refinement_equals_the_pipeline_golden(engine: Engine):
+    """Temperature 0: the diffusers pipeline's greedy block refinement, every step's canvas
+    and the final ids, from the pipeline's generator seed (the renoise draws)."""
+    golden = json.loads(GOLDEN.read_text())["diffusers_cases"]
+    case = next(c for c in golden if c["scheduler"] == "BlockRefinementScheduler")
+    call = case["pipeline_call"]
+    params = engine.defaults.replace(
+        max_tokens=call["gen_length"],
+        steps=call["num_inference_steps"],
+        temperature=0.0,
+        threshold=case["scheduler_config"]["threshold"],
+        stability_threshold=call["stability_threshold"],
+        confidence_threshold=call["confidence_threshold"],
+        seed=case["generator_seed"],
+    )
+    request = engine.add(engine.make_request(case["prompt_ids"], params))
+    outs = [o for o in _drain(engine) if o.request_id == request.request_id]
+    length = engine.model.cfg.canvas_length
+    steps = [(c, s) for c in case["canvases"] for s in c["steps"]]
+    assert len(outs) == len(steps)
+    for out, (canvas, step) in zip(outs, steps):
+        start = canvas["canvas_index"] * length
+        assert out.tokens[start : start + length] == step["prev_sample"]
+    assert outs[-1].tokens == case["sequences_returned"][0]
+    assert outs[-1].forwards_total == {
+        "encode": case["num_forward_passes"]["encoder"],
+        "decode": case["num_forward_passes"]["decoder"],
+    }
+
+
+def _drain(engine: Engine) -> list[StepOutput]:
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs

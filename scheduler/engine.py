@@ -76,9 +76,11 @@ class StepOutput:
     # Uniform-state models (DiffusionGemma): shown tokens that changed, and this step's
     # accepted and re-noised position counts. Masked models commit (`committed`) instead.
     changes: list[Change] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # positions accepted this step
     accepted: int = 0
     renoised: int = 0
     canvas_completed: bool = False  # this step ended a canvas (its tokens are final)
+    canvas_span: tuple[int, int] | None = None  # [start, end) of `tokens` that canvas shows
 
 
 @dataclass
@@ -455,9 +457,11 @@ class Engine:
             forwards=forwards,
             forwards_total=dict(request.forwards),
             changes=changes,
+            kept=[pos for pos in step.kept if pos < end],
             accepted=step.accepted,
             renoised=step.renoised,
             canvas_completed=step.final,
+            canvas_span=(start, end),
         )
 
     def _advance_stable(self, request: Request, stable_len: int) -> bool:

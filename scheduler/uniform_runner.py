@@ -51,6 +51,7 @@ class CanvasStep:
 
     canvas: list[int]  # the canvas now: the next decoder input, or the final canvas
     changes: list[Change]
+    kept: list[int]  # positions accepted (or committed, greedy) this step, changed or not
     final: bool  # the canvas ended this step (stop rule fired or steps ran out)
     accepted: int  # positions accepted this step
     renoised: int  # positions re-noised this step
@@ -225,6 +226,7 @@ class UniformRunner:
                 CanvasStep(
                     canvas=[int(t) for t in now],
                     changes=changes,
+                    kept=[base + i for i in range(length) if kept[i]],
                     final=finals[b],
                     accepted=accepted,
                     renoised=length - accepted,

@@ -93,6 +93,17 @@ class NativeEvents:
             data["accepted"] = out.accepted
             data["renoised"] = out.renoised
             data["canvas_completed"] = out.canvas_completed
+            data["kept"] = out.kept  # accepted this step, whether or not its token changed
+            if out.forwards.get("encode") and out.canvas_span is not None:
+                # A canvas's first step carries it whole (its noise included); later steps
+                # carry only what changed.
+                start, end = out.canvas_span
+                ids = out.tokens[start:end]
+                data["canvas"] = {
+                    "start": start,
+                    "token_ids": ids,
+                    "texts": self.tokenizer.token_text(ids),
+                }
             data["changed"] = [
                 {
                     "pos": c.pos,

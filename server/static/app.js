@@ -107,6 +107,7 @@ class Card {
         this.takeShape(data);
         this.fresh = new Set();
         for (const c of data.committed || []) this.commit(c, data.step);
+        if (typeof data.accepted === "number") this.takeCanvas(data);
         if (typeof data.step === "number") this.step = data.step;
         if (data.total_steps !== undefined) this.totalSteps = data.total_steps;
         if (typeof data.block_index === "number") this.blockIndex = data.block_index;
@@ -156,6 +157,37 @@ class Card {
     const len = data.gen_length || data.length || p.gen_length || p.max_tokens;
     if (typeof len === "number") this.length = Math.max(this.length, len);
     if (typeof data.num_blocks === "number") this.numBlocks = data.num_blocks;
+  }
+
+  // A uniform-state model (no mask): a canvas starts as noise and every step may change any
+  // of its positions, accepted (kept, coloured by certainty), re-noised (dark again) or final.
+  takeCanvas(data) {
+    this.uniform = true;
+    this.accepted = data.accepted;
+    this.renoised = data.renoised;
+    if (data.canvas && Array.isArray(data.canvas.texts)) {
+      data.canvas.texts.forEach((text, i) => {
+        this.cells[data.canvas.start + i] = { text, confidence: 0, step: data.step, op: "renoise" };
+      });
+      this.length = Math.max(this.length, data.canvas.start + data.canvas.texts.length);
+    }
+    for (const pos of data.kept || []) {
+      const cell = this.cells[pos];
+      if (cell && cell.op === "renoise") this.cells[pos] = { ...cell, op: "accept", confidence: 0.5 };
+    }
+    for (const c of data.changed || []) {
+      if (typeof c.pos !== "number" || c.pos >= this.length) continue;
+      const certainty = c.op === "renoise" ? 0 : Math.exp(-(c.entropy ?? 0));
+      this.cells[c.pos] = { text: c.text ?? "", confidence: certainty, step: data.step, op: c.op };
+      this.fresh.add(c.pos);
+    }
+    if (data.canvas_completed && this.params.block_length) {
+      const end = Math.min(this.length, (data.block_index + 1) * this.params.block_length);
+      this.committedCount = Math.max(this.committedCount, end);
+      for (let pos = data.block_index * this.params.block_length; pos < end; pos++) {
+        if (this.cells[pos]) this.cells[pos].op = "final";
+      }
+    }
   }
 
   commit(c, step) {
@@ -252,6 +284,8 @@ const COLORS = {
   maskedText: "#596273",
   block: "#f2b134",
   fresh: "#ffffff",
+  noise: "#6b3a4a", // a uniform-state position holding noise (re-noised this step or never kept)
+  noiseText: "#e3b9c6",
   text: "#0b0f14",
   mark: "rgba(11, 15, 20, 0.45)", // whitespace marks: visible, but clearly not text
 };
@@ -261,6 +295,11 @@ function confidenceColor(conf) {
   // Pale blue (uncertain) to saturated teal (certain).
   const light = 82 - 42 * c;
   return `hsl(${200 - 30 * c}, ${45 + 40 * c}%, ${light}%)`;
+}
+
+function cellColor(cell) {
+  if (!cell) return COLORS.masked;
+  return cell.op === "renoise" ? COLORS.noise : confidenceColor(cell.confidence);
 }
 
 function renderFrame() {
@@ -290,10 +329,12 @@ function drawCard(card) {
   el.querySelector(".total").textContent = card.totalSteps ? `/${card.totalSteps}` : "";
   el.querySelector(".block").textContent = card.blockIndex === null ? "–" : String(card.blockIndex);
   el.querySelector(".masked").textContent = card.numMasked === null ? "–" : String(card.numMasked);
+  el.querySelector(".masked-label").textContent = card.uniform ? "not final" : "masked";
   const tpf = card.tokensPerForward();
   el.querySelector(".tpf").textContent = tpf === null ? "–" : tpf.toFixed(2);
-  el.querySelector(".fwd").textContent =
-    card.forward === null ? "–" : `${card.forward.replace("_", " ")} (${card.positions} positions)`;
+  let fwd = card.forward === null ? "–" : `${card.forward.replace("_", " ")} (${card.positions} positions)`;
+  if (card.uniform) fwd += ` · accepted ${card.accepted} / renoised ${card.renoised}`;
+  el.querySelector(".fwd").textContent = fwd;
   const prompt = el.querySelector(".prompt");
   if (prompt.textContent !== (card.prompt ?? "")) prompt.textContent = card.prompt ?? "";
   prompt.hidden = card.prompt === null;
@@ -374,7 +415,7 @@ function drawCanvas(card, canvas) {
       const x = (pos % cols) * (size + 2);
       const y = Math.floor(pos / cols) * (size + 2);
       const cell = card.cells[pos];
-      ctx.fillStyle = cell ? confidenceColor(cell.confidence) : COLORS.masked;
+      ctx.fillStyle = cellColor(cell);
       ctx.fillRect(x, y, size, size);
       if (inBlock(pos)) {
         ctx.fillStyle = COLORS.block;
@@ -397,7 +438,7 @@ function drawCanvas(card, canvas) {
   ctx.textAlign = "center";
   layout.cells.forEach(({ x, y, w, glyphs: g }, pos) => {
     const cell = card.cells[pos];
-    ctx.fillStyle = cell ? confidenceColor(cell.confidence) : COLORS.masked;
+    ctx.fillStyle = cellColor(cell);
     ctx.fillRect(x, y, w, CELL.h);
     if (inBlock(pos)) {
       ctx.fillStyle = COLORS.block;
@@ -414,7 +455,8 @@ function drawCanvas(card, canvas) {
     const slotW = (w - 2 * CELL.pad) / slots;
     const left = x + CELL.pad + ((slots - g.length) * slotW) / 2;
     g.forEach(({ ch, mark }, i) => {
-      ctx.fillStyle = !cell ? COLORS.maskedText : mark ? COLORS.mark : COLORS.text;
+      const noise = cell && cell.op === "renoise";
+      ctx.fillStyle = !cell ? COLORS.maskedText : noise ? COLORS.noiseText : mark ? COLORS.mark : COLORS.text;
       ctx.fillText(ch, left + (i + 0.5) * slotW, y + CELL.baseline, slotW);
     });
   });

@@ -359,3 +359,42 @@ def test_form_starts_from_the_served_defaults(embedded_server: str, page: tuple)
     page.click("#reset-defaults")
     assert _form(page) == _as_form(defaults)
     assert errors == [], f"console errors: {errors}"
+
+
+@pytest.fixture(scope="module")
+def uniform_server() -> Iterator[str]:
+    """Tiny DiffusionGemma: no mask token, every canvas starts as noise."""
+    with running_server(REPO.parent / "shared" / "reference" / "diffusiongemma-tiny") as url:
+        yield url
+
+
+def test_a_uniform_state_canvas_shows_positions_changing(uniform_server: str, page: tuple) -> None:
+    """A DiffusionGemma card starts as noise, shows accepted and re-noised counts in its header
+    and redraws the positions that change, until the text is final."""
+    page, errors = page
+    _open(page, uniform_server)
+    page.evaluate(RECORDER)
+    _throttle(page, 4_000)
+    page.fill("#prompt", "Why is the sky blue?")
+    page.fill("#max_tokens", "48")
+    page.fill("#seed", "3")
+    page.set_checked("#ignore_eos", True)
+    page.click("#generate")
+    card = page.locator(".card").first
+    card.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('.card')"
+        " && Number(document.querySelector('.card').dataset.step) >= 3",
+        timeout=90_000,
+    )
+    header = card.locator(".fwd").inner_text()
+    assert "accepted" in header and "renoised" in header, header
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-uniform.png"), full_page=True)
+    page.wait_for_function(
+        "document.querySelector('.card').dataset.state === 'completed'", timeout=90_000
+    )
+    frames = [f for f in page.evaluate("window.__frames") if f["state"] == "running"]
+    assert len({f["canvas"] for f in frames}) >= 3, "the canvas did not change from step to step"
+    assert card.locator(".text").evaluate("e => e.classList.contains('final')")
+    assert errors == [], f"console errors: {errors}"

@@ -204,13 +204,16 @@ class TextTokenizer:
             key: _token_content(self.config.get(key))
             for key in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
         }
+        ours = {
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            "tools": None,
+            **{k: (v or "") for k, v in specials.items()},
+        }
+        clash = sorted(set(template_kwargs) & set(ours))
+        if clash:
+            raise ValueError(f"chat template variables {clash} cannot be overridden")
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                tools=None,
-                **{k: (v or "") for k, v in specials.items()},
-                **template_kwargs,
-            )
+            return env.from_string(self.chat_template).render(**ours, **template_kwargs)
         except TemplateError as exc:
             raise ChatTemplateError(f"chat template failed: {exc}") from exc

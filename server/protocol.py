@@ -187,8 +187,12 @@ class ChatMessage(BaseModel):
         """The message as a chat template expects it (text parts joined)."""
         content = self.content
         if isinstance(content, list):
-            if any(part.type != "text" for part in content):
-                raise ValueError("only text content parts are supported")
+            kinds = {part.type for part in content} - {"text"}
+            if kinds:
+                raise ValueError(
+                    f"content parts of type {sorted(kinds)} are not supported: Marble serves "
+                    "text prompts only (image and audio inputs are not supported)"
+                )
             content = "".join(part.text or "" for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name:
@@ -201,6 +205,8 @@ class ChatCompletionRequest(SamplingBody):
     max_completion_tokens: Count | None = _sampling("max_tokens")
     logprobs: bool = False
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
+    # Variables for the chat template, as vLLM takes them (e.g. {"enable_thinking": true}).
+    chat_template_kwargs: dict[str, bool | int | float | Text | None] | None = None
 
     def sampling_fields(self) -> dict[str, Any]:
         """As for completions, but no token healing unless asked: a chat template's trailing

@@ -74,7 +74,7 @@ async def chat_completions(
     engine = admission.ready(body.model)
     try:
         messages = [m.to_template() for m in body.messages]
-        prompt = engine.tokenizer.render_chat(messages)
+        prompt = engine.tokenizer.render_chat(messages, **(body.chat_template_kwargs or {}))
     except ChatTemplateError as exc:
         raise APIError(
             400, str(exc), param="messages", code="no_chat_template", reason="invalid"

@@ -156,3 +156,15 @@ async def test_engine_failure_fails_requests_and_keeps_serving(llada_tiny_path):
         r = await client.post("/v1/completions", json={**req, "stream": True})
         lines = [ln[6:] for ln in r.text.split("\n") if ln]
         assert lines[-1] == "[DONE]" and "boom" in json.loads(lines[-2])["error"]["message"]
+
+
+def test_every_help_text_renders():
+    """`marble --help`, `marble serve --help` and `python -m marble.server --help` print (a
+    stray % in a flag's help once made argparse raise instead)."""
+    import subprocess
+    import sys
+
+    for args in (["-m", "marble.server", "--help"], ["-m", "marble.server", "serve", "--help"]):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "--kv-cache-bytes" in done.stdout

@@ -7,7 +7,9 @@ and the speed-up over `none` on the same row. Up to `--whole-up-to` tokens every
 to the end. Past it, only the first block is timed, and only for `none` and `dual`, whose
 blocks all cost the same (the canvas does not grow; dual's queries are always one block);
 `prefix`, whose queries shrink block by block, is left out there rather than mis-timed. Fixed
-steps take `max_tokens / 2` steps (2 tokens per forward).
+steps take `max_tokens / 2` steps (2 tokens per forward). The modes of one row run side by
+side (one engine each over the same model) and take their steps in turn, each timed alone,
+so the ratios compare the modes under the same machine conditions.
 
 Models: `embedded` (Marble's own, context 256) and `llada-vocab` (random weights, LLaDA-8B's
 126,464-token vocabulary and 32 layers, d_model 512, context 4096). `--chart docs/cache.png`
@@ -88,47 +90,88 @@ def params_for(rule: str, gen: int, cache: str) -> SamplingParams:
     return SamplingParams(steps=gen // 2, **common)
 
 
-def measure(engine: Engine, label: str, rule: str, gen: int, batch: int, cache: str, blocks: int):
-    """Time `blocks` blocks of every request (all of them when `blocks` >= gen / 32)."""
-    vocab = min(len(engine.tokenizer), engine.model.cfg.vocab_size)
-    banned = engine.special.stop_ids | {engine.special.mask}
+def engines_for(name: str, threads: int) -> dict[str, Engine]:
+    """One engine per cache mode over the same model, so the modes' steps can interleave."""
+    first = engine_for(name, threads)
+    engines = {MODES[0]: first}
+    for mode in MODES[1:]:
+        engine = Engine(first.model, first.tokenizer, first.scheduler.config, first.defaults)
+        engine.runner.vocab_limit = first.runner.vocab_limit
+        engines[mode] = engine
+    return engines
+
+
+@dataclass
+class _Progress:
+    ids: list[str]
+    done_blocks: dict[str, int]
+    tokens: int = 0
+    steps: int = 0
+    row_forwards: int = 0
+    positions: int = 0
+    seconds: float = 0.0
+
+
+def measure(
+    engines: dict[str, Engine], label: str, rule: str, gen: int, batch: int, blocks: int
+) -> list[Run]:
+    """Time `blocks` blocks of every request (all of them when `blocks` >= gen / 32) under
+    each cache mode of `engines`. The modes take their steps in turn, so a machine that
+    slows down or speeds up during the run weighs on every mode alike; each mode's clock runs
+    only during its own steps."""
+    any_engine = next(iter(engines.values()))
+    vocab = min(len(any_engine.tokenizer), any_engine.model.cfg.vocab_size)
+    banned = any_engine.special.stop_ids | {any_engine.special.mask}
     usable = [t for t in range(5, vocab) if t not in banned]
-    params = params_for(rule, gen, cache)
-    ids = []
-    for b in range(batch):
-        prompt = [usable[(b * 7 + i * 13) % len(usable)] for i in range(PROMPT_TOKENS)]
-        ids.append(engine.add(engine.make_request(prompt, params)).request_id)
-    done_blocks = dict.fromkeys(ids, 0)
-    tokens = forwards = row_forwards = positions = 0
-    start = time.perf_counter()
-    while min(done_blocks.values()) < min(blocks, gen // 32):
-        outputs = engine.step()
-        forwards += 1
-        for out in outputs:
-            tokens += len(out.committed)
-            positions += out.positions
-            row_forwards += out.forward is not None
-            if out.block_completed is not None:
-                done_blocks[out.request_id] += 1
-            if out.finished:
-                done_blocks[out.request_id] = 1 << 30
-    seconds = time.perf_counter() - start
-    for request_id in ids:
-        engine.abort(request_id)
-    while engine.has_unfinished():
-        engine.step()
-    return Run(
-        label,
-        rule,
-        gen,
-        batch,
-        cache,
-        tokens / seconds,
-        forwards,
-        positions / row_forwards,
-        tokens / row_forwards,
-        seconds,
-    )
+    progress: dict[str, _Progress] = {}
+    for cache, engine in engines.items():
+        params = params_for(rule, gen, cache)
+        ids = []
+        for b in range(batch):
+            prompt = [usable[(b * 7 + i * 13) % len(usable)] for i in range(PROMPT_TOKENS)]
+            ids.append(engine.add(engine.make_request(prompt, params)).request_id)
+        progress[cache] = _Progress(ids, dict.fromkeys(ids, 0))
+    target = min(blocks, gen // 32)
+    active = list(engines)
+    while active:
+        for cache in list(active):
+            p = progress[cache]
+            start = time.perf_counter()
+            outputs = engines[cache].step()
+            p.seconds += time.perf_counter() - start
+            p.steps += 1
+            for out in outputs:
+                p.tokens += len(out.committed)
+                p.positions += out.positions
+                p.row_forwards += out.forward is not None
+                if out.block_completed is not None:
+                    p.done_blocks[out.request_id] += 1
+                if out.finished:
+                    p.done_blocks[out.request_id] = 1 << 30
+            if min(p.done_blocks.values()) >= target:
+                active.remove(cache)
+    runs = []
+    for cache, engine in engines.items():
+        p = progress[cache]
+        for request_id in p.ids:
+            engine.abort(request_id)
+        while engine.has_unfinished():
+            engine.step()
+        runs.append(
+            Run(
+                label,
+                rule,
+                gen,
+                batch,
+                cache,
+                p.tokens / p.seconds,
+                p.steps,
+                p.positions / p.row_forwards,
+                p.tokens / p.row_forwards,
+                p.seconds,
+            )
+        )
+    return runs
 
 
 def chart(runs: list[Run], path: Path) -> None:
@@ -192,10 +235,10 @@ def main() -> None:
         f"{'pos/fwd':>8} {'tok/fwd':>7} {'x none':>6}"
     )
     for label in args.models.split(","):
-        engine = engine_for(label, args.threads)
-        context = engine.model.cfg.max_seq_len - PROMPT_TOKENS
+        engines = engines_for(label, args.threads)
+        context = engines["none"].model.cfg.max_seq_len - PROMPT_TOKENS
         # Warm-up: first-call allocations are not part of any figure.
-        measure(engine, label, "threshold", 64, 1, "dual", 1)
+        measure(engines, label, "threshold", 64, 1, 1)
         for rule in args.rules.split(","):
             gens = args.gens_long if context >= 1024 else args.gens
             for gen in (int(g) for g in gens.split(",")):
@@ -204,13 +247,20 @@ def main() -> None:
                 for batch in (int(b) for b in args.batches.split(",")):
                     if batch > 1 and gen > args.batch8_max_gen:
                         continue
-                    base = None
                     whole = gen <= args.whole_up_to
-                    for cache in MODES if whole else ("none", "dual"):
-                        blocks = gen // 32 if whole else 1
-                        run = measure(engine, label, rule, gen, batch, cache, blocks)
-                        runs.append(run)
-                        base = base or run.tokens_per_s
+                    modes = MODES if whole else ("none", "dual")
+                    row = measure(
+                        {m: engines[m] for m in modes},
+                        label,
+                        rule,
+                        gen,
+                        batch,
+                        gen // 32 if whole else 1,
+                    )
+                    runs += row
+                    base = row[0].tokens_per_s
+                    for run in row:
+                        cache = run.cache
                         print(
                             f"{label:12} {rule:9} {gen:5d} {batch:2d} {cache:6} "
                             f"{run.tokens_per_s:8.1f} {run.steps:5d} "

@@ -30,7 +30,11 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("--max-batch-size", int, "requests denoised together in one step"),
     ("--max-queue", int, "waiting requests before 429"),
     ("--max-batch-tokens", int, "canvas tokens per forward"),
-    ("--kv-cache-bytes", int, "KV cache running requests may hold (default: GPU 50%% of free memory, CPU 2 GiB)"),
+    (
+        "--kv-cache-bytes",
+        int,
+        "KV cache running requests may hold (default: GPU 50%% of free memory, CPU 2 GiB)",
+    ),
     ("--api-key", str, "require `Authorization: Bearer <key>` on /v1 routes"),
     ("--torch-threads", int, "CPU threads for torch (default: every core)"),
     ("--log-level", str, "debug, info, warning, error"),

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from marble.model.diffusion_gemma_cache import DiffusionGemmaCache
 from marble.model.diffusion_gemma_config import SLIDING, DiffusionGemmaConfig
+from marble.model.transformer import apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -50,14 +51,6 @@ def rotary_tables(
     freqs = positions.float()[..., None] * inv_freq  # [B, T, half]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D] rotated in the rotate-half layout (pairs i, i + D/2)."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class GatedMLP(nn.Module):

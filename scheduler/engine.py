@@ -377,16 +377,7 @@ class Engine:
         stable = request.stable_len
         while stable < len(request.tokens) and request.tokens[stable] != request.mask_id:
             stable += 1
-        text, cut_by_stop = self._stable_text(request, self._advance_stable(request, stable))
-        status = None
-        if cut_by_stop:
-            status = RequestStatus.FINISHED_STOPPED
-        elif request.num_masked == 0:
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish(request, status)
-        else:
-            text = self._hold_back(request, text)
+        text, status = self._settle(request, stable, request.num_masked == 0)
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
@@ -427,16 +418,9 @@ class Engine:
             request.num_masked = len(request.tokens) - end
             if index + 1 < len(request.blocks):
                 request.block_index += 1
-        text, cut_by_stop = self._stable_text(request, self._advance_stable(request, stable))
-        status = None
-        if cut_by_stop:
-            status = RequestStatus.FINISHED_STOPPED
-        elif step.final and index + 1 == len(request.blocks):
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish(request, status)
-        else:
-            text = self._hold_back(request, text)
+        text, status = self._settle(
+            request, stable, step.final and index + 1 == len(request.blocks)
+        )
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
@@ -463,6 +447,23 @@ class Engine:
             canvas_completed=step.final,
             canvas_span=(start, end),
         )
+
+    def _settle(
+        self, request: Request, stable_len: int, complete: bool
+    ) -> tuple[str, RequestStatus | None]:
+        """After a step: the text to stream and the request's final status, if it ended (at
+        EOS or a stop string, or `complete`: every generated position final)."""
+        text, cut_by_stop = self._stable_text(request, self._advance_stable(request, stable_len))
+        status = None
+        if cut_by_stop:
+            status = RequestStatus.FINISHED_STOPPED
+        elif complete:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request, status)
+        else:
+            text = self._hold_back(request, text)
+        return text, status
 
     def _advance_stable(self, request: Request, stable_len: int) -> bool:
         """Extend the stable prefix (text that can no longer change) to `stable_len`, noting

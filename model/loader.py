@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
 
 from marble.model.config import ModelConfig
@@ -102,29 +103,46 @@ def _count_tensors(files: list[Path]) -> int:
     return total
 
 
-def load_model(
-    folder: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-    progress: bool = True,
-) -> Denoiser:
-    """Build the denoiser for `folder` and fill it tensor by tensor; raise CheckpointError."""
-    folder = Path(folder)
-    if not (folder / "config.json").exists():
+def config_file(folder: Path) -> Path:
+    """`folder`'s config.json, or a CheckpointError saying the folder is not a checkpoint."""
+    path = folder / "config.json"
+    if not path.exists():
         raise CheckpointError(f"{folder}: config.json not found (is this a checkpoint folder?)")
-    cfg = ModelConfig.from_file(folder / "config.json")
+    return path
+
+
+def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def fill(
+    model: nn.Module,
+    folder: Path,
+    expected: dict[str, torch.Size],
+    rename: Callable[[str], str | None],
+    label: str,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    skip: Callable[[str], bool] = lambda name: False,
+    progress: bool = False,
+) -> tuple[int, int]:
+    """Place every tensor of `folder`'s weight files into `model` (built on the meta device)
+    under `rename(name)`, one at a time, cast to `dtype` (None: as stored) on `device`; names
+    `skip` accepts are left out. Raises one CheckpointError naming every missing, unexpected,
+    mis-shaped and non-finite tensor of `expected`; returns (tensors placed, skipped)."""
     files = weight_files(folder)
-    with torch.device("meta"):
-        model = Denoiser(cfg)
-    expected = {name: p.shape for name, p in model.named_parameters()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
     nonfinite: list[str] = []
+    skipped = 0
     bar = tqdm(
-        total=_count_tensors(files),
+        total=_count_tensors(files) if progress else None,
         desc=f"loading {folder.name}",
         unit="tensor",
         disable=not progress,
@@ -132,23 +150,22 @@ def load_model(
     )
     for raw_name, tensor in _tensors(files):
         bar.update(1)
-        name = map_name(cfg.arch, raw_name)
+        if skip(raw_name):
+            skipped += 1
+            continue
+        name = rename(raw_name)
         if name is None or name not in expected:
             unexpected.append(raw_name)
             continue
+        loaded.add(name)  # a mis-shaped tensor is reported as such, not as missing
         if tuple(tensor.shape) != tuple(expected[name]):
             mismatched.append(f"{raw_name}: {tuple(tensor.shape)} != {tuple(expected[name])}")
-            loaded.add(name)  # present, reported as mis-shaped rather than missing
             continue
-        target_dtype = dtype or tensor.dtype
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        value = tensor.to(device=device, dtype=target_dtype)
+        value = tensor.to(device=device, dtype=dtype or tensor.dtype)
         # Checked after the cast: a float32 weight beyond float16's range becomes infinite.
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             nonfinite.append(raw_name)
-        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
-        loaded.add(name)
+        _place(model, name, value)
         del tensor
     bar.close()
     missing = sorted(set(expected) - loaded)
@@ -163,8 +180,35 @@ def load_model(
         # Served anyway, every request would fail (or print garbage): refuse at load.
         problems.append(f"tensors with NaN or infinite values: {sorted(nonfinite)}")
     if problems:
-        raise CheckpointError(f"{folder} ({cfg.arch}): " + "; ".join(problems))
+        raise CheckpointError(f"{folder} ({label}): " + "; ".join(problems))
+    return len(loaded), skipped
+
+
+def load_model(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    progress: bool = True,
+) -> Denoiser:
+    """Build the denoiser for `folder` and fill it tensor by tensor; raise CheckpointError."""
+    folder = Path(folder)
+    cfg = ModelConfig.from_file(config_file(folder))
+    with torch.device("meta"):
+        model = Denoiser(cfg)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    loaded, _ = fill(
+        model,
+        folder,
+        expected,
+        lambda name: map_name(cfg.arch, name),
+        cfg.arch,
+        device,
+        dtype,
+        progress=progress,
+    )
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    log.info("loaded %s (%s, %d tensors) on %s", folder, cfg.arch, len(loaded), device)
+    log.info("loaded %s (%s, %d tensors) on %s", folder, cfg.arch, loaded, device)
     return model.eval()

@@ -32,7 +32,7 @@ from marble.model.tokenizer import TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.healing import heal, unheal
 from marble.scheduler.request import Request, RequestStatus
-from marble.scheduler.runner import FORWARD_KINDS, Commit, ModelRunner, RowError, RowStep
+from marble.scheduler.runner import Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.uniform_runner import (
@@ -327,9 +327,7 @@ class Engine:
             self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
             outputs.append(self._final_output(request))
         finished: dict[str, int] = {}
-        forwards = dict.fromkeys(
-            FORWARD_KINDS + (ENCODE, DECODE) if self.uniform else FORWARD_KINDS, 0
-        )
+        forwards: dict[str, int] = {}
         canvases: list[int] = []
         for out in outputs:
             for kind, n in out.forwards.items():

@@ -256,8 +256,8 @@ class UniformRunner:
             torch.tensor([p.t_min for p in params], dtype=f64, device=dev),
             torch.tensor([p.t_max for p in params], dtype=f64, device=dev),
         )
-        scale = torch.tensor([p.temperature for p in params], device=dev)
-        temperature = schedule if bool((scale == 1).all()) else schedule * scale
+        # Times 1.0 (the default) is exact: the schedule as upstream computes it.
+        temperature = schedule * torch.tensor([p.temperature for p in params], device=dev)
         scaled = raw[index] / temperature[:, None, None]
         generators = [rows[b].generator for b in index]
         candidates = us.draw_candidates(scaled.softmax(-1), generators)

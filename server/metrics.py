@@ -236,7 +236,7 @@ class Metrics:
                 self.canvases_per_request.observe(canvases)
         for out, timing in outputs:
             ran = out.step > 0 and not (out.finished and out.finish_reason in ("abort", "error"))
-            if ran and (out.accepted or out.renoised):
+            if ran and out.canvas_span is not None:
                 self.canvas_positions.labels("accepted").observe(out.accepted)
                 self.canvas_positions.labels("renoised").observe(out.renoised)
             elif ran:

@@ -84,7 +84,7 @@ class NativeEvents:
         }
         if out.forwards.get("encode"):
             data["forwards"] = out.forwards  # this step encoded a canvas before its decode
-        if out.accepted or out.renoised:
+        if out.canvas_span is not None:
             # A uniform-state model (DiffusionGemma): no mask, and a shown token may change
             # until its canvas is final. `changed` lists every position whose token changed,
             # with what it held before and its `op`: accept (a kept candidate), renoise (noise
@@ -94,7 +94,7 @@ class NativeEvents:
             data["renoised"] = out.renoised
             data["canvas_completed"] = out.canvas_completed
             data["kept"] = out.kept  # accepted this step, whether or not its token changed
-            if out.forwards.get("encode") and out.canvas_span is not None:
+            if out.forwards.get("encode"):
                 # A canvas's first step carries it whole (its noise included); later steps
                 # carry only what changed.
                 start, end = out.canvas_span

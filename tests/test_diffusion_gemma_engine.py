@@ -45,9 +45,8 @@ def _run(engine: Engine, cases: list[dict]) -> dict[str, list[StepOutput]]:
         request = engine.make_request(case["prompt_ids"][0], _params(engine, case))
         ids[engine.add(request).request_id] = case["name"]
     outputs: dict[str, list[StepOutput]] = {name: [] for name in ids.values()}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outputs[ids[out.request_id]].append(out)
+    for out in _drain(engine):
+        outputs[ids[out.request_id]].append(out)
     return outputs
 
 

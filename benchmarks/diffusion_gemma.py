@@ -27,8 +27,9 @@ import torch
 from marble.model.diffusion_gemma import DiffusionGemma
 from marble.model.diffusion_gemma_config import DiffusionGemmaConfig
 from marble.model.tokenizer import TextTokenizer
-from marble.scheduler.engine import Engine, load_defaults
+from marble.scheduler.engine import Engine
 from marble.scheduler.scheduler import SchedulerConfig
+from marble.scheduler.served_model import load_defaults
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusiongemma-tiny"
 

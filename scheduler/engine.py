@@ -9,7 +9,6 @@ a request is finished. Knows nothing of HTTP or asyncio.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -19,22 +18,16 @@ from pathlib import Path
 
 import torch
 
-from marble.model.default import CHECKPOINT_DIR
-from marble.model.device import default_kv_budget, resolve_device, resolve_dtype
+from marble.model.device import default_kv_budget, resolve_device
 from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_config import (
-    DiffusionGemmaGenerationConfig,
-    is_diffusion_gemma,
-)
-from marble.model.diffusion_gemma_loader import load_diffusion_gemma
-from marble.model.loader import load_model
-from marble.model.tokenizer import TextTokenizer
+from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.healing import heal, unheal
 from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.runner import Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
+from marble.scheduler.served_model import ServedModel, load_served
 from marble.scheduler.uniform_runner import (
     DECODE,
     ENCODE,
@@ -42,6 +35,8 @@ from marble.scheduler.uniform_runner import (
     Change,
     UniformRunner,
 )
+
+DEFAULT_NAME = "marble"  # the model name of an engine built without one
 
 log = logging.getLogger(__name__)
 
@@ -102,42 +97,33 @@ class EngineStats:
 
 
 class Engine:
+    """Steps the requests of every model it serves: the first model given, then any added
+    with `add_model`. A request names its model (`make_request(model=...)`); without a name
+    it goes to the first."""
+
     def __init__(
         self,
-        model: Denoiser,
+        model: Denoiser | DiffusionGemma,
         tokenizer: TextTokenizer,
         config: SchedulerConfig | None = None,
         defaults: SamplingParams | None = None,
+        name: str = DEFAULT_NAME,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.special = tokenizer.special
-        self.defaults = defaults or SamplingParams()
+        first = ServedModel(name, model, tokenizer, defaults or SamplingParams())
         config = config or SchedulerConfig()
-        weight = next(model.parameters())
         if config.max_kv_bytes is None:
-            config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(weight.device)))
+            config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(first.device)))
         self.scheduler = Scheduler(config)
-        cfg = model.cfg
-        # Uniform-state block diffusion (DiffusionGemma) or a masked denoiser (LLaDA, Dream,
-        # Marble's own): each has its runner and its step bookkeeping.
-        self.uniform = isinstance(model, DiffusionGemma)
-        self.vocab_size = min(len(tokenizer), cfg.vocab_size)
-        self.runner: ModelRunner | UniformRunner
-        if self.uniform:
-            self.context = cfg.max_position_embeddings
-            self.runner = UniformRunner(model)
-        else:
-            self.context = cfg.max_seq_len
-            # KV bytes per cached canvas position: every layer keeps a key and a value vector.
-            self.kv_bytes_per_token = (
-                cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * weight.itemsize
-            )
-            pad = self.special.pad if self.special.pad is not None else self.special.mask
-            self.runner = ModelRunner(model, self.special.mask, pad, self.vocab_size)
+        self.models: dict[str, ServedModel] = {name: first}
+        self.first = first
         self.requests: dict[str, Request] = {}
         self.last_stats: EngineStats | None = None
-        _ = tokenizer.max_token_chars  # a vocabulary scan: at load, not in the first request
+
+    def add_model(self, served: ServedModel) -> None:
+        """Serve one more model beside the others, in the same steps."""
+        if served.name in self.models:
+            raise ValueError(f"model name {served.name!r} is already served")
+        self.models[served.name] = served
 
     @classmethod
     def from_pretrained(
@@ -148,24 +134,46 @@ class Engine:
         config: SchedulerConfig | None = None,
         defaults: SamplingParams | None = None,
         progress: bool = True,
+        name: str = DEFAULT_NAME,
     ) -> Engine:
         """Load a local checkpoint folder (None: the embedded default model, wherever Marble
         is installed); serving defaults stored with it apply unless given. `device` and
         `dtype` may be "auto" (model/device.py)."""
-        path = CHECKPOINT_DIR if path is None else Path(path)
-        device = resolve_device(device)
-        model: Denoiser | DiffusionGemma
-        if is_diffusion_gemma(json.loads((path / "config.json").read_text())):
-            model = load_diffusion_gemma(path, device=device, dtype=resolve_dtype(dtype, device))
-            arch = "diffusion_gemma"
-        else:
-            model = load_model(
-                path, device=device, dtype=resolve_dtype(dtype, device), progress=progress
-            )
-            arch = model.cfg.arch
-        if defaults is None:
-            defaults = load_defaults(path, arch)
-        return cls(model, TextTokenizer(path), config, defaults)
+        served = load_served(path, name, resolve_device(device), dtype, defaults, progress)
+        return cls(served.model, served.tokenizer, config, served.defaults, name)
+
+    # The first model's parts, for callers that serve one model.
+    @property
+    def model(self) -> Denoiser | DiffusionGemma:
+        return self.first.model
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.first.tokenizer
+
+    @property
+    def special(self) -> SpecialIds:
+        return self.first.special
+
+    @property
+    def defaults(self) -> SamplingParams:
+        return self.first.defaults
+
+    @property
+    def runner(self) -> ModelRunner | UniformRunner:
+        return self.first.runner
+
+    @property
+    def uniform(self) -> bool:
+        return self.first.uniform
+
+    @property
+    def context(self) -> int:
+        return self.first.context
+
+    def served(self, model: str | None = None) -> ServedModel:
+        """The model a request names (None: the first); KeyError for a name not served."""
+        return self.first if model is None else self.models[model]
 
     # ----------------------------------------------------------------------------- requests
     def make_request(
@@ -174,42 +182,46 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         suffix: str | list[int] | None = None,
+        model: str | None = None,
     ) -> Request:
         """Validate and tokenize without queueing; raises `InvalidParam` naming the field.
         Touches no engine state, so the server runs it off the event loop. Sizes are checked in
         O(1) before anything proportional to them is built: max_tokens and top_k against the
         model first, text against the longest text the context could hold before it is
-        tokenized."""
-        params = params or self.defaults
-        context = self.context
-        if self.uniform:
-            self._check_uniform(params, suffix)
+        tokenized. `model` names a served model (None: the first)."""
+        if model is not None and model not in self.models:
+            raise InvalidParam("model", f"model {model!r} is not served here")
+        m = self.served(model)
+        params = params or m.defaults
+        context = m.context
+        if m.uniform:
+            self._check_uniform(m, params, suffix)
         if params.max_tokens > context:
             raise InvalidParam(
                 "max_tokens",
                 f"max_tokens ({params.max_tokens}) exceeds the model's context of {context}",
             )
-        vocab = self.vocab_size
+        vocab = m.vocab_size
         if params.top_k > vocab:
             raise InvalidParam(
                 "top_k", f"top_k ({params.top_k}) exceeds the vocabulary of {vocab} tokens"
             )
-        prompt_ids = self._ids("prompt", prompt, context)
-        suffix_ids = self._ids("suffix", suffix or [], context)
+        prompt_ids = self._ids(m, "prompt", prompt)
+        suffix_ids = self._ids(m, "suffix", suffix or [])
         if not prompt_ids:
             raise InvalidParam("prompt", "prompt is empty")
         for name, ids in (("prompt", prompt_ids), ("suffix", suffix_ids)):
             if any(not 0 <= i < vocab for i in ids):
                 raise InvalidParam(name, f"{name} token ids must be in [0, {vocab})")
-            if not self.uniform and self.special.mask in ids:
+            if not m.uniform and m.special.mask in ids:
                 raise InvalidParam(
-                    name, f"{name} must not contain the mask token id {self.special.mask}"
+                    name, f"{name} must not contain the mask token id {m.special.mask}"
                 )
         heal_text, heal_ids = "", None
         if params.token_healing and isinstance(prompt, str):  # ids are taken as given
-            banned = self.special.stop_ids | {self.special.mask}
-            prompt_ids, heal_text, heal_ids = heal(self.tokenizer, prompt_ids, vocab, banned)
-        generated = self._canvas_tokens(params.max_tokens)
+            banned = m.special.stop_ids | {m.special.mask}
+            prompt_ids, heal_text, heal_ids = heal(m.tokenizer, prompt_ids, vocab, banned)
+        generated = self._canvas_tokens(m, params.max_tokens)
         if len(prompt_ids) + generated + len(suffix_ids) > context:
             raise InvalidParam(
                 "prompt",
@@ -225,31 +237,36 @@ class Engine:
             request_id or uuid.uuid4().hex,
             prompt_ids,
             params,
-            self.special.mask,
+            m.special.mask,
             suffix_ids,
             heal_text=heal_text,
             heal_ids=heal_ids,
+            model=m.name,
         )
-        if self.uniform:
+        if m.uniform:
             # The cache holds the prompt and every canvas but the last, which is never encoded.
-            tokens = len(prompt_ids) + generated - self.model.cfg.canvas_length
-            request.kv_bytes = self.model.cache_bytes(tokens)
+            tokens = len(prompt_ids) + generated - m.model.cfg.canvas_length
+            request.kv_bytes = m.model.cache_bytes(tokens)
         elif params.cache != "none":
             copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
-            request.kv_bytes = copies * request.canvas_len * self.kv_bytes_per_token
+            request.kv_bytes = copies * request.canvas_len * m.kv_bytes_per_token
         return request
 
-    def _canvas_tokens(self, max_tokens: int) -> int:
+    @staticmethod
+    def _canvas_tokens(m: ServedModel, max_tokens: int) -> int:
         """Tokens the model decodes for `max_tokens`: a uniform-state model decodes whole
         canvases (the completion is then cut to max_tokens)."""
-        if not self.uniform:
+        if not m.uniform:
             return max_tokens
-        length = self.model.cfg.canvas_length
+        length = m.model.cfg.canvas_length
         return -(-max_tokens // length) * length
 
-    def _check_uniform(self, params: SamplingParams, suffix: str | list[int] | None) -> None:
+    @staticmethod
+    def _check_uniform(
+        m: ServedModel, params: SamplingParams, suffix: str | list[int] | None
+    ) -> None:
         """What a uniform-state model cannot do, refused by name."""
-        length = self.model.cfg.canvas_length
+        length = m.model.cfg.canvas_length
         if params.block_length != length:
             raise InvalidParam(
                 "block_length",
@@ -264,23 +281,25 @@ class Engine:
         if suffix:
             raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
 
-    def _ids(self, name: str, value: str | list[int], context: int) -> list[int]:
+    @staticmethod
+    def _ids(m: ServedModel, name: str, value: str | list[int]) -> list[int]:
         """Token ids of a prompt or suffix, refusing at once what cannot fit the context: a
         text longer than `context` tokens of the vocabulary's longest text (with room for
         normalisation) is never tokenized."""
+        context = m.context
         if not isinstance(value, str):
             if len(value) > context:
                 raise InvalidParam(
                     name, f"{name} ({len(value)} tokens) exceeds the context of {context}"
                 )
             return list(value)
-        if len(value) > 2 * context * self.tokenizer.max_token_chars:
+        if len(value) > 2 * context * m.tokenizer.max_token_chars:
             raise InvalidParam(
                 name,
                 f"{name} ({len(value)} characters) cannot fit the model's context of {context} "
                 "tokens",
             )
-        return self.tokenizer.encode(value)
+        return m.tokenizer.encode(value)
 
     def add(self, request: Request) -> Request:
         """Queue a request built by `make_request`; raises ValueError or QueueFullError."""
@@ -307,10 +326,7 @@ class Engine:
         start = time.perf_counter()
         running, aborted = self.scheduler.schedule()
         outputs = [self._final_output(r) for r in aborted]
-        for request in running:
-            if request.request_id not in self.runner.rows:
-                self.runner.add(request)
-        for request, result in zip(running, self.runner.run(running) if running else []):
+        for request, result in self._run(running):
             if isinstance(result, RowStep | CanvasStep):
                 try:
                     if isinstance(result, CanvasStep):
@@ -333,11 +349,13 @@ class Engine:
             for kind, n in out.forwards.items():
                 forwards[kind] = forwards.get(kind, 0) + n
             if out.finished:
-                self.runner.remove(out.request_id)
                 request = self.requests.pop(out.request_id, None)
                 finished[out.finish_reason] = finished.get(out.finish_reason, 0) + 1
-                if self.uniform and request is not None:
-                    canvases.append(request.canvases_done)
+                if request is not None:
+                    m = self.served(request.model)
+                    m.runner.remove(out.request_id)
+                    if m.uniform:
+                        canvases.append(request.canvases_done)
         self.last_stats = EngineStats(
             batch_size=len(running),
             num_running=self.scheduler.num_running,
@@ -347,12 +365,25 @@ class Engine:
             finished=finished,
             forwards=forwards,
             positions=sum(o.positions for o in outputs),
-            cache_bytes=self.runner.cache_bytes,
+            cache_bytes=sum(m.runner.cache_bytes for m in self.models.values()),
             accepted=sum(o.accepted for o in outputs),
             renoised=sum(o.renoised for o in outputs),
             canvases=canvases,
         )
         return outputs
+
+    def _run(self, running: list[Request]) -> list[tuple[Request, RowStep | CanvasStep | RowError]]:
+        """Each model's running requests share one runner call, in their running order."""
+        results = []
+        for m in self.models.values():
+            batch = [r for r in running if self.served(r.model) is m]
+            if not batch:
+                continue
+            for request in batch:
+                if request.request_id not in m.runner.rows:
+                    m.runner.add(request)
+            results.extend(zip(batch, m.runner.run(batch)))
+        return results
 
     def _postprocess(self, request: Request, step: RowStep) -> StepOutput:
         commits = step.commits
@@ -470,7 +501,7 @@ class Engine:
         tokens = request.tokens
         request.stable_len = stable_len
         if request.eos_at is None and not request.params.ignore_eos:
-            stop_ids = self.special.stop_ids
+            stop_ids = self.served(request.model).special.stop_ids
             request.eos_at = next(
                 (i for i in range(old, request.stable_len) if tokens[i] in stop_ids), None
             )
@@ -478,7 +509,7 @@ class Engine:
 
     def _decode(self, request: Request, ids: list[int]) -> str:
         """Completion text of generated ids, without the healed prompt text they start with."""
-        return unheal(self.tokenizer.decode(ids), request.heal_text)
+        return unheal(self.served(request.model).tokenizer.decode(ids), request.heal_text)
 
     @staticmethod
     def _cut(request: Request) -> int:
@@ -503,9 +534,8 @@ class Engine:
                 return text[:at], True
         if request.eos_at is not None:
             # Fill the rest with EOS so the canvas is complete; no more forwards are needed.
-            fill = (
-                self.special.eos if self.special.eos is not None else request.tokens[request.eos_at]
-            )
+            eos = self.served(request.model).special.eos
+            fill = eos if eos is not None else request.tokens[request.eos_at]
             for i in range(request.eos_at, len(request.tokens)):
                 if request.tokens[i] == request.mask_id:
                     request.tokens[i] = fill
@@ -564,27 +594,3 @@ class Engine:
                     if out.finished:
                         pending.discard(out.request_id)
 
-
-def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
-    """Serving defaults stored with a checkpoint (`marble_defaults.json`) over Marble's own;
-    a Dream checkpoint's fixed-step schedule is Dream's unless the file says otherwise, and
-    a DiffusionGemma checkpoint's come from its generation config (one canvas, its steps,
-    temperature schedule, entropy budget and stop rule)."""
-    file = Path(path) / "marble_defaults.json"
-    stored = json.loads(file.read_text()) if file.exists() else {}
-    family: dict[str, object] = {"schedule": "dream" if arch == "dream" else "llada"}
-    if arch == "diffusion_gemma":
-        gen = DiffusionGemmaGenerationConfig.from_folder(path)
-        family = {
-            "max_tokens": gen.max_new_tokens,
-            "block_length": json.loads((Path(path) / "config.json").read_text())["canvas_length"],
-            "steps": gen.max_denoising_steps,
-            "temperature": 1.0,  # the schedule as it stands (0: greedy block refinement)
-            "t_min": gen.t_min,
-            "t_max": gen.t_max,
-            "entropy_bound": gen.entropy_bound,
-            "stability_threshold": gen.stability_threshold,
-            "confidence_threshold": gen.confidence_threshold,
-            "cache": "none",  # the Fast-dLLM caches are for masked models; this one has its own
-        }
-    return SamplingParams.from_dict({**family, **stored})

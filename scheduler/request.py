@@ -54,6 +54,7 @@ class Request:
     heal_text: str = ""
     heal_ids: list[int] | None = None  # the tokens allowed at the first generated position
     kv_bytes: int = 0  # the KV cache it will hold while it runs (0 without a cache)
+    model: str | None = None  # the served model it runs on (None: the engine's first)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     error_code: str | None = None

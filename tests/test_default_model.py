@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from marble.model.default import CHECKPOINT_DIR
-from marble.scheduler.engine import Engine, load_defaults
+from marble.scheduler.engine import Engine
+from marble.scheduler.served_model import load_defaults
 from marble.training.evaluate import choose_defaults
 
 

@@ -5,44 +5,33 @@ and the same results with every case in flight at once."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.sampling_params import InvalidParam
+from tests.golden_cases import (
+    DG_CHECKPOINT,
+    DG_GOLDEN,
+    assert_dg_replayed,
+    dg_cases,
+    dg_params,
+)
+from tests.golden_cases import drain as _drain
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-GOLDEN = REFERENCE / "golden" / "diffusiongemma" / "golden_generate.json"
-CHECKPOINT = REFERENCE / "diffusiongemma-tiny"
-CASES = [c for c in json.loads(GOLDEN.read_text())["cases"] if len(c["prompt_ids"]) == 1]
-EOS = (1, 106, 50)
+CASES = dg_cases()
 
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.from_pretrained(CHECKPOINT, progress=False)
-
-
-def _params(engine: Engine, case: dict):
-    p = case["effective_params"]
-    return engine.defaults.replace(
-        max_tokens=p["max_new_tokens"],
-        steps=p["max_denoising_steps"],
-        t_min=p["t_min"],
-        t_max=p["t_max"],
-        entropy_bound=p["entropy_bound"],
-        stability_threshold=p["stability_threshold"],
-        confidence_threshold=p["confidence_threshold"],
-        seed=case["torch_manual_seed"],
-    )
+    return Engine.from_pretrained(DG_CHECKPOINT, progress=False)
 
 
 def _run(engine: Engine, cases: list[dict]) -> dict[str, list[StepOutput]]:
     """Every case's step outputs, all cases in flight together."""
     ids = {}
     for case in cases:
-        request = engine.make_request(case["prompt_ids"][0], _params(engine, case))
+        request = engine.make_request(case["prompt_ids"][0], dg_params(engine.defaults, case))
         ids[engine.add(request).request_id] = case["name"]
     outputs: dict[str, list[StepOutput]] = {name: [] for name in ids.values()}
     for out in _drain(engine):
@@ -50,38 +39,10 @@ def _run(engine: Engine, cases: list[dict]) -> dict[str, list[StepOutput]]:
     return outputs
 
 
-def _expected_tokens(case: dict) -> list[int]:
-    """The golden's generated ids cut to max_tokens and at the first stop id (kept)."""
-    ids = case["generated_ids"][0][: case["effective_params"]["max_new_tokens"]]
-    cut = next((i for i, t in enumerate(ids) if t in EOS), None)
-    return ids if cut is None else ids[: cut + 1]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_each_recorded_run_replays_step_by_step_from_its_seed(engine: Engine, case: dict):
     outs = _run(engine, [case])[case["name"]]
-    length = engine.model.cfg.canvas_length
-    max_tokens = case["effective_params"]["max_new_tokens"]
-    steps = [(c, s) for c in case["canvases"] for s in c["steps"]]
-    assert len(outs) == len(steps)
-    for out, (canvas, step) in zip(outs, steps):
-        index = canvas["canvas_index"]
-        start, end = index * length, min((index + 1) * length, max_tokens)
-        last = step is canvas["steps"][-1]
-        shown = canvas["appended_argmax_canvas"][0] if last else step["renoised_canvas"][0]
-        assert out.tokens[start:end] == shown[: end - start]
-        assert out.accepted == step["num_accepted"][0]
-        assert out.canvas_completed == last
-        before = step["decoder_input_canvas"][0]
-        changed = {c.pos - start for c in out.changes}
-        assert changed == {i for i in range(end - start) if shown[i] != before[i]}
-    final = outs[-1]
-    expected = _expected_tokens(case)
-    assert final.tokens[: len(expected)] == expected
-    counts = case["num_forward_passes"]
-    assert final.forwards_total == {"encode": counts["encoder"], "decode": counts["decoder"]}
-    stopped = expected[-1] in EOS and len(expected) <= max_tokens
-    assert final.finish_reason == ("stop" if stopped else "length")
+    assert_dg_replayed(case, outs, engine.model.cfg.canvas_length)
 
 
 def test_every_run_in_flight_together_gets_its_result_alone(engine: Engine):
@@ -108,7 +69,7 @@ def test_what_the_model_cannot_do_is_refused_by_name(engine: Engine):
 def test_greedy_block_refinement_equals_the_pipeline_golden(engine: Engine):
     """Temperature 0: the diffusers pipeline's greedy block refinement, every step's canvas
     and the final ids, from the pipeline's generator seed (the renoise draws)."""
-    golden = json.loads(GOLDEN.read_text())["diffusers_cases"]
+    golden = json.loads(DG_GOLDEN.read_text())["diffusers_cases"]
     case = next(c for c in golden if c["scheduler"] == "BlockRefinementScheduler")
     call = case["pipeline_call"]
     params = engine.defaults.replace(
@@ -134,9 +95,3 @@ def test_greedy_block_refinement_equals_the_pipeline_golden(engine: Engine):
         "decode": case["num_forward_passes"]["decoder"],
     }
 
-
-def _drain(engine: Engine) -> list[StepOutput]:
-    outs = []
-    while engine.has_unfinished():
-        outs += engine.step()
-    return outs

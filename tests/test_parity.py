@@ -6,7 +6,6 @@ commit counts and NFE equal, for every golden sampler setting we implement.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,13 @@ from safetensors.torch import load_file
 from marble.model.loader import load_model
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
+from tests.golden_cases import (
+    assert_trace,
+    dream_params,
+    llada_cases,
+    llada_params,
+    prompt_rows,
+)
 
 TOLERANCE = 1e-4
 
@@ -55,49 +61,9 @@ def test_dream_alignment_shifts_right(dream_dir: Path, golden_dir: Path):
     assert torch.allclose(gathered, aligned[:, [0, 5, 23]], atol=1e-5)
 
 
-def _llada_params(case: dict) -> SamplingParams:
-    p = case["params"]
-    return SamplingParams(
-        max_tokens=p["gen_length"],
-        steps=p["steps"],
-        block_length=p["block_length"],
-        threshold=p.get("threshold"),
-        remasking=p["remasking"],
-        temperature=p["temperature"],
-        cfg_scale=p.get("cfg_scale", 0.0),
-        schedule="llada",
-        ignore_eos=True,
-        cache="none",
-    )
-
-
-def _dream_params(case: dict) -> SamplingParams:
-    p = case["params"]
-    return SamplingParams(
-        max_tokens=p["max_new_tokens"],
-        steps=p["steps"],
-        block_length=None,
-        threshold=None,
-        remasking=p["alg"],
-        temperature=p["temperature"],
-        schedule="dream",
-        ignore_eos=True,
-        cache="none",
-    )
-
-
-def _cases(golden_dir: Path, name: str) -> list[dict]:
-    return json.loads((golden_dir / name / "golden_generate.json").read_text())["cases"]
-
-
 def _run(engine: Engine, case: dict, params: SamplingParams):
     """Run every row of a case in one batch; returns per-row (canvases, commits per step)."""
-    masks = case["attention_mask"]
-    rows = [
-        ids if masks is None else [t for t, m in zip(ids, masks[b]) if m]
-        for b, ids in enumerate(case["prompt_ids"])
-    ]
-    requests = [engine.add(engine.make_request(r, params)) for r in rows]
+    requests = [engine.add(engine.make_request(r, params)) for r in prompt_rows(case)]
     history = {r.request_id: ([], []) for r in requests}
     while engine.has_unfinished():
         for out in engine.step():
@@ -106,20 +72,9 @@ def _run(engine: Engine, case: dict, params: SamplingParams):
     return [history[r.request_id] for r in requests]
 
 
-def _assert_trace(case: dict, traces, exact_canvas: bool) -> None:
-    steps = case["canvases"] if "canvases" in case else case["output_history"]
-    prompt_len = len(case["prompt_ids"][0])
-    assert all(len(canvases) == case["num_forward_passes"] for canvases, _ in traces)
-    for b, (canvases, commits) in enumerate(traces):
-        assert commits == [per_step[b] for per_step in case["committed_per_step"]]
-        if exact_canvas:
-            assert canvases == [step[b][prompt_len:] for step in steps]
-            assert canvases[-1] == case["final_ids"][b][prompt_len:]
-
-
 @pytest.mark.parametrize("index", range(15))
 def test_llada_generation_traces(index: int, golden_dir: Path, llada_dir: Path):
-    case = _cases(golden_dir, "llada")[index]
+    case = llada_cases(golden_dir, "llada")[index]
     if case["model_variant"] == "original" and case["attention_mask"] is not None:
         pytest.skip(
             "the original file ignores the padding mask; we implement key padding "
@@ -129,13 +84,13 @@ def test_llada_generation_traces(index: int, golden_dir: Path, llada_dir: Path):
     seeded = case["torch_manual_seed"] is not None
     # Seeded runs draw from per-request generators, not torch's global one: only the
     # structure (commits per step, NFE) can match.
-    params = _llada_params(case).replace(seed=case["torch_manual_seed"])
-    _assert_trace(case, _run(engine, case, params), exact_canvas=not seeded)
+    params = llada_params(case).replace(seed=case["torch_manual_seed"])
+    assert_trace(case, _run(engine, case, params), exact_canvas=not seeded)
 
 
 @pytest.mark.parametrize("index", range(8))
 def test_dream_generation_traces(index: int, golden_dir: Path, dream_dir: Path):
-    case = _cases(golden_dir, "dream")[index]
+    case = llada_cases(golden_dir, "dream")[index]
     alg = case["params"]["alg"]
     if alg == "origin":
         pytest.skip("Dream's stochastic 'origin' reveal is not implemented")
@@ -145,7 +100,7 @@ def test_dream_generation_traces(index: int, golden_dir: Path, dream_dir: Path):
             "Fast-dLLM LLaDA threshold rule to every model (checked on LLaDA)"
         )
     engine = Engine.from_pretrained(dream_dir, progress=False)
-    _assert_trace(case, _run(engine, case, _dream_params(case)), exact_canvas=True)
+    assert_trace(case, _run(engine, case, dream_params(case)), exact_canvas=True)
 
 
 def test_chat_prompts_tokenise_like_reference(golden_dir: Path, llada_dir: Path, dream_dir: Path):
@@ -153,7 +108,7 @@ def test_chat_prompts_tokenise_like_reference(golden_dir: Path, llada_dir: Path,
 
     for name, folder in (("llada", llada_dir), ("dream", dream_dir)):
         tok = TextTokenizer(folder)
-        for case in _cases(golden_dir, name):
+        for case in llada_cases(golden_dir, name):
             masks = case["attention_mask"]
             for b, message in enumerate(case["chat_messages"]):
                 prompt = tok.render_chat([{"role": "user", "content": message}])

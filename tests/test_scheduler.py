@@ -91,7 +91,7 @@ def test_blocks_and_step_split():
 def test_stored_defaults_keep_explicit_nulls(tmp_path):
     import json
 
-    from marble.scheduler.engine import load_defaults
+    from marble.scheduler.served_model import load_defaults
 
     (tmp_path / "marble_defaults.json").write_text(
         json.dumps({"temperature": 0.7, "threshold": None, "block_length": None})

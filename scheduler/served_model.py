@@ -1,0 +1,119 @@
+"""One model an engine serves (`ServedModel`): its weights, tokenizer, runner, serving defaults
+and the limits its requests are checked against.
+
+An engine steps every model it serves together: each step, the running requests of a model
+share that model's runner, and the models take their forwards one after the other. Loading a
+checkpoint folder into one is `load_served`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from marble.model.default import CHECKPOINT_DIR
+from marble.model.device import resolve_dtype
+from marble.model.diffusion_gemma import DiffusionGemma
+from marble.model.diffusion_gemma_config import (
+    DiffusionGemmaGenerationConfig,
+    is_diffusion_gemma,
+)
+from marble.model.diffusion_gemma_loader import load_diffusion_gemma
+from marble.model.loader import load_model
+from marble.model.tokenizer import SpecialIds, TextTokenizer
+from marble.model.transformer import Denoiser
+from marble.scheduler.runner import ModelRunner
+from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.uniform_runner import UniformRunner
+
+
+@dataclass
+class ServedModel:
+    name: str  # what requests name it by (the OpenAI `model` field)
+    model: Denoiser | DiffusionGemma
+    tokenizer: TextTokenizer
+    defaults: SamplingParams
+    special: SpecialIds = field(init=False)
+    # Uniform-state block diffusion (DiffusionGemma) or a masked denoiser (LLaDA, Dream,
+    # Marble's own): each has its runner and its step bookkeeping in the engine.
+    uniform: bool = field(init=False)
+    runner: ModelRunner | UniformRunner = field(init=False)
+    context: int = field(init=False)  # longest canvas: prompt + generated + suffix
+    vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
+    kv_bytes_per_token: int = field(init=False)  # masked models: per cached canvas position
+
+    def __post_init__(self) -> None:
+        cfg = self.model.cfg
+        weight = next(self.model.parameters())
+        self.special = self.tokenizer.special
+        self.uniform = isinstance(self.model, DiffusionGemma)
+        self.vocab_size = min(len(self.tokenizer), cfg.vocab_size)
+        if self.uniform:
+            self.context = cfg.max_position_embeddings
+            self.runner = UniformRunner(self.model)
+            self.kv_bytes_per_token = 0  # its encoder cache prices itself (cache_bytes)
+        else:
+            self.context = cfg.max_seq_len
+            # Every layer keeps a key and a value vector per cached position.
+            self.kv_bytes_per_token = (
+                cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * weight.itemsize
+            )
+            pad = self.special.pad if self.special.pad is not None else self.special.mask
+            self.runner = ModelRunner(self.model, self.special.mask, pad, self.vocab_size)
+        _ = self.tokenizer.max_token_chars  # a vocabulary scan: at load, not in a request
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_served(
+    path: str | Path | None,
+    name: str,
+    device: str,
+    dtype: torch.dtype | str,
+    defaults: SamplingParams | None = None,
+    progress: bool = True,
+) -> ServedModel:
+    """A local checkpoint folder (None: the embedded default model) on a resolved `device`;
+    serving defaults stored with it apply unless given."""
+    path = CHECKPOINT_DIR if path is None else Path(path)
+    model: Denoiser | DiffusionGemma
+    if is_diffusion_gemma(json.loads((path / "config.json").read_text())):
+        model = load_diffusion_gemma(path, device=device, dtype=resolve_dtype(dtype, device))
+        arch = "diffusion_gemma"
+    else:
+        dtype = resolve_dtype(dtype, device)
+        model = load_model(path, device=device, dtype=dtype, progress=progress)
+        arch = model.cfg.arch
+    if defaults is None:
+        defaults = load_defaults(path, arch)
+    return ServedModel(name, model, TextTokenizer(path), defaults)
+
+
+def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
+    """Serving defaults stored with a checkpoint (`marble_defaults.json`) over Marble's own;
+    a Dream checkpoint's fixed-step schedule is Dream's unless the file says otherwise, and
+    a DiffusionGemma checkpoint's come from its generation config (one canvas, its steps,
+    temperature schedule, entropy budget and stop rule)."""
+    file = Path(path) / "marble_defaults.json"
+    stored = json.loads(file.read_text()) if file.exists() else {}
+    family: dict[str, object] = {"schedule": "dream" if arch == "dream" else "llada"}
+    if arch == "diffusion_gemma":
+        gen = DiffusionGemmaGenerationConfig.from_folder(path)
+        family = {
+            "max_tokens": gen.max_new_tokens,
+            "block_length": json.loads((Path(path) / "config.json").read_text())["canvas_length"],
+            "steps": gen.max_denoising_steps,
+            "temperature": 1.0,  # the schedule as it stands (0: greedy block refinement)
+            "t_min": gen.t_min,
+            "t_max": gen.t_max,
+            "entropy_bound": gen.entropy_bound,
+            "stability_threshold": gen.stability_threshold,
+            "confidence_threshold": gen.confidence_threshold,
+            "cache": "none",  # the Fast-dLLM caches are for masked models; this one has its own
+        }
+    return SamplingParams.from_dict({**family, **stored})

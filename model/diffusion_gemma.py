@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marble.model.diffusion_gemma_cache import DiffusionGemmaCache
+from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma_config import SLIDING, DiffusionGemmaConfig
 from marble.model.transformer import apply_rotary
 
@@ -214,7 +214,7 @@ class DecoderLayer(nn.Module):
 
 
 class DiffusionGemma(nn.Module):
-    """The text stack; `encode` writes a `DiffusionGemmaCache`, `decode` only reads it."""
+    """The text stack; `encode` writes a `BlockCache`, `decode` only reads it."""
 
     def __init__(self, cfg: DiffusionGemmaConfig) -> None:
         super().__init__()
@@ -226,14 +226,12 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(h, cfg.intermediate_size, cfg.rms_norm_eps)
         self.input_norm = RMSNorm(h, cfg.rms_norm_eps, with_weight=False)
 
-    def new_cache(self, batch: int) -> DiffusionGemmaCache:
+    def new_cache(self, batch: int) -> BlockCache:
         """An empty encoder cache for `batch` rows on this model's device and dtype."""
         shapes = [(layer.self_attn.n_kv, layer.self_attn.head_dim) for layer in self.layers]
         sliding = tuple(layer.sliding for layer in self.layers)
         w = self.embed_tokens.weight
-        return DiffusionGemmaCache.empty(
-            batch, shapes, sliding, self.cfg.sliding_window, w.device, w.dtype
-        )
+        return BlockCache.empty(batch, shapes, sliding, self.cfg.sliding_window, w.device, w.dtype)
 
     def cache_bytes(self, tokens: int) -> int:
         """Bytes of KV cache one row holds once `tokens` tokens are encoded: full layers keep
@@ -276,7 +274,7 @@ class DiffusionGemma(nn.Module):
         self,
         ids: Tensor,
         positions: Tensor,
-        cache: DiffusionGemmaCache,
+        cache: BlockCache,
         valid: Tensor | None = None,
     ) -> Tensor:
         """Causal pass over ids [B, T] at positions [B, T]; appends to cache; -> hidden [B, T, H].
@@ -309,7 +307,7 @@ class DiffusionGemma(nn.Module):
         self,
         canvas: Tensor,
         positions: Tensor,
-        cache: DiffusionGemmaCache,
+        cache: BlockCache,
         self_cond_logits: Tensor | None = None,
         self_cond_mask: Tensor | None = None,
         hidden_states: list[Tensor] | None = None,

@@ -2,16 +2,22 @@
 
 A "window" is the slice of each row's canvas that may be committed this step (the current
 block), gathered to [B, W] with a validity mask so rows of different block sizes share one
-tensor. Per-row randomness comes in as tensors drawn by the caller from per-row generators.
-Knows nothing of requests, schedulers or tokenizers.
+tensor. Per-row randomness comes in as tensors drawn by the caller from per-row generators
+(or, for LLaDA2.1's joint rule, from the generators themselves). The joint rule both unmasks
+and edits (replaces filled tokens of the window). Knows nothing of requests, schedulers or
+tokenizers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 from torch import Tensor
+
+from marble.model.uniform_sampling import draw_candidates
 
 DREAM_EPS = 1e-3  # Dream's final timestep: timesteps = linspace(1, eps, steps + 1)
 
@@ -152,3 +158,85 @@ def select_commits(conf: Tensor, eligible: Tensor, count: Tensor, threshold: Ten
     by_threshold = (rank == 0) | (scores >= threshold[:, None])
     use_threshold = ~torch.isnan(threshold)
     return torch.where(use_threshold[:, None], by_threshold, by_count) & eligible
+
+
+def _rank(scores: Tensor) -> Tensor:
+    """scores [B, W] -> each entry's rank in its row, 0 = highest (ties: lower index first)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+def joint_predict(
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    generators: Sequence[torch.Generator | None],
+) -> tuple[Tensor, Tensor]:
+    """logits [R, W, V], temperature/top_k/top_p [R] -> (x0 [R, W], p [R, W] float32).
+
+    Temperature-0 rows: the argmax and its softmax probability. Others: a draw from
+    softmax(top-k/top-p filtered logits / T) with the row's generator (top_k 0 / top_p 1 =
+    off), p the drawn token's probability under that filtered distribution."""
+    x0 = argmax(logits)
+    picked = logits.gather(-1, x0[..., None]).squeeze(-1).float()
+    p = (picked - torch.logsumexp(logits.float(), dim=-1)).exp()
+    hot = (temperature > 0).nonzero().flatten()
+    if len(hot):
+        t = temperature[hot].float().view(-1, 1, 1)
+        probs = filter_top_k_top_p(logits[hot].float() / t, top_k[hot], top_p[hot]).softmax(-1)
+        drawn = draw_candidates(probs, [generators[r] for r in hot.tolist()])
+        x0[hot] = drawn
+        p[hot] = probs.gather(-1, drawn[..., None]).squeeze(-1)
+    return x0, p
+
+
+@dataclass(frozen=True)
+class JointStep:
+    """One step of the joint rule over a block, every field [R, W]."""
+
+    commit: Tensor  # bool: masked positions unmasked to x0
+    edit: Tensor  # bool: filled positions replaced by x0
+    tokens: Tensor  # the block after the step
+
+
+def joint_select(
+    x0: Tensor,
+    p: Tensor,
+    block: Tensor,
+    active: Tensor,
+    protected: Tensor,
+    threshold: Tensor,
+    editing_threshold: Tensor,
+    num_to_transfer: Tensor,
+) -> JointStep:
+    """LLaDA2.1's unmask + edit: x0, p, block [R, W], active (masked) and protected (prompt
+    or padding) bool [R, W], threshold/editing_threshold/num_to_transfer [R] -> JointStep.
+
+    Unmask every active position with p > threshold when there are at least num_to_transfer
+    of them, else the top min(num_to_transfer, active) active ones by p. Edit, in the same
+    step, every filled unprotected position whose x0 differs with p > editing_threshold."""
+    above = active & (p > threshold[:, None])
+    count = torch.minimum(num_to_transfer, active.sum(-1))
+    top = (_rank(p.float().masked_fill(~active, float("-inf"))) < count[:, None]) & active
+    enough = above.sum(-1) >= num_to_transfer
+    commit = torch.where(enough[:, None], above, top)
+    edit = ~active & ~protected & (p > editing_threshold[:, None]) & (x0 != block)
+    return JointStep(commit, edit, torch.where(commit | edit, x0, block))
+
+
+def post_step_gate(
+    active: Tensor, post_steps: Tensor, max_post_steps: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Before a block's step: active [R, W] at step start, post_steps/max_post_steps [R] ->
+    (post_steps [R], over [R] bool). A block with no mask left spends one post-fill step;
+    once that exceeds max_post_steps the block ends without a forward."""
+    post_steps = post_steps + (~active.any(-1)).long()
+    return post_steps, post_steps > max_post_steps
+
+
+def block_settled(active: Tensor, edit: Tensor) -> Tensor:
+    """After a step: active at its start and its edits [R, W] -> [R] bool: the block ends (it
+    had no mask, and nothing changed, so this forward saw its final tokens)."""
+    return ~active.any(-1) & ~edit.any(-1)

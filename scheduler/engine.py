@@ -24,7 +24,7 @@ from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.model.transformer import Denoiser
 from marble.scheduler.healing import heal, unheal
 from marble.scheduler.request import Request, RequestStatus
-from marble.scheduler.runner import Commit, ModelRunner, RowError, RowStep
+from marble.scheduler.runner import REMASK, Change, Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
@@ -32,7 +32,6 @@ from marble.scheduler.uniform_runner import (
     DECODE,
     ENCODE,
     CanvasStep,
-    Change,
     UniformRunner,
 )
 
@@ -196,6 +195,14 @@ class Engine:
         context = m.context
         if m.uniform:
             self._check_uniform(m, params, suffix)
+        elif m.block_causal:
+            self._check_block_causal(params, suffix)
+        elif params.editing_threshold is not None:
+            raise InvalidParam(
+                "editing_threshold",
+                "editing_threshold needs a model trained to edit (LLaDA2.1); this one may "
+                "verify instead (verify_threshold)",
+            )
         if params.max_tokens > context:
             raise InvalidParam(
                 "max_tokens",
@@ -221,7 +228,7 @@ class Engine:
         if params.token_healing and isinstance(prompt, str):  # ids are taken as given
             banned = m.special.stop_ids | {m.special.mask}
             prompt_ids, heal_text, heal_ids = heal(m.tokenizer, prompt_ids, vocab, banned)
-        generated = self._canvas_tokens(m, params.max_tokens)
+        generated = self._canvas_tokens(m, len(prompt_ids), params)
         if len(prompt_ids) + generated + len(suffix_ids) > context:
             raise InvalidParam(
                 "prompt",
@@ -242,24 +249,33 @@ class Engine:
             heal_text=heal_text,
             heal_ids=heal_ids,
             model=m.name,
+            block_offset=len(prompt_ids) % params.block_length if m.block_causal else 0,
         )
         if m.uniform:
             # The cache holds the prompt and every canvas but the last, which is never encoded.
             tokens = len(prompt_ids) + generated - m.model.cfg.canvas_length
             request.kv_bytes = m.model.cache_bytes(tokens)
+        elif m.block_causal:
+            # The cache holds the prompt and every block but the last.
+            cached = len(prompt_ids) + generated - params.block_length
+            request.kv_bytes = m.model.cache_bytes(cached)
         elif params.cache != "none":
             copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
             request.kv_bytes = copies * request.canvas_len * m.kv_bytes_per_token
         return request
 
     @staticmethod
-    def _canvas_tokens(m: ServedModel, max_tokens: int) -> int:
+    def _canvas_tokens(m: ServedModel, prompt_len: int, params: SamplingParams) -> int:
         """Tokens the model decodes for `max_tokens`: a uniform-state model decodes whole
-        canvases (the completion is then cut to max_tokens)."""
-        if not m.uniform:
-            return max_tokens
-        length = m.model.cfg.canvas_length
-        return -(-max_tokens // length) * length
+        canvases, a block-causal one through the end of the last block it reaches (the
+        completion is then cut to max_tokens)."""
+        if m.uniform:
+            length = m.model.cfg.canvas_length
+            return -(-params.max_tokens // length) * length
+        if m.block_causal:
+            size = params.block_length
+            return -(-(prompt_len + params.max_tokens) // size) * size - prompt_len
+        return params.max_tokens
 
     @staticmethod
     def _check_uniform(
@@ -276,6 +292,21 @@ class Engine:
         if params.steps is None:
             raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
         for name, off in (("cfg_scale", 0.0), ("token_healing", False)):
+            if getattr(params, name) != off:
+                raise InvalidParam(name, f"{name} is not supported by this model")
+        if suffix:
+            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+
+    @staticmethod
+    def _check_block_causal(params: SamplingParams, suffix: str | list[int] | None) -> None:
+        """What a block-causal model cannot do, refused by name."""
+        if params.block_length is None:
+            raise InvalidParam("block_length", "this model denoises in blocks: give block_length")
+        if params.threshold is None:
+            raise InvalidParam(
+                "threshold", "this model unmasks by threshold: give threshold (not steps alone)"
+            )
+        for name, off in (("cfg_scale", 0.0), ("token_healing", False), ("verify_threshold", None)):
             if getattr(params, name) != off:
                 raise InvalidParam(name, f"{name} is not supported by this model")
         if suffix:
@@ -392,11 +423,17 @@ class Engine:
         request.step_in_block += 1
         for c in commits:
             request.tokens[c.pos] = c.token_id
-        request.num_masked -= len(commits)
+        for change in step.changes:  # edits and remasks of positions filled earlier
+            request.tokens[change.pos] = change.token_id
+        remasked = sum(change.op == REMASK for change in step.changes)
+        request.num_masked += remasked - len(commits)
         block_index = request.block_index
         start, end = request.current_block
         block_completed = None
-        if all(t != request.mask_id for t in request.tokens[start:end]):
+        filled = all(t != request.mask_id for t in request.tokens[start:end])
+        # A block is final once filled, unless its runner keeps it open for edit rounds.
+        final = filled if step.block_final is None else step.block_final
+        if final:
             block_completed = block_index
             if block_index + 1 < len(request.blocks):
                 request.block_index += 1
@@ -406,7 +443,12 @@ class Engine:
         stable = request.stable_len
         while stable < len(request.tokens) and request.tokens[stable] != request.mask_id:
             stable += 1
-        text, status = self._settle(request, stable, request.num_masked == 0)
+        done = request.num_masked == 0 and final
+        if self._corrects(request.params) and not done:
+            # Edits and remasks may still change the current block: only blocks before it
+            # are stable.
+            stable = min(stable, request.current_block[0])
+        text, status = self._settle(request, stable, done)
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
@@ -414,6 +456,7 @@ class Engine:
             block_index=block_index,
             num_blocks=len(request.blocks),
             committed=commits,
+            changes=step.changes,
             num_masked=request.num_masked,
             tokens=list(request.tokens),
             text=text,
@@ -428,6 +471,11 @@ class Engine:
             forwards={step.forward: 1},
             forwards_total=dict(request.forwards),
         )
+
+    @staticmethod
+    def _corrects(params: SamplingParams) -> bool:
+        """Whether a masked model's filled tokens may change again (edits or remasks)."""
+        return params.editing_threshold is not None or params.verify_threshold is not None
 
     def _postprocess_canvas(self, request: Request, step: CanvasStep) -> StepOutput:
         """A uniform-state step: the current canvas's region of `tokens` shows the canvas as

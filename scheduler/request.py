@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from marble.scheduler.sampling_params import SamplingParams
 
 
-def blocks_of(gen_length: int, block_length: int | None) -> list[tuple[int, int]]:
-    """Semi-autoregressive blocks [start, end) over the generated region; the last may be short."""
+def blocks_of(
+    gen_length: int, block_length: int | None, offset: int = 0
+) -> list[tuple[int, int]]:
+    """Semi-autoregressive blocks [start, end) over the generated region; the last may be
+    short, and so may the first: its first `offset` positions lie before the region."""
     size = gen_length if block_length is None else block_length
-    return [(s, min(s + size, gen_length)) for s in range(0, gen_length, size)]
+    bounds = [0, *range(size - offset, gen_length, size), gen_length]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def steps_per_block(steps: int, gen_length: int, block_sizes: list[int]) -> list[int]:
@@ -55,6 +59,9 @@ class Request:
     heal_ids: list[int] | None = None  # the tokens allowed at the first generated position
     kv_bytes: int = 0  # the KV cache it will hold while it runs (0 without a cache)
     model: str | None = None  # the served model it runs on (None: the engine's first)
+    # Block-causal models align blocks to absolute positions: the first block begins this
+    # many positions before the generated region (the prompt's tail).
+    block_offset: int = 0
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
     error_code: str | None = None
@@ -76,7 +83,7 @@ class Request:
     def __post_init__(self) -> None:
         p = self.params  # validated and bounded by the engine before a Request exists
         self.tokens = [self.mask_id] * p.max_tokens
-        self.blocks = blocks_of(p.max_tokens, p.block_length)
+        self.blocks = blocks_of(p.max_tokens, p.block_length, self.block_offset)
         sizes = [end - start for start, end in self.blocks]
         if p.threshold is None:
             self.block_steps = steps_per_block(p.steps or p.max_tokens, p.max_tokens, sizes)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -54,6 +54,26 @@ class Commit:
     logprob: float  # log p(token) under the step's (filtered) distribution when committed
 
 
+# How a shown position changed. Uniform-state models: ACCEPT (a kept candidate), RENOISE
+# (noise again), FINAL (the canvas ended). Masked models: COMMIT (a mask filled: `Commit`
+# entries), EDIT (a filled position replaced), REMASK (a filled position masked again).
+ACCEPT, RENOISE, FINAL = "accept", "renoise", "final"
+COMMIT, EDIT, REMASK = "commit", "edit", "remask"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A position whose shown token changed this step, other than a commit."""
+
+    pos: int  # counted from the first generated position
+    token_id: int  # the token now (the mask id after a REMASK)
+    previous: int
+    op: str
+    # Uniform-state ops: the position's entropy this step (nats). EDIT: the new token's
+    # probability; REMASK: the probability the removed token fell to.
+    score: float
+
+
 @dataclass(frozen=True)
 class RowError:
     """Why one row's step failed: a stable `code` for clients and metrics, and a message."""
@@ -69,6 +89,10 @@ class RowStep:
     commits: list[Commit]
     forward: str  # FULL, PREFIX_CACHED or DUAL_CACHED
     positions: int  # canvas positions this row's forward computed (queries, CFG copy included)
+    changes: list[Change] = field(default_factory=list)  # edits and remasks, after commits
+    # Whether the current block is final after this step; None: once it has no mask left
+    # (a runner that edits keeps a filled block open for its edit rounds).
+    block_final: bool | None = None
 
 
 StepResult = RowStep | RowError

@@ -57,8 +57,21 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "t_max": (0.0, 100.0, True),
     "stability_threshold": (0, 64, False),
     "confidence_threshold": (0.0, 1e6, False),
+    "editing_threshold": (0.0, 1.0, False),
+    "max_post_steps": (0, 1024, False),
+    "num_to_transfer": (1, MAX_TOKENS, False),
+    "verify_threshold": (0.0, 1.0, False),
 }
-INT_FIELDS = ("max_tokens", "steps", "block_length", "top_k", "seed", "stability_threshold")
+INT_FIELDS = (
+    "max_tokens",
+    "steps",
+    "block_length",
+    "top_k",
+    "seed",
+    "stability_threshold",
+    "max_post_steps",
+    "num_to_transfer",
+)
 
 
 class InvalidParam(ValueError):
@@ -89,6 +102,14 @@ class SamplingParams:
     canvas ends once its argmax held for `stability_threshold` steps and its mean entropy is
     below `confidence_threshold`). Their defaults are DiffusionGemma's generation config;
     masked models ignore them.
+
+    Self-correction. Block-causal masked models trained to edit (LLaDA2.1) replace a filled
+    position of the current block when its argmax differs and is more likely than
+    `editing_threshold` (None: no edits), for up to `max_post_steps` mask-free rounds after
+    the block fills; while masks remain, `num_to_transfer` masks commit when fewer pass the
+    threshold. Full-attention masked models (LLaDA, Dream, Marble's own) may instead verify:
+    a token committed earlier in the current block whose probability falls below
+    `verify_threshold` is masked again (None: off).
     """
 
     max_tokens: int = 128
@@ -111,6 +132,10 @@ class SamplingParams:
     t_max: float = 0.8
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    editing_threshold: float | None = None
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
+    verify_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold is UNSET:

@@ -22,25 +22,35 @@ from marble.model.diffusion_gemma_config import (
     is_diffusion_gemma,
 )
 from marble.model.diffusion_gemma_loader import load_diffusion_gemma
+from marble.model.llada2 import LLaDA2
+from marble.model.llada2_config import PRESETS, is_llada2
+from marble.model.llada2_loader import load_llada2
 from marble.model.loader import load_model
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.model.transformer import Denoiser
+from marble.scheduler.block_runner import BlockRunner
 from marble.scheduler.runner import ModelRunner
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.uniform_runner import UniformRunner
+
+# LLaDA2.1's serving defaults: the model card's quality mode (its speed mode is threshold 0.5,
+# editing_threshold 0.0).
+LLADA2_PRESET = "quality"
 
 
 @dataclass
 class ServedModel:
     name: str  # what requests name it by (the OpenAI `model` field)
-    model: Denoiser | DiffusionGemma
+    model: Denoiser | DiffusionGemma | LLaDA2
     tokenizer: TextTokenizer
     defaults: SamplingParams
     special: SpecialIds = field(init=False)
-    # Uniform-state block diffusion (DiffusionGemma) or a masked denoiser (LLaDA, Dream,
-    # Marble's own): each has its runner and its step bookkeeping in the engine.
+    # Uniform-state block diffusion (DiffusionGemma), block-causal masked diffusion with an
+    # exact cache of finished blocks (LLaDA2), or a full-attention masked denoiser (LLaDA,
+    # Dream, Marble's own): each has its runner and its step bookkeeping in the engine.
     uniform: bool = field(init=False)
-    runner: ModelRunner | UniformRunner = field(init=False)
+    block_causal: bool = field(init=False)
+    runner: ModelRunner | UniformRunner | BlockRunner = field(init=False)
     context: int = field(init=False)  # longest canvas: prompt + generated + suffix
     vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
     kv_bytes_per_token: int = field(init=False)  # masked models: per cached canvas position
@@ -50,11 +60,17 @@ class ServedModel:
         weight = next(self.model.parameters())
         self.special = self.tokenizer.special
         self.uniform = isinstance(self.model, DiffusionGemma)
+        self.block_causal = isinstance(self.model, LLaDA2)
         self.vocab_size = min(len(self.tokenizer), cfg.vocab_size)
         if self.uniform:
             self.context = cfg.max_position_embeddings
             self.runner = UniformRunner(self.model)
             self.kv_bytes_per_token = 0  # its encoder cache prices itself (cache_bytes)
+        elif self.block_causal:
+            self.context = cfg.max_position_embeddings
+            pad = self.special.pad if self.special.pad is not None else self.special.mask
+            self.runner = BlockRunner(self.model, self.special.mask, pad, self.vocab_size)
+            self.kv_bytes_per_token = self.model.cache_bytes(1)
         else:
             self.context = cfg.max_seq_len
             # Every layer keeps a key and a value vector per cached position.
@@ -81,10 +97,14 @@ def load_served(
     """A local checkpoint folder (None: the embedded default model) on a resolved `device`;
     serving defaults stored with it apply unless given."""
     path = CHECKPOINT_DIR if path is None else Path(path)
-    model: Denoiser | DiffusionGemma
-    if is_diffusion_gemma(json.loads((path / "config.json").read_text())):
+    model: Denoiser | DiffusionGemma | LLaDA2
+    raw = json.loads((path / "config.json").read_text())
+    if is_diffusion_gemma(raw):
         model = load_diffusion_gemma(path, device=device, dtype=resolve_dtype(dtype, device))
         arch = "diffusion_gemma"
+    elif is_llada2(raw):
+        model = load_llada2(path, device=device, dtype=resolve_dtype(dtype, device))
+        arch = "llada2"
     else:
         dtype = resolve_dtype(dtype, device)
         model = load_model(path, device=device, dtype=dtype, progress=progress)
@@ -98,7 +118,8 @@ def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
     """Serving defaults stored with a checkpoint (`marble_defaults.json`) over Marble's own;
     a Dream checkpoint's fixed-step schedule is Dream's unless the file says otherwise, and
     a DiffusionGemma checkpoint's come from its generation config (one canvas, its steps,
-    temperature schedule, entropy budget and stop rule)."""
+    temperature schedule, entropy budget and stop rule), and an LLaDA2 checkpoint's are
+    LLaDA2.1's joint unmask/edit rule in the model card's quality mode."""
     file = Path(path) / "marble_defaults.json"
     stored = json.loads(file.read_text()) if file.exists() else {}
     family: dict[str, object] = {"schedule": "dream" if arch == "dream" else "llada"}
@@ -115,5 +136,16 @@ def load_defaults(path: str | Path, arch: str = "marble") -> SamplingParams:
             "stability_threshold": gen.stability_threshold,
             "confidence_threshold": gen.confidence_threshold,
             "cache": "none",  # the Fast-dLLM caches are for masked models; this one has its own
+        }
+    elif arch == "llada2":
+        rule = PRESETS[LLADA2_PRESET]
+        family = {
+            "block_length": rule.block_length,
+            "threshold": rule.threshold,
+            "editing_threshold": rule.editing_threshold,
+            "max_post_steps": rule.max_post_steps,
+            "num_to_transfer": rule.num_to_transfer,
+            "temperature": rule.temperature,
+            "cache": "none",  # block-causal attention: its cache of finished blocks is exact
         }
     return SamplingParams.from_dict({**family, **stored})

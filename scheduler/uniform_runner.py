@@ -21,28 +21,15 @@ import torch
 from torch import Tensor
 
 from marble.model import uniform_sampling as us
+from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_cache import DiffusionGemmaCache
 from marble.scheduler.request import Request
-from marble.scheduler.runner import RowError
+from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError
 
 log = logging.getLogger(__name__)
 
 ENCODE, DECODE = "encode", "decode"
-ACCEPT, RENOISE, FINAL = "accept", "renoise", "final"
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
-
-
-@dataclass(frozen=True)
-class Change:
-    """A canvas position whose shown token changed this step."""
-
-    pos: int  # counted from the first generated position
-    token_id: int
-    previous: int
-    op: str  # ACCEPT (a kept candidate), RENOISE (noise again) or FINAL (the canvas ended:
-    # every changed position of its last step)
-    entropy: float  # of the position's distribution this step (nats)
 
 
 @dataclass(frozen=True)
@@ -66,7 +53,7 @@ CanvasResult = CanvasStep | RowError
 @dataclass
 class _CanvasRow:
     generator: torch.Generator
-    cache: DiffusionGemmaCache
+    cache: BlockCache
     pending: Tensor | None  # [T] ids the cache lacks: encoded before the next decode
     canvas: Tensor | None = None  # [L] the decoder's next input
     scaled: Tensor | None = None  # [L, V] the last step's logits fed back (self-conditioning)
@@ -76,7 +63,7 @@ class _CanvasRow:
 
     def saved(self) -> _CanvasRow:
         """A copy to roll back to: tensors are replaced, never written in place, except the
-        cache's, which `DiffusionGemmaCache.copy_refs` keeps."""
+        cache's, which `BlockCache.copy_refs` keeps."""
         return replace(self, cache=self.cache.copy_refs())
 
 
@@ -142,7 +129,7 @@ class UniformRunner:
         ]
 
         caches = [row.cache for row in rows]
-        cache = caches[0] if len(rows) == 1 else DiffusionGemmaCache.stack(caches)
+        cache = caches[0] if len(rows) == 1 else BlockCache.stack(caches)
         canvas = torch.stack([row.canvas for row in rows])  # type: ignore[misc]
         span = torch.arange(length, device=dev)
         positions = torch.stack([c.length + span for c in caches])  # each row's own positions

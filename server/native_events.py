@@ -15,6 +15,7 @@ from typing import Any
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import StepOutput
 from marble.scheduler.healing import unheal
+from marble.scheduler.runner import EDIT
 from marble.scheduler.sampling_params import SamplingParams
 from marble.server.draft import DraftRenderer
 from marble.server.metrics import Timing
@@ -111,7 +112,22 @@ class NativeEvents:
                     "text": text,
                     "previous": c.previous,
                     "op": c.op,
-                    "entropy": _num(c.entropy),
+                    "entropy": _num(c.score),
+                }
+                for c, text in zip(out.changes, ctexts)
+            ]
+        elif out.changes:
+            # A masked model that corrects itself: `changed` lists the filled positions this
+            # step replaced (`op` edit) or masked again (`op` remask), with what they held.
+            ctexts = self.tokenizer.token_text([c.token_id for c in out.changes])
+            data["changed"] = [
+                {
+                    "pos": c.pos,
+                    "token_id": c.token_id,
+                    "text": text if c.op == EDIT else None,
+                    "previous": c.previous,
+                    "op": c.op,
+                    "confidence": _num(c.score),
                 }
                 for c, text in zip(out.changes, ctexts)
             ]

@@ -107,9 +107,19 @@ class SamplingBody(BaseModel):
     t_max: float | None = _sampling("t_max")
     stability_threshold: Count | None = _sampling("stability_threshold")
     confidence_threshold: float | None = _sampling("confidence_threshold")
+    editing_threshold: float | None = _sampling("editing_threshold")
+    max_post_steps: Count | None = _sampling("max_post_steps")
+    num_to_transfer: Count | None = _sampling("num_to_transfer")
+    verify_threshold: float | None = _sampling("verify_threshold")
 
-    # An explicit null here means "off" (one block; no threshold), not the default.
-    NULL_IS_A_SETTING: ClassVar[tuple[str, ...]] = ("threshold", "block_length")
+    # An explicit null here means "off" (one block; no threshold; no edits or remasks), not
+    # the default.
+    NULL_IS_A_SETTING: ClassVar[tuple[str, ...]] = (
+        "threshold",
+        "block_length",
+        "editing_threshold",
+        "verify_threshold",
+    )
 
     def sampling_fields(self) -> dict[str, Any]:
         """The `SamplingParams` fields this body sets."""

@@ -130,3 +130,52 @@ def drain(engine: Engine) -> list[StepOutput]:
     while engine.has_unfinished():
         outs += engine.step()
     return outs
+
+
+LLADA2_GOLDEN = REFERENCE / "golden" / "llada2" / "golden_generate.json"
+LLADA2_CHECKPOINT = REFERENCE / "llada2-tiny"
+
+
+def llada2_cases() -> list[dict]:
+    return json.loads(LLADA2_GOLDEN.read_text())["cases"]
+
+
+def llada2_params(defaults: SamplingParams, case: dict) -> SamplingParams:
+    """A case's generate() settings as a request. Upstream runs every block unless
+    `eos_early_stop`; the engine stops at a finished block holding EOS unless `ignore_eos`."""
+    p = case["params"]
+    return defaults.replace(
+        max_tokens=p["gen_length"],
+        block_length=p["block_length"],
+        threshold=p["threshold"],
+        editing_threshold=p["editing_threshold"],
+        max_post_steps=p["max_post_steps"],
+        num_to_transfer=p["num_to_transfer"],
+        temperature=p["temperature"],
+        ignore_eos=not p["eos_early_stop"],
+    )
+
+
+def assert_llada2_replayed(case: dict, outs: list[StepOutput]) -> None:
+    """One step per recorded forward of the strict run: its commit and edit sets, the block
+    after it and where each block ended; then NFE, the final ids and canvas."""
+    run = case["runs"]["strict"]
+    prompt, gen = case["prompt_length"], case["params"]["gen_length"]
+    forwards = run["forwards"]
+    assert len(outs) == len(forwards) == run["num_forward_passes"]
+
+    def shown(positions: list[int]) -> set[int]:
+        return {x - prompt for x in positions if 0 <= x - prompt < gen}
+
+    for i, (out, f) in enumerate(zip(outs, forwards)):
+        assert {c.pos for c in out.committed} == shown(f["committed"])
+        assert {c.pos for c in out.changes} == shown(f["edited"])
+        start, end = f["block_range"]
+        lo, hi = max(start, prompt), min(end, prompt + gen)
+        assert out.tokens[lo - prompt : hi - prompt] == f["block_after"][lo - start : hi - start]
+        last_of_block = i + 1 == len(forwards) or forwards[i + 1]["block"] != f["block"]
+        assert (out.block_completed is not None) == last_of_block
+    final = outs[-1]
+    assert final.tokens[: len(run["final_ids"])] == run["final_ids"]
+    if not run["stopped_early"]:
+        assert final.tokens == run["final_canvas"][prompt : prompt + gen]

@@ -16,7 +16,7 @@ import pytest
 
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.sampling_params import SamplingParams
-from tests.test_parity import _llada_params
+from tests.golden_cases import llada_params as uncached_params
 
 
 def _cases(golden_dir: Path, name: str) -> list[dict]:
@@ -29,7 +29,7 @@ def _mode(case: dict) -> str:
 
 def llada_params(case: dict) -> SamplingParams:
     """The uncached parity settings of the same case, with its cache."""
-    return _llada_params(case).replace(cache=_mode(case))
+    return uncached_params(case).replace(cache=_mode(case))
 
 
 def expected_trace(case: dict) -> list[tuple[list[int], int, str, int]]:

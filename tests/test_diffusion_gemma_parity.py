@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_cache import DiffusionGemmaCache
 from marble.model.diffusion_gemma_loader import load_diffusion_gemma
 
 TOLERANCE = 1e-4  # golden compare rule; measured max |delta| is 2.7e-5
@@ -43,7 +43,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert delta <= TOLERANCE, f"{what}: max |delta| {delta:.2e}"
 
 
-def _check_cache(cache: DiffusionGemmaCache, golden: dict, prefix: str) -> None:
+def _check_cache(cache: BlockCache, golden: dict, prefix: str) -> None:
     for i, kv in enumerate(cache.layers):
         _close(kv.keys[0], golden[f"{prefix}.cache.layer{i}.keys"], f"{prefix} layer {i} keys")
         _close(kv.values[0], golden[f"{prefix}.cache.layer{i}.values"], f"{prefix} layer {i} v")
@@ -53,9 +53,7 @@ def _positions(start: int, n: int) -> torch.Tensor:
     return torch.arange(start, start + n)[None]
 
 
-def _encoded_prompt(
-    model: DiffusionGemma, golden: dict
-) -> tuple[DiffusionGemmaCache, torch.Tensor]:
+def _encoded_prompt(model: DiffusionGemma, golden: dict) -> tuple[BlockCache, torch.Tensor]:
     cache = model.new_cache(1)
     ids = golden["enc_prompt.input_ids"][None]
     hidden = model.encode(ids, golden["enc_prompt.position_ids"][None], cache)
@@ -129,7 +127,7 @@ def test_left_padding_and_stacked_caches_leave_rows_unchanged(model: DiffusionGe
     _close(padded[0], alone[0][0], "padded batch row 0")
     # Row 1's positions are shifted by the pads; RoPE is relative, so logits barely move.
     _close(padded[1], alone[1][0], "padded batch row 1")
-    stacked = DiffusionGemmaCache.stack(caches)
+    stacked = BlockCache.stack(caches)
     pos = torch.stack((_positions(len(prompt), 16)[0], _positions(len(short), 16)[0]))
     both = model.decode(canvas.expand(2, -1), pos, stacked)
     _close(both[0], alone[0][0], "stacked row 0")

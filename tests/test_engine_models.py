@@ -1,6 +1,6 @@
-"""Several models in one engine: every recorded DiffusionGemma run, every LLaDA and Dream
-reference trace that draws nothing at random, all in flight together in the same steps, and
-each gets exactly its recorded result, as when it runs alone."""
+"""Several models in one engine: every recorded DiffusionGemma run, every strict LLaDA2 run,
+every LLaDA and Dream reference trace that draws nothing at random, all in flight together in
+the same steps, and each gets exactly its recorded result, as when it runs alone."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ from marble.scheduler.served_model import load_served
 from marble.scheduler.uniform_runner import DECODE
 from tests.golden_cases import (
     DG_CHECKPOINT,
+    LLADA2_CHECKPOINT,
     assert_dg_replayed,
+    assert_llada2_replayed,
     assert_trace,
     dg_cases,
     dg_params,
     drain,
     dream_params,
+    llada2_cases,
+    llada2_params,
     llada_cases,
     llada_params,
     prompt_rows,
@@ -49,7 +53,7 @@ def _exact_dream(golden_dir: Path) -> list[dict]:
 def engine(llada_dir: Path, dream_dir: Path) -> Engine:
     config = SchedulerConfig(max_batch_size=128, max_batch_tokens=1 << 20)
     engine = Engine.from_pretrained(DG_CHECKPOINT, config=config, progress=False, name="gemma")
-    for name, folder in (("llada", llada_dir), ("dream", dream_dir)):
+    for name, folder in (("llada", llada_dir), ("dream", dream_dir), ("llada2", LLADA2_CHECKPOINT)):
         engine.add_model(load_served(folder, name, "cpu", "float32", progress=False))
     return engine
 
@@ -69,13 +73,18 @@ def test_every_family_batched_together_replays_its_goldens(engine: Engine, golde
             for row, prompt in enumerate(prompt_rows(case)):
                 request = engine.make_request(prompt, to_params(case), model=model)
                 runs[engine.add(request).request_id] = (model, case, row)
-    assert len({model for model, _, _ in runs.values()}) == 3
+    llada2 = engine.served("llada2")
+    for case in llada2_cases():
+        params = llada2_params(llada2.defaults, case)
+        request = engine.make_request(case["prompt_ids"], params, model="llada2")
+        runs[engine.add(request).request_id] = ("llada2", case, 0)
+    assert len({model for model, _, _ in runs.values()}) == 4
 
     outs = {request_id: [] for request_id in runs}
     mixed_steps = 0
     while engine.has_unfinished():
         step = engine.step()
-        mixed_steps += len({runs[o.request_id][0] for o in step}) == 3
+        mixed_steps += len({runs[o.request_id][0] for o in step}) == 4
         for out in step:
             outs[out.request_id].append(out)
     assert mixed_steps > 0  # the families really shared steps
@@ -85,6 +94,9 @@ def test_every_family_batched_together_replays_its_goldens(engine: Engine, golde
         history = outs[request_id]
         if model == "gemma":
             assert_dg_replayed(case, history, length)
+            continue
+        if model == "llada2":
+            assert_llada2_replayed(case, history)
             continue
         trace = ([o.tokens for o in history], [len(o.committed) for o in history])
         # A case's rows each check against their column of the recording.

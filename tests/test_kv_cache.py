@@ -50,7 +50,7 @@ def test_finish_and_abort_give_the_cache_back(llada_dir):
     a = engine.make_request("hello there", CACHED)
     b = engine.make_request("a longer prompt than the other one", CACHED)
     plain = engine.make_request("no cache", CACHED.replace(cache="none"))
-    assert a.kv_bytes == a.canvas_len * engine.kv_bytes_per_token > 0 and plain.kv_bytes == 0
+    assert a.kv_bytes == a.canvas_len * engine.first.kv_bytes_per_token > 0 and plain.kv_bytes == 0
     _run_some(engine, 2, a, b, plain)
     assert engine.runner.cache_bytes == a.kv_bytes + b.kv_bytes == _held(engine)
     engine.abort(a.request_id)
@@ -65,7 +65,7 @@ def test_the_kv_gauge_is_what_running_requests_hold(llada_dir):
     engine = tiny_engine(llada_dir)
     metrics = Metrics()
     cfg_request = engine.make_request("guided", CACHED.replace(cfg_scale=1.0))
-    assert cfg_request.kv_bytes == 2 * cfg_request.canvas_len * engine.kv_bytes_per_token
+    assert cfg_request.kv_bytes == 2 * cfg_request.canvas_len * engine.first.kv_bytes_per_token
     _run_some(engine, 1, cfg_request, engine.make_request("plain", CACHED))
     metrics.observe_step(engine.last_stats, 0.0, 0.0, [])
     text = metrics.render()[0].decode()

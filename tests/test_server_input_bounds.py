@@ -175,6 +175,10 @@ def test_every_sampling_field_crosses_the_http_layer_by_its_name():
         "t_max": 0.9,
         "stability_threshold": 2,
         "confidence_threshold": 0.01,
+        "editing_threshold": 0.6,
+        "max_post_steps": 3,
+        "num_to_transfer": 2,
+        "verify_threshold": 0.4,
     }
     assert set(chosen) == set(SamplingParams.field_names())
     for name in SamplingParams.field_names():

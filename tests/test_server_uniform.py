@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.golden_cases import DG_CHECKPOINT as CHECKPOINT
 from tests.server_helpers import parse_sse, serving
-from tests.test_diffusion_gemma_engine import CHECKPOINT
 
 pytestmark = pytest.mark.anyio
 BODY = {"prompt": "Why is the sky blue?", "max_tokens": 40, "seed": 5, "ignore_eos": True}

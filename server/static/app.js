@@ -108,6 +108,7 @@ class Card {
         this.fresh = new Set();
         for (const c of data.committed || []) this.commit(c, data.step);
         if (typeof data.accepted === "number") this.takeCanvas(data);
+        else if (Array.isArray(data.changed)) this.takeCorrections(data);
         if (typeof data.step === "number") this.step = data.step;
         if (data.total_steps !== undefined) this.totalSteps = data.total_steps;
         if (typeof data.block_index === "number") this.blockIndex = data.block_index;
@@ -187,6 +188,23 @@ class Card {
       for (let pos = data.block_index * this.params.block_length; pos < end; pos++) {
         if (this.cells[pos]) this.cells[pos].op = "final";
       }
+    }
+  }
+
+  // A masked model correcting itself: an edit replaces a filled position's token (the cell
+  // keeps an edit outline), a remask turns it back into a mask.
+  takeCorrections(data) {
+    this.edits = (this.edits || 0) + data.changed.filter((c) => c.op === "edit").length;
+    this.remasks = (this.remasks || 0) + data.changed.filter((c) => c.op === "remask").length;
+    for (const c of data.changed) {
+      if (typeof c.pos !== "number") continue;
+      if (c.op === "remask") {
+        if (this.cells[c.pos] !== undefined) this.committedCount -= 1;
+        delete this.cells[c.pos];
+      } else {
+        this.cells[c.pos] = { text: c.text ?? "", confidence: c.confidence ?? 1, step: data.step, op: "edit" };
+      }
+      this.fresh.add(c.pos);
     }
   }
 
@@ -286,6 +304,7 @@ const COLORS = {
   fresh: "#ffffff",
   noise: "#6b3a4a", // a uniform-state position holding noise (re-noised this step or never kept)
   noiseText: "#e3b9c6",
+  edit: "#c2185b", // outline of a position a later step replaced (token editing)
   text: "#0b0f14",
   mark: "rgba(11, 15, 20, 0.45)", // whitespace marks: visible, but clearly not text
 };
@@ -334,6 +353,7 @@ function drawCard(card) {
   el.querySelector(".tpf").textContent = tpf === null ? "–" : tpf.toFixed(2);
   let fwd = card.forward === null ? "–" : `${card.forward.replace("_", " ")} (${card.positions} positions)`;
   if (card.uniform) fwd += ` · accepted ${card.accepted} / renoised ${card.renoised}`;
+  else if (card.edits || card.remasks) fwd += ` · edits ${card.edits || 0} / remasks ${card.remasks || 0}`;
   el.querySelector(".fwd").textContent = fwd;
   const prompt = el.querySelector(".prompt");
   if (prompt.textContent !== (card.prompt ?? "")) prompt.textContent = card.prompt ?? "";
@@ -443,6 +463,11 @@ function drawCanvas(card, canvas) {
     if (inBlock(pos)) {
       ctx.fillStyle = COLORS.block;
       ctx.fillRect(x, y + CELL.bar, w, CELL.h - CELL.bar);
+    }
+    if (cell && cell.op === "edit") {
+      ctx.strokeStyle = COLORS.edit;
+      ctx.lineWidth = 3;
+      ctx.strokeRect(x + 1.5, y + 1.5, w - 3, CELL.h - 3);
     }
     if (cell && card.fresh.has(pos)) {
       ctx.strokeStyle = COLORS.fresh;

@@ -1,10 +1,12 @@
-"""DiffusionGemma's encoder KV cache: per layer keys and values, plus which slots are real.
+"""The KV cache of finished blocks, shared by every block-wise model family.
 
-Only the encoder writes it (prompt, then each finished canvas); the decoder reads it. Sliding
-layers keep the last `sliding_window - 1` slots, full layers every slot. Rows are right-aligned:
-slot s of every row is the same absolute index, and a row shorter than the batch is padded on
-the left with slots marked not `valid`. A scheduler owns one cache per request (B = 1) and
-stacks them for a batched step. Knows nothing of weights, sampling or requests.
+Per layer it holds keys (norms and RoPE applied) and values of tokens that will not change
+again (DiffusionGemma's encoded prompt and canvases, LLaDA2's prompt blocks and finished
+blocks), plus which slots are real. Sliding layers (optional) keep the last `window - 1` slots,
+the others every slot. Rows are right-aligned: slot s of every row is the same slot index, and a
+row shorter than the batch is padded on the left with slots marked not `valid`. A scheduler
+owns one cache per request (B = 1) and stacks them for a batched step. Knows nothing of weights,
+attention rules, sampling or requests.
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ from torch import Tensor
 
 @dataclass
 class LayerKV:
-    """One layer's cached keys (k_norm + RoPE applied) and values (v_norm applied)."""
+    """One layer's keys and values, [B, Hkv, S, Dh] each."""
 
-    keys: Tensor  # [B, Hkv, S, Dh]
-    values: Tensor  # [B, Hkv, S, Dh]
+    keys: Tensor
+    values: Tensor
+
+    def part(self, rows: Tensor | list[int] | slice, start: int, stop: int) -> LayerKV:
+        """Slots [start, stop) of some rows: e.g. one row's finished block out of a forward's
+        fresh window keys and values, to append to that row's own cache."""
+        return LayerKV(self.keys[rows, :, start:stop], self.values[rows, :, start:stop])
 
 
 @dataclass
-class DiffusionGemmaCache:
+class BlockCache:
     layers: list[LayerKV]
     sliding: tuple[bool, ...]  # per layer: keeps only the last `window - 1` slots
-    window: int
+    window: int  # sliding layers' attention window (unused when no layer slides)
     valid: Tensor  # [B, S_total] bool: False for pad slots (full-layer slot order)
 
     @classmethod
@@ -35,12 +42,13 @@ class DiffusionGemmaCache:
         cls,
         batch: int,
         kv_shapes: list[tuple[int, int]],
-        sliding: tuple[bool, ...],
-        window: int,
+        sliding: tuple[bool, ...] | None = None,
+        window: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> DiffusionGemmaCache:
-        """An empty cache; kv_shapes[i] = (kv heads, head dim) of layer i."""
+    ) -> BlockCache:
+        """An empty cache; kv_shapes[i] = (kv heads, head dim) of layer i; sliding None = no
+        layer slides."""
         layers = [
             LayerKV(
                 torch.empty(batch, h, 0, d, device=device, dtype=dtype),
@@ -48,8 +56,13 @@ class DiffusionGemmaCache:
             )
             for h, d in kv_shapes
         ]
+        sliding = (False,) * len(kv_shapes) if sliding is None else tuple(sliding)
+        if len(sliding) != len(kv_shapes):
+            raise ValueError(f"{len(sliding)} sliding flags for {len(kv_shapes)} layers")
+        if any(sliding) and window < 2:
+            raise ValueError(f"sliding layers need a window >= 2, got {window}")
         valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
-        return cls(layers, tuple(sliding), window, valid)
+        return cls(layers, sliding, window, valid)
 
     @property
     def batch_size(self) -> int:
@@ -57,7 +70,7 @@ class DiffusionGemmaCache:
 
     @property
     def length(self) -> int:
-        """Tokens committed so far, pads included: the next position of an unpadded row."""
+        """Slots appended so far, pads included: the next position of an unpadded row."""
         return self.valid.shape[1]
 
     @property
@@ -65,10 +78,10 @@ class DiffusionGemmaCache:
         """Bytes of keys and values held now."""
         return sum(kv.keys.nbytes + kv.values.nbytes for kv in self.layers)
 
-    def copy_refs(self) -> DiffusionGemmaCache:
+    def copy_refs(self) -> BlockCache:
         """A second cache over the same tensors: `extend` replaces tensors rather than writing
         into them, so this one keeps the state it had (a step's rollback point)."""
-        return DiffusionGemmaCache(list(self.layers), self.sliding, self.window, self.valid)
+        return BlockCache(list(self.layers), self.sliding, self.window, self.valid)
 
     def stored(self, layer: int) -> int:
         """Slots layer `layer` holds (at most window - 1 for sliding layers)."""
@@ -90,14 +103,26 @@ class DiffusionGemmaCache:
         """Record [B, T] validity of the tokens just appended to every layer."""
         self.valid = torch.cat((self.valid, valid.to(torch.bool)), dim=1)
 
-    def rows(self, index: Tensor | list[int]) -> DiffusionGemmaCache:
+    def append(self, layers: list[LayerKV], valid: Tensor | None = None) -> None:
+        """Append T slots to every layer at once (keys/values [B, Hkv, T, Dh] per layer) with
+        their [B, T] validity (None: all real)."""
+        if len(layers) != len(self.layers):
+            raise ValueError(f"{len(layers)} layers of keys/values for {len(self.layers)}")
+        for i, kv in enumerate(layers):
+            self.extend(i, kv.keys, kv.values)
+        if valid is None:
+            b, _, t, _ = layers[0].keys.shape
+            valid = torch.ones(b, t, dtype=torch.bool, device=self.valid.device)
+        self.extend_valid(valid)
+
+    def rows(self, index: Tensor | list[int]) -> BlockCache:
         """The cache of a subset of rows (copies), left padding kept."""
         index = torch.as_tensor(index, device=self.valid.device)
         layers = [LayerKV(kv.keys[index], kv.values[index]) for kv in self.layers]
-        return DiffusionGemmaCache(layers, self.sliding, self.window, self.valid[index])
+        return BlockCache(layers, self.sliding, self.window, self.valid[index])
 
     @staticmethod
-    def stack(caches: list[DiffusionGemmaCache]) -> DiffusionGemmaCache:
+    def stack(caches: list[BlockCache]) -> BlockCache:
         """One batch from per-request caches of any lengths: shorter ones left-padded."""
         first = caches[0]
         total = max(c.length for c in caches)
@@ -114,4 +139,4 @@ class DiffusionGemmaCache:
             values = torch.cat([left_pad(c.layers[i].values, s, 2) for c in caches])
             layers.append(LayerKV(keys, values))
         valid = torch.cat([left_pad(c.valid, total, 1) for c in caches])
-        return DiffusionGemmaCache(layers, first.sliding, first.window, valid)
+        return BlockCache(layers, first.sliding, first.window, valid)

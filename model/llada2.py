@@ -1,0 +1,237 @@
+"""LLaDA2.x's MoE denoiser: block-causal attention over a cache of finished blocks.
+
+One forward runs a window of tokens per row (some full blocks to encode, and/or the current
+block) against a `BlockCache` of earlier blocks: every query sees the cache's valid slots and,
+inside the window, the keys of its own and earlier blocks (strict block-causal, what LLaDA2 is
+trained with). The layers are RMSNorm, a fused query_key_value with per-head q/k norms before
+partial rotate-half RoPE, GQA, dense first layers, then sigmoid-routed group-limited top-k
+experts beside a shared expert. Logits only where the caller asks (`project`). Knows nothing of
+sampling, tokenizers or requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.llada2_config import LLaDA2Config
+from marble.model.transformer import RMSNorm, apply_rotary, rotary_tables
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., H] -> down(silu(gate x) * up x) [..., H]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
+        self.rotary_dim = cfg.rotary_dim
+        width = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def _rotate(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """RoPE on the leading `rotary_dim` dims of x [B, h, T, D]; the rest pass through."""
+        r = self.rotary_dim
+        return torch.cat((apply_rotary(x[..., :r], *rope), x[..., r:]), dim=-1)
+
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, H] -> q [B, Hq, T, D], k and v [B, Hkv, T, D]; q/k normed, then rotated."""
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q, k, v = qkv.transpose(1, 2).split((self.n_heads, self.n_kv, self.n_kv), dim=1)
+        q = self._rotate(self.query_layernorm(q), rope)
+        k = self._rotate(self.key_layernorm(k), rope)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, S, D], additive bias [B, 1, T, S] -> [B, T, H]."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv
+        )
+        b, _, t, _ = out.shape
+        return self.dense(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Router(nn.Module):
+    """Sigmoid scores; `expert_bias` steers which experts are chosen, not their weights."""
+
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = (
+            cfg.num_experts_per_tok,
+            cfg.n_group,
+            cfg.topk_group,
+        )
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, H] -> (weights [N, k] float32, experts [N, k]) in descending selection order."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E], router in fp32
+        choice = scores + self.expert_bias.float()
+        n, e = choice.shape
+        grouped = choice.view(n, self.n_group, e // self.n_group)
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+        experts = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.scaling
+        return weights, experts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(
+            MLP(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+        )
+        self.shared_experts = (
+            MLP(h, cfg.moe_intermediate_size * cfg.num_shared_experts)
+            if cfg.num_shared_experts
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, T, H] -> the routed experts' weighted sum plus the shared expert [B, T, H]."""
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.gate(flat)
+        k = experts.shape[1]
+        order = experts.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k
+        w = weights.flatten()[order].to(x.dtype)[:, None]
+        # One host sync per layer for the group sizes: the loop runs only experts with tokens
+        # (8 of 256 per token on the real model); a grouped GEMM could replace it.
+        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(flat)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token[start : start + count]
+            out.index_add_(0, rows, self.experts[e](flat[rows]) * w[start : start + count])
+            start += count
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view_as(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLaDA2Config, index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], past: LayerKV | None, bias: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
+        q, k, v = self.attention.project(self.input_layernorm(x), rope)
+        keys, values = k, v
+        if past is not None:
+            keys = torch.cat((past.keys, k), dim=2)
+            values = torch.cat((past.values, v), dim=2)
+        x = x + self.attention.attend(q, keys, values, bias)
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class LLaDA2(nn.Module):
+    """The LLaDA2.x MoE stack (names as in the checkpoint, without its `model.` prefix)."""
+
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self, batch: int) -> BlockCache:
+        """An empty cache of finished blocks for `batch` rows, on this model's device/dtype."""
+        w = self.word_embeddings.weight
+        shapes = [(self.cfg.num_key_value_heads, self.cfg.head_dim)] * len(self.layers)
+        return BlockCache.empty(batch, shapes, device=w.device, dtype=w.dtype)
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes of cache one row holds once `tokens` tokens are in it (every layer, K and V)."""
+        cfg, itemsize = self.cfg, self.word_embeddings.weight.itemsize
+        return len(self.layers) * tokens * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+    @torch.no_grad()
+    def forward(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        cache: BlockCache | None = None,
+        write: bool = False,
+        *,
+        block_length: int | Tensor,
+        key_valid: Tensor | None = None,
+        keep: list[LayerKV] | None = None,
+    ) -> Tensor:
+        """A window ids [B, T] at absolute positions [B, T] -> final-normed hidden [B, T, H].
+
+        Every query attends to the cache's valid slots (all before the window) and to window
+        key j iff key_valid[j] (None: all) and block(j) <= block(i), block = position //
+        block_length (an int, or [B] per row). `write` appends the window's keys/values to
+        the cache, key_valid as their validity; `keep` collects each layer's [B, Hkv, T, D]
+        for a caller that appends only part of the window (or appends it later)."""
+        if write and cache is None:
+            raise ValueError("write=True needs a cache to write to")
+        b, t = ids.shape
+        if key_valid is None:
+            key_valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        if isinstance(block_length, Tensor):
+            block_length = block_length.view(b, 1)
+        block = torch.div(positions, block_length, rounding_mode="floor")  # [B, T]
+        allowed = (block[:, None, :] <= block[:, :, None]) & key_valid[:, None, :]
+        if cache is not None:
+            seen = cache.valid[:, None, :].expand(b, t, -1)
+            allowed = torch.cat((seen, allowed), dim=2)  # [B, T, S + T]
+        x = self.word_embeddings(ids)
+        # A finite fill, not -inf: a pad query with no key to see gets a harmless average
+        # instead of NaN, which would reach real rows through 0 * NaN in later layers.
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(x.dtype).min)[:, None]
+        rope = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            past = None if cache is None else cache.layers[i]
+            x, k, v = layer(x, rope, past, bias)
+            if keep is not None:
+                keep.append(LayerKV(k, v))
+            if write:
+                cache.extend(i, k, v)  # type: ignore[union-attr]
+        if write:
+            cache.extend_valid(key_valid)  # type: ignore[union-attr]
+        return self.norm(x)
+
+    def project(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """The LM head over hidden [N, H] -> logits [N, V], into `out` when given (a caller
+        scoring every step keeps one buffer, as with `Denoiser.project`)."""
+        if out is None:
+            return self.lm_head(hidden)
+        return torch.mm(hidden, self.lm_head.weight.t(), out=out)

@@ -1,0 +1,47 @@
+"""Load a LLaDA2.x checkpoint folder (real tensor names) into `LLaDA2`.
+
+Our module tree mirrors the checkpoint's, so names map by dropping the `model.` prefix;
+single-file or sharded safetensors, every tensor placed straight into a model built on the meta
+device (the shared `fill`). Knows nothing of tokenizers, sampling or requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from marble.model.llada2 import LLaDA2
+from marble.model.llada2_config import LLaDA2Config
+from marble.model.loader import config_file, fill
+
+log = logging.getLogger(__name__)
+
+_BODY = re.compile(r"model\.(.+)")
+
+
+def map_name(name: str) -> str | None:
+    """Checkpoint tensor name -> our parameter/buffer name (None: not one of ours)."""
+    if name == "lm_head.weight":
+        return name
+    match = _BODY.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def load_llada2(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> LLaDA2:
+    """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
+    folder = Path(folder)
+    cfg = LLaDA2Config.from_file(config_file(folder))
+    with torch.device("meta"):
+        model = LLaDA2(cfg)
+    expected = {n: t.shape for n, t in model.named_parameters()}
+    expected |= {n: t.shape for n, t in model.named_buffers()}
+    loaded, _ = fill(model, folder, expected, map_name, "llada2", device, dtype)
+    log.info("loaded %s (llada2, %d tensors) on %s", folder, loaded, device)
+    return model.eval()

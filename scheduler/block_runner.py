@@ -1,0 +1,231 @@
+"""One denoising step for a batch of block-causal masked requests (LLaDA2), with token editing.
+
+Owns each running request's device-side state: its canvas (the prompt, then masks through the
+end of the last block it reaches), its cache of finished blocks, its post-fill step count and
+its random generator. Blocks are aligned to absolute positions, so the prompt's tail shares
+the first block with the first generated tokens (and is never edited). Attention is
+block-causal, so the cache is exact: a step's forward covers what the row's cache still lacks
+up to the end of its current block (the prompt's full blocks on the first step; a block that
+ended on its post-step budget, whose last forward had not seen its final tokens; then the
+current block alone), and the forwards of every row share one batched call against their
+caches stacked. Each step applies LLaDA2.1's joint rule (model/sampling.py): masks above the
+threshold are committed and filled positions above the editing threshold are replaced, both
+from the same forward; a filled block takes up to `max_post_steps` mask-free edit rounds and
+ends once a round changes nothing ("settled": that forward's keys and values are the block's
+final ones and go to the cache). One row's failure fails that row alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from marble.model import sampling
+from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.llada2 import LLaDA2
+from marble.scheduler.request import Request
+from marble.scheduler.runner import EDIT, FULL, PREFIX_CACHED, Change, Commit, RowError, RowStep
+
+log = logging.getLogger(__name__)
+
+NEVER = 2.0  # an editing threshold no probability exceeds: editing off
+
+
+@dataclass
+class _BlockRow:
+    generator: torch.Generator
+    cache: BlockCache  # keys and values of every position before `cache.length`, final
+    canvas: Tensor  # [L] prompt, then masks through the end of the last block
+    prompt_len: int
+    size: int  # block length
+    post: int = 0  # mask-free forwards the current block has taken
+
+    def saved(self) -> _BlockRow:
+        """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
+        return _BlockRow(
+            self.generator,
+            self.cache.copy_refs(),
+            self.canvas,
+            self.prompt_len,
+            self.size,
+            self.post,
+        )
+
+
+class BlockRunner:
+    def __init__(self, model: LLaDA2, mask_id: int, pad_id: int, vocab_limit: int) -> None:
+        self.model = model
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+        # Ids the tokenizer cannot decode and the mask itself are never committed or edited in.
+        self.vocab_limit = vocab_limit
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.rows: dict[str, _BlockRow] = {}
+        self._scores: Tensor | None = None  # the LM head's output buffer, reused every step
+
+    def add(self, request: Request) -> None:
+        size = request.params.block_length
+        assert size is not None  # the engine refuses a block-causal request without one
+        prompt = request.prompt_ids
+        total = -(-(len(prompt) + request.params.max_tokens) // size) * size
+        canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
+        canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device)
+        seed = request.params.seed
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        cache = self.model.new_cache(1)
+        self.rows[request.request_id] = _BlockRow(generator, cache, canvas, len(prompt), size)
+
+    def remove(self, request_id: str) -> None:
+        self.rows.pop(request_id, None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(row.cache.nbytes for row in self.rows.values())
+
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """Advance every request by one step. If the batched step raises, each row retries
+        alone from its state before the step, so only the rows that raise fail."""
+        rows = [self.rows[r.request_id] for r in requests]
+        saved = [(row.saved(), row.generator.get_state()) for row in rows]
+        try:
+            return self._step(requests)
+        except Exception as exc:
+            if len(requests) == 1:
+                log.exception("step failed for request %s", requests[0].request_id)
+                return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
+            log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(rows))
+        results: list[RowStep | RowError] = []
+        for request, (row, state) in zip(requests, saved):
+            row.generator.set_state(state)
+            self.rows[request.request_id] = row
+            results += self.run([request])
+        return results
+
+    @torch.inference_mode()
+    def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
+        rows = [self.rows[r.request_id] for r in requests]
+        dev = self.device
+        # Each row's current block [s, e) in canvas positions, and its window [a, e): from
+        # where its cache ends. Host integers: slicing by them waits on nothing.
+        spans = []
+        for r, row in zip(requests, rows):
+            s = (row.prompt_len + r.current_block[0]) // row.size * row.size
+            spans.append((row.cache.length, s, s + row.size))
+        width = max(row.size for row in rows)
+        longest = max(e - a for a, _, e in spans)
+        n = len(rows)
+        ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
+        positions = torch.zeros((n, longest), dtype=torch.long, device=dev)
+        key_valid = torch.zeros((n, longest), dtype=torch.bool, device=dev)
+        block = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
+        for i, (row, (a, s, e)) in enumerate(zip(rows, spans)):  # right padding
+            ids[i, : e - a] = row.canvas[a:e]
+            positions[i, : e - a] = torch.arange(a, e, device=dev)
+            key_valid[i, : e - a] = True
+            block[i, : e - s] = row.canvas[s:e]
+        col = torch.arange(width, device=dev)
+        sizes = torch.tensor([row.size for row in rows], device=dev)
+        in_block = col[None, :] < sizes[:, None]
+        starts = torch.tensor([s for _, s, _ in spans], device=dev)
+        absolute = starts[:, None] + col[None, :]
+        active = (block == self.mask_id) & in_block
+        protected = absolute < torch.tensor([row.prompt_len for row in rows], device=dev)[:, None]
+        protected |= ~in_block
+        # A block with no mask left spends one of its edit rounds on this forward.
+        for row, masked in zip(rows, active.any(-1).tolist()):
+            row.post += 0 if masked else 1
+
+        cache = rows[0].cache if n == 1 else BlockCache.stack([row.cache for row in rows])
+        keep: list[LayerKV] = []
+        hidden = self.model(
+            ids, positions, cache, block_length=sizes, key_valid=key_valid, keep=keep
+        )
+        offsets = torch.tensor([s - a for a, s, _ in spans], device=dev)
+        picked_rows = (offsets[:, None] + col[None, :]).clamp_max(longest - 1)
+        picked = hidden.gather(1, picked_rows[..., None].expand(-1, -1, hidden.shape[-1]))
+        flat = picked.reshape(-1, picked.shape[-1])
+        logits = self.model.project(flat, out=self._score_buffer(len(flat))).float()
+        logits = logits.view(n, width, -1)
+        logits[..., self.mask_id] = float("-inf")
+        logits[..., self.vocab_limit :] = float("-inf")
+
+        params = [r.params for r in requests]
+        x0, p = sampling.joint_predict(
+            logits,
+            torch.tensor([q.temperature for q in params], device=dev),
+            torch.tensor([q.top_k for q in params], device=dev),
+            torch.tensor([q.top_p for q in params], device=dev),
+            [row.generator for row in rows],
+        )
+        editing = [NEVER if q.editing_threshold is None else q.editing_threshold for q in params]
+        step = sampling.joint_select(
+            x0,
+            p,
+            block,
+            active,
+            protected,
+            torch.tensor([q.threshold for q in params], device=dev),
+            torch.tensor(editing, device=dev),
+            torch.tensor([q.num_to_transfer for q in params], device=dev),
+        )
+        settled = sampling.block_settled(active, step.edit).tolist()
+        broken = (torch.isnan(p) & in_block).any(-1).tolist()
+
+        # Host copies of the small [R, W] results, once.
+        commit, edit = step.commit.tolist(), step.edit.tolist()
+        tokens, before, prob = step.tokens.tolist(), block.tolist(), p.double().tolist()
+        results: list[RowStep | RowError] = []
+        for i, (r, row, (a, s, e)) in enumerate(zip(requests, rows, spans)):
+            if broken[i]:
+                results.append(
+                    RowError(
+                        "non_finite_logits",
+                        "the model produced non-finite logits (NaN or infinity)",
+                    )
+                )
+                continue
+            size = row.size
+            row.canvas = row.canvas.clone()
+            row.canvas[s:e] = step.tokens[i, :size]
+            # What the cache lacked before the block is final; the block is too once settled
+            # (this forward saw its final tokens).
+            kept = (s - a) + (size if settled[i] else 0)
+            if kept:
+                row.cache.append([kv.part([i], 0, kept) for kv in keep])
+            rounds = r.params.max_post_steps if r.params.editing_threshold is not None else 0
+            filled = self.mask_id not in tokens[i][:size]
+            final = settled[i] or (filled and row.post + 1 > rounds)
+            if final:
+                row.post = 0
+            gen = row.prompt_len
+            limit = r.params.max_tokens  # positions past it are decoded but never shown
+            commits = [
+                Commit(s + j - gen, tokens[i][j], prob[i][j], _log(prob[i][j]))
+                for j in range(size)
+                if commit[i][j] and s + j - gen < limit
+            ]
+            changes = [
+                Change(s + j - gen, tokens[i][j], before[i][j], EDIT, prob[i][j])
+                for j in range(size)
+                if edit[i][j] and s + j - gen < limit
+            ]
+            kind = FULL if a == 0 else PREFIX_CACHED
+            results.append(RowStep(commits, kind, e - a, changes, block_final=final))
+        return results
+
+    def _score_buffer(self, n: int) -> Tensor:
+        if self._scores is None or len(self._scores) < n:
+            shape = (n, self.model.cfg.vocab_size)
+            self._scores = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self._scores[:n]
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else float("-inf")

@@ -398,3 +398,34 @@ def test_a_uniform_state_canvas_shows_positions_changing(uniform_server: str, pa
     assert len({f["canvas"] for f in frames}) >= 3, "the canvas did not change from step to step"
     assert card.locator(".text").evaluate("e => e.classList.contains('final')")
     assert errors == [], f"console errors: {errors}"
+
+
+@pytest.fixture(scope="module")
+def editing_server() -> Iterator[str]:
+    """Tiny LLaDA2: block-causal, edits filled tokens (LLaDA2.1's quality mode by default)."""
+    with running_server(REPO.parent / "shared" / "reference" / "llada2-tiny") as url:
+        yield url
+
+
+def test_an_edited_position_shows_as_an_edit(editing_server: str, page: tuple) -> None:
+    """An LLaDA2 card counts edits in its header and outlines every position a later step
+    replaced; the text is final once the request completes."""
+    page, errors = page
+    _open(page, editing_server)
+    page.fill("#prompt", "Solve 12 + 30.")
+    page.fill("#max_tokens", "32")
+    page.fill("#block_length", "8")
+    page.set_checked("#ignore_eos", True)
+    page.click("#generate")
+    card = page.locator(".card").first
+    card.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('.card').dataset.state === 'completed'", timeout=90_000
+    )
+    header = card.locator(".fwd").inner_text()
+    edits = int(header.split("edits ")[1].split(" ")[0]) if "edits " in header else 0
+    assert edits > 0, header
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-edit.png"), full_page=True)
+    assert card.locator(".text").evaluate("e => e.classList.contains('final')")
+    assert errors == [], f"console errors: {errors}"

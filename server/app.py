@@ -53,5 +53,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(
         BodyLimitMiddleware, limit=settings.max_body_bytes, on_reject=lifecycle.metrics.reject
     )
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response gets its id
+    # Outermost: every response gets its id.
+    app.add_middleware(RequestIdMiddleware, replica_id=settings.replica_id)
     return app

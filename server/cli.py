@@ -38,6 +38,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("--api-key", str, "require `Authorization: Bearer <key>` on /v1 routes"),
     ("--torch-threads", int, "CPU threads for torch (default: every core)"),
     ("--log-level", str, "debug, info, warning, error"),
+    ("--replica-id", str, "tag starting every request id, 1-16 of a-z 0-9 (default: none)"),
 ]
 
 

@@ -1,6 +1,9 @@
 """Pure ASGI middleware: a request id on every response, the body-size limit, and the last
 error boundary (an unexpected exception becomes a logged 500 in OpenAI's shape).
 
+A request id is 32 hex digits, after `<replica_id>-` when the server has a replica id: a
+balancer routes attach-by-id on that tag (deploy/nginx/).
+
 Pure ASGI rather than BaseHTTPMiddleware so streaming responses and `http.disconnect`
 pass through untouched. Knows nothing of the engine.
 """
@@ -26,6 +29,12 @@ def request_id_of(scope: Scope) -> str:
     return scope[REQUEST_ID_KEY]
 
 
+def new_request_id(replica_id: str | None) -> str:
+    """`r1-<32 hex>` for replica `r1`, `<32 hex>` without a replica id."""
+    token = uuid.uuid4().hex
+    return token if replica_id is None else f"{replica_id}-{token}"
+
+
 async def _send_json(
     send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]
 ) -> None:
@@ -46,16 +55,18 @@ async def _send_json(
 
 class RequestIdMiddleware:
     """Gives each HTTP request a fresh id (`X-Request-Id` on the response, the request's
-    id in the engine and in events) and turns escaped exceptions into a 500."""
+    id in the engine and in events) and turns escaped exceptions into a 500. Ids start with
+    `replica_id` when one is given."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, replica_id: str | None = None) -> None:
         self.app = app
+        self.replica_id = replica_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id(self.replica_id)
         scope[REQUEST_ID_KEY] = request_id
         header = (b"x-request-id", request_id.encode())
         started = False

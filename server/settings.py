@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     api_key: str | None = None
     torch_threads: int | None = Field(None, ge=1)  # None: every core (measured: README)
     log_level: str = "info"
+    # Starts every request id minted here (`r1-<32 hex>`) so a balancer can send attach-by-id
+    # to the replica that owns the request (README, "Scaling out"); None: bare ids.
+    replica_id: str | None = Field(None, pattern=r"^[a-z0-9]{1,16}$")
 
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
     max_n: int = Field(16, ge=1, le=1024)  # choices per request (each an engine request)

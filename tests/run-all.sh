@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        chromium prometheus podman runc debootstrap >/dev/null
+        chromium prometheus podman runc debootstrap nginx >/dev/null
 fi
 
 # torch first, pinned: on these machines it resolves to a local CPU build, so the project's

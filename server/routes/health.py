@@ -19,6 +19,7 @@ async def health(lifecycle: LifecycleDep) -> JSONResponse:
     body: dict = {
         "status": "ok" if lifecycle.phase == "ready" else lifecycle.phase,
         "model": lifecycle.model_name,
+        "replica_id": lifecycle.settings.replica_id,  # whose request ids start with it
     }
     if lifecycle.phase == "ready" and lifecycle.engine is not None:
         body["active_requests"] = lifecycle.engine.registry.num_running

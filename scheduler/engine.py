@@ -124,6 +124,13 @@ class Engine:
             raise ValueError(f"model name {served.name!r} is already served")
         self.models[served.name] = served
 
+    def rename(self, old: str, new: str) -> None:
+        """Serve a model under another name (before any request names it), in its place."""
+        if new != old and new in self.models:
+            raise ValueError(f"model name {new!r} is already served")
+        self.models[old].name = new
+        self.models = {(new if k == old else k): m for k, m in self.models.items()}
+
     @classmethod
     def from_pretrained(
         cls,
@@ -641,4 +648,3 @@ class Engine:
                     yield out
                     if out.finished:
                         pending.discard(out.request_id)
-

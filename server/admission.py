@@ -42,11 +42,12 @@ class Admission:
         return self.lifecycle.ready()
 
     def check_model(self, model: str | None) -> None:
-        served = self.lifecycle.model_name
-        if model is not None and model != served:
+        served = self.lifecycle.model_names
+        if model is not None and model not in served:
+            names = ", ".join(repr(n) for n in served)
             raise APIError(
                 404,
-                f"the model {model!r} does not exist; this server serves {served!r}",
+                f"the model {model!r} does not exist; this server serves {names}",
                 param="model",
                 code="model_not_found",
                 reason="unknown_model",
@@ -74,13 +75,14 @@ class Admission:
                 reason="invalid",
             )
         try:
-            params = body.sampling_params(engine.defaults)
+            params = body.sampling_params(engine.served(body.model).defaults)
         except InvalidParam as exc:
             raise invalid(exc) from exc
-        jobs = [Job(p, choice_params(params, j), suffix) for p in prompts for j in range(body.n)]
-        record = engine.registry.create(
-            request_id, self.lifecycle.model_name, total, draft_every, lossless
-        )
+        model = body.model or self.lifecycle.model_name
+        jobs = [
+            Job(p, choice_params(params, j), suffix, model) for p in prompts for j in range(body.n)
+        ]
+        record = engine.registry.create(request_id, model, total, draft_every, lossless)
         try:
             await engine.submit(record, jobs)
         except EngineClosed as exc:

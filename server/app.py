@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.lifecycle = lifecycle
     app.state.admission = Admission(lifecycle)
     install_error_handlers(app, lifecycle.metrics.reject)
-    install_openapi(app, lifecycle.model_name)  # built on first use, from every route
+    install_openapi(app, lifecycle.model_names)  # built on first use, from every route
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(diffusion.router)

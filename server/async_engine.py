@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.served_model import ServedModel
 from marble.server.engine_thread import EngineThread
 from marble.server.metrics import Metrics
 from marble.server.registry import Registry
@@ -30,6 +30,7 @@ class Job:
     prompt: str | list[int]
     params: SamplingParams
     suffix: str | list[int] | None = None
+    model: str | None = None  # a served model's name (None: the first)
 
 
 class EngineClosed(RuntimeError):
@@ -44,18 +45,10 @@ class AsyncEngine:
         self.thread = EngineThread(engine, metrics, registry.deliver)
         self.closed = False
 
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        return self.engine.tokenizer
-
-    @property
-    def defaults(self) -> SamplingParams:
-        """The checkpoint's serving defaults; a request's fields are merged over them."""
-        return self.engine.defaults
-
-    @property
-    def context(self) -> int:
-        return self.engine.context
+    def served(self, model: str | None = None) -> ServedModel:
+        """A served model's tokenizer, serving defaults (a request's fields are merged over
+        them) and context; None: the first. The name is checked by admission."""
+        return self.engine.served(model)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.thread.start(loop)
@@ -69,7 +62,7 @@ class AsyncEngine:
         def prepare() -> list[Request]:
             return [
                 engine.make_request(
-                    job.prompt, job.params, Registry.engine_id(record, i), job.suffix
+                    job.prompt, job.params, Registry.engine_id(record, i), job.suffix, job.model
                 )
                 for i, job in enumerate(jobs)
             ]

@@ -1,4 +1,4 @@
-"""The `marble` command: `marble serve [--model PATH] [--host H] [--port P] ...`.
+"""The `marble` command: `marble serve [--model PATH] [--also-serve PATH]... [--port P] ...`.
 
 Flags override `MARBLE_*` environment variables, which override the defaults in
 `marble.server.settings.Settings`. The model loads after the socket is listening (`/health` says
@@ -62,27 +62,36 @@ def _parser() -> argparse.ArgumentParser:
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for flag, type_, help_ in _FLAGS:
         parser.add_argument(flag, type=type_, default=None, help=_help(flag, help_))
+    parser.add_argument(
+        "--also-serve",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="another checkpoint folder to serve beside --model in the same engine steps, "
+        "named by its folder (repeatable)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in _FLAGS}
+    given["also_serve"] = args.also_serve
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
 def _model_problem(settings: Settings) -> str | None:
     from marble.model.default import CHECKPOINT_DIR
 
-    if settings.model is None:
-        path = CHECKPOINT_DIR
+    if settings.model is None and not (CHECKPOINT_DIR / "config.json").exists():
+        return (
+            "no model given and the embedded default model is not available yet "
+            f"({CHECKPOINT_DIR} has no checkpoint).\n"
+            "Pass a checkpoint folder: marble serve --model /path/to/checkpoint"
+        )
+    given = [] if settings.model is None else [settings.model]
+    for path in (*given, *settings.also_serve):
         if not (path / "config.json").exists():
-            return (
-                "no model given and the embedded default model is not available yet "
-                f"({path} has no checkpoint).\n"
-                "Pass a checkpoint folder: marble serve --model /path/to/checkpoint"
-            )
-        return None
-    if not (settings.model / "config.json").exists():
-        return f"{settings.model}: not a checkpoint folder (no config.json)"
+            return f"{path}: not a checkpoint folder (no config.json)"
     return None
 
 

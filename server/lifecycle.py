@@ -18,6 +18,7 @@ from marble.model.default import CHECKPOINT_DIR
 from marble.model.device import resolve_device
 from marble.scheduler.engine import Engine
 from marble.scheduler.scheduler import SchedulerConfig
+from marble.scheduler.served_model import load_served
 from marble.server.async_engine import AsyncEngine
 from marble.server.draft import DraftRenderer
 from marble.server.errors import APIError
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
-    """Load the checkpoint named by the settings (the embedded model when none is)."""
+    """Load the checkpoints named by the settings (the embedded model when none is), each
+    extra one under its folder's name."""
     path = settings.model or CHECKPOINT_DIR
     config = SchedulerConfig(
         max_batch_size=settings.max_batch_size,
@@ -42,7 +44,20 @@ def build_engine(settings: Settings) -> Engine:
     )
     device = resolve_device(settings.device)
     log.info("loading %s on %s", path, device)
-    return Engine.from_pretrained(path, device, settings.dtype, config=config, progress=False)
+    engine = Engine.from_pretrained(
+        path, device, settings.dtype, config=config, progress=False, name=first_name(settings)
+    )
+    for extra in settings.also_serve:
+        log.info("loading %s on %s", extra, device)
+        engine.add_model(load_served(extra, extra.name, device, settings.dtype, progress=False))
+    return engine
+
+
+def first_name(settings: Settings) -> str:
+    """The name clients send for the first model (the default of a request naming none)."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return "marble" if settings.model is None else Path(settings.model).name
 
 
 class Lifecycle:
@@ -50,18 +65,18 @@ class Lifecycle:
         self.settings = settings
         self.metrics = Metrics()
         self.engine: AsyncEngine | None = None
-        self.draft: DraftRenderer | None = None  # built with the engine
+        # Each served model's draft renderer, by name, built with the engine.
+        self.drafts: dict[str, DraftRenderer] = {}
         self.phase = "loading"
         self.load_error: str | None = None
         self.server: Any = None  # a uvicorn.Server to stop if loading fails (set by the CLI)
         self._given = engine  # an engine built by the caller (tests), served as it is
         self._load_task: asyncio.Task | None = None
-        if settings.served_model_name:
-            self.model_name = settings.served_model_name
-        elif settings.model is not None:
-            self.model_name = Path(settings.model).name
-        else:
-            self.model_name = "marble"
+        self.model_name = first_name(settings)
+        extra = [p.name for p in settings.also_serve] if engine is None else list(engine.models)[1:]
+        self.model_names = [self.model_name, *extra]  # the first is a request's default
+        if len(set(self.model_names)) < len(self.model_names):
+            raise ValueError(f"served model names must differ: {self.model_names}")
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
@@ -86,9 +101,12 @@ class Lifecycle:
         limits = StreamLimits(
             s.subscriber_queue_size, s.subscriber_max_bytes, self.metrics.dropped_events.inc
         )
-        # One renderer of drafts for both output formats.
-        self.draft = DraftRenderer(engine.tokenizer, s.mask_placeholder)
-        events = NativeEvents(engine.tokenizer, self.draft)
+        engine.rename(engine.first.name, self.model_name)
+        # One renderer of drafts per model, for both output formats.
+        events = {}
+        for name, served in engine.models.items():
+            self.drafts[name] = DraftRenderer(served.tokenizer, s.mask_placeholder)
+            events[name] = NativeEvents(served.tokenizer, self.drafts[name])
         registry = Registry(s, events, Firehose(s.global_log_size, limits), limits)
         self.engine = AsyncEngine(engine, self.metrics, registry)
         self.metrics.kv_cache_budget.set(engine.scheduler.kv_budget)
@@ -98,7 +116,7 @@ class Lifecycle:
         gc.freeze()
         self.engine.start(loop)
         self.phase = "ready"
-        log.info("ready: serving %r", self.model_name)
+        log.info("ready: serving %s", ", ".join(repr(n) for n in self.model_names))
 
     def ready(self) -> AsyncEngine:
         """The engine, or a 503 (with Retry-After) saying why there is none to serve with."""

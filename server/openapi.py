@@ -229,8 +229,8 @@ def _responses(method: str, path: str, operation: dict[str, Any]) -> dict[str, A
     return responses
 
 
-def _pin_model(schema: dict[str, Any], body: dict[str, Any], model_name: str) -> None:
-    """A body's `model` may only name the served model (another name is a 404)."""
+def _pin_model(schema: dict[str, Any], body: dict[str, Any], model_names: list[str]) -> None:
+    """A body's `model` may only name a served model (another name is a 404)."""
     ref = body.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
     target = schema["components"]["schemas"].get(ref.rsplit("/", 1)[-1], {})
     field = target.get("properties", {}).get("model")
@@ -238,11 +238,13 @@ def _pin_model(schema: dict[str, Any], body: dict[str, Any], model_name: str) ->
         return
     for branch in [field, *field.get("anyOf", ())]:
         if branch.get("type") == "string":
-            branch["enum"] = [model_name]
-    field["description"] = "the served model (optional); another name is a 404"
+            branch["enum"] = list(model_names)
+    field["description"] = (
+        "a served model (optional: the first listed by default); another name is a 404"
+    )
 
 
-def build_openapi(app: FastAPI, model_name: str) -> dict[str, Any]:
+def build_openapi(app: FastAPI, model_names: list[str]) -> dict[str, Any]:
     """FastAPI's document with each operation's responses replaced from the table above."""
     schema = get_openapi(
         title=app.title,
@@ -262,16 +264,16 @@ def build_openapi(app: FastAPI, model_name: str) -> dict[str, Any]:
         for method, operation in operations.items():
             operation["responses"] = _responses(method, path, operation)
             if "requestBody" in operation:
-                _pin_model(schema, operation["requestBody"], model_name)
+                _pin_model(schema, operation["requestBody"], model_names)
     return schema
 
 
-def install_openapi(app: FastAPI, model_name: str) -> None:
+def install_openapi(app: FastAPI, model_names: list[str]) -> None:
     """Serve `build_openapi` at `/openapi.json` (built once, on first use)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, model_name)
+            app.openapi_schema = build_openapi(app, model_names)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -29,10 +29,14 @@ ID_PREFIXES = ("chatcmpl-", "cmpl-", "gen-")
 
 class Registry:
     def __init__(
-        self, settings: Settings, events: NativeEvents, firehose: Firehose, limits: StreamLimits
+        self,
+        settings: Settings,
+        events: dict[str, NativeEvents],
+        firehose: Firehose,
+        limits: StreamLimits,
     ) -> None:
         self.settings = settings
-        self.events = events
+        self.events = events  # by served model name: each renders with its own tokenizer
         self.firehose = firehose
         self.limits = limits
         self.records: OrderedDict[str, RequestRecord] = OrderedDict()
@@ -51,7 +55,7 @@ class Registry:
             n=n,
             draft_every=self.settings.draft_every if draft_every is None else draft_every,
             log=EventLog(self.settings.event_log_size),
-            events=self.events,
+            events=self.events[model],
             firehose=self.firehose,
             limits=self.limits,
             outputs=asyncio.Queue() if lossless else None,

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     model: Path | None = None  # checkpoint folder; None = the embedded default model
     served_model_name: str | None = None  # the `model` name clients send; default: folder name
+    # More checkpoint folders served beside `model` in the same engine steps, each named by
+    # its folder (MARBLE_ALSO_SERVE takes a JSON list).
+    also_serve: list[Path] = []
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"  # "auto" = cuda when available, else cpu

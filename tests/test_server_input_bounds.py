@@ -111,7 +111,7 @@ async def test_chat_content_with_a_lone_surrogate_is_400(llada_tiny_path):
 async def test_a_huge_prompt_is_refused_without_tokenizing_it(llada_tiny_path, monkeypatch):
     """Before: a 4 MB prompt was tokenized on the event loop (/health froze 3.4 s)."""
     async with serving(llada_tiny_path) as (app, client):
-        tokenizer = app.state.lifecycle.engine.tokenizer
+        tokenizer = app.state.lifecycle.engine.served().tokenizer
         calls = []
         encode = tokenizer.encode
         monkeypatch.setattr(

@@ -77,7 +77,7 @@ async def test_n_choices_and_seeds(llada_tiny_path):
 
 async def test_token_prompt_echo_and_logprobs(llada_tiny_path):
     async with serving(llada_tiny_path) as (app, client):
-        ids = app.state.lifecycle.engine.tokenizer.encode("Hello")
+        ids = app.state.lifecycle.engine.served().tokenizer.encode("Hello")
         r = await client.post(
             "/v1/completions",
             json={"prompt": ids, "echo": True, "logprobs": 1, "ignore_eos": True, **FIXED},

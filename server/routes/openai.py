@@ -28,29 +28,26 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 T = TypeVar("T")
 
 
-def _model_card(lifecycle: Lifecycle) -> dict[str, Any]:
-    card: dict[str, Any] = {
-        "id": lifecycle.model_name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "marble",
-    }
+def _model_card(lifecycle: Lifecycle, name: str) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "marble"}
     if lifecycle.engine is not None:
-        card["max_model_len"] = lifecycle.engine.context
+        served = lifecycle.engine.served(name)
+        card["max_model_len"] = served.context
         # The serving defaults a request's fields are merged over (the dashboard's form).
-        card["defaults"] = lifecycle.engine.defaults.to_dict()
+        card["defaults"] = served.defaults.to_dict()
     return card
 
 
 @router.get("/models")
 async def models(lifecycle: LifecycleDep) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(lifecycle)]}
+    """Every served model, the default (what a request naming none gets) first."""
+    return {"object": "list", "data": [_model_card(lifecycle, n) for n in lifecycle.model_names]}
 
 
 @router.get("/models/{model:path}")
 async def model(model: str, admission: AdmissionDep) -> dict[str, Any]:
     admission.check_model(model)
-    return _model_card(admission.lifecycle)
+    return _model_card(admission.lifecycle, model)
 
 
 @router.post("/completions", response_model=None)
@@ -62,7 +59,8 @@ async def completions(
     record = await admission.admit(engine, request_id, body, prompts, body.suffix, lossless=True)
     echo = None
     if body.echo:  # after submitting: the prompts are known to fit the context by now
-        echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+        tokenizer = engine.served(body.model).tokenizer
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     response = _openai("completion", admission, engine, record, body, body.logprobs, echo)
     return await _respond(admission, engine, request, record, response, body.stream)
 
@@ -74,7 +72,8 @@ async def chat_completions(
     engine = admission.ready(body.model)
     try:
         messages = [m.to_template() for m in body.messages]
-        prompt = engine.tokenizer.render_chat(messages, **(body.chat_template_kwargs or {}))
+        tokenizer = engine.served(body.model).tokenizer
+        prompt = tokenizer.render_chat(messages, **(body.chat_template_kwargs or {}))
     except ChatTemplateError as exc:
         raise APIError(
             400, str(exc), param="messages", code="no_chat_template", reason="invalid"
@@ -96,8 +95,7 @@ def _openai(
     logprobs: int | None,
     echo: list[str] | None = None,
 ) -> OpenAIResponse:
-    settings, draft = admission.settings, admission.lifecycle.draft
-    assert draft is not None  # the engine is ready, so its renderer exists
+    settings, draft = admission.settings, admission.lifecycle.drafts[record.model]
     return OpenAIResponse(
         kind,
         record,

@@ -135,6 +135,13 @@ class Metrics:
             buckets=_CANVAS,
             registry=r,
         )
+        self.corrections = Counter(
+            "marble_corrections_total",
+            "Masked models: filled positions a step replaced (op=edit, token editing) or masked "
+            "again (op=remask, verification).",
+            ["op"],
+            registry=r,
+        )
         self.canvases_per_request = Histogram(
             "marble_canvases_per_request",
             "Uniform-state models: canvases a finished request denoised.",
@@ -241,6 +248,8 @@ class Metrics:
                 self.canvas_positions.labels("renoised").observe(out.renoised)
             elif ran:
                 self.tokens_per_forward.observe(len(out.committed))
+                for change in out.changes:
+                    self.corrections.labels(change.op).inc()
             if timing is not None:
                 if ran and timing.first_step is None:
                     timing.started, timing.first_step = step_start, now

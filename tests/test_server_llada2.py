@@ -25,6 +25,7 @@ async def test_step_events_carry_commits_and_edits_that_rebuild_the_tokens():
     async with serving(CHECKPOINT) as (_, client):
         r = await client.post("/v1/diffusion/generate", json=BODY)
         events = parse_sse(r.text)
+        metrics = (await client.get("/metrics")).text
     steps = [e.json() for e in events if e.event == "step"]
     completed = next(e.json() for e in events if e.event == "request.completed")
     shown: dict[int, int] = {}
@@ -39,6 +40,7 @@ async def test_step_events_carry_commits_and_edits_that_rebuild_the_tokens():
             shown[c["pos"]] = c["token_id"]
             edits += 1
     assert edits > 0
+    assert f'marble_corrections_total{{op="edit"}} {edits:.1f}' in metrics
     assert steps[0]["forward"] == "full" and {s["forward"] for s in steps[1:]} == {"prefix_cached"}
     blocks = [e.json() for e in events if e.event == "block.committed"]
     tokens = [t for b in blocks for t in b["tokens"]]

@@ -240,3 +240,22 @@ def block_settled(active: Tensor, edit: Tensor) -> Tensor:
     """After a step: active at its start and its edits [R, W] -> [R] bool: the block ends (it
     had no mask, and nothing changed, so this forward saw its final tokens)."""
     return ~active.any(-1) & ~edit.any(-1)
+
+
+def llada_left(masks_at_block_start: Tensor, block_steps: Tensor, step: Tensor) -> Tensor:
+    """[B] ints -> masks the LLaDA count schedule leaves in the block after step `step` (0 from
+    its last step on): the sum of `llada_counts` over steps 0..step, taken from the block."""
+    m, s = masks_at_block_start, block_steps
+    done = m // s * (step + 1) + torch.minimum(step + 1, m % s)
+    return (m - done).clamp_min(0)
+
+
+def verify_remask(prob: Tensor, filled: Tensor, threshold: Tensor, limit: Tensor) -> Tensor:
+    """WINO's verify: prob [B, W] of the token each filled position holds, filled bool [B, W],
+    threshold [B] (NaN = off), limit [B] -> remask bool [B, W].
+
+    A filled position whose token's probability is below the threshold is masked again,
+    lowest probability first (ties: lower index first), at most `limit` per row."""
+    below = filled & (prob < threshold[:, None])
+    rank = _rank((-prob.float()).masked_fill(~below, float("-inf")))
+    return below & (rank < limit[:, None])

@@ -6,7 +6,9 @@ of three kinds of forward: `full` (every position: no cache, or a block start th
 cache), `prefix_cached` (the current block onward against the kept prefix) or `dual_cached`
 (the current block only, against everything kept). Full rows share left-padded forwards,
 grouped by length so a short row does not pay for a long one; cached rows share one forward
-over their query positions. Only the current block of each row goes through the LM head.
+over their query positions. Only the current block of each row goes through the LM head: its
+masked positions, and in a row that verifies (WINO, `verify_threshold`) its filled ones too,
+which the step may mask again.
 One row's failure (non-finite logits, an exception) fails that row alone.
 """
 
@@ -29,8 +31,10 @@ from marble.model.sampling import (
     filter_top_k_top_p,
     gumbel_argmax,
     llada_counts,
+    llada_left,
     score_confidence,
     select_commits,
+    verify_remask,
 )
 from marble.model.transformer import Denoiser, KeyValues
 from marble.scheduler.request import Request
@@ -221,34 +225,54 @@ class ModelRunner:
 
         kinds = [self.forward_kind(r) for r in requests]
         # Only positions that can still be committed (masked, in the block) get logits: each
-        # row's eligible window columns first, in order ([B, E]). How many each row has is
-        # known on the host (its request's ids), so none of this waits on the device.
+        # row's eligible window columns first, in order ([B, E]). A row that verifies also
+        # scores its block's filled positions ("checks"), in the columns after those. How many
+        # each row has is known on the host (its request's ids), so none of this waits on the
+        # device.
         counts = [
             r.tokens[r.current_block[0] : r.current_block[1]].count(self.mask_id) for r in requests
         ]
         firsts = [0, *accumulate(counts)][:-1]  # row b's first entry
-        cols = torch.argsort((~eligible).to(torch.int8), dim=-1, stable=True)
-        cols = cols[:, : max(1, max(counts))]
-        counts_t = torch.tensor(counts, device=dev)
-        # Past a row's own count, repeat its first column (a real position in its block).
-        real = torch.arange(cols.shape[1], device=dev)[None, :] < counts_t[:, None]
+        verifying = [r.params.verify_threshold is not None for r in requests]
+        checks = [size - n if v else 0 for size, n, v in zip(sizes, counts, verifying)]
+        # The window lies inside the generated region (blocks split max_tokens), so a filled
+        # position here is never a prompt or suffix token.
+        filled = valid & ~eligible & torch.tensor(verifying, device=dev)[:, None]
+        group = (~eligible).to(torch.int8) + (~(eligible | filled)).to(torch.int8)  # 0, 1, 2
+        cols = torch.argsort(group, dim=-1, stable=True)
+        cols = cols[:, : max(1, max(n + c for n, c in zip(counts, checks)))]
+        counts_t, checks_t = torch.tensor(counts, device=dev), torch.tensor(checks, device=dev)
+        # Past a row's own entries, repeat its first column (a real position in its block).
+        real = torch.arange(cols.shape[1], device=dev)[None, :] < (counts_t + checks_t)[:, None]
         cols = torch.where(real, cols, cols[:, :1])
         b_e = torch.repeat_interleave(
             torch.arange(len(rows), device=dev), counts_t, output_size=sum(counts)
         )  # entries, row-major: row b's in window order
         j_e = torch.arange(sum(counts), device=dev) - torch.tensor(firsts, device=dev)[b_e]
         w_e = cols[b_e, j_e]
-        logits, computed = self._logits(requests, rows, kinds, starts, cols, counts, firsts)
+        n = sum(counts)
+        if any(verifying):
+            # The checked entries follow every row's eligible ones: entries n onward.
+            b_c = torch.repeat_interleave(
+                torch.arange(len(rows), device=dev), checks_t, output_size=sum(checks)
+            )
+            check_firsts = [0, *accumulate(checks)][:-1]
+            j_c = (
+                torch.arange(sum(checks), device=dev) - torch.tensor(check_firsts, device=dev)[b_c]
+            )
+            b_e, w_e = torch.cat([b_e, b_c]), torch.cat([w_e, cols[b_c, counts_t[b_c] + j_c]])
+        logits, computed = self._logits(requests, rows, kinds, starts, cols, counts, checks)
         logits[:, self.mask_id] = float("-inf")
         logits[:, self.vocab_limit :] = float("-inf")
         for b, (r, row) in enumerate(zip(requests, rows)):
-            # The first generated position, while still masked, is row b's first entry.
-            if (
-                row.first_allowed is not None
-                and r.current_block[0] == 0
-                and r.tokens[0] == self.mask_id
-            ):
+            if row.first_allowed is None or r.current_block[0] != 0:
+                continue
+            # The first generated position is row b's first entry while masked, or its first
+            # checked one once filled: it is checked under the constraint it was drawn under.
+            if r.tokens[0] == self.mask_id:
                 logits[firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
+            elif verifying[b]:
+                logits[n + check_firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
         params = [r.params for r in requests]
         per_entry = logits[:, None]  # [N, 1, V]: the samplers' [B, W, V] with one column each
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
@@ -285,6 +309,10 @@ class ModelRunner:
                         sizes[b], generator=rows[b].generator, device=dev
                     )
             random_conf = draw[b_e, w_e][:, None]
+        if any(verifying):
+            # A checked entry's candidate is the token it holds: the scoring below then gives
+            # that token's log-probability under this step's forward.
+            x0[n:, 0] = window_ids[b_e[n:], w_e[n:]]
         conf_e, logprob_e = score_confidence(per_entry, x0, kind, random_conf)
         # Back to window shape [B, W] (small): what the commit rules read.
         conf = torch.full((len(rows), width), float("-inf"), device=dev)
@@ -304,6 +332,9 @@ class ModelRunner:
         commit &= ~broken[:, None]
         b_idx, w_idx = commit.nonzero(as_tuple=True)
         ids[b_idx, win_pos[b_idx, w_idx]] = tokens[b_idx, w_idx]
+        changes: list[list[Change]] = [[] for _ in requests]
+        if any(verifying):
+            changes = self._remask(requests, ids, win_pos, filled, commit, logprob, broken)
         for b, row in enumerate(rows):
             row.canvas = ids[b, pads[b] :]
 
@@ -321,13 +352,56 @@ class ModelRunner:
             r = requests[int(b)]
             commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
         results: list[StepResult] = [
-            RowStep(row_commits, kind, n) for row_commits, kind, n in zip(commits, kinds, computed)
+            RowStep(row_commits, kind, n, row_changes)
+            for row_commits, kind, n, row_changes in zip(commits, kinds, computed, changes)
         ]
         for b in broken.nonzero().flatten().tolist():
             results[b] = RowError(
                 "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
             )
         return results
+
+    def _remask(
+        self,
+        requests: list[Request],
+        ids: Tensor,
+        win_pos: Tensor,
+        filled: Tensor,
+        commit: Tensor,
+        logprob: Tensor,
+        broken: Tensor,
+    ) -> list[list[Change]]:
+        """WINO's verify over the filled positions [B, W] of the rows that verify: each one
+        whose token fell below the row's verify_threshold is masked again in `ids` (lowest
+        first), and the step's remasks per row. At most one fewer than the row's commits this
+        step, so every step fills at least one more position and a block ends within its
+        length of steps; a count-rule row remasks nothing at its block's last planned step, so
+        its block ends on plan (remasked positions join the next step's count, `_counts`)."""
+        dev = ids.device
+        limit = commit.sum(-1) - 1
+        last = [
+            r.params.threshold is None and r.step_in_block + 1 >= r.block_steps[r.block_index]
+            for r in requests
+        ]
+        limit = limit.masked_fill(torch.tensor(last, device=dev), 0)
+        thresholds = [
+            float("nan") if r.params.verify_threshold is None else r.params.verify_threshold
+            for r in requests
+        ]
+        prob = logprob.exp()
+        remask = verify_remask(prob, filled, torch.tensor(thresholds, device=dev), limit)
+        remask &= ~broken[:, None]
+        b_idx, w_idx = remask.nonzero(as_tuple=True)
+        previous = ids[b_idx, win_pos[b_idx, w_idx]]
+        ids[b_idx, win_pos[b_idx, w_idx]] = self.mask_id
+        changes: list[list[Change]] = [[] for _ in requests]
+        flat = torch.stack(
+            [b_idx.double(), w_idx.double(), previous.double(), prob[b_idx, w_idx].double()]
+        )
+        for b, w, token, p in flat.T.tolist():
+            pos = requests[int(b)].current_block[0] + int(w)
+            changes[int(b)].append(Change(pos, self.mask_id, int(token), REMASK, p))
+        return changes
 
     def _logits(
         self,
@@ -337,13 +411,16 @@ class ModelRunner:
         starts: list[int],
         cols: Tensor,
         counts: list[int],
-        firsts: list[int],
+        checks: list[int],
     ) -> tuple[Tensor, list[int]]:
-        """Float32 logits [N, V] for the first `counts[b]` entries of each row of `cols`
-        [B, E] (window columns), row b's from entry `firsts[b]`, classifier-free guided where
-        asked; and the canvas positions each row's forward computed. Every forward returns
-        hidden states and one LM-head matmul scores them all: one vocabulary-sized tensor per
-        step."""
+        """Float32 logits [N + C, V] at the window columns `cols` [B, E]: each row's first
+        `counts[b]` entries (row-major, from 0), then each row's next `checks[b]` (row-major,
+        from N = sum(counts)), classifier-free guided where asked; and the canvas positions
+        each row's forward computed. Every forward returns hidden states and one LM-head
+        matmul scores the counted entries; the checked ones take a second, so the first keeps
+        its size and its logits are bit for bit those of a step without them (a CPU matmul's
+        kernel, and so its rounding, depends on its row count). One vocabulary-sized buffer
+        per step."""
         units = [(b, False) for b in range(len(requests))]
         units += [(b, True) for b, r in enumerate(requests) if r.params.cfg_scale > 0]
         hidden: dict[tuple[int, bool], Tensor] = {}
@@ -352,28 +429,47 @@ class ModelRunner:
         cached = [u for u in units if kinds[u[0]] != FULL]
         for group in self._length_groups(requests, rows, full):
             for unit, h, n in zip(group, *self._full(requests, rows, group, starts, cols)):
-                hidden[unit] = h[: counts[unit[0]]]
+                hidden[unit] = h
                 computed[unit[0]] += n
         if cached:
             for unit, h, n in zip(
                 cached, *self._cached(requests, rows, cached, kinds, starts, cols)
             ):
-                hidden[unit] = h[: counts[unit[0]]]
+                hidden[unit] = h
                 computed[unit[0]] += n
         guided = [b for b, r in enumerate(requests) if r.params.cfg_scale > 0]
-        states = [hidden[(b, False)] for b in range(len(requests))]
-        states += [hidden[(b, True)] for b in guided]
-        stacked = torch.cat(states)
-        logits = self.model.project(stacked, out=self._score_buffer(len(stacked))).float()
-        n = sum(counts)
-        offset = n
+        order = [(b, False) for b in range(len(requests))] + [(b, True) for b in guided]
+        parts = [torch.cat([hidden[u][: counts[u[0]]] for u in order])]
+        if any(checks):
+            parts.append(
+                torch.cat([hidden[u][counts[u[0]] : counts[u[0]] + checks[u[0]]] for u in order])
+            )
+        scores = self._score_buffer(sum(len(part) for part in parts))
+        for part, at in zip(parts, accumulate([0, *map(len, parts)])):
+            self.model.project(part, out=scores[at : at + len(part)])
+        logits = scores.float()
+        n, c = sum(counts), sum(checks)
+        self._guide(requests, guided, logits, counts)
+        if c:
+            self._guide(requests, guided, logits[len(parts[0]) :], checks)
+            if guided:  # the checked entries' guided rows, moved up to follow the counted ones
+                logits[n : n + c] = logits[len(parts[0]) : len(parts[0]) + c].clone()
+        return logits[: n + c], computed
+
+    @staticmethod
+    def _guide(
+        requests: list[Request], guided: list[int], logits: Tensor, sizes: list[int]
+    ) -> None:
+        """Classifier-free guidance, in place, over logits [N + U, V] that hold each row's
+        `sizes[b]` conditional rows (row-major), then each guided row's unconditional ones."""
+        firsts = [0, *accumulate(sizes)]
+        offset = firsts[-1]
         for b in guided:
-            size, first = counts[b], firsts[b]
+            size, first = sizes[b], firsts[b]
             cond, uncond = logits[first : first + size], logits[offset : offset + size]
             scale = requests[b].params.cfg_scale
             cond.sub_(uncond).mul_(scale + 1).add_(uncond)
             offset += size
-        return logits[:n], computed
 
     def _score_buffer(self, n: int) -> Tensor:
         """[n, V] rows of the step's logits buffer, in the model's dtype."""
@@ -527,11 +623,18 @@ class ModelRunner:
         dev = masked_now.device
         steps = [1 if r.block_steps is None else r.block_steps[r.block_index] for r in requests]
         step = [r.step_in_block for r in requests]
-        llada = llada_counts(
+        plan = (
             torch.tensor([r.masks_at_block_start for r in requests], device=dev),
             torch.tensor(steps, device=dev),
             torch.tensor(step, device=dev),
         )
+        llada = llada_counts(*plan)
+        verifying = [r.params.verify_threshold is not None for r in requests]
+        if any(verifying):
+            # A verifying row's remasks join its next step's count: it commits what its plan
+            # leaves masked after this step (without remasks, exactly `llada_counts`).
+            catch_up = masked_now - llada_left(*plan)
+            llada = torch.where(torch.tensor(verifying, device=dev), catch_up, llada)
         dream_rows = [r.params.schedule == "dream" for r in requests]
         if not any(dream_rows):
             return llada

@@ -226,30 +226,19 @@ def main() -> None:
     )
     print(f"embedded model, every setting: {fields(base)}\n")
     runs = settings(base, drafts or [base.threshold], verify)
-    out = table(
-        "Embedded model (held-out function prompts)",
-        prompts,
-        measure(embedded, prompts, runs, args.rounds, args.seed),
-        quality=True,
-    )
+    probes = measure(embedded, prompts, runs, args.rounds, args.seed)
+    print("\n".join(table("Embedded model (held-out function prompts)", prompts, probes, True)))
     if not args.skip_llada_tiny:
         tiny = Engine.from_pretrained(LLADA_TINY, config=config, progress=False)
         # Random weights often stop at once: ignore_eos keeps every completion max_tokens long.
         tiny_base = tiny.defaults.replace(max_tokens=args.max_tokens, ignore_eos=True)
         print(f"llada-tiny, every setting: {fields(tiny_base)}\n")
-        out += table(
-            "llada-tiny (random weights: tokens per forward and tokens/s only)",
-            prompts,
-            measure(
-                tiny,
-                prompts,
-                settings(tiny_base, [tiny_base.threshold], verify),
-                args.rounds,
-                args.seed,
-            ),
-            quality=False,
-        )
-    print("\n".join(out))
+        # Held-out prompts again, those that fit its context in its own tokens.
+        tiny_prompts = heldout_prompts(tiny, args.first_prompt, args.prompts, args.max_tokens)
+        runs = settings(tiny_base, [tiny_base.threshold], verify)
+        probes = measure(tiny, tiny_prompts, runs, args.rounds, args.seed)
+        title = "llada-tiny (random weights: tokens per forward and tokens/s only)"
+        print("\n".join(table(title, tiny_prompts, probes, False)))
     print(LEGEND)
 
 

@@ -17,7 +17,6 @@ final ones and go to the cache). One row's failure fails that row alone.
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -29,9 +28,16 @@ from marble.model import sampling
 from marble.model.block_cache import BlockCache, LayerKV
 from marble.model.llada2 import LLaDA2
 from marble.scheduler.request import Request
-from marble.scheduler.runner import EDIT, FULL, PREFIX_CACHED, Change, Commit, RowError, RowStep
-
-log = logging.getLogger(__name__)
+from marble.scheduler.runner import (
+    EDIT,
+    FULL,
+    PREFIX_CACHED,
+    Change,
+    Commit,
+    RowError,
+    RowStep,
+    run_isolated,
+)
 
 NEVER = 2.0  # an editing threshold no probability exceeds: editing off
 
@@ -90,23 +96,19 @@ class BlockRunner:
         return sum(row.cache.nbytes for row in self.rows.values())
 
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """Advance every request by one step. If the batched step raises, each row retries
-        alone from its state before the step, so only the rows that raise fail."""
-        rows = [self.rows[r.request_id] for r in requests]
-        saved = [(row.saved(), row.generator.get_state()) for row in rows]
-        try:
-            return self._step(requests)
-        except Exception as exc:
-            if len(requests) == 1:
-                log.exception("step failed for request %s", requests[0].request_id)
-                return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
-            log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(rows))
-        results: list[RowStep | RowError] = []
-        for request, (row, state) in zip(requests, saved):
-            row.generator.set_state(state)
+        """Advance every request by one step; a failed batch retries each row alone from its
+        state before the step (`run_isolated`)."""
+
+        def save(request: Request) -> tuple[_BlockRow, Tensor]:
+            row = self.rows[request.request_id]
+            return row.saved(), row.generator.get_state()
+
+        def restore(request: Request, state: tuple[_BlockRow, Tensor]) -> None:
+            row, generator = state
+            row.generator.set_state(generator)
             self.rows[request.request_id] = row
-            results += self.run([request])
-        return results
+
+        return run_isolated(requests, self._step, save, restore)
 
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]:

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from marble.scheduler.sampling_params import SamplingParams
 
 
-def blocks_of(
-    gen_length: int, block_length: int | None, offset: int = 0
-) -> list[tuple[int, int]]:
+def blocks_of(gen_length: int, block_length: int | None, offset: int = 0) -> list[tuple[int, int]]:
     """Semi-autoregressive blocks [start, end) over the generated region; the last may be
     short, and so may the first: its first `offset` positions lie before the region."""
     size = gen_length if block_length is None else block_length

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -100,6 +102,34 @@ class RowStep:
 
 
 StepResult = RowStep | RowError
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+def run_isolated(
+    requests: list[Request],
+    step: Callable[[list[Request]], list[R]],
+    save: Callable[[Request], S],
+    restore: Callable[[Request, S], None],
+) -> list[R | RowError]:
+    """`step(requests)`, one result per request. If the batched call raises, each request
+    retries alone from the state `save` took before it (`restore` puts it back), so only the
+    rows that raise fail. Shared by every runner."""
+    saved = [save(r) for r in requests]
+    try:
+        return list(step(requests))
+    except Exception as exc:
+        if len(requests) == 1:
+            log.exception("step failed for request %s", requests[0].request_id)
+            return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
+        log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(requests))
+    results: list[R | RowError] = []
+    for request, state in zip(requests, saved):
+        restore(request, state)
+        results += run_isolated([request], step, save, restore)
+    return results
+
+
 FULL, PREFIX_CACHED, DUAL_CACHED = "full", "prefix_cached", "dual_cached"
 FORWARD_KINDS = (FULL, PREFIX_CACHED, DUAL_CACHED)
 # Full rows share a padded forward while its longest row is at most this much longer than
@@ -176,25 +206,21 @@ class ModelRunner:
 
     def run(self, requests: list[Request]) -> list[StepResult]:
         """Advance every request by one step: each row's commits in window order, or the error
-        that failed it. If the batched step raises, each row retries alone from its state
-        before the step (canvas and generator), so only the rows that raise fail. A cache
-        stays: one rebuilt in the failed step came from the canvas as it was before it, and
-        a cached forward rewrites its query slots before it reads them."""
-        rows = [self.rows[r.request_id] for r in requests]
-        saved = [(row.canvas, row.generator.get_state()) for row in rows]
-        try:
-            return self._step(requests)
-        except Exception as exc:
-            if len(requests) == 1:
-                log.exception("step failed for request %s", requests[0].request_id)
-                return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
-            log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(rows))
-        results: list[StepResult] = []
-        for request, row, (canvas, state) in zip(requests, rows, saved):
-            row.canvas = canvas
-            row.generator.set_state(state)
-            results += self.run([request])
-        return results
+        that failed it. A failed batch retries each row alone from its canvas and generator
+        before the step (`run_isolated`). A cache stays: one rebuilt in the failed step came
+        from the canvas as it was before it, and a cached forward rewrites its query slots
+        before it reads them."""
+
+        def save(request: Request) -> tuple[Tensor, Tensor]:
+            row = self.rows[request.request_id]
+            return row.canvas, row.generator.get_state()
+
+        def restore(request: Request, state: tuple[Tensor, Tensor]) -> None:
+            row = self.rows[request.request_id]
+            row.canvas = state[0]
+            row.generator.set_state(state[1])
+
+        return run_isolated(requests, self._step, save, restore)
 
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[StepResult]:

@@ -13,7 +13,6 @@ One row's failure fails that row alone.
 
 from __future__ import annotations
 
-import logging
 import secrets
 from dataclasses import dataclass, replace
 
@@ -24,9 +23,7 @@ from marble.model import uniform_sampling as us
 from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma import DiffusionGemma
 from marble.scheduler.request import Request
-from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError
-
-log = logging.getLogger(__name__)
+from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError, run_isolated
 
 ENCODE, DECODE = "encode", "decode"
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
@@ -100,23 +97,24 @@ class UniformRunner:
         return sum(row.cache.nbytes for row in self.rows.values())
 
     def run(self, requests: list[Request]) -> list[CanvasResult]:
-        """Advance every request by one step. If the batched step raises, each row retries
-        alone from its state before the step, so only the rows that raise fail."""
-        rows = [self.rows[r.request_id] for r in requests]
-        saved = [(row.saved(), row.generator.get_state()) for row in rows]
-        try:
-            return self._step(requests, rows)
-        except Exception as exc:
-            if len(requests) == 1:
-                log.exception("step failed for request %s", requests[0].request_id)
-                return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
-            log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(rows))
-        results: list[CanvasResult] = []
-        for request, (row, state) in zip(requests, saved):
-            row.generator.set_state(state)
+        """Advance every request by one step; a failed batch retries each row alone from its
+        state before the step (`run_isolated`)."""
+
+        def save(request: Request) -> tuple[_CanvasRow, Tensor]:
+            row = self.rows[request.request_id]
+            return row.saved(), row.generator.get_state()
+
+        def restore(request: Request, state: tuple[_CanvasRow, Tensor]) -> None:
+            row, generator = state
+            row.generator.set_state(generator)
             self.rows[request.request_id] = row
-            results += self.run([request])
-        return results
+
+        return run_isolated(
+            requests,
+            lambda reqs: self._step(reqs, [self.rows[r.request_id] for r in reqs]),
+            save,
+            restore,
+        )
 
     @torch.inference_mode()
     def _step(self, requests: list[Request], rows: list[_CanvasRow]) -> list[CanvasResult]:

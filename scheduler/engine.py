@@ -298,7 +298,14 @@ class Engine:
             )
         if params.steps is None:
             raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
-        for name, off in (("cfg_scale", 0.0), ("token_healing", False)):
+        # Self-correction is built into this model's renoising: neither masked-model kind.
+        refused = (
+            ("cfg_scale", 0.0),
+            ("token_healing", False),
+            ("verify_threshold", None),
+            ("editing_threshold", None),
+        )
+        for name, off in refused:
             if getattr(params, name) != off:
                 raise InvalidParam(name, f"{name} is not supported by this model")
         if suffix:

@@ -56,6 +56,8 @@ def test_what_the_model_cannot_do_is_refused_by_name(engine: Engine):
     for change, field in [
         ({"block_length": 8}, "block_length"),
         ({"cfg_scale": 1.0}, "cfg_scale"),
+        ({"verify_threshold": 0.7}, "verify_threshold"),
+        ({"editing_threshold": 0.5}, "editing_threshold"),
         ({"t_min": 0.9, "t_max": 0.5}, "t_min"),
     ]:
         with pytest.raises(InvalidParam) as err:

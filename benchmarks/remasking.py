@@ -40,7 +40,12 @@ import torch
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig
-from marble.training.completions import code_lines, code_share, compiles, function_prompts
+from marble.training.completions import (
+    code_share,
+    compiles,
+    function_prompts,
+    repeated_share,
+)
 from marble.training.corpus import read_sources, split_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,20 +68,6 @@ class Probe:
     remasks: int
     revised: int  # remasks whose position ends with another token than the one removed
     seconds: float
-
-
-def repeated_share(texts: list[str]) -> float:
-    """Share of all completions' code lines that repeat an earlier code line of their own
-    completion (the embedded model's failure mode is a line written again and again)."""
-    lines = repeats = 0
-    for text in texts:
-        seen: set[str] = set()
-        for line in code_lines(text):
-            key = line.strip()
-            repeats += key in seen
-            seen.add(key)
-            lines += 1
-    return repeats / max(lines, 1)
 
 
 def probe(engine: Engine, prompts: list[str], params: SamplingParams, seed: int) -> Probe:

@@ -50,6 +50,20 @@ def code_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def repeated_share(texts: list[str]) -> float:
+    """Share of all completions' code lines that repeat an earlier code line of their own
+    completion (the embedded model's failure mode is a line written again and again)."""
+    lines = repeats = 0
+    for text in texts:
+        seen: set[str] = set()
+        for line in code_lines(text):
+            key = line.strip()
+            repeats += key in seen
+            seen.add(key)
+            lines += 1
+    return repeats / max(lines, 1)
+
+
 def code_share(completion: str) -> float:
     """Share of a completion's lines that hold code (an undertrained model's failure mode is
     a canvas of blank lines and '#', which compiles but is not code)."""

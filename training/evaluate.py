@@ -3,8 +3,9 @@
 The bound is the MDLM/LLaDA negative ELBO in nats per token on whole held-out stdlib files cut
 into fixed windows, estimated with a fixed t grid and seeded masks so numbers compare across
 runs. The completion probe asks the serving engine to complete held-out functions' headers and
-docstrings and counts those that compile, against a unigram baseline, for each candidate set of
-sampling settings; `--set-defaults` stores the best set as the checkpoint's serving defaults.
+docstrings, with a few seeds each, and counts those that compile, against a unigram baseline,
+for each candidate set of sampling settings (WINO's verify among them); `--set-defaults` stores
+the best set as the checkpoint's serving defaults.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from marble.training.completions import (
     code_share,
     compiles,
     function_prompts,
+    repeated_share,
     unigram_completions,
 )
 from marble.training.corpus import encode_files, read_sources, split_files
@@ -89,6 +92,10 @@ def unigram_nats(train: list[np.ndarray], heldout: torch.Tensor, vocab_size: int
 # decodes in parallel (a confidence threshold) with the dual KV cache; a default must make at
 # least MIN_TOKENS_PER_FORWARD tokens per forward, or it hides what a diffusion model does.
 # The probe's prompts end in "\n", the case token healing is for: every candidate heals.
+# The `-verify` candidates add WINO's verify (`verify_threshold`): drafting at a low
+# threshold, then masking again what later steps no longer believe; each beside its plain twin,
+# so the report shows what verify changes on this model and the choice makes it a default only
+# if it wins by the same rule as everything else.
 _SETTINGS: dict[str, dict[str, Any]] = {
     "t0-threshold0.9": {"temperature": 0.0, "threshold": 0.9},
     "t0-threshold0.8": {"temperature": 0.0, "threshold": 0.8},
@@ -98,8 +105,17 @@ _SETTINGS: dict[str, dict[str, Any]] = {
     "t0.4-threshold0.9": {"temperature": 0.4, "threshold": 0.9},
     "t0.4-threshold0.7": {"temperature": 0.4, "threshold": 0.7},
     "t0.4-threshold0.5": {"temperature": 0.4, "threshold": 0.5},
+    "t0.4-threshold0.5-verify0.7": {"temperature": 0.4, "threshold": 0.5, "verify_threshold": 0.7},
+    "t0.4-threshold0.3": {"temperature": 0.4, "threshold": 0.3},
+    "t0.4-threshold0.3-verify0.7": {"temperature": 0.4, "threshold": 0.3, "verify_threshold": 0.7},
+    "t0-threshold0.3": {"temperature": 0.0, "threshold": 0.3},
+    "t0-threshold0.3-verify0.7": {"temperature": 0.0, "threshold": 0.3, "verify_threshold": 0.7},
     "t0.7-threshold0.7": {"temperature": 0.7, "threshold": 0.7},
     "t1.0-threshold0.7": {"temperature": 1.0, "threshold": 0.7},
+    "t1.0-threshold0.5": {"temperature": 1.0, "threshold": 0.5},
+    "t1.0-threshold0.5-verify0.7": {"temperature": 1.0, "threshold": 0.5, "verify_threshold": 0.7},
+    "t1.0-threshold0.3": {"temperature": 1.0, "threshold": 0.3},
+    "t1.0-threshold0.3-verify0.7": {"temperature": 1.0, "threshold": 0.3, "verify_threshold": 0.7},
 }
 CANDIDATES = {
     name: {"token_healing": True, "remasking": "low_confidence", "cache": "dual", **settings}
@@ -111,19 +127,17 @@ MIN_TOKENS_PER_FORWARD = 1.5
 MIN_CODE_SHARE = 0.5
 
 
-def choose_defaults(probes: dict[str, dict[str, Any]], n_prompts: int) -> str:
-    """The candidate with the best compile rate among mostly-code ones that decode at least
-    MIN_TOKENS_PER_FORWARD; rates within one prompt of the best are a tie (one prompt is
-    noise), broken by the larger code-line share."""
+def choose_defaults(probes: dict[str, dict[str, Any]], noise: int) -> str:
+    """The candidate that compiles the most completions among mostly-code ones that decode at
+    least MIN_TOKENS_PER_FORWARD; counts within `noise` completions of the best (one prompt
+    per round of seeds) are a tie, broken by the larger code-line share."""
     parallel = [
         n for n in probes if probes[n].get("tokens_per_forward", 0) >= MIN_TOKENS_PER_FORWARD
     ] or list(probes)
     coding = [n for n in parallel if probes[n]["code_line_share"] >= MIN_CODE_SHARE] or parallel
-    # Counts, not the stored (rounded) rates, so "one prompt" is exact.
-    compiled = {n: round(probes[n]["compile_rate"] * n_prompts) for n in coding}
-    best = max(compiled.values())
-    tied = [n for n in coding if compiled[n] >= best - 1]
-    return max(tied, key=lambda n: (probes[n]["code_line_share"], probes[n]["compile_rate"]))
+    best = max(probes[n]["compiled"] for n in coding)
+    tied = [n for n in coding if probes[n]["compiled"] >= best - noise]
+    return max(tied, key=lambda n: (probes[n]["code_line_share"], probes[n]["compiled"]))
 
 
 def serving_engine(folder: Path) -> Engine:
@@ -137,32 +151,59 @@ def serving_engine(folder: Path) -> Engine:
 
 
 def completion_probe(
-    engine: Engine, prompts: list[str], settings: dict[str, Any], max_tokens: int, seed: int
+    engine: Engine,
+    prompts: list[str],
+    settings: dict[str, Any],
+    max_tokens: int,
+    rounds: int,
 ) -> dict[str, Any]:
-    """Compile rate and serving tokens/s of the engine on `prompts` with `settings`."""
-    base = engine.defaults.replace(max_tokens=max_tokens, block_length=32, steps=None)
-    params = [base.replace(**settings, seed=seed + i) for i in range(len(prompts))]
-    ids = {
-        engine.add(engine.make_request(p, sp)).request_id: i
-        for i, (p, sp) in enumerate(zip(prompts, params))
-    }
-    texts: dict[int, str] = {}
-    committed = forwards = 0
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        outputs = engine.step()
-        texts.update({ids[o.request_id]: o.text for o in outputs if o.finished})
-        committed += sum(len(o.committed) for o in outputs)
-        forwards += sum(o.forward is not None for o in outputs)
-    elapsed = time.perf_counter() - start
-    ok = [compiles(prompts[i], texts[i]) for i in range(len(prompts))]
-    generated = sum(len(engine.tokenizer.encode(t)) for t in texts.values())
+    """Compile rate, code and repeated-line shares, tokens per forward and serving tokens/s of
+    the engine on `prompts` with `settings`, pooled over `rounds` (round r seeds prompt i with
+    1000 r + i, alike for every candidate)."""
+    from marble.scheduler.runner import REMASK  # local for the reason serving_engine gives
+
+    # Whatever the checkpoint stores now, only the candidate's settings vary.
+    base = engine.defaults.replace(
+        max_tokens=max_tokens, block_length=32, steps=None, verify_threshold=None
+    )
+    texts: list[str] = []
+    rates: list[float] = []
+    filled = remasked = forwards = 0
+    for r in range(rounds):
+        params = [base.replace(**settings, seed=1000 * r + i) for i in range(len(prompts))]
+        ids = {
+            engine.add(engine.make_request(p, sp)).request_id: i
+            for i, (p, sp) in enumerate(zip(prompts, params))
+        }
+        done: dict[int, str] = {}
+        generated = 0
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            outputs = engine.step()
+            for o in outputs:
+                # A remasked position is filled again later: count each position once.
+                filled += len(o.committed) - sum(c.op == REMASK for c in o.changes)
+                remasked += sum(c.op == REMASK for c in o.changes)
+                forwards += o.forward is not None
+                if o.finished:
+                    done[ids[o.request_id]] = o.text
+                    generated += o.completion_tokens
+        rates.append(generated / (time.perf_counter() - start))
+        texts += [done[i] for i in range(len(prompts))]
+    ok = [compiles(p, t) for p, t in zip(prompts * rounds, texts)]
     return {
         "settings": settings,
+        "completions": len(ok),
+        "compiled": sum(ok),
         "compile_rate": round(sum(ok) / len(ok), 3),
-        "code_line_share": round(sum(map(code_share, texts.values())) / len(texts), 3),
-        "tokens_per_s": round(generated / elapsed, 1),
-        "tokens_per_forward": round(committed / max(forwards, 1), 2),
+        "code_line_share": round(sum(map(code_share, texts)) / len(texts), 3),
+        "repeated_line_share": round(repeated_share(texts), 3),
+        "positions_filled": filled,
+        "remasks": remasked,
+        "forwards": forwards,
+        "tokens_per_forward": round(filled / max(forwards, 1), 2),
+        "remasks_per_position": round(remasked / max(filled, 1), 3),
+        "tokens_per_s": round(statistics.median(rates), 1),
         "samples": [
             {"prompt": prompts[i], "completion": texts[i], "compiles": ok[i]}
             for i in range(min(3, len(prompts)))
@@ -207,33 +248,36 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
         f"- held-out bound: **{report['heldout_bound_nats_per_token']} nats/token** "
         f"({report['heldout_tokens']} held-out tokens); unigram: "
         f"{report['unigram_nats_per_token']} nats/token",
-        f"- completions that compile ({report['prompts']} held-out function prompts, "
-        f"{report['max_tokens']} tokens, cut at the last complete line): unigram baseline "
-        f"{report['unigram_compile_rate']:.0%}",
+        f"- completions that compile ({report['prompts']} held-out function prompts x "
+        f"{report['rounds']} seeds, {report['max_tokens']} tokens, cut at the last complete "
+        f"line): unigram baseline {report['unigram_compile_rate']:.0%}",
     ]
     for name, probe in report["probes"].items():
         lines.append(
             f"  - `{name}` {json.dumps(probe['settings'])}: "
-            f"{probe['compile_rate']:.0%} compile, {probe['code_line_share']:.0%} of lines "
-            f"are code, {probe.get('tokens_per_forward', '?')} tokens/forward, "
-            f"{probe['tokens_per_s']} tokens/s"
+            f"{probe['compiled']}/{probe['completions']} ({probe['compile_rate']:.0%}) "
+            f"compile, {probe['code_line_share']:.0%} of lines are code, "
+            f"{probe['repeated_line_share']:.0%} of code lines repeat an earlier one, "
+            f"{probe['tokens_per_forward']} tokens/forward, "
+            f"{probe['remasks_per_position']} remasks/position, {probe['tokens_per_s']} tokens/s"
         )
     if "cache_comparison" in report:
         c = report["cache_comparison"]
         lines.append(
-            f"- the chosen settings with `cache: none` instead of `dual`: {c['compile_rate']:.0%} "
-            f"compile, {c['code_line_share']:.0%} code lines, {c['tokens_per_forward']} "
+            f"- the chosen settings with `cache: none` instead of `dual`: "
+            f"{c['compiled']}/{c['completions']} ({c['compile_rate']:.0%}) compile, "
+            f"{c['code_line_share']:.0%} code lines, {c['tokens_per_forward']} "
             f"tokens/forward, {c['tokens_per_s']} tokens/s (the held-out bound scores full "
             "forwards, so no cache can change it); serving default: "
             f"`cache: {report.get('cache_chosen', 'dual')}` (none only when it compiles more "
-            "than one prompt more)"
+            "than one prompt per seed more)"
         )
     lines += [
         "",
         f"Serving defaults chosen: `{report['chosen']}` (best compile rate among candidates "
         f"that make at least {MIN_TOKENS_PER_FORWARD} tokens per forward and whose completion "
-        f"lines are at least {MIN_CODE_SHARE:.0%} code; rates within one prompt of the best "
-        "count as a tie, broken by the larger share of code lines)",
+        f"lines are at least {MIN_CODE_SHARE:.0%} code; counts within one prompt per seed of "
+        "the best count as a tie, broken by the larger share of code lines)",
         "",
         "## Samples",
         "",
@@ -250,6 +294,9 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--prompts", type=int, default=48, help="held-out function prompts")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="seeds per prompt (compile rates pool them)"
+    )
     parser.add_argument(
         "--candidates",
         default=",".join(CANDIDATES),
@@ -285,18 +332,19 @@ def main() -> None:
     ][: args.prompts]
     engine, probes = serving_engine(folder), {}
     for name in args.candidates.split(","):
-        probes[name] = completion_probe(engine, prompts, CANDIDATES[name], args.max_tokens, 0)
+        probes[name] = completion_probe(
+            engine, prompts, CANDIDATES[name], args.max_tokens, args.rounds
+        )
         log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
-    chosen = choose_defaults(probes, len(prompts))
+    chosen = choose_defaults(probes, noise=args.rounds)
     uncached = CANDIDATES[chosen] | {"cache": "none"}
-    comparison = completion_probe(engine, prompts, uncached, args.max_tokens, 0)
+    comparison = completion_probe(engine, prompts, uncached, args.max_tokens, args.rounds)
     summary = {k: v for k, v in comparison.items() if k != "samples"}
     log.info("%s without cache: %s", chosen, summary)
-    # The cache stays unless going without it compiles more than one prompt more (the same
-    # noise rule as the choice itself): then it measurably hurts this model.
-    with_cache = round(probes[chosen]["compile_rate"] * len(prompts))
-    without = round(comparison["compile_rate"] * len(prompts))
-    cache = "none" if without > with_cache + 1 else "dual"
+    # The cache stays unless going without it compiles more than one prompt per seed more
+    # (the same noise rule as the choice itself): then it measurably hurts this model.
+    more = comparison["compiled"] - probes[chosen]["compiled"]
+    cache = "none" if more > args.rounds else "dual"
     report = {
         "heldout_windows": len(x0),
         "heldout_tokens": x0.numel(),
@@ -304,6 +352,7 @@ def main() -> None:
         "unigram_nats_per_token": round(unigram_nats(train, x0, cfg.vocab_size), 4),
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
         "unigram_compile_rate": unigram_probe(
             tok, train, prompts, cfg.vocab_size, args.max_tokens, cfg.eos_token_id
         ),

@@ -74,6 +74,14 @@ def test_defaults_decode_at_least_one_and_a_half_tokens_per_forward():
     assert choose_defaults(probes, noise=3) == "parallel"
 
 
+def test_verify_stays_a_default_only_if_it_beats_its_twin_on_fresh_prompts():
+    from marble.training.evaluate import keeps_verify
+
+    assert keeps_verify({"compiled": 57}, {"compiled": 53}, noise=3)
+    assert not keeps_verify({"compiled": 56}, {"compiled": 53}, noise=3)  # within the noise
+    assert not keeps_verify({"compiled": 50}, {"compiled": 53}, noise=3)
+
+
 def test_completion_probe_pools_seeds_and_counts_a_remasked_position_once():
     """The evaluation's probe on the embedded model: each round seeds its prompts anew, and
     under verify a position filled, remasked and filled again is one token, not two."""

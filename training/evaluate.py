@@ -4,8 +4,9 @@ The bound is the MDLM/LLaDA negative ELBO in nats per token on whole held-out st
 into fixed windows, estimated with a fixed t grid and seeded masks so numbers compare across
 runs. The completion probe asks the serving engine to complete held-out functions' headers and
 docstrings, with a few seeds each, and counts those that compile, against a unigram baseline,
-for each candidate set of sampling settings (WINO's verify among them); `--set-defaults` stores
-the best set as the checkpoint's serving defaults.
+for each candidate set of sampling settings (WINO's verify among them; a chosen verify must also
+beat the same settings without it on fresh prompts); `--set-defaults` stores the best set as
+the checkpoint's serving defaults.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ CANDIDATES = {
     for name, settings in _SETTINGS.items()
 }
 MIN_TOKENS_PER_FORWARD = 1.5
+# Seeds of the fresh prompts' confirmation run, apart from the choice's (round r: 1000 r).
+FRESH_SEED = 7000
 # Defaults must write code: the best compile rate among candidates whose completion lines
 # are mostly code (blank and comment lines compile but are an undertrained model's collapse).
 MIN_CODE_SHARE = 0.5
@@ -140,6 +143,13 @@ def choose_defaults(probes: dict[str, dict[str, Any]], noise: int) -> str:
     return max(tied, key=lambda n: (probes[n]["code_line_share"], probes[n]["compiled"]))
 
 
+def keeps_verify(verified: dict[str, Any], plain: dict[str, Any], noise: int) -> bool:
+    """Whether verify earned its place on the fresh prompts: it compiles more than `noise`
+    completions more than the same settings without it (a win on the prompts that chose it
+    may be those prompts' luck, and verify costs forwards and coarsens the stream)."""
+    return verified["compiled"] > plain["compiled"] + noise
+
+
 def serving_engine(folder: Path) -> Engine:
     """The serving engine on `folder`, batching up to 16 probe prompts at once."""
     # The probe drives the serving engine itself: this evaluation tool sits above the
@@ -156,10 +166,11 @@ def completion_probe(
     settings: dict[str, Any],
     max_tokens: int,
     rounds: int,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Compile rate, code and repeated-line shares, tokens per forward and serving tokens/s of
     the engine on `prompts` with `settings`, pooled over `rounds` (round r seeds prompt i with
-    1000 r + i, alike for every candidate)."""
+    seed + 1000 r + i, alike for every candidate)."""
     from marble.scheduler.runner import REMASK  # local for the reason serving_engine gives
 
     # Whatever the checkpoint stores now, only the candidate's settings vary.
@@ -170,7 +181,7 @@ def completion_probe(
     rates: list[float] = []
     filled = remasked = forwards = 0
     for r in range(rounds):
-        params = [base.replace(**settings, seed=1000 * r + i) for i in range(len(prompts))]
+        params = [base.replace(**settings, seed=seed + 1000 * r + i) for i in range(len(prompts))]
         ids = {
             engine.add(engine.make_request(p, sp)).request_id: i
             for i, (p, sp) in enumerate(zip(prompts, params))
@@ -272,6 +283,22 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
             f"`cache: {report.get('cache_chosen', 'dual')}` (none only when it compiles more "
             "than one prompt per seed more)"
         )
+    check = report.get("verify_confirmation")
+    if check:
+        verdict = (
+            "kept"
+            if check["kept"]
+            else "dropped (not more than one prompt per seed ahead), so the defaults are the "
+            "choice among the candidates without verify"
+        )
+        lines.append(
+            f"- `{check['candidate']}` against the same settings without verify on "
+            f"{check['prompts']} fresh held-out prompts x {report['rounds']} seeds: "
+            f"{check['verify']['compiled']}/{check['verify']['completions']} vs "
+            f"{check['plain']['compiled']}/{check['plain']['completions']} compile, "
+            f"{check['verify']['tokens_per_forward']} vs "
+            f"{check['plain']['tokens_per_forward']} tokens/forward: verify {verdict}"
+        )
     lines += [
         "",
         f"Serving defaults chosen: `{report['chosen']}` (best compile rate among candidates "
@@ -293,6 +320,12 @@ def main() -> None:
     parser.add_argument("--n-t", type=int, default=8)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--prompts", type=int, default=48, help="held-out function prompts")
+    parser.add_argument(
+        "--fresh-prompts",
+        type=int,
+        default=96,
+        help="held-out prompts after those, on which a chosen verify must beat its plain twin",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
         "--rounds", type=int, default=3, help="seeds per prompt (compile rates pool them)"
@@ -325,11 +358,12 @@ def main() -> None:
     bound = heldout_bound(model, x0, cfg.mask_token_id, n_t=args.n_t)
     train = encode_files(tok, read_sources(train_paths), cfg.eos_token_id)
     budget = cfg.max_seq_len - args.max_tokens
-    prompts = [
+    fitting = [
         p
-        for p in function_prompts(held_sources, 10 * args.prompts)
+        for p in function_prompts(held_sources, 10 * (args.prompts + args.fresh_prompts))
         if len(tok.encode(p).ids) <= budget
-    ][: args.prompts]
+    ]
+    prompts, fresh = fitting[: args.prompts], fitting[args.prompts :][: args.fresh_prompts]
     engine, probes = serving_engine(folder), {}
     for name in args.candidates.split(","):
         probes[name] = completion_probe(
@@ -337,6 +371,32 @@ def main() -> None:
         )
         log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
     chosen = choose_defaults(probes, noise=args.rounds)
+    confirmation = None
+    if "verify_threshold" in CANDIDATES[chosen]:
+        twin = {k: v for k, v in CANDIDATES[chosen].items() if k != "verify_threshold"}
+        runs = {"verify": CANDIDATES[chosen], "plain": twin}
+        confirmation = {
+            "candidate": chosen,
+            "prompts": len(fresh),
+            "seed": FRESH_SEED,
+            **{
+                side: {
+                    k: v
+                    for k, v in completion_probe(
+                        engine, fresh, settings, args.max_tokens, args.rounds, FRESH_SEED
+                    ).items()
+                    if k != "samples"
+                }
+                for side, settings in runs.items()
+            },
+        }
+        log.info("verify on fresh prompts: %s", confirmation)
+        confirmation["kept"] = keeps_verify(
+            confirmation["verify"], confirmation["plain"], args.rounds
+        )
+        if not confirmation["kept"]:
+            plain = {n: p for n, p in probes.items() if "verify_threshold" not in CANDIDATES[n]}
+            chosen = choose_defaults(plain, noise=args.rounds)
     uncached = CANDIDATES[chosen] | {"cache": "none"}
     comparison = completion_probe(engine, prompts, uncached, args.max_tokens, args.rounds)
     summary = {k: v for k, v in comparison.items() if k != "samples"}
@@ -357,6 +417,7 @@ def main() -> None:
             tok, train, prompts, cfg.vocab_size, args.max_tokens, cfg.eos_token_id
         ),
         "probes": probes,
+        "verify_confirmation": confirmation,
         "chosen": chosen,
         "cache_comparison": summary,
         "cache_chosen": cache,

@@ -491,10 +491,19 @@ function drawCanvas(card, canvas) {
 // The form's fields, as SamplingParams names. Until the served model's defaults arrive (GET
 // /v1/models) a blank field is left out and the server applies its default; once they have,
 // the form holds them and every field is sent as shown (an empty nullable field as null).
-const NUMBER_FIELDS = ["max_tokens", "steps", "block_length", "threshold", "temperature", "seed"];
+const NUMBER_FIELDS = [
+  "max_tokens",
+  "steps",
+  "block_length",
+  "threshold",
+  "verify_threshold",
+  "temperature",
+  "seed",
+];
 const NULLABLE = {
   steps: "one token/step",
   threshold: "off (fixed steps)",
+  verify_threshold: "off",
   block_length: "one block",
   seed: "random",
 };

@@ -38,7 +38,15 @@ ARTIFACTS = REPO / "artifacts"
 # Long enough on the server (~0.6 s for 96 steps of the tiny model) to span many frames.
 FIXED = {"max_tokens": 192, "steps": 96, "block_length": 48, "temperature": 0, "ignore_eos": True}
 # The form's fields (element ids are SamplingParams names).
-NUMBER_FIELDS = ("max_tokens", "steps", "block_length", "threshold", "temperature", "seed")
+NUMBER_FIELDS = (
+    "max_tokens",
+    "steps",
+    "block_length",
+    "threshold",
+    "verify_threshold",
+    "temperature",
+    "seed",
+)
 CHECK_FIELDS = ("token_healing", "ignore_eos")
 SELECT_FIELDS = ("remasking", "cache")
 
@@ -326,8 +334,9 @@ def test_stop_aborts_the_request(dashboard_server: str, page: tuple) -> None:
 
 
 def test_form_starts_from_the_served_defaults(embedded_server: str, page: tuple) -> None:
-    """On the embedded model the form shows its serving defaults (temperature 1, threshold off,
-    token healing), sends exactly them, and the card shows the default prompt: Python code."""
+    """On the embedded model the form shows its serving defaults (temperature 1, threshold 0.5,
+    verify off, token healing), sends exactly them, and the card shows the default prompt:
+    Python code."""
     page, errors = page
     defaults = _served_defaults(embedded_server)
     _open(page, embedded_server)

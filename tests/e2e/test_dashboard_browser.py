@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -37,15 +38,12 @@ CHROMIUM_ARGS = [
 ARTIFACTS = REPO / "artifacts"
 # Long enough on the server (~0.6 s for 96 steps of the tiny model) to span many frames.
 FIXED = {"max_tokens": 192, "steps": 96, "block_length": 48, "temperature": 0, "ignore_eos": True}
-# The form's fields (element ids are SamplingParams names).
-NUMBER_FIELDS = (
-    "max_tokens",
-    "steps",
-    "block_length",
-    "threshold",
-    "verify_threshold",
-    "temperature",
-    "seed",
+# The form's fields (element ids are SamplingParams names), its number inputs read from the page.
+NUMBER_FIELDS = tuple(
+    re.findall(
+        r'<input id="([^"]+)"[^>]*type="number"',
+        (REPO / "server" / "static" / "index.html").read_text(encoding="utf-8"),
+    )
 )
 CHECK_FIELDS = ("token_healing", "ignore_eos")
 SELECT_FIELDS = ("remasking", "cache")

@@ -36,7 +36,7 @@ from marble.scheduler.runner import (
     Commit,
     RowError,
     RowStep,
-    run_isolated,
+    run_rows_isolated,
 )
 
 NEVER = 2.0  # an editing threshold no probability exceeds: editing off
@@ -97,18 +97,8 @@ class BlockRunner:
 
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
         """Advance every request by one step; a failed batch retries each row alone from its
-        state before the step (`run_isolated`)."""
-
-        def save(request: Request) -> tuple[_BlockRow, Tensor]:
-            row = self.rows[request.request_id]
-            return row.saved(), row.generator.get_state()
-
-        def restore(request: Request, state: tuple[_BlockRow, Tensor]) -> None:
-            row, generator = state
-            row.generator.set_state(generator)
-            self.rows[request.request_id] = row
-
-        return run_isolated(requests, self._step, save, restore)
+        state before the step (`run_rows_isolated`)."""
+        return run_rows_isolated(requests, self._step, self.rows)
 
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]:

@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -128,6 +128,33 @@ def run_isolated(
         restore(request, state)
         results += run_isolated([request], step, save, restore)
     return results
+
+
+class CopyableRow(Protocol):
+    generator: torch.Generator
+
+    def saved(self) -> CopyableRow: ...
+
+
+def run_rows_isolated(
+    requests: list[Request],
+    step: Callable[[list[Request]], list[R]],
+    rows: dict[str, CopyableRow],
+) -> list[R | RowError]:
+    """`run_isolated` for runners whose rows (`rows[request_id]`) copy themselves with
+    `saved()` and draw from `generator`: a retry starts from that copy and the generator's
+    state before the step."""
+
+    def save(request: Request) -> tuple[CopyableRow, Tensor]:
+        row = rows[request.request_id]
+        return row.saved(), row.generator.get_state()
+
+    def restore(request: Request, state: tuple[CopyableRow, Tensor]) -> None:
+        row, generator = state
+        row.generator.set_state(generator)
+        rows[request.request_id] = row
+
+    return run_isolated(requests, step, save, restore)
 
 
 FULL, PREFIX_CACHED, DUAL_CACHED = "full", "prefix_cached", "dual_cached"

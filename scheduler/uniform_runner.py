@@ -23,7 +23,7 @@ from marble.model import uniform_sampling as us
 from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma import DiffusionGemma
 from marble.scheduler.request import Request
-from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError, run_isolated
+from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError, run_rows_isolated
 
 ENCODE, DECODE = "encode", "decode"
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
@@ -98,22 +98,11 @@ class UniformRunner:
 
     def run(self, requests: list[Request]) -> list[CanvasResult]:
         """Advance every request by one step; a failed batch retries each row alone from its
-        state before the step (`run_isolated`)."""
-
-        def save(request: Request) -> tuple[_CanvasRow, Tensor]:
-            row = self.rows[request.request_id]
-            return row.saved(), row.generator.get_state()
-
-        def restore(request: Request, state: tuple[_CanvasRow, Tensor]) -> None:
-            row, generator = state
-            row.generator.set_state(generator)
-            self.rows[request.request_id] = row
-
-        return run_isolated(
+        state before the step (`run_rows_isolated`)."""
+        return run_rows_isolated(
             requests,
             lambda reqs: self._step(reqs, [self.rows[r.request_id] for r in reqs]),
-            save,
-            restore,
+            self.rows,
         )
 
     @torch.inference_mode()

@@ -193,8 +193,9 @@ def completion_probe(
             outputs = engine.step()
             for o in outputs:
                 # A remasked position is filled again later: count each position once.
-                filled += len(o.committed) - sum(c.op == REMASK for c in o.changes)
-                remasked += sum(c.op == REMASK for c in o.changes)
+                remasks = sum(c.op == REMASK for c in o.changes)
+                filled += len(o.committed) - remasks
+                remasked += remasks
                 forwards += o.forward is not None
                 if o.finished:
                     done[ids[o.request_id]] = o.text
@@ -220,6 +221,11 @@ def completion_probe(
             for i in range(min(3, len(prompts)))
         ],
     }
+
+
+def without_samples(probe: dict[str, Any]) -> dict[str, Any]:
+    """A probe's figures, without its sample completions (for logs and summaries)."""
+    return {k: v for k, v in probe.items() if k != "samples"}
 
 
 def unigram_probe(
@@ -342,6 +348,12 @@ def main() -> None:
         help="store the best candidate as marble_defaults.json",
     )
     args = parser.parse_args()
+    names = args.candidates.split(",")
+    if unknown := [n for n in names if n not in CANDIDATES]:
+        parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
+    if all("verify_threshold" in CANDIDATES[n] for n in names):
+        # A verify that fails its fresh check falls back to a candidate without it.
+        parser.error("--candidates needs at least one candidate without verify_threshold")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from marble.model.loader import load_model
 
@@ -365,31 +377,21 @@ def main() -> None:
     ]
     prompts, fresh = fitting[: args.prompts], fitting[args.prompts :][: args.fresh_prompts]
     engine, probes = serving_engine(folder), {}
-    for name in args.candidates.split(","):
+    for name in names:
         probes[name] = completion_probe(
             engine, prompts, CANDIDATES[name], args.max_tokens, args.rounds
         )
-        log.info("%s: %s", name, {k: v for k, v in probes[name].items() if k != "samples"})
+        log.info("%s: %s", name, without_samples(probes[name]))
     chosen = choose_defaults(probes, noise=args.rounds)
     confirmation = None
     if "verify_threshold" in CANDIDATES[chosen]:
         twin = {k: v for k, v in CANDIDATES[chosen].items() if k != "verify_threshold"}
-        runs = {"verify": CANDIDATES[chosen], "plain": twin}
-        confirmation = {
-            "candidate": chosen,
-            "prompts": len(fresh),
-            "seed": FRESH_SEED,
-            **{
-                side: {
-                    k: v
-                    for k, v in completion_probe(
-                        engine, fresh, settings, args.max_tokens, args.rounds, FRESH_SEED
-                    ).items()
-                    if k != "samples"
-                }
-                for side, settings in runs.items()
-            },
-        }
+        confirmation = {"candidate": chosen, "prompts": len(fresh), "seed": FRESH_SEED}
+        for side, settings in {"verify": CANDIDATES[chosen], "plain": twin}.items():
+            probe = completion_probe(
+                engine, fresh, settings, args.max_tokens, args.rounds, FRESH_SEED
+            )
+            confirmation[side] = without_samples(probe)
         log.info("verify on fresh prompts: %s", confirmation)
         confirmation["kept"] = keeps_verify(
             confirmation["verify"], confirmation["plain"], args.rounds
@@ -399,7 +401,7 @@ def main() -> None:
             chosen = choose_defaults(plain, noise=args.rounds)
     uncached = CANDIDATES[chosen] | {"cache": "none"}
     comparison = completion_probe(engine, prompts, uncached, args.max_tokens, args.rounds)
-    summary = {k: v for k, v in comparison.items() if k != "samples"}
+    summary = without_samples(comparison)
     log.info("%s without cache: %s", chosen, summary)
     # The cache stays unless going without it compiles more than one prompt per seed more
     # (the same noise rule as the choice itself): then it measurably hurts this model.

@@ -232,6 +232,31 @@ def test_prompt_resolves_step_by_step(dashboard_server: str, page: tuple) -> Non
     assert errors == [], f"console errors: {errors}"
 
 
+def _idle_hint(page: object) -> str:
+    """What the empty request list shows (its `::before` text; "none" once a card is in)."""
+    return page.evaluate("getComputedStyle(document.getElementById('cards'), '::before').content")
+
+
+def test_idle_page_says_what_will_appear(dashboard_server: str, page: tuple) -> None:
+    """A page with no request yet says what will appear and how (Generate, watch all,
+    `/?watch`); the hint leaves with the first card. `/?watch` opens it already watching."""
+    page, errors = page
+    _open(page, dashboard_server)
+    hint = _idle_hint(page)
+    assert "Generate" in hint and "Watch all" in hint and "?watch" in hint, hint
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-idle.png"), full_page=True)
+    _fill(page, "Once upon a time", FIXED)
+    page.click("#generate")
+    page.locator(".card").first.wait_for(timeout=30_000)
+    assert _idle_hint(page) == "none"
+
+    page.goto(dashboard_server + "/?watch")
+    page.wait_for_function("document.getElementById('watch-status').textContent !== ''")
+    assert page.is_checked("#watch-all")
+    assert errors == [], f"console errors: {errors}"
+
+
 def test_watch_all_keeps_up_with_16_concurrent_requests(dashboard_server: str, page: tuple) -> None:
     page, errors = page
     n = 16

@@ -20,6 +20,11 @@ from torch import Tensor
 from marble.model.uniform_sampling import draw_candidates
 
 DREAM_EPS = 1e-3  # Dream's final timestep: timesteps = linspace(1, eps, steps + 1)
+# At or below this temperature a sampler takes the limit T -> 0+ (see `scale_logits`). Measured
+# by benchmarks/cold_temperature.py on LLaDA2 and DiffusionGemma: logits / T gives the limit's
+# tokens at every T from 1e-10 to 1e-36 and fails (inf, NaN) from 1e-37 down; 1e-30 leaves six
+# decades for logits larger than the tiny checkpoints' (|logit| / T stays in float32 to 1e8).
+COLD_TEMPERATURE = 1e-30
 
 
 class Confidence(IntEnum):
@@ -47,6 +52,24 @@ def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def scale_logits(logits: Tensor, temperature: Tensor) -> Tensor:
+    """logits [B, ..., V], temperature [B] (> 0) -> logits / T per row, in torch's result dtype.
+
+    Rows at or below COLD_TEMPERATURE (float32 may have rounded a tiny T to 0) get the limit
+    instead: 0 at each position's maxima, the dtype's minimum elsewhere, NaN kept (a broken row
+    stays detectable). Its softmax is one-hot (uniform over exact ties) and its entropy 0, where
+    the plain quotient overflows to inf and makes both NaN. Other rows: the plain quotient."""
+    shape = (-1, *([1] * (logits.dim() - 1)))
+    scaled = logits / temperature.view(shape)
+    cold = temperature <= COLD_TEMPERATURE
+    if not bool(cold.any()):
+        return scaled
+    top = logits.amax(-1, keepdim=True)
+    limit = torch.full_like(scaled, torch.finfo(scaled.dtype).min).masked_fill_(logits == top, 0)
+    limit = torch.where(logits.isnan(), logits.to(scaled.dtype), limit)
+    return torch.where(cold.view(shape), limit, scaled)
 
 
 def gumbel_argmax(logits: Tensor, temperature: Tensor, uniform: Tensor | None) -> Tensor:
@@ -178,14 +201,15 @@ def joint_predict(
 
     Temperature-0 rows: the argmax and its softmax probability. Others: a draw from
     softmax(top-k/top-p filtered logits / T) with the row's generator (top_k 0 / top_p 1 =
-    off), p the drawn token's probability under that filtered distribution."""
+    off; a tiny T: its limit, `scale_logits`), p the drawn token's probability under that
+    filtered distribution."""
     x0 = argmax(logits)
     picked = logits.gather(-1, x0[..., None]).squeeze(-1).float()
     p = (picked - torch.logsumexp(logits.float(), dim=-1)).exp()
     hot = (temperature > 0).nonzero().flatten()
     if len(hot):
-        t = temperature[hot].float().view(-1, 1, 1)
-        probs = filter_top_k_top_p(logits[hot].float() / t, top_k[hot], top_p[hot]).softmax(-1)
+        scaled = scale_logits(logits[hot].float(), temperature[hot].float())
+        probs = filter_top_k_top_p(scaled, top_k[hot], top_p[hot]).softmax(-1)
         drawn = draw_candidates(probs, [generators[r] for r in hot.tolist()])
         x0[hot] = drawn
         p[hot] = probs.gather(-1, drawn[..., None]).squeeze(-1)

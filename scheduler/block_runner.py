@@ -151,7 +151,8 @@ class BlockRunner:
         params = [r.params for r in requests]
         x0, p = sampling.joint_predict(
             logits,
-            torch.tensor([q.temperature for q in params], device=dev),
+            # float64: a tiny temperature stays positive (sampled at its limit), not 0.
+            torch.tensor([q.temperature for q in params], dtype=torch.float64, device=dev),
             torch.tensor([q.top_k for q in params], device=dev),
             torch.tensor([q.top_p for q in params], device=dev),
             [row.generator for row in rows],

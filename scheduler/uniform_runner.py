@@ -22,6 +22,7 @@ from torch import Tensor
 from marble.model import uniform_sampling as us
 from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma import DiffusionGemma
+from marble.model.sampling import scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError, run_rows_isolated
 
@@ -232,7 +233,7 @@ class UniformRunner:
         )
         # Times 1.0 (the default) is exact: the schedule as upstream computes it.
         temperature = schedule * torch.tensor([p.temperature for p in params], device=dev)
-        scaled = raw[index] / temperature[:, None, None]
+        scaled = scale_logits(raw[index], temperature)
         generators = [rows[b].generator for b in index]
         candidates = us.draw_candidates(scaled.softmax(-1), generators)
         noise = us.draw_uniform(generators, cfg.canvas_length, cfg.vocab_size, dev)

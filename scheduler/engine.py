@@ -25,7 +25,11 @@ from marble.model.transformer import Denoiser
 from marble.scheduler.healing import heal, unheal
 from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.runner import REMASK, Change, Commit, ModelRunner, RowError, RowStep
-from marble.scheduler.sampling_params import InvalidParam, SamplingParams
+from marble.scheduler.sampling_params import (
+    MAX_FORWARDS_PER_POSITION,
+    InvalidParam,
+    SamplingParams,
+)
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
 from marble.scheduler.uniform_runner import (
@@ -123,6 +127,7 @@ class Engine:
         if served.name in self.models:
             raise ValueError(f"model name {served.name!r} is already served")
         self.models[served.name] = served
+        self.scheduler.serve_models(len(self.models))
 
     def rename(self, old: str, new: str) -> None:
         """Serve a model under another name (before any request names it), in its place."""
@@ -194,7 +199,9 @@ class Engine:
         Touches no engine state, so the server runs it off the event loop. Sizes are checked in
         O(1) before anything proportional to them is built: max_tokens and top_k against the
         model first, text against the longest text the context could hold before it is
-        tokenized. `model` names a served model (None: the first)."""
+        tokenized; the denoising work asked for against its family's bound (at most
+        MAX_FORWARDS_PER_POSITION forwards per decoded position), whose worst case the request
+        keeps as `max_forwards`. `model` names a served model (None: the first)."""
         if model is not None and model not in self.models:
             raise InvalidParam("model", f"model {model!r} is not served here")
         m = self.served(model)
@@ -262,13 +269,17 @@ class Engine:
             # The cache holds the prompt and every canvas but the last, which is never encoded.
             tokens = len(prompt_ids) + generated - m.model.cfg.canvas_length
             request.kv_bytes = m.model.cache_bytes(tokens)
+            request.max_forwards = self._uniform_forwards(request)
         elif m.block_causal:
             # The cache holds the prompt and every block but the last.
             cached = len(prompt_ids) + generated - params.block_length
             request.kv_bytes = m.model.cache_bytes(cached)
-        elif params.cache != "none":
-            copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
-            request.kv_bytes = copies * request.canvas_len * m.kv_bytes_per_token
+            request.max_forwards = self._block_causal_forwards(request, generated)
+        else:
+            if params.cache != "none":
+                copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
+                request.kv_bytes = copies * request.canvas_len * m.kv_bytes_per_token
+            request.max_forwards = self._masked_forwards(request)
         return request
 
     @staticmethod
@@ -298,6 +309,13 @@ class Engine:
             )
         if params.steps is None:
             raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
+        limit = MAX_FORWARDS_PER_POSITION * length
+        if params.steps > limit:
+            raise InvalidParam(
+                "steps",
+                f"steps ({params.steps}) exceeds {limit}: a canvas of {length} tokens takes at "
+                f"most {MAX_FORWARDS_PER_POSITION} denoising steps per position",
+            )
         # Self-correction is built into this model's renoising: neither masked-model kind.
         refused = (
             ("cfg_scale", 0.0),
@@ -310,6 +328,11 @@ class Engine:
                 raise InvalidParam(name, f"{name} is not supported by this model")
         if suffix:
             raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+
+    @staticmethod
+    def _uniform_forwards(request: Request) -> int:
+        """Worst case: every canvas runs all its steps (its stop rule never fires)."""
+        return len(request.blocks) * (request.params.steps or 1)
 
     @staticmethod
     def _check_block_causal(params: SamplingParams, suffix: str | list[int] | None) -> None:
@@ -325,6 +348,35 @@ class Engine:
                 raise InvalidParam(name, f"{name} is not supported by this model")
         if suffix:
             raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+        # A block takes up to one forward per position to fill, then its edit rounds.
+        size = params.block_length
+        limit = (MAX_FORWARDS_PER_POSITION - 1) * size
+        if Engine._edit_rounds(params) > limit:
+            raise InvalidParam(
+                "max_post_steps",
+                f"max_post_steps ({params.max_post_steps}) exceeds {limit}: a block of {size} "
+                f"tokens takes at most {MAX_FORWARDS_PER_POSITION} forwards per position, up "
+                f"to {size} to fill it and {limit} edit rounds",
+            )
+
+    @staticmethod
+    def _edit_rounds(params: SamplingParams) -> int:
+        """Mask-free forwards a block-causal block may take once filled (block_runner.py)."""
+        return params.max_post_steps if params.editing_threshold is not None else 0
+
+    @staticmethod
+    def _block_causal_forwards(request: Request, decoded: int) -> int:
+        """Worst case: every decoded position filled by a forward of its own (at least one
+        commits per forward while masks remain), then every block's edit rounds."""
+        return decoded + len(request.blocks) * Engine._edit_rounds(request.params)
+
+    @staticmethod
+    def _masked_forwards(request: Request) -> int:
+        """Worst case of a full-attention masked request: its planned steps (at most one per
+        token), or under the threshold rule one per token (each forward commits at least one
+        more than verify masks again). Never more than max_tokens: nothing to refuse."""
+        planned = request.total_steps
+        return request.params.max_tokens if planned is None else planned
 
     @staticmethod
     def _ids(m: ServedModel, name: str, value: str | list[int]) -> list[int]:

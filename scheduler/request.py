@@ -77,6 +77,11 @@ class Request:
     stable_text: str = ""  # decoded stable prefix (up to eos_at), refreshed when it grows
     forwards: dict[str, int] = field(default_factory=dict)  # forwards taken, by kind
     canvases_done: int = 0  # uniform-state models: canvases finished
+    # Engine steps it can take at most (its family's rule, set by the engine); the scheduler
+    # classes it long or short by this.
+    max_forwards: int = 0
+    # time.monotonic() past which it ends with error_code "deadline_exceeded" (None: never).
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         p = self.params  # validated and bounded by the engine before a Request exists

@@ -22,6 +22,11 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 SEED_LIMIT = 1 << 63  # seeds are in [0, 2**63): torch generators take 64-bit seeds
 DEFAULT_THRESHOLD = 0.9
+# Denoising work a request may ask for, relative to what it decodes: at most this many
+# forwards per decoded position (per block or canvas; each family's rule is in engine.py).
+# A masked model's schedule never needs more than one; LLaDA2.1's edit rounds and
+# DiffusionGemma's steps per canvas are what could ask for more.
+MAX_FORWARDS_PER_POSITION = 3
 
 
 class _Unset:

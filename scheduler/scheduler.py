@@ -1,7 +1,13 @@
-"""Which requests run this step: a bounded waiting queue, a running set, and aborts.
+"""Which requests run this step: bounded waiting queues (one per served model), a running set,
+aborts and deadlines.
 
-Admission is FIFO within three budgets: batch size, canvas tokens per forward, and KV cache
-bytes (each request's known at admission); what can never fit is refused when it is added.
+Admission fills free batch slots within three budgets: batch size, canvas tokens per forward,
+and KV cache bytes (each request's known at admission); what can never fit is refused when it
+is added. Each free slot goes to the served model with the fewest running requests (ties: the
+request that has waited longest), FIFO within a model, so one model's flood cannot starve
+another's requests; each model's queue holds at most its share of max_queue. Long requests
+(worst-case forwards over `long_forwards`) never take the last `short_slots` slots, so a short
+request never waits for a long one to finish.
 
 The only place a request's status changes. Thread-safe (one lock): the server adds and aborts
 from the event loop while the engine thread schedules. No torch here.
@@ -9,8 +15,10 @@ from the event loop while the engine thread schedules. No torch here.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from marble.scheduler.request import Request, RequestStatus
@@ -30,12 +38,28 @@ class SchedulerConfig:
     # Bytes of KV cache the running requests may hold together (None: the engine picks one for
     # its device, model/device.py).
     max_kv_bytes: int | None = None
+    # A request that may take more forwards than this (Request.max_forwards) is long.
+    long_forwards: int = 256
+    # Batch slots long requests never take (None: one per 8 of max_batch_size, at least one
+    # from a batch of 2): a short request then starts at once beside a batch of long ones.
+    short_slots: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 0 or self.max_batch_tokens < 1:
             raise ValueError("max_batch_size and max_batch_tokens must be >= 1, max_queue >= 0")
         if self.max_kv_bytes is not None and self.max_kv_bytes < 0:
             raise ValueError("max_kv_bytes must be >= 0")
+        if self.long_forwards < 1:
+            raise ValueError("long_forwards must be >= 1")
+        if self.short_slots is not None and not 0 <= self.short_slots < self.max_batch_size:
+            raise ValueError("short_slots must be in [0, max_batch_size)")
+
+    @property
+    def reserved_short(self) -> int:
+        """Batch slots only short requests take."""
+        if self.short_slots is not None:
+            return self.short_slots
+        return 0 if self.max_batch_size < 2 else max(1, self.max_batch_size // 8)
 
 
 def request_cost(request: Request) -> int:
@@ -43,13 +67,28 @@ def request_cost(request: Request) -> int:
     return request.canvas_len * (2 if request.params.cfg_scale > 0 else 1)
 
 
+DEADLINE_EXCEEDED = "deadline_exceeded"  # error_code of a request that ran past its deadline
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.waiting: deque[Request] = deque()
+        self.waiting: dict[str | None, deque[Request]] = {}  # by served model name
         self.running: list[Request] = []
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
+        self._models = 1  # models served: each one's share of max_queue
+        self._num_waiting = 0
+        self._arrival: dict[str, int] = {}  # waiting request id -> arrival order
+        self._counter = itertools.count()
+
+    def serve_models(self, count: int) -> None:
+        """How many models share the waiting queue (each gets ceil(max_queue / count))."""
+        with self._lock:
+            self._models = max(1, count)
+
+    def is_long(self, request: Request) -> bool:
+        return request.max_forwards > self.config.long_forwards
 
     @property
     def kv_budget(self) -> float:
@@ -70,11 +109,21 @@ class Scheduler:
                 f"request needs {request.kv_bytes} bytes of KV cache, more than the server's "
                 f"KV budget of {self.kv_budget:.0f} bytes (send cache: none, or fewer tokens)",
             )
+        limit = self.config.max_queue
         with self._lock:
-            if len(self.waiting) >= self.config.max_queue:
-                raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
+            if self._num_waiting >= limit:
+                raise QueueFullError(f"waiting queue is full ({limit} requests)")
+            queue = self.waiting.setdefault(request.model, deque())
+            share = -(-limit // self._models)
+            if len(queue) >= share:
+                raise QueueFullError(
+                    f"model {request.model!r} holds its share of the waiting queue ({share} of "
+                    f"{limit} requests)"
+                )
             request.status = RequestStatus.WAITING
-            self.waiting.append(request)
+            queue.append(request)
+            self._num_waiting += 1
+            self._arrival[request.request_id] = next(self._counter)
 
     def abort(self, request_id: str) -> None:
         """Mark for removal; takes effect at the next step boundary."""
@@ -82,25 +131,58 @@ class Scheduler:
             self._aborts.add(request_id)
 
     def schedule(self) -> tuple[list[Request], list[Request]]:
-        """At a step boundary: drop aborted requests, admit waiting ones FIFO within the batch
-        size and token budget. Returns (running, aborted)."""
+        """At a step boundary: drop aborted requests, end those past their deadline (status
+        error, error_code "deadline_exceeded"), admit waiting ones (module docstring) within
+        the batch size and the token and KV budgets. Returns (running, ended)."""
+        now = time.monotonic()
         with self._lock:
-            aborted = [r for r in (*self.waiting, *self.running) if r.request_id in self._aborts]
+            every = [r for queue in self.waiting.values() for r in queue] + self.running
+            aborted = [r for r in every if r.request_id in self._aborts]
             self._aborts.clear()
             for request in aborted:
                 self._finish_locked(request, RequestStatus.FINISHED_ABORTED)
+            expired = [r for r in every if not r.is_finished() and _expired(r, now)]
+            for request in expired:
+                request.error = "the request ran past its deadline (request_timeout_s)"
+                request.error_code = DEADLINE_EXCEEDED
+                self._finish_locked(request, RequestStatus.FINISHED_ERROR)
             budget = self.config.max_batch_tokens - sum(map(request_cost, self.running))
             kv_free = self.kv_budget - self.kv_reserved
-            while self.waiting and len(self.running) < self.config.max_batch_size:
-                head = self.waiting[0]
+            long_slots = self.config.max_batch_size - self.config.reserved_short
+            long_running = sum(map(self.is_long, self.running))
+            while len(self.running) < self.config.max_batch_size:
+                head = self._next_locked(long_running >= long_slots)
+                if head is None:
+                    break
                 if request_cost(head) > budget or head.kv_bytes > kv_free:
-                    break  # FIFO: a large request waits rather than being overtaken forever
-                request = self.waiting.popleft()
-                budget -= request_cost(request)
-                kv_free -= request.kv_bytes
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-            return list(self.running), aborted
+                    break  # a large request waits rather than being overtaken forever
+                self._unqueue_locked(head)
+                budget -= request_cost(head)
+                kv_free -= head.kv_bytes
+                long_running += self.is_long(head)
+                head.status = RequestStatus.RUNNING
+                self.running.append(head)
+            return list(self.running), aborted + expired
+
+    def _next_locked(self, long_full: bool) -> Request | None:
+        """The request the next free slot goes to: the first admissible one (a short one when
+        long requests hold all theirs) of the model running fewest, the longest-waiting on a
+        tie."""
+        running = Counter(r.model for r in self.running)
+        best, best_key = None, None
+        for model, queue in self.waiting.items():
+            head = next((r for r in queue if not (long_full and self.is_long(r))), None)
+            if head is None:
+                continue
+            key = (running[model], self._arrival[head.request_id])
+            if best_key is None or key < best_key:
+                best, best_key = head, key
+        return best
+
+    def _unqueue_locked(self, request: Request) -> None:
+        self.waiting[request.model].remove(request)
+        self._num_waiting -= 1
+        self._arrival.pop(request.request_id, None)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         with self._lock:
@@ -111,8 +193,8 @@ class Scheduler:
             raise ValueError(f"{status} is not a final status")
         if request in self.running:
             self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        elif request in self.waiting.get(request.model, ()):
+            self._unqueue_locked(request)
         request.status = status
 
     @property
@@ -122,7 +204,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return self._num_waiting
 
     @property
     def num_running(self) -> int:
@@ -130,4 +212,8 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self.waiting or self.running or self._aborts)
+            return bool(self._num_waiting or self.running or self._aborts)
+
+
+def _expired(request: Request, now: float) -> bool:
+    return request.deadline is not None and now >= request.deadline

@@ -38,11 +38,19 @@ class EngineClosed(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics: Metrics, registry: Registry) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        registry: Registry,
+        request_timeout_s: float | None = None,
+    ) -> None:
         self.engine = engine  # read-only from here: defaults, tokenizer, model config
         self.metrics = metrics
         self.registry = registry
-        self.thread = EngineThread(engine, metrics, registry.deliver)
+        self.thread = EngineThread(
+            engine, metrics, registry.deliver, request_timeout_s=request_timeout_s
+        )
         self.closed = False
 
     def served(self, model: str | None = None) -> ServedModel:

@@ -30,11 +30,14 @@ class EngineThread:
         metrics: Metrics,
         deliver: Callable[[Delivery], None],
         idle_wait_s: float = 1.0,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.deliver = deliver  # runs on the event loop with each step's outputs
         self.idle_wait_s = idle_wait_s
+        # Each request's deadline, from its submission (None or 0: none).
+        self.request_timeout_s = request_timeout_s or None
         self.timings: dict[str, Timing] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -52,7 +55,10 @@ class EngineThread:
     def submit(self, request: Request) -> None:
         """Queue one engine request (built by `Engine.make_request`). Raises ValueError or
         QueueFullError (nothing is queued then)."""
-        self.timings[request.request_id] = Timing(submitted=time.monotonic())
+        submitted = time.monotonic()
+        if self.request_timeout_s is not None:
+            request.deadline = submitted + self.request_timeout_s
+        self.timings[request.request_id] = Timing(submitted=submitted)
         try:
             self.engine.add(request)
         except BaseException:

@@ -30,7 +30,7 @@ REJECT_REASONS = (
     "queue_full",
     "not_ready",
 )
-ERROR_CODES = ("non_finite_logits", "step_failed", "engine_error")
+ERROR_CODES = ("non_finite_logits", "step_failed", "engine_error", "deadline_exceeded")
 STREAM_KINDS = ("generate", "attach", "dashboard", "completions", "chat")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _STEP_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -85,7 +85,7 @@ class Metrics:
         self.errors = Counter(
             "marble_request_errors",
             "Engine requests failed by the engine (finish_reason error), by code: "
-            "non_finite_logits, step_failed, engine_error.",
+            "non_finite_logits, step_failed, engine_error, deadline_exceeded.",
             ["code"],
             registry=r,
         )

@@ -168,7 +168,9 @@ class OpenAIResponse:
             if out.finish_reason == "error":
                 message = f"generation failed: {out.error or 'engine error'}"
                 code = out.error_code or "engine_error"
-                return APIError(500, message, type_="server_error", code=code)
+                # Ran out of time (request_timeout_s): the server's answer was too slow.
+                status = 504 if code == "deadline_exceeded" else 500
+                return APIError(status, message, type_="server_error", code=code)
             if out.finish_reason == "abort":
                 retry = {"Retry-After": str(self.retry_after_s)}
                 return APIError(

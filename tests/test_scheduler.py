@@ -1,6 +1,9 @@
-"""Scheduler bookkeeping without a model: admission, budget, queue bound, aborts."""
+"""Scheduler bookkeeping without a model: admission (long vs short, across served models),
+budget, queue bounds, aborts and deadlines."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -100,3 +103,86 @@ def test_stored_defaults_keep_explicit_nulls(tmp_path):
     assert defaults.threshold is None and defaults.block_length is None
     assert defaults.temperature == 0.7 and defaults.max_tokens == SamplingParams().max_tokens
     assert load_defaults(tmp_path / "absent") == SamplingParams()
+
+
+def _long(rid: str, model: str | None = None) -> Request:
+    request = make(rid)
+    request.model = model
+    request.max_forwards = 10 * SchedulerConfig.long_forwards
+    return request
+
+
+def test_a_short_request_starts_beside_a_full_batch_of_long_ones():
+    """Long requests never take the reserved slots: a short one waits for no long one."""
+    s = Scheduler(SchedulerConfig(max_batch_size=4, short_slots=1))
+    longs = [_long(f"long{i}") for i in range(6)]
+    for request in longs:
+        s.add(request)
+    running, _ = s.schedule()
+    assert [r.request_id for r in running] == ["long0", "long1", "long2"]  # one slot kept
+    s.add(make("short"))
+    running, _ = s.schedule()
+    assert "short" in {r.request_id for r in running} and len(running) == 4
+    s.finish(running[0], RequestStatus.FINISHED_LENGTH)
+    running, _ = s.schedule()  # a long one's slot goes to the next long one, FIFO
+    assert [r.request_id for r in running] == ["long1", "long2", "short", "long3"]
+    assert SchedulerConfig(max_batch_size=16).reserved_short >= 1
+    assert SchedulerConfig(max_batch_size=1).reserved_short == 0  # one slot: nothing to keep
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_batch_size=2, short_slots=2)
+
+
+def test_free_slots_go_to_the_model_running_fewest():
+    """One model's flood does not delay another model's request: each freed slot goes to the
+    model with the fewest running, FIFO within a model and on a tie."""
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_queue=64))
+    s.serve_models(2)
+    flood = [make(f"a{i}") for i in range(10)]
+    for request in flood:
+        request.model = "a"
+        s.add(request)
+    other = make("b0")
+    other.model = "b"
+    s.add(other)
+    running, _ = s.schedule()
+    assert [r.request_id for r in running] == ["a0", "b0"]
+    s.finish(running[1], RequestStatus.FINISHED_LENGTH)
+    running, _ = s.schedule()
+    assert [r.request_id for r in running] == ["a0", "a1"]
+
+
+def test_each_model_holds_at_most_its_share_of_the_waiting_queue():
+    s = Scheduler(SchedulerConfig(max_batch_size=1, max_queue=4))
+    s.serve_models(2)
+    for i in range(2):
+        request = make(f"a{i}")
+        request.model = "a"
+        s.add(request)
+    flood = make("a2")
+    flood.model = "a"
+    with pytest.raises(QueueFullError):
+        s.add(flood)
+    for i in range(2):
+        request = make(f"b{i}")
+        request.model = "b"
+        s.add(request)  # the flooded model never filled b's share
+    assert s.num_waiting == 4
+
+
+def test_requests_past_their_deadline_end_at_the_boundary():
+    s = Scheduler(SchedulerConfig(max_batch_size=1))
+    running_one, waiting_one, fresh = make("run"), make("wait"), make("fresh")
+    for request in (running_one, waiting_one, fresh):
+        s.add(request)
+    s.schedule()
+    past = time.monotonic() - 1
+    running_one.deadline = waiting_one.deadline = past
+    fresh.deadline = time.monotonic() + 3600
+    assert running_one.status is RequestStatus.RUNNING  # nothing changes before the boundary
+    running, ended = s.schedule()
+    assert [r.request_id for r in running] == ["fresh"]
+    assert {r.request_id for r in ended} == {"run", "wait"}
+    for request in ended:
+        assert request.status is RequestStatus.FINISHED_ERROR
+        assert request.error_code == "deadline_exceeded" and request.error
+    assert s.num_waiting == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
@@ -26,13 +27,20 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn.Config,
         drain: Callable[[], Coroutine[Any, Any, None]],
         abort: Callable[[], None],
+        listening: Callable[[list[socket.socket]], None] | None = None,
     ) -> None:
         super().__init__(config)
         self.drain = drain
         self.abort = abort
+        self.listening = listening  # called with the listening sockets once they listen
         self.signals = 0
         self._draining: asyncio.Task[None] | None = None
         self._aborted = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.listening is not None and self.started:
+            self.listening([sock for server in self.servers for sock in server.sockets])
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler may interrupt the event loop anywhere: only count, and let

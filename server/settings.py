@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marble.scheduler.scheduler import SchedulerConfig
@@ -36,17 +36,25 @@ class Settings(BaseSettings):
     # KV cache bytes the running requests may hold together; None: half the GPU memory free
     # after loading, 2 GiB on CPU (model/device.py).
     kv_cache_bytes: int | None = Field(SchedulerConfig.max_kv_bytes, ge=0)
+    # Bearer key the /v1 routes (and, unless public_ops, the operations pages) require; None:
+    # every route is public. Printable ASCII without spaces: all an HTTP header carries reliably.
     api_key: str | None = None
-    torch_threads: int | None = Field(None, ge=1)  # None: every core (measured: README)
+    # With an api_key: /metrics, /openapi.json and /docs stay public too (/health, /live and
+    # the dashboard page always are). Without one everything is public anyway.
+    public_ops: bool = False
+    torch_threads: int | None = Field(None, ge=1)  # None: every core (docs/measurements.md)
     log_level: str = "info"
     # Starts every request id minted here (`r1-<32 hex>`) so a balancer can send attach-by-id
-    # to the replica that owns the request (README, "Scaling out"); None: bare ids.
+    # to the replica that owns the request (docs/deploy.md, "Scaling out"); None: bare ids.
     replica_id: str | None = Field(None, pattern=r"^[a-z0-9]{1,16}$")
 
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # larger bodies get 413
     max_n: int = Field(16, ge=1, le=1024)  # choices per request (each an engine request)
     retry_after_s: int = Field(1, ge=0)  # Retry-After on 429/503
     drain_timeout_s: float = Field(30.0, ge=0)  # shutdown waits this long for running requests
+    # A request still unfinished this long after submission ends at the next step with
+    # finish_reason "error", error_code "deadline_exceeded"; 0 or None: no deadline.
+    request_timeout_s: float | None = Field(600.0, ge=0)
 
     ping_s: float = Field(15.0, ge=0)  # SSE ping comment interval on native streams
     draft_every: int = Field(8, ge=0)  # a `step` event carries the full draft every k steps
@@ -62,3 +70,37 @@ class Settings(BaseSettings):
     # A connection whose buffers are full and have not drained at all for this long is
     # dropped (its stream ends, its memory is freed): server/stall_guard.py.
     send_timeout_s: float = Field(60.0, gt=0)
+    # A request's headers must be complete this long after the connection opened (or the
+    # previous response ended), its body this long after its headers; absolute deadlines, so
+    # trickling bytes do not extend them: server/connection_guard.py.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    # Connections kept at once; past it the oldest idle one is closed, or the new one gets
+    # 503. None: as many as the descriptor limit (RLIMIT_NOFILE) leaves room for; a larger
+    # value is lowered to that too.
+    max_connections: int | None = Field(None, ge=1)
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, key: str | None) -> str | None:
+        """A key a client can always send: an empty one would switch authentication off, a
+        space or control character never survives the header, and non-ASCII only a GET query."""
+        if key is None:
+            return None
+        if not key:
+            raise ValueError("the API key is empty (leave it unset to serve without a key)")
+        kinds = [
+            kind
+            for kind, found in (
+                ("whitespace", any(c.isspace() for c in key)),
+                ("control characters", any(ord(c) < 32 or ord(c) == 127 for c in key)),
+                ("non-ASCII characters", any(ord(c) > 127 for c in key)),
+            )
+            if found
+        ]
+        if kinds:  # the key itself is never echoed: this message reaches logs
+            raise ValueError(
+                f"the API key has {' and '.join(kinds)}: it must be printable ASCII without "
+                "spaces (what an Authorization: Bearer header carries)"
+            )
+        return key

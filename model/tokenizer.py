@@ -8,6 +8,7 @@ or requests.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,8 +25,30 @@ _QWEN2_SPLIT = (
 )
 
 
+# What a template can raise on inputs it does not expect (a kwarg of the wrong type, a message
+# without a field it reads): TemplateError covers jinja's own (undefined, sandbox, syntax,
+# `raise_exception`); the rest are Python errors from inside the template's expressions.
+_RENDER_ERRORS = (
+    TemplateError,
+    ArithmeticError,
+    AttributeError,
+    LookupError,
+    TypeError,
+    ValueError,
+    RecursionError,
+)
+
+
 class ChatTemplateError(ValueError):
     """The checkpoint has no chat template, or rendering it failed."""
+
+
+class ReservedTemplateVariable(ValueError):
+    """Template kwargs naming variables the renderer sets itself; `names` lists them."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"chat template variables {names} are set by the server")
+        self.names = names
 
 
 @dataclass(frozen=True)
@@ -184,11 +207,14 @@ class TextTokenizer:
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        **template_kwargs: Any,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """Render with the checkpoint's jinja2 template, as transformers' apply_chat_template.
 
-        `template_kwargs` reach the template as variables (e.g. `enable_thinking=True`)."""
+        `template_kwargs` reach the template as variables (e.g. `{"enable_thinking": True}`).
+        One naming a variable the renderer sets itself raises ReservedTemplateVariable; a failed
+        render, whatever the template raised, ChatTemplateError."""
+        template_kwargs = template_kwargs or {}
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -210,10 +236,13 @@ class TextTokenizer:
             "tools": None,
             **{k: (v or "") for k, v in specials.items()},
         }
-        clash = sorted(set(template_kwargs) & set(ours))
+        # A variable would shadow a global the template calls (`namespace`, `raise_exception`);
+        # `self` is jinja's reference to the template, which no variable replaces.
+        clash = sorted(set(template_kwargs) & (set(ours) | set(env.globals) | {"self"}))
         if clash:
-            raise ValueError(f"chat template variables {clash} cannot be overridden")
+            raise ReservedTemplateVariable(clash)
         try:
-            return env.from_string(self.chat_template).render(**ours, **template_kwargs)
-        except TemplateError as exc:
-            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+            # One mapping, not keywords: any variable name is then just a key.
+            return env.from_string(self.chat_template).render({**ours, **template_kwargs})
+        except _RENDER_ERRORS as exc:
+            raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from marble.scheduler.engine import Engine
 from marble.server.admission import Admission
 from marble.server.errors import install_error_handlers
+from marble.server.json_body import start_parser
 from marble.server.lifecycle import Lifecycle
 from marble.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from marble.server.openapi import install_openapi
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await start_parser()
         await lifecycle.startup()
         try:
             yield
@@ -40,6 +42,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         title="Marble",
         summary="OpenAI-compatible server for diffusion language models, with live step streams",
         lifespan=lifespan,
+        # install_openapi serves these, behind the API key unless settings.public_ops.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.lifecycle = lifecycle
     app.state.admission = Admission(lifecycle)

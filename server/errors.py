@@ -13,11 +13,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from marble.server.protocol import error_body
 
 log = logging.getLogger(__name__)
+MAX_ERRORS = 64  # more than a body's schema makes (its lists stop at their first bad item)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -77,8 +79,9 @@ def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return max(errors, key=lambda e: len(_field_path(e.get("loc", ()))))
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The message and `param` of a refused body or parameter, from pydantic's errors (a
+    bounded few: the cost of a refusal must not grow with the number of bad values)."""
     if not errors:
         return "invalid request body", None
     field = _field_path(errors[0].get("loc", ()))[:1]
@@ -87,12 +90,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
+        return NOT_JSON, None
     if tuple(first.get("loc", ())) == ("body",):  # the body as a whole, not one field
         return _body_message(first), None
     if first.get("type") == "missing":
         return f"missing required field {param!r}", param
     return (f"{param}: {message}" if param else message), param
+
+
+def invalid_body(exc: ValidationError) -> APIError:
+    """A body pydantic refused, as a 400 naming its field. Each error would copy its input
+    (`include_input`), and a body can hold a million bad values: only a few are read."""
+    if exc.error_count() > MAX_ERRORS:
+        message, param = f"the request body has more than {MAX_ERRORS} invalid values", None
+    else:
+        message, param = validation_message(exc.errors(include_input=False, include_url=False))
+    return APIError(400, message, param=param, code="invalid_value", reason="invalid")
 
 
 _JSON_TYPES = {
@@ -106,14 +119,24 @@ _JSON_TYPES = {
 }
 
 
+NOT_JSON = "request body is not valid JSON"
+EMPTY_BODY = "the request body is empty: send a JSON object (Content-Type: application/json)"
+NOT_JSON_TYPE = "the request body must be a JSON object sent as Content-Type: application/json"
+
+
+def not_an_object(given: Any) -> str:
+    """Why a JSON body that is not an object was refused: its kind, never its content."""
+    return f"the request body must be a JSON object, not {_JSON_TYPES.get(type(given), 'that')}"
+
+
 def _body_message(error: dict[str, Any]) -> str:
     """Why a body that is missing, not JSON, or JSON but not an object was refused."""
     if error.get("type") == "missing":
-        return "the request body is empty: send a JSON object (Content-Type: application/json)"
+        return EMPTY_BODY
     given = error.get("input")
     if isinstance(given, bytes | bytearray):  # FastAPI parses JSON only when the type says so
-        return "the request body must be a JSON object sent as Content-Type: application/json"
-    return f"the request body must be a JSON object, not {_JSON_TYPES.get(type(given), 'that')}"
+        return NOT_JSON_TYPE
+    return not_an_object(given)
 
 
 def install_error_handlers(app: FastAPI, on_reject: Any = None) -> None:
@@ -125,7 +148,7 @@ def install_error_handlers(app: FastAPI, on_reject: Any = None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         count("invalid")
         return error_response(APIError(400, message, param=param, code="invalid_value"))
 

@@ -9,10 +9,18 @@ as they are built, and the event streams as `text/event-stream`. Knows nothing o
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import quote
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.models import Schema
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
+
+from marble.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from marble.server.routes.deps import require_ops_key
 
 # ------------------------------------------------------------------ response bodies (docs only)
 
@@ -131,26 +139,31 @@ _MODELS = (
     ChunkEvent,
     StepEvent,
 )
+# The request bodies: their routes read them (`marble.server.json_body`), so FastAPI's
+# document lacks them; they are written as FastAPI writes a body's schema.
+_BODIES = (CompletionRequest, ChatCompletionRequest, GenerateRequest)
 
 # ----------------------------------------------------------------------------- the table
 
 _ERRORS = {
     400: "Invalid input: a body that is not a JSON object, a field of the wrong type or out "
     "of range, a prompt longer than the context.",
-    401: "Missing or wrong API key (only when the server has one): "
-    "`Authorization: Bearer <key>`, or `?api_key=` on GET streams.",
+    401: "Missing or wrong API key (only when the server has one; on `/metrics`, "
+    "`/openapi.json` and `/docs` only without `--public-ops`): `Authorization: Bearer <key>`, "
+    "or `?api_key=` on GET routes.",
     404: "Unknown model (`model` names another than the one served) or unknown request id.",
     413: "The body is larger than the server's limit.",
     429: "The waiting queue is full; retry after `Retry-After` seconds.",
     500: "The engine failed this request (it alone fails; the server keeps serving).",
     503: "The model is loading or failed to load, or the server is draining (or aborted this "
     "request while shutting down); retry after `Retry-After` seconds.",
+    504: "The request ran past the server's `request_timeout_s` (code `deadline_exceeded`).",
 }
 _RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 0}}
 }
 
-_GENERATE = (400, 401, 404, 413, 429, 500, 503)
+_GENERATE = (400, 401, 404, 413, 429, 500, 503, 504)
 _SSE = "text/event-stream"
 
 # (method, path) -> (200 content: media type -> component schema, None for plain text;
@@ -158,7 +171,8 @@ _SSE = "text/event-stream"
 _ROUTES: dict[tuple[str, str], tuple[dict[str, str | None], tuple[int, ...]]] = {
     ("get", "/health"): ({"application/json": "Health"}, ()),
     ("get", "/live"): ({"application/json": "Live"}, ()),
-    ("get", "/metrics"): ({"text/plain": None}, ()),  # Prometheus text exposition format
+    # Prometheus text exposition format; behind the API key unless the server has public_ops.
+    ("get", "/metrics"): ({"text/plain": None}, (401,)),
     ("get", "/v1/models"): ({"application/json": "ModelList"}, (401,)),
     ("get", "/v1/models/{model}"): ({"application/json": "ModelCard"}, (401, 404)),
     ("post", "/v1/completions"): (
@@ -260,6 +274,10 @@ def build_openapi(app: FastAPI, model_names: list[str]) -> dict[str, Any]:
         spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(spec.pop("$defs", {}))
         components[model.__name__] = spec
+    for model in _BODIES:
+        spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, part in [*spec.pop("$defs", {}).items(), (model.__name__, spec)]:
+            components[name] = jsonable_encoder(Schema(**part), by_alias=True, exclude_none=True)
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             operation["responses"] = _responses(method, path, operation)
@@ -269,7 +287,9 @@ def build_openapi(app: FastAPI, model_names: list[str]) -> dict[str, Any]:
 
 
 def install_openapi(app: FastAPI, model_names: list[str]) -> None:
-    """Serve `build_openapi` at `/openapi.json` (built once, on first use)."""
+    """Serve `build_openapi` at `/openapi.json` (built once, on first use) and its pages at
+    `/docs` and `/redoc`, behind the API key like `/metrics` (`require_ops_key`): the app is
+    created without FastAPI's own, which no dependency can guard."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -277,3 +297,22 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    guarded = [Depends(require_ops_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    def spec_url(request: Request) -> str:
+        """The page's browser fetches the document without headers: a key the page was
+        opened with (`?api_key=`) goes along, URL-quoted so it cannot break out of the page."""
+        key = request.query_params.get("api_key")
+        return "/openapi.json" if key is None else f"/openapi.json?api_key={quote(key, safe='')}"
+
+    @app.get("/docs", include_in_schema=False, dependencies=guarded)
+    async def docs(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=spec_url(request), title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=guarded)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(openapi_url=spec_url(request), title=f"{app.title} - ReDoc")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from marble.scheduler.sampling_params import (
     MAX_STEPS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
+    MAX_TOKENS,
     RANGES,
     InvalidParam,
     SamplingParams,
@@ -24,6 +25,8 @@ from marble.scheduler.sampling_params import (
 
 MAX_N = 1024  # choices per request: the server's own limit (`max_n`) is at most this
 MAX_TOKEN_ID = 1 << 31  # ids beyond any vocabulary; the engine checks the model's own
+MAX_MESSAGES = 4096  # chat turns per request
+MAX_TEMPLATE_KWARGS = 64  # entries of `chat_template_kwargs`
 
 
 def _unicode(text: str) -> str:
@@ -35,11 +38,20 @@ def _unicode(text: str) -> str:
     return text
 
 
+def _template_kwargs(value: Any) -> Any:
+    if isinstance(value, dict) and len(value) > MAX_TEMPLATE_KWARGS:
+        raise ValueError(f"at most {MAX_TEMPLATE_KWARGS} entries")
+    return value
+
+
 # Every string a client sends that reaches the tokenizer or comes back in a response.
 Text = Annotated[str, AfterValidator(_unicode)]
 # Token ids and counts are JSON integers: true, 1.5 or "3" are refused, not coerced.
 TokenId = Annotated[int, Strict(), Field(ge=0, lt=MAX_TOKEN_ID)]
 Count = Annotated[int, Strict()]
+# A list stops at its first bad item: the cost of refusing a body must not grow with the
+# number of bad items in it (a million of them made a million errors, 1.3 GB to describe).
+FAIL_FAST = Field(fail_fast=True)
 
 
 def _sampling(name: str) -> Any:
@@ -87,7 +99,7 @@ class SamplingBody(BaseModel):
     max_tokens: Count | None = _sampling("max_tokens")
     temperature: float | None = _sampling("temperature")
     top_p: float | None = _sampling("top_p")
-    stop: Text | list[Text] | None = Field(
+    stop: Text | Annotated[list[Text], FAIL_FAST] | None = Field(
         None,
         description=f"up to {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} characters",
     )
@@ -151,11 +163,16 @@ class SamplingBody(BaseModel):
 
 
 # Several prompts are several choices, which `n`'s ceiling bounds too; none is not a prompt.
+# No prompt is longer than the longest context there is.
 Prompt = (
     Text
-    | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)]
-    | Annotated[list[TokenId], Field(min_length=1)]
-    | Annotated[list[list[TokenId]], Field(min_length=1, max_length=MAX_N)]
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_N), FAIL_FAST]
+    | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKENS), FAIL_FAST]
+    | Annotated[
+        list[Annotated[list[TokenId], Field(max_length=MAX_TOKENS), FAIL_FAST]],
+        Field(min_length=1, max_length=MAX_N),
+        FAIL_FAST,
+    ]
 )
 
 
@@ -190,7 +207,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Text | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], FAIL_FAST] | None = None
     name: Text | None = None
 
     def to_template(self) -> dict[str, Any]:
@@ -211,12 +228,16 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingBody):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES), FAIL_FAST]
     max_completion_tokens: Count | None = _sampling("max_tokens")
     logprobs: bool = False
     top_logprobs: Annotated[Count, Field(ge=0, le=20)] | None = None
     # Variables for the chat template, as vLLM takes them (e.g. {"enable_thinking": true}).
-    chat_template_kwargs: dict[str, bool | int | float | Text | None] | None = None
+    # Its size is checked before its values, which would each make an error.
+    chat_template_kwargs: (
+        Annotated[dict[str, bool | int | float | Text | None], BeforeValidator(_template_kwargs)]
+        | None
+    ) = None
 
     def sampling_fields(self) -> dict[str, Any]:
         """As for completions, but no token healing unless asked: a chat template's trailing

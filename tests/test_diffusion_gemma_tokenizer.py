@@ -51,7 +51,8 @@ def _prompts() -> list:
 def test_chat_prompts_match_upstream(
     tok: TextTokenizer, messages: list, kwargs: dict, text: str | None, ids: list[int]
 ):
-    rendered = tok.render_chat(messages, **kwargs)
+    prompt = kwargs.pop("add_generation_prompt", True)
+    rendered = tok.render_chat(messages, prompt, kwargs)
     if text is not None:
         assert rendered == text
     assert tok.encode(rendered) == ids
@@ -60,8 +61,8 @@ def test_chat_prompts_match_upstream(
 def test_thinking_switch(tok: TextTokenizer):
     messages = [{"role": "user", "content": "Hi"}]
     off = tok.render_chat(messages)
-    on = tok.render_chat(messages, enable_thinking=True)
-    assert off == tok.render_chat(messages, enable_thinking=False)
+    on = tok.render_chat(messages, template_kwargs={"enable_thinking": True})
+    assert off == tok.render_chat(messages, template_kwargs={"enable_thinking": False})
     assert off.endswith("<|turn>model\n<|channel>thought\n<channel|>")
     assert "<|think|>" in on and on.endswith("<|turn>model\n")
 

@@ -16,6 +16,7 @@ from prometheus_client import Gauge
 from sse_starlette import EventSourceResponse
 
 from marble.server.errors import APIError
+from marble.server.json_body import json_body, request_body
 from marble.server.protocol import GenerateRequest
 from marble.server.routes.deps import AdmissionDep, LifecycleDep, RequestIdDep, require_api_key
 from marble.server.settings import Settings
@@ -26,21 +27,50 @@ router = APIRouter(prefix="/v1/diffusion", dependencies=[Depends(require_api_key
 CHUNK_BYTES = 32 * 1024
 
 
-def _last_id(header: str | None, query: int | None) -> int | None:
+# A resume point is an event id as Marble sends them: ASCII digits, below 2**63 (so 19 digits at
+# most, checked before `int()` sees the text: `str.isdigit` also accepts digits `int` refuses).
+EVENT_ID_DIGITS = 19
+EVENT_ID_LIMIT = 1 << 63
+
+
+def _resume_point(value: str | None, param: str) -> int | None:
+    """A `Last-Event-ID` header or `last_event_id` query value -> the id to resume after; None
+    when absent or blank (replay from the start). Anything but an id Marble could have sent is
+    a 400 naming `param`, the same for the header and the query."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    digits = len(text) <= EVENT_ID_DIGITS and text.isascii() and text.isdigit()
+    if not digits or int(text) >= EVENT_ID_LIMIT:
+        raise APIError(
+            400,
+            f"{param} must be an event id: ASCII digits, below 2**63",
+            param=param,
+            code="invalid_value",
+            reason="invalid",
+        )
+    return int(text)
+
+
+def _last_id(header: str | None, query: str | None) -> int | None:
+    """The query (for clients that cannot set headers) wins over the header."""
     if query is not None:
-        return query
-    if header is not None and header.strip().isdigit():
-        return int(header.strip())
-    return None
+        return _resume_point(query, "last_event_id")
+    return _resume_point(header, "Last-Event-ID")
 
 
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
-LastEventQuery = Annotated[int | None, Query(alias="last_event_id", ge=0)]
+LastEventQuery = Annotated[
+    str | None,
+    Query(alias="last_event_id", description="resume after this event id (digits, < 2**63)"),
+]
 
 
-@router.post("/generate")
+@router.post("/generate", openapi_extra=request_body(GenerateRequest))
 async def generate(
-    body: GenerateRequest, admission: AdmissionDep, request_id: RequestIdDep
+    body: Annotated[GenerateRequest, json_body(GenerateRequest)],
+    admission: AdmissionDep,
+    request_id: RequestIdDep,
 ) -> EventSourceResponse:
     engine = admission.ready(body.model)
     draft_every = 1 if body.diffusing else body.draft_every

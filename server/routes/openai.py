@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from marble.model.tokenizer import ChatTemplateError
+from marble.model.tokenizer import ChatTemplateError, ReservedTemplateVariable
 from marble.server.admission import Admission
 from marble.server.async_engine import AsyncEngine
 from marble.server.errors import APIError
+from marble.server.json_body import json_body, request_body
 from marble.server.lifecycle import Lifecycle
 from marble.server.openai_format import Kind, OpenAIResponse
 from marble.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
@@ -26,6 +27,8 @@ from marble.server.sse import sse_response
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 T = TypeVar("T")
+CompletionBody = Annotated[CompletionRequest, json_body(CompletionRequest)]
+ChatBody = Annotated[ChatCompletionRequest, json_body(ChatCompletionRequest)]
 
 
 def _model_card(lifecycle: Lifecycle, name: str) -> dict[str, Any]:
@@ -33,8 +36,9 @@ def _model_card(lifecycle: Lifecycle, name: str) -> dict[str, Any]:
     if lifecycle.engine is not None:
         served = lifecycle.engine.served(name)
         card["max_model_len"] = served.context
-        # The serving defaults a request's fields are merged over (the dashboard's form).
-        card["defaults"] = served.defaults.to_dict()
+        # The serving defaults a request's fields are merged over (the dashboard's form), of
+        # the fields this model reads.
+        card["defaults"] = served.shown_params(served.defaults)
     return card
 
 
@@ -50,9 +54,9 @@ async def model(model: str, admission: AdmissionDep) -> dict[str, Any]:
     return _model_card(admission.lifecycle, model)
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, openapi_extra=request_body(CompletionRequest))
 async def completions(
-    body: CompletionRequest, request: Request, admission: AdmissionDep, request_id: RequestIdDep
+    body: CompletionBody, request: Request, admission: AdmissionDep, request_id: RequestIdDep
 ) -> Response:
     engine = admission.ready(body.model)
     prompts = body.prompts()
@@ -65,19 +69,22 @@ async def completions(
     return await _respond(admission, engine, request, record, response, body.stream)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions", response_model=None, openapi_extra=request_body(ChatCompletionRequest)
+)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, admission: AdmissionDep, request_id: RequestIdDep
+    body: ChatBody, request: Request, admission: AdmissionDep, request_id: RequestIdDep
 ) -> Response:
     engine = admission.ready(body.model)
     try:
         messages = [m.to_template() for m in body.messages]
         tokenizer = engine.served(body.model).tokenizer
-        prompt = tokenizer.render_chat(messages, **(body.chat_template_kwargs or {}))
+        prompt = tokenizer.render_chat(messages, template_kwargs=body.chat_template_kwargs)
+    except ReservedTemplateVariable as exc:
+        raise APIError(400, str(exc), param="chat_template_kwargs", reason="invalid") from exc
     except ChatTemplateError as exc:
-        raise APIError(
-            400, str(exc), param="messages", code="no_chat_template", reason="invalid"
-        ) from exc
+        code = "chat_template_error" if tokenizer.chat_template else "no_chat_template"
+        raise APIError(400, str(exc), param="messages", code=code, reason="invalid") from exc
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages", reason="invalid") from exc
     record = await admission.admit(engine, request_id, body, [prompt], lossless=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,33 @@ from marble.scheduler.uniform_runner import UniformRunner
 # editing_threshold 0.0).
 LLADA2_PRESET = "quality"
 
+# The SamplingParams fields each kind of model reads (SamplingParams' docstring says how): what
+# its `/v1/models` defaults and `request.queued` events show. A request may still send another
+# kind's field: the engine refuses by name those a kind cannot honour (a self-correction or
+# guidance it lacks) and ignores the rest, as before.
+_SHARED_FIELDS = (
+    "max_tokens",
+    "block_length",
+    "threshold",
+    "temperature",
+    "seed",
+    "stop",
+    "ignore_eos",
+)
+UNIFORM_FIELDS = frozenset(
+    _SHARED_FIELDS
+    + ("steps",)
+    + ("entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+)
+BLOCK_CAUSAL_FIELDS = frozenset(
+    _SHARED_FIELDS + ("top_k", "top_p") + ("editing_threshold", "max_post_steps", "num_to_transfer")
+)
+MASKED_FIELDS = frozenset(
+    _SHARED_FIELDS
+    + ("steps", "top_k", "top_p", "remasking", "schedule", "cfg_scale")
+    + ("token_healing", "cache", "verify_threshold")
+)
+
 
 @dataclass
 class ServedModel:
@@ -54,6 +82,7 @@ class ServedModel:
     context: int = field(init=False)  # longest canvas: prompt + generated + suffix
     vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
     kv_bytes_per_token: int = field(init=False)  # masked models: per cached canvas position
+    param_fields: frozenset[str] = field(init=False)  # the SamplingParams fields it reads
 
     def __post_init__(self) -> None:
         cfg = self.model.cfg
@@ -61,6 +90,13 @@ class ServedModel:
         self.special = self.tokenizer.special
         self.uniform = isinstance(self.model, DiffusionGemma)
         self.block_causal = isinstance(self.model, LLaDA2)
+        self.param_fields = (
+            UNIFORM_FIELDS
+            if self.uniform
+            else BLOCK_CAUSAL_FIELDS
+            if self.block_causal
+            else MASKED_FIELDS
+        )
         self.vocab_size = min(len(self.tokenizer), cfg.vocab_size)
         if self.uniform:
             self.context = cfg.max_position_embeddings
@@ -84,6 +120,10 @@ class ServedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def shown_params(self, params: SamplingParams) -> dict[str, Any]:
+        """`params` as JSON-ready values, only the fields this model reads."""
+        return {k: v for k, v in params.to_dict().items() if k in self.param_fields}
 
 
 def load_served(

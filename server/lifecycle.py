@@ -106,9 +106,9 @@ class Lifecycle:
         events = {}
         for name, served in engine.models.items():
             self.drafts[name] = DraftRenderer(served.tokenizer, s.mask_placeholder)
-            events[name] = NativeEvents(served.tokenizer, self.drafts[name])
+            events[name] = NativeEvents(served.tokenizer, self.drafts[name], served.shown_params)
         registry = Registry(s, events, Firehose(s.global_log_size, limits), limits)
-        self.engine = AsyncEngine(engine, self.metrics, registry)
+        self.engine = AsyncEngine(engine, self.metrics, registry, s.request_timeout_s)
         self.metrics.kv_cache_budget.set(engine.scheduler.kv_budget)
         # What loading left behind (the tokenizer's tables, the model's modules) lives as long
         # as the server: out of the collector's reach, full collections stay short pauses of

@@ -10,6 +10,7 @@ queues, no listeners.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from marble.model.tokenizer import TextTokenizer
@@ -31,9 +32,16 @@ def _seconds(start: float | None, end: float | None) -> float | None:
 
 
 class NativeEvents:
-    def __init__(self, tokenizer: TextTokenizer, draft: DraftRenderer) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        draft: DraftRenderer,
+        shown_params: Callable[[SamplingParams], dict[str, Any]],
+    ) -> None:
         self.tokenizer = tokenizer
         self.draft = draft
+        # The settings `request.queued` shows: those the model reads (ServedModel.shown_params).
+        self.shown_params = shown_params
 
     def queued(
         self,
@@ -49,7 +57,7 @@ class NativeEvents:
             "prompt_tokens": prompt_tokens,
             # The prompt as sent (token ids decoded), so a dashboard card can show it.
             "prompt": prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt),
-            "params": params.to_dict(),
+            "params": self.shown_params(params),
         }
 
     @staticmethod

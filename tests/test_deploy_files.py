@@ -67,6 +67,17 @@ def test_checkpoints_are_a_read_only_volume(compose):
         assert "MARBLE_MODEL" in service["environment"]
 
 
+def test_settings_pass_through_only_when_set(compose):
+    """A variable unset in the shell is not passed (an empty MARBLE_API_KEY would be refused at
+    start-up), and the key's companion `MARBLE_PUBLIC_OPS` travels with it, to every server."""
+    for name in ("marble", "marble-gpu", *REPLICAS):
+        env = compose["services"][name]["environment"]
+        assert {"MARBLE_API_KEY", "MARBLE_PUBLIC_OPS"} <= set(env), name
+        shell = {k: v for k, v in env.items() if k != "MARBLE_REPLICA_ID"}
+        assert all(v is None for v in shell.values()), (name, shell)
+        assert set(shell) <= {f"MARBLE_{f.upper()}" for f in Settings.model_fields}, name
+
+
 def test_prometheus_scrapes_the_compose_server(compose):
     config = load(DOCKER / "prometheus.yml")
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "marble"]

@@ -211,8 +211,9 @@ async def test_api_key(llada_tiny_path):
         assert_error(await client.post("/v1/completions", json=req, headers=bad), 401)
         ok = {"Authorization": "Bearer sesame"}
         assert (await client.post("/v1/completions", json=req, headers=ok)).status_code == 200
-        assert (await client.get("/health")).status_code == 200  # operations stay open
-        assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/health")).status_code == 200  # probes send no key
+        assert (await client.get("/metrics")).status_code == 401  # model names and load
+        assert (await client.get("/metrics", headers=ok)).status_code == 200
 
 
 async def test_queue_full_is_429_with_retry_after(llada_tiny_path):

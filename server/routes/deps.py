@@ -50,3 +50,10 @@ async def require_api_key(request: Request, lifecycle: LifecycleDep) -> None:
             headers={"WWW-Authenticate": "Bearer"},
             reason="unauthorized",
         )
+
+
+async def require_ops_key(request: Request, lifecycle: LifecycleDep) -> None:
+    """The operations pages (`/metrics`, `/openapi.json`, `/docs`) show model names and load:
+    behind the API key too, unless the server makes them public (`public_ops`)."""
+    if not lifecycle.settings.public_ops:
+        await require_api_key(request, lifecycle)

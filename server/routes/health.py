@@ -1,14 +1,15 @@
 """Operations: readiness (`/health`), liveness (`/live`), Prometheus (`/metrics`) and the
-dashboard page (`/`). These never wait on the engine."""
+dashboard page (`/`). These never wait on the engine. With an API key, `/metrics` needs it
+(unless `public_ops`); the others stay public: probes and browsers send no key."""
 
 from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from marble.server.routes.deps import LifecycleDep
+from marble.server.routes.deps import LifecycleDep, require_ops_key
 
 router = APIRouter()
 
@@ -35,7 +36,7 @@ async def live() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_ops_key)])
 async def metrics(lifecycle: LifecycleDep) -> Response:
     payload, content_type = lifecycle.metrics.render()
     return Response(payload, media_type=content_type)

@@ -512,6 +512,10 @@ const SELECT_FIELDS = ["remasking", "cache"];
 let served = null; // the served model's defaults, once loaded
 
 function applyDefaults(defaults) {
+  // A model's defaults list only the settings it reads: the others are greyed out, not sent.
+  for (const name of [...NUMBER_FIELDS, ...SELECT_FIELDS, ...CHECK_FIELDS]) {
+    $(name).disabled = !(name in defaults);
+  }
   for (const name of NUMBER_FIELDS) {
     const v = defaults[name];
     $(name).value = v === null || v === undefined ? "" : String(v);
@@ -530,14 +534,16 @@ function applyDefaults(defaults) {
 function readParams() {
   const body = { prompt: $("prompt").value };
   for (const name of NUMBER_FIELDS) {
+    if ($(name).disabled) continue;
     const v = $(name).value.trim();
     if (v !== "") body[name] = Number(v);
     else if (served && name in NULLABLE) body[name] = null;
   }
   for (const name of SELECT_FIELDS) {
-    if ($(name).value) body[name] = $(name).value;
+    if ($(name).value && !$(name).disabled) body[name] = $(name).value;
   }
   for (const name of CHECK_FIELDS) {
+    if ($(name).disabled) continue;
     if (served || !$(name).indeterminate) body[name] = $(name).checked;
   }
   return body;

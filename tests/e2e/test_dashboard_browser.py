@@ -461,3 +461,30 @@ def test_an_edited_position_shows_as_an_edit(editing_server: str, page: tuple) -
     page.screenshot(path=str(ARTIFACTS / "dashboard-edit.png"), full_page=True)
     assert card.locator(".text").evaluate("e => e.classList.contains('final')")
     assert errors == [], f"console errors: {errors}"
+
+
+def test_form_offers_and_sends_only_the_models_fields(editing_server: str, page: tuple) -> None:
+    """A model's defaults list only the settings it reads: the form greys out the others (an
+    LLaDA2 has no steps, cache, remasking, verify or token healing) and leaves them out of the
+    request, which the model then serves."""
+    page, errors = page
+    defaults = _served_defaults(editing_server)
+    _open(page, editing_server)
+    fields = [*NUMBER_FIELDS, *SELECT_FIELDS, *CHECK_FIELDS]
+    unread = [name for name in fields if name not in defaults]
+    assert {"steps", "cache", "verify_threshold"} <= set(unread)
+    for name in fields:
+        assert page.is_disabled(f"#{name}") == (name in unread), name
+    page.fill("#max_tokens", "8")
+    page.fill("#block_length", "8")
+    with page.expect_response("**/v1/diffusion/generate") as response:
+        page.click("#generate")
+    sent = response.value.request.post_data_json
+    assert response.value.status == 200
+    assert set(sent) == {"prompt", *(name for name in fields if name in defaults)}
+    page.wait_for_function(
+        "document.querySelector('.card') && "
+        "document.querySelector('.card').dataset.state === 'completed'",
+        timeout=90_000,
+    )
+    assert errors == [], f"console errors: {errors}"

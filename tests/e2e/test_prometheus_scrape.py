@@ -1,5 +1,6 @@
-"""A real Prometheus (Debian's `prometheus`) scrapes a real server on 127.0.0.1: after a few
-requests the request counter is queryable, and every PromQL expression of the shipped Grafana
+"""A real Prometheus (Debian's `prometheus`) scrapes a real server on 127.0.0.1 that has an API
+key, sending it as a Bearer token from a file: after a few requests the request counter is
+queryable, and every PromQL expression of the shipped Grafana
 dashboard is valid against the scraped series. The shipped config passes `promtool check config`.
 
 Needs `apt-get install prometheus` (it brings promtool); skipped with a reason without it.
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.e2e
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "marble.json"
+KEY = "scrape-key"  # /metrics needs it: the server has no --public-ops
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _wait(what: str, check, timeout: float) -> object:
@@ -41,7 +44,8 @@ def _wait(what: str, check, timeout: float) -> object:
 
 @pytest.fixture(scope="module")
 def metrics_server(llada_tiny_path: Path) -> Iterator[str]:
-    with running_server(llada_tiny_path) as url:
+    with running_server(llada_tiny_path, "--api-key", KEY) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 401
         yield url
 
 
@@ -51,9 +55,11 @@ def prometheus(metrics_server: str, tmp_path_factory: pytest.TempPathFactory) ->
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
     tmp = tmp_path_factory.mktemp("prometheus")
     target = metrics_server.removeprefix("http://")
+    (tmp / "marble_api_key").write_text(KEY + "\n")
     (tmp / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: marble\n"
+        f"    authorization:\n      credentials_file: {tmp / 'marble_api_key'}\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
     port = free_port()
@@ -114,7 +120,7 @@ def test_prometheus_scrapes_the_request_counter(metrics_server: str, prometheus:
     n = 3
     for i in range(n):
         body = {"prompt": f"Counting {i}", "max_tokens": 8, "steps": 4, "block_length": 8}
-        r = httpx.post(f"{metrics_server}/v1/completions", json=body, timeout=60)
+        r = httpx.post(f"{metrics_server}/v1/completions", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 200, r.text
     start = time.monotonic()
 
@@ -133,7 +139,9 @@ def test_prometheus_scrapes_the_request_counter(metrics_server: str, prometheus:
 def test_dashboard_queries_are_valid_and_named_right(metrics_server: str, prometheus: str) -> None:
     """Each Grafana panel's PromQL parses and names only metrics the server exports."""
     exported = set(
-        re.findall(r"^(marble_[a-z_]+)", httpx.get(f"{metrics_server}/metrics").text, re.M)
+        re.findall(
+            r"^(marble_[a-z_]+)", httpx.get(f"{metrics_server}/metrics", headers=AUTH).text, re.M
+        )
     )
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]

@@ -142,7 +142,9 @@ def long_body(tokens: int) -> dict:
 
 
 def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
+    # The server has a key and no --public-ops: /metrics needs the key too.
+    r = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    for line in r.text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)

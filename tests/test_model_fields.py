@@ -1,0 +1,104 @@
+"""Each model shows the settings it reads: `/v1/models` defaults and `request.queued` params
+list only its kind's SamplingParams fields (uniform-state, block-causal, full-attention masked),
+while a request naming another kind's field is answered as before (ignored, or refused by name
+where the model cannot honour it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.served_model import BLOCK_CAUSAL_FIELDS, MASKED_FIELDS, UNIFORM_FIELDS
+from marble.server.app import create_app
+from marble.server.settings import Settings
+from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
+from tests.server_helpers import parse_sse
+
+pytestmark = pytest.mark.anyio
+KINDS = {
+    "llada-tiny": MASKED_FIELDS,
+    "diffusiongemma-tiny": UNIFORM_FIELDS,
+    "llada2-tiny": BLOCK_CAUSAL_FIELDS,
+}
+# Fields one kind reads and another never does: each must be missing from the other's view.
+FOREIGN = {
+    "llada-tiny": {"entropy_bound", "t_min", "t_max", "max_post_steps", "num_to_transfer"},
+    "diffusiongemma-tiny": {"cache", "remasking", "verify_threshold", "max_post_steps", "top_k"},
+    "llada2-tiny": {"steps", "cache", "entropy_bound", "t_min", "verify_threshold", "remasking"},
+}
+BODIES = {
+    "llada-tiny": {"max_tokens": 8},
+    "diffusiongemma-tiny": {"max_tokens": 8},
+    "llada2-tiny": {"max_tokens": 8, "block_length": 8, "threshold": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        Settings(model=REFERENCE / "llada-tiny", also_serve=[DG_CHECKPOINT, LLADA2_CHECKPOINT])
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://marble") as c:
+            for _ in range(600):  # the models load in a worker thread
+                if (await c.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            yield c
+
+
+def test_every_field_is_read_by_some_kind() -> None:
+    assert MASKED_FIELDS | UNIFORM_FIELDS | BLOCK_CAUSAL_FIELDS == set(SamplingParams.field_names())
+
+
+async def test_model_cards_show_only_their_kinds_defaults(client: httpx.AsyncClient) -> None:
+    cards = {c["id"]: c for c in (await client.get("/v1/models")).json()["data"]}
+    assert set(cards) == set(KINDS)
+    for name, fields in KINDS.items():
+        assert set(cards[name]["defaults"]) == fields, name
+        assert not FOREIGN[name] & set(cards[name]["defaults"]), name
+        one = (await client.get(f"/v1/models/{name}")).json()
+        assert one["defaults"] == cards[name]["defaults"]
+
+
+async def _queued(client: httpx.AsyncClient, body: dict) -> tuple[int, dict | None]:
+    r = await client.post("/v1/diffusion/generate", json={"prompt": "a", **body})
+    if r.status_code != 200:
+        return r.status_code, r.json()
+    (queued,) = [e.json() for e in parse_sse(r.text) if e.event == "request.queued"]
+    return 200, queued
+
+
+async def test_queued_events_show_only_their_kinds_params(client: httpx.AsyncClient) -> None:
+    for name, fields in KINDS.items():
+        status, queued = await _queued(client, {"model": name, **BODIES[name]})
+        assert status == 200, queued
+        assert set(queued["params"]) == fields, name
+        assert queued["params"]["max_tokens"] == 8
+
+
+async def test_another_kinds_fields_are_answered_as_before(client: httpx.AsyncClient) -> None:
+    # Ignored where the model has no use for them: accepted, and not shown.
+    foreign = {"entropy_bound": 0.3, "t_min": 0.1, "max_post_steps": 2}
+    status, queued = await _queued(
+        client, {"model": "llada-tiny", **BODIES["llada-tiny"], **foreign}
+    )
+    assert status == 200 and not set(foreign) & set(queued["params"])
+    # Refused by name where the model cannot honour them.
+    for name, field, value in (
+        ("llada-tiny", "editing_threshold", 0.5),
+        ("diffusiongemma-tiny", "verify_threshold", 0.5),
+        ("llada2-tiny", "verify_threshold", 0.5),
+    ):
+        status, body = await _queued(client, {"model": name, **BODIES[name], field: value})
+        assert status == 400 and body["error"]["param"] == field, (name, body)

@@ -5,7 +5,7 @@
 # `runtime` copies the venv (a layer that stays cached while only code changes), installs the
 # wheel and runs as a non-root user. Real checkpoints are mounted under /models, chosen with
 # --model.
-# Build options (all --build-arg), see README "Deploy":
+# Build options (all --build-arg), see docs/deploy.md, "The image alone":
 #   BASE_IMAGE       python:3.11-slim (CPU). For GPUs: nvidia/cuda:12.4.1-runtime-ubuntu24.04
 #                    (python3 is installed from apt when the base lacks it) with a CUDA
 #                    TORCH_INDEX_URL such as https://download.pytorch.org/whl/cu124.

@@ -3,7 +3,7 @@
 Owns the balancing rules: least connections over every replica, SSE passed through unbuffered,
 the server's body limit, a retry on another replica only for a request no replica started, and
 attach-by-id sent to the replica whose tag starts the id. Standard library only; knows nothing of
-Marble's code, only its HTTP contract (README, "Scaling out").
+Marble's code, only its HTTP contract (docs/deploy.md, "Scaling out").
 
   python deploy/nginx/render.py static r1=127.0.0.1:8001 r2=127.0.0.1:8002   # named replicas
   python deploy/nginx/render.py dns --pool HOST:PORT --owner 'marble-{tag}.HEADLESS:PORT' \\

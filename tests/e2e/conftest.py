@@ -24,10 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `python -m marble.server` and return once `/health` is 200 (the caller stops it)."""
+def start_server(
+    model: Path | None, *flags: str, timeout: float = 120.0
+) -> tuple[subprocess.Popen, str]:
+    """Start `python -m marble.server` (on `model`; None: the embedded model, as `marble serve`
+    names it) and return once `/health` is 200 (the caller stops it)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "marble.server", "--model", str(model), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "marble.server", "--host", "127.0.0.1"]
+    cmd += [] if model is None else ["--model", str(model)]
     cmd += ["--port", str(port), "--log-level", "warning", *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -60,7 +64,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_server(model: Path, *flags: str, timeout: float = 120.0) -> Iterator[str]:
+def running_server(model: Path | None, *flags: str, timeout: float = 120.0) -> Iterator[str]:
     proc, url = start_server(model, *flags, timeout=timeout)
     try:
         yield url

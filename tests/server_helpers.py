@@ -3,7 +3,9 @@ the ASGI transport (with the lifespan run), and an SSE parser."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 
 from marble.scheduler.engine import Engine
@@ -32,6 +35,47 @@ async def serving(
         transport = httpx.ASGITransport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://marble") as client:
             yield app, client
+
+
+@asynccontextmanager
+async def serving_loaded(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An app that loads its checkpoints itself (as `marble serve` does, in a worker thread),
+    and a client once `/health` says they are ready."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://marble") as client:
+            for _ in range(600):
+                if (await client.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def uvicorn_on_loopback(
+    app: Any, http: type[asyncio.Protocol]
+) -> AsyncIterator[tuple[int, uvicorn.Server]]:
+    """A real uvicorn on 127.0.0.1 and a free port, in this event loop, speaking `http` (the
+    app's lifespan is the caller's), stopped when the block ends."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), http=http, lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    serve = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield config.port, server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serve, 30)
 
 
 @dataclass

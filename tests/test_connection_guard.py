@@ -23,6 +23,7 @@ from marble.server.connection_guard import (
     connection_guarded,
 )
 from marble.server.stall_guard import stall_guarded
+from tests.server_helpers import uvicorn_on_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -78,36 +79,18 @@ def make_app(hold: asyncio.Event) -> Any:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @asynccontextmanager
 async def guarded_server(
     **limits: Any,
 ) -> AsyncIterator[tuple[int, uvicorn.Server, asyncio.Event]]:
     hold = asyncio.Event()
     defaults = {"header_timeout_s": 10.0, "body_timeout_s": 10.0, "max_connections": 100}
-    config = uvicorn.Config(
-        make_app(hold),
-        host="127.0.0.1",
-        port=free_port(),
-        http=connection_guarded(stall_guarded(60.0), ConnectionLimits(**{**defaults, **limits})),
-        lifespan="off",
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    serve = asyncio.create_task(server.serve())
+    http = connection_guarded(stall_guarded(60.0), ConnectionLimits(**{**defaults, **limits}))
     try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield config.port, server, hold
+        async with uvicorn_on_loopback(make_app(hold), http) as (port, server):
+            yield port, server, hold
     finally:
         hold.set()
-        server.should_exit = True
-        await asyncio.wait_for(serve, 30)
 
 
 async def connect(port: int) -> socket.socket:

@@ -5,7 +5,6 @@ where the model cannot honour it)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,10 +12,9 @@ import pytest
 
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.served_model import BLOCK_CAUSAL_FIELDS, MASKED_FIELDS, UNIFORM_FIELDS
-from marble.server.app import create_app
 from marble.server.settings import Settings
 from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
-from tests.server_helpers import parse_sse
+from tests.server_helpers import parse_sse, serving_loaded
 
 pytestmark = pytest.mark.anyio
 KINDS = {
@@ -44,17 +42,11 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(
-        Settings(model=REFERENCE / "llada-tiny", also_serve=[DG_CHECKPOINT, LLADA2_CHECKPOINT])
+    settings = Settings(
+        model=REFERENCE / "llada-tiny", also_serve=[DG_CHECKPOINT, LLADA2_CHECKPOINT]
     )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://marble") as c:
-            for _ in range(600):  # the models load in a worker thread
-                if (await c.get("/health")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
-            yield c
+    async with serving_loaded(settings) as c:
+        yield c
 
 
 def test_every_field_is_read_by_some_kind() -> None:

@@ -9,10 +9,9 @@ import asyncio
 import httpx
 import pytest
 
-from marble.server.app import create_app
 from marble.server.settings import Settings
 from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
-from tests.server_helpers import parse_sse
+from tests.server_helpers import parse_sse, serving_loaded
 
 pytestmark = pytest.mark.anyio
 LLADA = REFERENCE / "llada-tiny"
@@ -23,17 +22,8 @@ BODIES = {
 }
 
 
-async def _served():
-    settings = Settings(model=LLADA, also_serve=[DG_CHECKPOINT, LLADA2_CHECKPOINT])
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://marble") as client:
-            for _ in range(600):  # the models load in a worker thread
-                if (await client.get("/health")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
-            yield client
+def _served():
+    return serving_loaded(Settings(model=LLADA, also_serve=[DG_CHECKPOINT, LLADA2_CHECKPOINT]))
 
 
 async def _generate(client: httpx.AsyncClient, model: str | None, prompt: str) -> list[dict]:
@@ -46,7 +36,7 @@ async def _generate(client: httpx.AsyncClient, model: str | None, prompt: str) -
 
 
 async def test_every_model_is_served_beside_the_others():
-    async for client in _served():
+    async with _served() as client:
         cards = (await client.get("/v1/models")).json()["data"]
         assert [c["id"] for c in cards] == list(BODIES)
         assert cards[1]["defaults"]["steps"] is not None  # DiffusionGemma's own

@@ -10,13 +10,12 @@ import socket
 import time
 
 import pytest
-import uvicorn
 
 from marble.server.event_log import Event
 from marble.server.settings import Settings
 from marble.server.stall_guard import stall_guarded
 from marble.server.subscriber import Subscriber
-from tests.server_helpers import serving
+from tests.server_helpers import serving, uvicorn_on_loopback
 from tests.test_server_streams import call_app
 
 pytestmark = pytest.mark.anyio
@@ -77,35 +76,17 @@ async def test_open_streams_gauge_goes_up_and_back_to_zero(llada_tiny_path):
         assert all(v == 0 for v in after.values())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_a_listener_that_stops_reading_is_dropped_and_freed(llada_tiny_path):
     timeout_s = 0.5
     settings = Settings(send_timeout_s=timeout_s)
     async with serving(llada_tiny_path, settings) as (app, _):
         firehose = app.state.lifecycle.engine.registry.firehose
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=free_port(),
-            http=stall_guarded(timeout_s),
-            lifespan="off",  # `serving` already runs it
-            log_level="warning",
-        )
-        server = uvicorn.Server(config)
-        serve = asyncio.create_task(server.serve())
-        try:
-            while not server.started:
-                await asyncio.sleep(0.01)
+        async with uvicorn_on_loopback(app, stall_guarded(timeout_s)) as (port, server):
             loop = asyncio.get_running_loop()
             client = socket.socket()
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             client.setblocking(False)
-            await loop.sock_connect(client, ("127.0.0.1", config.port))
+            await loop.sock_connect(client, ("127.0.0.1", port))
             await loop.sock_sendall(client, b"GET /v1/diffusion/events HTTP/1.1\r\nHost: m\r\n\r\n")
             while not firehose.subscribers:
                 await asyncio.sleep(0.01)
@@ -123,6 +104,3 @@ async def test_a_listener_that_stops_reading_is_dropped_and_freed(llada_tiny_pat
             assert time.monotonic() - start >= 0.9 * timeout_s  # not before its time
             assert open_streams(app.state.lifecycle.metrics.render()[0].decode())["dashboard"] == 0
             client.close()
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serve, 30)

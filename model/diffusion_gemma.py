@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma_config import SLIDING, DiffusionGemmaConfig
-from marble.model.transformer import apply_rotary
+from marble.model.layers import GatedMLP, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -53,23 +53,15 @@ def rotary_tables(
     return emb.cos(), emb.sin()
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., H] -> down(gelu_tanh(gate x) * up x) [..., H]."""
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class SelfConditioning(GatedMLP):
     """The previous step's expected embedding, pre-normed, through a gated MLP."""
 
     def __init__(self, hidden: int, inner: int, eps: float) -> None:
-        super().__init__(hidden, inner)
+        super().__init__(hidden, inner, gelu_tanh)
         self.pre_norm = RMSNorm(hidden, eps)
 
     def forward(self, s: Tensor) -> Tensor:
@@ -176,7 +168,7 @@ class DecoderLayer(nn.Module):
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.sliding = layer_type == SLIDING
         self.self_attn = Attention(cfg, self.sliding)
-        self.mlp = GatedMLP(h, cfg.intermediate_size)
+        self.mlp = GatedMLP(h, cfg.intermediate_size, gelu_tanh)
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         for name in (

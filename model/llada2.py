@@ -16,20 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.layers import GatedMLP, RMSNorm, apply_rotary, rotary_tables
 from marble.model.llada2_config import LLaDA2Config
-from marble.model.transformer import RMSNorm, apply_rotary, rotary_tables
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., H] -> down(silu(gate x) * up x) [..., H]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
@@ -106,10 +94,10 @@ class MoE(nn.Module):
         h = cfg.hidden_size
         self.gate = Router(cfg)
         self.experts = nn.ModuleList(
-            MLP(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+            GatedMLP(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
         )
         self.shared_experts = (
-            MLP(h, cfg.moe_intermediate_size * cfg.num_shared_experts)
+            GatedMLP(h, cfg.moe_intermediate_size * cfg.num_shared_experts)
             if cfg.num_shared_experts
             else None
         )
@@ -144,7 +132,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (
+            MoE(cfg) if cfg.is_moe(index) else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        )
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], past: LayerKV | None, bias: Tensor

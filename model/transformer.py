@@ -1,8 +1,9 @@
 """The bidirectional denoiser: one transformer for LLaDA, Dream and Marble checkpoints.
 
-RMSNorm, RoPE, SwiGLU, MHA/GQA with optional q/k/v bias, SDPA attention with a key-padding
-mask, and position ids so left-padded rows batch correctly. It computes logits only where asked
-(`gather`) because a full [B, L, V] tensor is gigabytes for real vocabularies.
+RoPE, SwiGLU and RMSNorm (`layers.py`), MHA/GQA with optional q/k/v bias, SDPA attention
+with a key-padding mask, and position ids so left-padded rows batch correctly. It computes
+logits only where asked (`gather`) because a full [B, L, V] tensor is gigabytes for real
+vocabularies.
 
 Two kinds of forward: `forward` runs every position (and can hand back each layer's keys and
 values, RoPE applied, to serve as a KV cache); `forward_cached` runs only some query positions
@@ -18,39 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.model.config import ModelConfig
+from marble.model.layers import GatedMLP, RMSNorm, apply_rotary, rotary_tables
 
 # One layer's keys (RoPE applied at their positions) and values, [B, Hkv, K, Dh] each.
 KeyValues = tuple[Tensor, Tensor]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., D] -> [..., D]; statistics in float32 as both reference models do."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotary_tables(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """position_ids [B, L] -> (cos, sin) [B, 1, L, head_dim] in float32."""
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
-    inv_freq = 1.0 / (theta ** (exponent / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, head_dim / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, L, Dh] rotated in float32 (rotate-half layout), returned in x's dtype."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -96,24 +68,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden)
 
     def forward(
         self,

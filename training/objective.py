@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from marble.model.transformer import Denoiser, rotary_tables
+from marble.model.layers import rotary_tables
+from marble.model.transformer import Denoiser
 
 
 def stratified_t(batch: int, eps: float, generator: torch.Generator) -> Tensor:

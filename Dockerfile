@@ -62,6 +62,7 @@ FROM deps AS wheel
 COPY README.md /src/
 COPY model/ /src/model/
 COPY scheduler/ /src/scheduler/
+COPY families/ /src/families/
 COPY server/ /src/server/
 COPY training/ /src/training/
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src

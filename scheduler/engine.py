@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,16 @@ from marble.model.device import default_kv_budget, resolve_device
 from marble.model.diffusion_gemma import DiffusionGemma
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.model.transformer import Denoiser
-from marble.scheduler.healing import heal, unheal
 from marble.scheduler.request import Request, RequestStatus
+from marble.scheduler.request_builder import build_request
 from marble.scheduler.runner import REMASK, Change, Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import (
-    MAX_FORWARDS_PER_POSITION,
     InvalidParam,
     SamplingParams,
 )
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
+from marble.scheduler.settlement import completion_len, cut, held_text, settle
 from marble.scheduler.uniform_runner import (
     DECODE,
     ENCODE,
@@ -195,208 +194,11 @@ class Engine:
         suffix: str | list[int] | None = None,
         model: str | None = None,
     ) -> Request:
-        """Validate and tokenize without queueing; raises `InvalidParam` naming the field.
-        Touches no engine state, so the server runs it off the event loop. Sizes are checked in
-        O(1) before anything proportional to them is built: max_tokens and top_k against the
-        model first, text against the longest text the context could hold before it is
-        tokenized; the denoising work asked for against its family's bound (at most
-        MAX_FORWARDS_PER_POSITION forwards per decoded position), whose worst case the request
-        keeps as `max_forwards`. `model` names a served model (None: the first)."""
+        """Validate and tokenize without queueing (`build_request`); raises `InvalidParam`
+        naming the field. `model` names a served model (None: the first)."""
         if model is not None and model not in self.models:
             raise InvalidParam("model", f"model {model!r} is not served here")
-        m = self.served(model)
-        params = params or m.defaults
-        context = m.context
-        if m.uniform:
-            self._check_uniform(m, params, suffix)
-        elif m.block_causal:
-            self._check_block_causal(params, suffix)
-        elif params.editing_threshold is not None:
-            raise InvalidParam(
-                "editing_threshold",
-                "editing_threshold needs a model trained to edit (LLaDA2.1); this one may "
-                "verify instead (verify_threshold)",
-            )
-        if params.max_tokens > context:
-            raise InvalidParam(
-                "max_tokens",
-                f"max_tokens ({params.max_tokens}) exceeds the model's context of {context}",
-            )
-        vocab = m.vocab_size
-        if params.top_k > vocab:
-            raise InvalidParam(
-                "top_k", f"top_k ({params.top_k}) exceeds the vocabulary of {vocab} tokens"
-            )
-        prompt_ids = self._ids(m, "prompt", prompt)
-        suffix_ids = self._ids(m, "suffix", suffix or [])
-        if not prompt_ids:
-            raise InvalidParam("prompt", "prompt is empty")
-        for name, ids in (("prompt", prompt_ids), ("suffix", suffix_ids)):
-            if any(not 0 <= i < vocab for i in ids):
-                raise InvalidParam(name, f"{name} token ids must be in [0, {vocab})")
-            if not m.uniform and m.special.mask in ids:
-                raise InvalidParam(
-                    name, f"{name} must not contain the mask token id {m.special.mask}"
-                )
-        heal_text, heal_ids = "", None
-        if params.token_healing and isinstance(prompt, str):  # ids are taken as given
-            banned = m.special.stop_ids | {m.special.mask}
-            prompt_ids, heal_text, heal_ids = heal(m.tokenizer, prompt_ids, vocab, banned)
-        generated = self._canvas_tokens(m, len(prompt_ids), params)
-        if len(prompt_ids) + generated + len(suffix_ids) > context:
-            raise InvalidParam(
-                "prompt",
-                f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}"
-                + (
-                    f", decoded as {generated} in whole canvases"
-                    if generated > params.max_tokens
-                    else ""
-                )
-                + f") + suffix ({len(suffix_ids)}) exceeds the model's context of {context}",
-            )
-        request = Request(
-            request_id or uuid.uuid4().hex,
-            prompt_ids,
-            params,
-            m.special.mask,
-            suffix_ids,
-            heal_text=heal_text,
-            heal_ids=heal_ids,
-            model=m.name,
-            block_offset=len(prompt_ids) % params.block_length if m.block_causal else 0,
-        )
-        if m.uniform:
-            # The cache holds the prompt and every canvas but the last, which is never encoded.
-            tokens = len(prompt_ids) + generated - m.model.cfg.canvas_length
-            request.kv_bytes = m.model.cache_bytes(tokens)
-            request.max_forwards = self._uniform_forwards(request)
-        elif m.block_causal:
-            # The cache holds the prompt and every block but the last.
-            cached = len(prompt_ids) + generated - params.block_length
-            request.kv_bytes = m.model.cache_bytes(cached)
-            request.max_forwards = self._block_causal_forwards(request, generated)
-        else:
-            if params.cache != "none":
-                copies = 2 if params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
-                request.kv_bytes = copies * request.canvas_len * m.kv_bytes_per_token
-            request.max_forwards = self._masked_forwards(request)
-        return request
-
-    @staticmethod
-    def _canvas_tokens(m: ServedModel, prompt_len: int, params: SamplingParams) -> int:
-        """Tokens the model decodes for `max_tokens`: a uniform-state model decodes whole
-        canvases, a block-causal one through the end of the last block it reaches (the
-        completion is then cut to max_tokens)."""
-        if m.uniform:
-            length = m.model.cfg.canvas_length
-            return -(-params.max_tokens // length) * length
-        if m.block_causal:
-            size = params.block_length
-            return -(-(prompt_len + params.max_tokens) // size) * size - prompt_len
-        return params.max_tokens
-
-    @staticmethod
-    def _check_uniform(
-        m: ServedModel, params: SamplingParams, suffix: str | list[int] | None
-    ) -> None:
-        """What a uniform-state model cannot do, refused by name."""
-        length = m.model.cfg.canvas_length
-        if params.block_length != length:
-            raise InvalidParam(
-                "block_length",
-                f"this model denoises canvases of {length} tokens: block_length must be "
-                f"{length} (or left out)",
-            )
-        if params.steps is None:
-            raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
-        limit = MAX_FORWARDS_PER_POSITION * length
-        if params.steps > limit:
-            raise InvalidParam(
-                "steps",
-                f"steps ({params.steps}) exceeds {limit}: a canvas of {length} tokens takes at "
-                f"most {MAX_FORWARDS_PER_POSITION} denoising steps per position",
-            )
-        # Self-correction is built into this model's renoising: neither masked-model kind.
-        refused = (
-            ("cfg_scale", 0.0),
-            ("token_healing", False),
-            ("verify_threshold", None),
-            ("editing_threshold", None),
-        )
-        for name, off in refused:
-            if getattr(params, name) != off:
-                raise InvalidParam(name, f"{name} is not supported by this model")
-        if suffix:
-            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
-
-    @staticmethod
-    def _uniform_forwards(request: Request) -> int:
-        """Worst case: every canvas runs all its steps (its stop rule never fires)."""
-        return len(request.blocks) * (request.params.steps or 1)
-
-    @staticmethod
-    def _check_block_causal(params: SamplingParams, suffix: str | list[int] | None) -> None:
-        """What a block-causal model cannot do, refused by name."""
-        if params.block_length is None:
-            raise InvalidParam("block_length", "this model denoises in blocks: give block_length")
-        if params.threshold is None:
-            raise InvalidParam(
-                "threshold", "this model unmasks by threshold: give threshold (not steps alone)"
-            )
-        for name, off in (("cfg_scale", 0.0), ("token_healing", False), ("verify_threshold", None)):
-            if getattr(params, name) != off:
-                raise InvalidParam(name, f"{name} is not supported by this model")
-        if suffix:
-            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
-        # A block takes up to one forward per position to fill, then its edit rounds.
-        size = params.block_length
-        limit = (MAX_FORWARDS_PER_POSITION - 1) * size
-        if Engine._edit_rounds(params) > limit:
-            raise InvalidParam(
-                "max_post_steps",
-                f"max_post_steps ({params.max_post_steps}) exceeds {limit}: a block of {size} "
-                f"tokens takes at most {MAX_FORWARDS_PER_POSITION} forwards per position, up "
-                f"to {size} to fill it and {limit} edit rounds",
-            )
-
-    @staticmethod
-    def _edit_rounds(params: SamplingParams) -> int:
-        """Mask-free forwards a block-causal block may take once filled (block_runner.py)."""
-        return params.max_post_steps if params.editing_threshold is not None else 0
-
-    @staticmethod
-    def _block_causal_forwards(request: Request, decoded: int) -> int:
-        """Worst case: every decoded position filled by a forward of its own (at least one
-        commits per forward while masks remain), then every block's edit rounds."""
-        return decoded + len(request.blocks) * Engine._edit_rounds(request.params)
-
-    @staticmethod
-    def _masked_forwards(request: Request) -> int:
-        """Worst case of a full-attention masked request: its planned steps (at most one per
-        token), or under the threshold rule one per token (each forward commits at least one
-        more than verify masks again). Never more than max_tokens: nothing to refuse."""
-        planned = request.total_steps
-        return request.params.max_tokens if planned is None else planned
-
-    @staticmethod
-    def _ids(m: ServedModel, name: str, value: str | list[int]) -> list[int]:
-        """Token ids of a prompt or suffix, refusing at once what cannot fit the context: a
-        text longer than `context` tokens of the vocabulary's longest text (with room for
-        normalisation) is never tokenized."""
-        context = m.context
-        if not isinstance(value, str):
-            if len(value) > context:
-                raise InvalidParam(
-                    name, f"{name} ({len(value)} tokens) exceeds the context of {context}"
-                )
-            return list(value)
-        if len(value) > 2 * context * m.tokenizer.max_token_chars:
-            raise InvalidParam(
-                name,
-                f"{name} ({len(value)} characters) cannot fit the model's context of {context} "
-                "tokens",
-            )
-        return m.tokenizer.encode(value)
+        return build_request(self.served(model), prompt, params, request_id, suffix)
 
     def add(self, request: Request) -> Request:
         """Queue a request built by `make_request`; raises ValueError or QueueFullError."""
@@ -530,7 +332,7 @@ class Engine:
             finished=status is not None,
             finish_reason=None if status is None else status.value,
             prompt_tokens=request.prompt_tokens,
-            completion_tokens=self._completion_len(request),
+            completion_tokens=completion_len(request),
             heal_text=request.heal_text,
             forward=step.forward,
             positions=step.positions,
@@ -578,7 +380,7 @@ class Engine:
             finished=status is not None,
             finish_reason=None if status is None else status.value,
             prompt_tokens=request.prompt_tokens,
-            completion_tokens=self._completion_len(request),
+            completion_tokens=completion_len(request),
             forward=step.forward,
             positions=step.positions,
             forwards=forwards,
@@ -594,79 +396,14 @@ class Engine:
     def _settle(
         self, request: Request, stable_len: int, complete: bool
     ) -> tuple[str, RequestStatus | None]:
-        """After a step: the text to stream and the request's final status, if it ended (at
-        EOS or a stop string, or `complete`: every generated position final)."""
-        text, cut_by_stop = self._stable_text(request, self._advance_stable(request, stable_len))
-        status = None
-        if cut_by_stop:
-            status = RequestStatus.FINISHED_STOPPED
-        elif complete:
-            status = RequestStatus.FINISHED_LENGTH
+        """`settlement.settle`, and a request that ended leaves the scheduler."""
+        text, status = settle(self.served(request.model), request, stable_len, complete)
         if status is not None:
             self.scheduler.finish(request, status)
-        else:
-            text = self._hold_back(request, text)
         return text, status
 
-    def _advance_stable(self, request: Request, stable_len: int) -> bool:
-        """Extend the stable prefix (text that can no longer change) to `stable_len`, noting
-        the first EOS/end-of-turn in the part just added; returns whether the prefix grew."""
-        old = request.stable_len
-        tokens = request.tokens
-        request.stable_len = stable_len
-        if request.eos_at is None and not request.params.ignore_eos:
-            stop_ids = self.served(request.model).special.stop_ids
-            request.eos_at = next(
-                (i for i in range(old, request.stable_len) if tokens[i] in stop_ids), None
-            )
-        return request.stable_len != old
-
-    def _decode(self, request: Request, ids: list[int]) -> str:
-        """Completion text of generated ids, without the healed prompt text they start with."""
-        return unheal(self.served(request.model).tokenizer.decode(ids), request.heal_text)
-
-    @staticmethod
-    def _cut(request: Request) -> int:
-        """End of the generated text: the first EOS/end-of-turn, else the stable prefix."""
-        return request.stable_len if request.eos_at is None else request.eos_at
-
-    def _completion_len(self, request: Request) -> int:
-        if request.eos_at is not None:
-            return request.eos_at
-        return request.stable_len if not request.is_finished() else len(request.tokens)
-
-    def _stable_text(self, request: Request, grew: bool) -> tuple[str, bool]:
-        """(text that can no longer change, whether EOS or a stop string ended it); decoded
-        only when the stable prefix grew."""
-        if not grew:
-            return request.stable_text, False
-        text = self._decode(request, request.tokens[: self._cut(request)])
-        request.stable_text = text
-        for stop in request.params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                return text[:at], True
-        if request.eos_at is not None:
-            # Fill the rest with EOS so the canvas is complete; no more forwards are needed.
-            eos = self.served(request.model).special.eos
-            fill = eos if eos is not None else request.tokens[request.eos_at]
-            for i in range(request.eos_at, len(request.tokens)):
-                if request.tokens[i] == request.mask_id:
-                    request.tokens[i] = fill
-            request.num_masked = 0
-        return text, request.eos_at is not None
-
-    @staticmethod
-    def _hold_back(request: Request, text: str) -> str:
-        """Keep back what may still change: a partial UTF-8 character, or the start of a
-        stop string that the next tokens could complete."""
-        longest = max((len(s) for s in request.params.stop), default=1)
-        keep = len(text) - (longest - 1)
-        text = text[: max(keep, 0)]
-        return text.rstrip("\ufffd")
-
     def _final_output(self, request: Request) -> StepOutput:
-        end = self._cut(request)
+        end = cut(request)
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
@@ -677,7 +414,7 @@ class Engine:
             num_masked=request.num_masked,
             tokens=list(request.tokens),
             # An aborted or failed request stops mid-way: keep back what could still change.
-            text=self._hold_back(request, self._decode(request, request.tokens[:end])),
+            text=held_text(self.served(request.model), request, end),
             finished=True,
             finish_reason=request.status.value,
             error=request.error,

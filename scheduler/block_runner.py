@@ -28,7 +28,7 @@ from marble.model import sampling
 from marble.model.block_cache import BlockCache, LayerKV
 from marble.model.llada2 import LLaDA2
 from marble.scheduler.request import Request
-from marble.scheduler.runner import (
+from marble.scheduler.step_result import (
     EDIT,
     FULL,
     PREFIX_CACHED,

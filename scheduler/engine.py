@@ -18,12 +18,9 @@ from pathlib import Path
 import torch
 
 from marble.model.device import default_kv_budget, resolve_device
-from marble.model.diffusion_gemma import DiffusionGemma
 from marble.model.tokenizer import SpecialIds, TextTokenizer
-from marble.model.transformer import Denoiser
 from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.request_builder import build_request
-from marble.scheduler.runner import REMASK, Change, Commit, ModelRunner, RowError, RowStep
 from marble.scheduler.sampling_params import (
     InvalidParam,
     SamplingParams,
@@ -31,12 +28,17 @@ from marble.scheduler.sampling_params import (
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
 from marble.scheduler.settlement import completion_len, cut, held_text, settle
-from marble.scheduler.uniform_runner import (
+from marble.scheduler.step_result import (
     DECODE,
     ENCODE,
-    CanvasStep,
-    UniformRunner,
+    REMASK,
+    Change,
+    Commit,
+    RowError,
+    RowStep,
+    Runner,
 )
+from marble.scheduler.uniform_runner import CanvasStep
 
 DEFAULT_NAME = "marble"  # the model name of an engine built without one
 
@@ -105,7 +107,7 @@ class Engine:
 
     def __init__(
         self,
-        model: Denoiser | DiffusionGemma,
+        model: torch.nn.Module,
         tokenizer: TextTokenizer,
         config: SchedulerConfig | None = None,
         defaults: SamplingParams | None = None,
@@ -154,7 +156,7 @@ class Engine:
 
     # The first model's parts, for callers that serve one model.
     @property
-    def model(self) -> Denoiser | DiffusionGemma:
+    def model(self) -> torch.nn.Module:
         return self.first.model
 
     @property
@@ -170,7 +172,7 @@ class Engine:
         return self.first.defaults
 
     @property
-    def runner(self) -> ModelRunner | UniformRunner:
+    def runner(self) -> Runner:
         return self.first.runner
 
     @property

@@ -28,10 +28,10 @@ from marble.model.llada2_config import PRESETS, is_llada2
 from marble.model.llada2_loader import load_llada2
 from marble.model.loader import load_model
 from marble.model.tokenizer import SpecialIds, TextTokenizer
-from marble.model.transformer import Denoiser
 from marble.scheduler.block_runner import BlockRunner
 from marble.scheduler.runner import ModelRunner
 from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.step_result import Runner
 from marble.scheduler.uniform_runner import UniformRunner
 
 # LLaDA2.1's serving defaults: the model card's quality mode (its speed mode is threshold 0.5,
@@ -69,7 +69,7 @@ MASKED_FIELDS = frozenset(
 @dataclass
 class ServedModel:
     name: str  # what requests name it by (the OpenAI `model` field)
-    model: Denoiser | DiffusionGemma | LLaDA2
+    model: torch.nn.Module
     tokenizer: TextTokenizer
     defaults: SamplingParams
     special: SpecialIds = field(init=False)
@@ -78,7 +78,7 @@ class ServedModel:
     # Dream, Marble's own): each has its runner and its step bookkeeping in the engine.
     uniform: bool = field(init=False)
     block_causal: bool = field(init=False)
-    runner: ModelRunner | UniformRunner | BlockRunner = field(init=False)
+    runner: Runner = field(init=False)
     context: int = field(init=False)  # longest canvas: prompt + generated + suffix
     vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
     kv_bytes_per_token: int = field(init=False)  # masked models: per cached canvas position
@@ -137,7 +137,7 @@ def load_served(
     """A local checkpoint folder (None: the embedded default model) on a resolved `device`;
     serving defaults stored with it apply unless given."""
     path = CHECKPOINT_DIR if path is None else Path(path)
-    model: Denoiser | DiffusionGemma | LLaDA2
+    model: torch.nn.Module
     raw = json.loads((path / "config.json").read_text())
     if is_diffusion_gemma(raw):
         model = load_diffusion_gemma(path, device=device, dtype=resolve_dtype(dtype, device))

@@ -24,9 +24,16 @@ from marble.model.block_cache import BlockCache
 from marble.model.diffusion_gemma import DiffusionGemma
 from marble.model.sampling import scale_logits
 from marble.scheduler.request import Request
-from marble.scheduler.runner import ACCEPT, FINAL, RENOISE, Change, RowError, run_rows_isolated
+from marble.scheduler.step_result import (
+    ACCEPT,
+    DECODE,
+    FINAL,
+    RENOISE,
+    Change,
+    RowError,
+    run_rows_isolated,
+)
 
-ENCODE, DECODE = "encode", "decode"
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
 
 

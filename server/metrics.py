@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 
 from marble.scheduler.engine import EngineStats, StepOutput
-from marble.scheduler.runner import FORWARD_KINDS
+from marble.scheduler.step_result import FORWARD_KINDS
 
 OUTCOMES = ("stop", "length", "abort", "error")
 REJECT_REASONS = (

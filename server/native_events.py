@@ -16,8 +16,8 @@ from typing import Any
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import StepOutput
 from marble.scheduler.healing import unheal
-from marble.scheduler.runner import EDIT
 from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.step_result import EDIT
 from marble.server.draft import DraftRenderer
 from marble.server.metrics import Timing
 

@@ -96,4 +96,3 @@ def test_greedy_block_refinement_equals_the_pipeline_golden(engine: Engine):
         "encode": case["num_forward_passes"]["encoder"],
         "decode": case["num_forward_passes"]["decoder"],
     }
-

@@ -11,7 +11,7 @@ import pytest
 from marble.scheduler.engine import Engine
 from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_served
-from marble.scheduler.uniform_runner import DECODE
+from marble.scheduler.step_result import DECODE
 from tests.golden_cases import (
     DG_CHECKPOINT,
     LLADA2_CHECKPOINT,

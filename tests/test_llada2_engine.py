@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from marble.scheduler.engine import Engine, StepOutput
-from marble.scheduler.runner import EDIT
 from marble.scheduler.sampling_params import InvalidParam
+from marble.scheduler.step_result import EDIT
 from tests.golden_cases import LLADA2_CHECKPOINT, drain, llada2_cases, llada2_params
 
 CASES = llada2_cases()

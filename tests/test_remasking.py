@@ -14,8 +14,8 @@ from marble.model.config import preset
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.request import Request
-from marble.scheduler.runner import REMASK
 from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.step_result import REMASK
 from tests.test_engine import tiny_engine
 
 

@@ -171,7 +171,7 @@ def completion_probe(
     """Compile rate, code and repeated-line shares, tokens per forward and serving tokens/s of
     the engine on `prompts` with `settings`, pooled over `rounds` (round r seeds prompt i with
     seed + 1000 r + i, alike for every candidate)."""
-    from marble.scheduler.runner import REMASK  # local for the reason serving_engine gives
+    from marble.scheduler.step_result import REMASK  # local for the reason serving_engine gives
 
     # Whatever the checkpoint stores now, only the candidate's settings vary.
     base = engine.defaults.replace(

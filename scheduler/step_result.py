@@ -1,0 +1,153 @@
+"""What a runner returns for one row's step, and what every runner shares: the `Runner`
+interface the engine calls (add, remove, run a batch, bytes held), the step-result types (the
+commits and the changes of filled positions, the forward kind, whether the block is final),
+and the retry-each-row-alone isolation of a failed batch.
+
+The full-attention runner (runner.py), the block-causal one (block_runner.py) and the
+uniform-state one (uniform_runner.py) all speak it; none of them is the interface. No torch
+work here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from marble.scheduler.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """One served model's device-side rows, one per running request."""
+
+    rows: Mapping[str, Any]
+
+    def add(self, request: Request) -> None: ...
+
+    def remove(self, request_id: str) -> None: ...
+
+    def run(self, requests: list[Request]) -> list[Any]:
+        """One step for these requests (all added), one result per request in order: the
+        runner's step type, or a `RowError` for a row that failed alone."""
+        ...
+
+    @property
+    def cache_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Commit:
+    pos: int  # counted from the first generated position
+    token_id: int
+    confidence: float
+    logprob: float  # log p(token) under the step's (filtered) distribution when committed
+
+
+# How a shown position changed. Uniform-state models: ACCEPT (a kept candidate), RENOISE
+# (noise again), FINAL (the canvas ended). Masked models: COMMIT (a mask filled: `Commit`
+# entries), EDIT (a filled position replaced), REMASK (a filled position masked again).
+ACCEPT, RENOISE, FINAL = "accept", "renoise", "final"
+COMMIT, EDIT, REMASK = "commit", "edit", "remask"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A position whose shown token changed this step, other than a commit."""
+
+    pos: int  # counted from the first generated position
+    token_id: int  # the token now (the mask id after a REMASK)
+    previous: int
+    op: str
+    # Uniform-state ops: the position's entropy this step (nats). EDIT: the new token's
+    # probability; REMASK: the probability the removed token fell to.
+    score: float
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one row's step failed: a stable `code` for clients and metrics, and a message."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RowStep:
+    """One row's step: what it committed, and the forward that produced it."""
+
+    commits: list[Commit]
+    forward: str  # FULL, PREFIX_CACHED or DUAL_CACHED
+    positions: int  # canvas positions this row's forward computed (queries, CFG copy included)
+    changes: list[Change] = field(default_factory=list)  # edits and remasks, after commits
+    # Whether the current block is final after this step; None: once it has no mask left
+    # (a runner that edits keeps a filled block open for its edit rounds).
+    block_final: bool | None = None
+
+
+StepResult = RowStep | RowError
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+def run_isolated(
+    requests: list[Request],
+    step: Callable[[list[Request]], list[R]],
+    save: Callable[[Request], S],
+    restore: Callable[[Request, S], None],
+) -> list[R | RowError]:
+    """`step(requests)`, one result per request. If the batched call raises, each request
+    retries alone from the state `save` took before it (`restore` puts it back), so only the
+    rows that raise fail. Shared by every runner."""
+    saved = [save(r) for r in requests]
+    try:
+        return list(step(requests))
+    except Exception as exc:
+        if len(requests) == 1:
+            log.exception("step failed for request %s", requests[0].request_id)
+            return [RowError("step_failed", f"{type(exc).__name__}: {exc}")]
+        log.warning("batched step failed (%s); retrying its %d rows alone", exc, len(requests))
+    results: list[R | RowError] = []
+    for request, state in zip(requests, saved):
+        restore(request, state)
+        results += run_isolated([request], step, save, restore)
+    return results
+
+
+class CopyableRow(Protocol):
+    generator: torch.Generator
+
+    def saved(self) -> CopyableRow: ...
+
+
+def run_rows_isolated(
+    requests: list[Request],
+    step: Callable[[list[Request]], list[R]],
+    rows: dict[str, CopyableRow],
+) -> list[R | RowError]:
+    """`run_isolated` for runners whose rows (`rows[request_id]`) copy themselves with
+    `saved()` and draw from `generator`: a retry starts from that copy and the generator's
+    state before the step."""
+
+    def save(request: Request) -> tuple[CopyableRow, Tensor]:
+        row = rows[request.request_id]
+        return row.saved(), row.generator.get_state()
+
+    def restore(request: Request, state: tuple[CopyableRow, Tensor]) -> None:
+        row, generator = state
+        row.generator.set_state(generator)
+        rows[request.request_id] = row
+
+    return run_isolated(requests, step, save, restore)
+
+
+FULL, PREFIX_CACHED, DUAL_CACHED = "full", "prefix_cached", "dual_cached"
+FORWARD_KINDS = (FULL, PREFIX_CACHED, DUAL_CACHED)
+# A uniform-state model's two: the encoder writing finished text into the cache, the decoder
+# denoising the canvas against it.
+ENCODE, DECODE = "encode", "decode"

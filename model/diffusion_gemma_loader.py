@@ -16,7 +16,7 @@ import torch
 
 from marble.model.diffusion_gemma import DiffusionGemma
 from marble.model.diffusion_gemma_config import DiffusionGemmaConfig
-from marble.model.loader import config_file, fill
+from marble.model.loader import config_file, expected_tensors, fill
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,15 @@ def load_diffusion_gemma(
     cfg = DiffusionGemmaConfig.from_file(config_file(folder))
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
-    expected = {n: t.shape for n, t in model.named_parameters()}
-    expected |= {n: t.shape for n, t in model.named_buffers()}
     loaded, skipped_vision = fill(
-        model, folder, expected, map_name, "diffusion_gemma", device, dtype, skip=_VISION.fullmatch
+        model,
+        folder,
+        expected_tensors(model),
+        map_name,
+        "diffusion_gemma",
+        device,
+        dtype,
+        skip=_VISION.fullmatch,
     )
     if skipped_vision:
         log.info(

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marble.model.block_cache import BlockCache, LayerKV
-from marble.model.layers import GatedMLP, RMSNorm, apply_rotary, rotary_tables
+from marble.model.block_cache import LayerKV
+from marble.model.block_causal import BlockCausalStack
+from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 from marble.model.llada2_config import LLaDA2Config
 
 
@@ -149,7 +150,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
-class LLaDA2(nn.Module):
+class LLaDA2(BlockCausalStack):
     """The LLaDA2.x MoE stack (names as in the checkpoint, without its `model.` prefix)."""
 
     def __init__(self, cfg: LLaDA2Config) -> None:
@@ -159,69 +160,8 @@ class LLaDA2(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.kv_heads, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
 
-    def new_cache(self, batch: int) -> BlockCache:
-        """An empty cache of finished blocks for `batch` rows, on this model's device/dtype."""
-        w = self.word_embeddings.weight
-        shapes = [(self.cfg.num_key_value_heads, self.cfg.head_dim)] * len(self.layers)
-        return BlockCache.empty(batch, shapes, device=w.device, dtype=w.dtype)
-
-    def cache_bytes(self, tokens: int) -> int:
-        """Bytes of cache one row holds once `tokens` tokens are in it (every layer, K and V)."""
-        cfg, itemsize = self.cfg, self.word_embeddings.weight.itemsize
-        return len(self.layers) * tokens * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
-
-    @torch.no_grad()
-    def forward(
-        self,
-        ids: Tensor,
-        positions: Tensor,
-        cache: BlockCache | None = None,
-        write: bool = False,
-        *,
-        block_length: int | Tensor,
-        key_valid: Tensor | None = None,
-        keep: list[LayerKV] | None = None,
-    ) -> Tensor:
-        """A window ids [B, T] at absolute positions [B, T] -> final-normed hidden [B, T, H].
-
-        Every query attends to the cache's valid slots (all before the window) and to window
-        key j iff key_valid[j] (None: all) and block(j) <= block(i), block = position //
-        block_length (an int, or [B] per row). `write` appends the window's keys/values to
-        the cache, key_valid as their validity; `keep` collects each layer's [B, Hkv, T, D]
-        for a caller that appends only part of the window (or appends it later)."""
-        if write and cache is None:
-            raise ValueError("write=True needs a cache to write to")
-        b, t = ids.shape
-        if key_valid is None:
-            key_valid = torch.ones(b, t, dtype=torch.bool, device=ids.device)
-        if isinstance(block_length, Tensor):
-            block_length = block_length.view(b, 1)
-        block = torch.div(positions, block_length, rounding_mode="floor")  # [B, T]
-        allowed = (block[:, None, :] <= block[:, :, None]) & key_valid[:, None, :]
-        if cache is not None:
-            seen = cache.valid[:, None, :].expand(b, t, -1)
-            allowed = torch.cat((seen, allowed), dim=2)  # [B, T, S + T]
-        x = self.word_embeddings(ids)
-        # A finite fill, not -inf: a pad query with no key to see gets a harmless average
-        # instead of NaN, which would reach real rows through 0 * NaN in later layers.
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(x.dtype).min)[:, None]
-        rope = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
-        for i, layer in enumerate(self.layers):
-            past = None if cache is None else cache.layers[i]
-            x, k, v = layer(x, rope, past, bias)
-            if keep is not None:
-                keep.append(LayerKV(k, v))
-            if write:
-                cache.extend(i, k, v)  # type: ignore[union-attr]
-        if write:
-            cache.extend_valid(key_valid)  # type: ignore[union-attr]
-        return self.norm(x)
-
-    def project(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
-        """The LM head over hidden [N, H] -> logits [N, V], into `out` when given (a caller
-        scoring every step keeps one buffer, as with `Denoiser.project`)."""
-        if out is None:
-            return self.lm_head(hidden)
-        return torch.mm(hidden, self.lm_head.weight.t(), out=out)
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.word_embeddings(ids)

@@ -8,26 +8,15 @@ device (the shared `fill`). Knows nothing of tokenizers, sampling or requests.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from marble.model.llada2 import LLaDA2
 from marble.model.llada2_config import LLaDA2Config
-from marble.model.loader import config_file, fill
+from marble.model.loader import config_file, expected_tensors, fill, strip_model_prefix
 
 log = logging.getLogger(__name__)
-
-_BODY = re.compile(r"model\.(.+)")
-
-
-def map_name(name: str) -> str | None:
-    """Checkpoint tensor name -> our parameter/buffer name (None: not one of ours)."""
-    if name == "lm_head.weight":
-        return name
-    match = _BODY.fullmatch(name)
-    return match.group(1) if match else None
 
 
 def load_llada2(
@@ -40,8 +29,8 @@ def load_llada2(
     cfg = LLaDA2Config.from_file(config_file(folder))
     with torch.device("meta"):
         model = LLaDA2(cfg)
-    expected = {n: t.shape for n, t in model.named_parameters()}
-    expected |= {n: t.shape for n, t in model.named_buffers()}
-    loaded, _ = fill(model, folder, expected, map_name, "llada2", device, dtype)
+    loaded, _ = fill(
+        model, folder, expected_tensors(model), strip_model_prefix, "llada2", device, dtype
+    )
     log.info("loaded %s (llada2, %d tensors) on %s", folder, loaded, device)
     return model.eval()

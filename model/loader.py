@@ -184,6 +184,24 @@ def fill(
     return len(loaded), skipped
 
 
+_UNDER_MODEL = re.compile(r"model\.(.+)")
+
+
+def strip_model_prefix(name: str) -> str | None:
+    """Checkpoint name -> ours, for a model whose tree mirrors the checkpoint's under `model.`
+    (LLaDA2, SDAR); the untied head keeps its name. None: not one of ours."""
+    if name == "lm_head.weight":
+        return name
+    match = _UNDER_MODEL.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
+    """Every parameter and buffer of a model built on the meta device: what its checkpoint
+    must hold, by our names."""
+    return {n: t.shape for n, t in (*model.named_parameters(), *model.named_buffers())}
+
+
 def load_model(
     folder: str | Path,
     device: str | torch.device = "cpu",

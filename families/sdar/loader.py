@@ -9,26 +9,15 @@ non-finite tensor at once). Knows nothing of tokenizers, sampling or requests.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 
 from marble.families.sdar.config import SDARConfig
 from marble.families.sdar.model import SDAR
-from marble.model.loader import config_file, fill
+from marble.model.loader import config_file, expected_tensors, fill, strip_model_prefix
 
 log = logging.getLogger(__name__)
-
-_BODY = re.compile(r"model\.(.+)")
-
-
-def map_name(name: str) -> str | None:
-    """Checkpoint tensor name -> our parameter name (None: not one of ours)."""
-    if name == "lm_head.weight":
-        return name
-    match = _BODY.fullmatch(name)
-    return match.group(1) if match else None
 
 
 def load_sdar(
@@ -41,7 +30,7 @@ def load_sdar(
     cfg = SDARConfig.from_file(config_file(folder))
     with torch.device("meta"):
         model = SDAR(cfg)
-    expected = {n: t.shape for n, t in model.named_parameters()}
+    expected = expected_tensors(model)
     tied = cfg.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight")
@@ -50,7 +39,7 @@ def load_sdar(
         model,
         folder,
         expected,
-        map_name,
+        strip_model_prefix,
         "sdar",
         device,
         dtype,

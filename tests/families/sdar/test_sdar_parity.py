@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from marble.families.sdar.loader import load_sdar
-from marble.families.sdar.model import SDAR, block_causal_bias
+from marble.families.sdar.model import SDAR
 from marble.model.block_cache import BlockCache
+from marble.model.block_causal import block_causal_bias
 
 TOLERANCE = 1e-4  # the golden compare rule; measured max |delta| is 1.5e-5 (logits up to 21)
 BATCH_TOLERANCE = 1e-5  # batched vs alone, hidden states; measured max |delta| 1.2e-6
@@ -166,5 +167,5 @@ def test_rows_with_different_cache_lengths_batch_as_alone(model: SDAR, golden: d
 def test_store_needs_a_cache(model: SDAR):
     with pytest.raises(ValueError, match="needs a cache"):
         model(
-            torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], store=True, block_length=4
+            torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], write=True, block_length=4
         )

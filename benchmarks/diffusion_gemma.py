@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = random_model(args.layers, args.hidden, args.vocab, args.canvas)
     engine = Engine(model, TextTokenizer(TINY), SchedulerConfig(max_batch_size=64))
-    real = load_defaults(TINY, "diffusion_gemma").replace(
+    real = load_defaults(TINY).replace(
         steps=48, max_tokens=args.canvas, block_length=args.canvas, ignore_eos=True
     )
     prompt = list(range(300, 332))  # 32 prompt tokens

@@ -32,13 +32,13 @@ from marble.scheduler.step_result import (
     DECODE,
     ENCODE,
     REMASK,
+    CanvasStep,
     Change,
     Commit,
     RowError,
     RowStep,
     Runner,
 )
-from marble.scheduler.uniform_runner import CanvasStep
 
 DEFAULT_NAME = "marble"  # the model name of an engine built without one
 
@@ -176,10 +176,6 @@ class Engine:
         return self.first.runner
 
     @property
-    def uniform(self) -> bool:
-        return self.first.uniform
-
-    @property
     def context(self) -> int:
         return self.first.context
 
@@ -255,7 +251,7 @@ class Engine:
                 if request is not None:
                     m = self.served(request.model)
                     m.runner.remove(out.request_id)
-                    if m.uniform:
+                    if m.family.canvases:
                         canvases.append(request.canvases_done)
         self.last_stats = EngineStats(
             batch_size=len(running),

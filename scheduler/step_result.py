@@ -3,8 +3,8 @@ interface the engine calls (add, remove, run a batch, bytes held), the step-resu
 commits and the changes of filled positions, the forward kind, whether the block is final),
 and the retry-each-row-alone isolation of a failed batch.
 
-The full-attention runner (runner.py), the block-causal one (block_runner.py) and the
-uniform-state one (uniform_runner.py) all speak it; none of them is the interface. No torch
+Every family's runner (`families/<name>/runner.py`) speaks it; none of them is the
+interface. No torch
 work here.
 """
 
@@ -21,6 +21,13 @@ from torch import Tensor
 from marble.scheduler.request import Request
 
 log = logging.getLogger(__name__)
+
+# The kind of forward a row's step took (a masked model's three, then a uniform-state model's).
+FULL, PREFIX_CACHED, DUAL_CACHED = "full", "prefix_cached", "dual_cached"
+FORWARD_KINDS = (FULL, PREFIX_CACHED, DUAL_CACHED)
+# A uniform-state model's two: the encoder writing finished text into the cache, the decoder
+# denoising the canvas against it.
+ENCODE, DECODE = "encode", "decode"
 
 
 class Runner(Protocol):
@@ -91,6 +98,24 @@ class RowStep:
 
 
 StepResult = RowStep | RowError
+
+
+@dataclass(frozen=True)
+class CanvasStep:
+    """One row's step: the canvas it shows now and how it got there."""
+
+    canvas: list[int]  # the canvas now: the next decoder input, or the final canvas
+    changes: list[Change]
+    kept: list[int]  # positions accepted (or committed, greedy) this step, changed or not
+    final: bool  # the canvas ended this step (stop rule fired or steps ran out)
+    accepted: int  # positions accepted this step
+    renoised: int  # positions re-noised this step
+    encoded: int  # tokens the encoder wrote to the cache before this step's decode (0: none)
+    forward: str = DECODE
+    positions: int = 0  # positions computed: the canvas, plus what was encoded
+
+
+CanvasResult = CanvasStep | RowError
 R = TypeVar("R")
 S = TypeVar("S")
 
@@ -144,10 +169,3 @@ def run_rows_isolated(
         rows[request.request_id] = row
 
     return run_isolated(requests, step, save, restore)
-
-
-FULL, PREFIX_CACHED, DUAL_CACHED = "full", "prefix_cached", "dual_cached"
-FORWARD_KINDS = (FULL, PREFIX_CACHED, DUAL_CACHED)
-# A uniform-state model's two: the encoder writing finished text into the cache, the decoder
-# denoising the canvas against it.
-ENCODE, DECODE = "encode", "decode"

@@ -10,17 +10,19 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from marble.families.diffusion_gemma.family import DiffusionGemmaFamily
+from marble.families.llada2.family import LLaDA2Family
+from marble.families.masked.family import MaskedFamily
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.served_model import BLOCK_CAUSAL_FIELDS, MASKED_FIELDS, UNIFORM_FIELDS
 from marble.server.settings import Settings
 from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
 from tests.server_helpers import parse_sse, serving_loaded
 
 pytestmark = pytest.mark.anyio
 KINDS = {
-    "llada-tiny": MASKED_FIELDS,
-    "diffusiongemma-tiny": UNIFORM_FIELDS,
-    "llada2-tiny": BLOCK_CAUSAL_FIELDS,
+    "llada-tiny": MaskedFamily.fields,
+    "diffusiongemma-tiny": DiffusionGemmaFamily.fields,
+    "llada2-tiny": LLaDA2Family.fields,
 }
 # Fields one kind reads and another never does: each must be missing from the other's view.
 FOREIGN = {
@@ -50,7 +52,9 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def test_every_field_is_read_by_some_kind() -> None:
-    assert MASKED_FIELDS | UNIFORM_FIELDS | BLOCK_CAUSAL_FIELDS == set(SamplingParams.field_names())
+    assert MaskedFamily.fields | DiffusionGemmaFamily.fields | LLaDA2Family.fields == set(
+        SamplingParams.field_names()
+    )
 
 
 async def test_model_cards_show_only_their_kinds_defaults(client: httpx.AsyncClient) -> None:

@@ -26,33 +26,15 @@ from marble.model.sampling import scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     ACCEPT,
-    DECODE,
     FINAL,
     RENOISE,
+    CanvasResult,
+    CanvasStep,
     Change,
-    RowError,
     run_rows_isolated,
 )
 
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
-
-
-@dataclass(frozen=True)
-class CanvasStep:
-    """One row's step: the canvas it shows now and how it got there."""
-
-    canvas: list[int]  # the canvas now: the next decoder input, or the final canvas
-    changes: list[Change]
-    kept: list[int]  # positions accepted (or committed, greedy) this step, changed or not
-    final: bool  # the canvas ended this step (stop rule fired or steps ran out)
-    accepted: int  # positions accepted this step
-    renoised: int  # positions re-noised this step
-    encoded: int  # tokens the encoder wrote to the cache before this step's decode (0: none)
-    forward: str = DECODE
-    positions: int = 0  # positions computed: the canvas, plus what was encoded
-
-
-CanvasResult = CanvasStep | RowError
 
 
 @dataclass

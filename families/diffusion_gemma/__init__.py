@@ -1,0 +1,2 @@
+"""DiffusionGemma: uniform-state block diffusion (canvases of noise, an encoder writing
+finished canvases into an exact cache)."""

@@ -1,0 +1,124 @@
+"""The DiffusionGemma family for the engine: uniform-state canvases of `canvas_length` that
+start as noise, its generation config's sampler and stop rule as defaults, an encoder cache of
+finished canvases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from marble.families.diffusion_gemma.runner import UniformRunner
+from marble.model.diffusion_gemma import DiffusionGemma
+from marble.model.diffusion_gemma_config import (
+    DiffusionGemmaGenerationConfig,
+    is_diffusion_gemma,
+)
+from marble.model.diffusion_gemma_loader import load_diffusion_gemma
+from marble.scheduler.family import Family, Served
+from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import (
+    MAX_FORWARDS_PER_POSITION,
+    InvalidParam,
+    SamplingParams,
+)
+from marble.scheduler.step_result import Runner
+
+
+class DiffusionGemmaFamily(Family):
+    name = "diffusion_gemma"
+    masked = False  # canvases start as noise: there is no mask token to keep out of prompts
+    canvases = True
+    fields = frozenset(
+        ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
+        + ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
+        + ("confidence_threshold",)
+    )
+
+    @classmethod
+    def detects(cls, config: dict[str, Any]) -> bool:
+        return is_diffusion_gemma(config)
+
+    @classmethod
+    def owns(cls, model: torch.nn.Module) -> bool:
+        return isinstance(model, DiffusionGemma)
+
+    @classmethod
+    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> DiffusionGemma:
+        return load_diffusion_gemma(path, device=device, dtype=dtype)
+
+    @classmethod
+    def defaults(cls, path: Path) -> dict[str, Any]:
+        """Its generation config: one canvas, its steps, temperature schedule, entropy budget
+        and stop rule."""
+        gen = DiffusionGemmaGenerationConfig.from_folder(path)
+        return {
+            "max_tokens": gen.max_new_tokens,
+            "block_length": json.loads((Path(path) / "config.json").read_text())["canvas_length"],
+            "steps": gen.max_denoising_steps,
+            "temperature": 1.0,  # the schedule as it stands (0: greedy block refinement)
+            "t_min": gen.t_min,
+            "t_max": gen.t_max,
+            "entropy_bound": gen.entropy_bound,
+            "stability_threshold": gen.stability_threshold,
+            "confidence_threshold": gen.confidence_threshold,
+            "cache": "none",  # the Fast-dLLM caches are for masked models; this one has its own
+        }
+
+    @classmethod
+    def context(cls, model: torch.nn.Module) -> int:
+        return model.cfg.max_position_embeddings
+
+    @classmethod
+    def runner(cls, served: Served) -> Runner:
+        return UniformRunner(served.model)
+
+    @classmethod
+    def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
+        length = m.model.cfg.canvas_length
+        if params.block_length != length:
+            raise InvalidParam(
+                "block_length",
+                f"this model denoises canvases of {length} tokens: block_length must be "
+                f"{length} (or left out)",
+            )
+        if params.steps is None:
+            raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
+        limit = MAX_FORWARDS_PER_POSITION * length
+        if params.steps > limit:
+            raise InvalidParam(
+                "steps",
+                f"steps ({params.steps}) exceeds {limit}: a canvas of {length} tokens takes at "
+                f"most {MAX_FORWARDS_PER_POSITION} denoising steps per position",
+            )
+        # Self-correction is built into this model's renoising: neither masked-model kind.
+        refused = (
+            ("cfg_scale", 0.0),
+            ("token_healing", False),
+            ("verify_threshold", None),
+            ("editing_threshold", None),
+        )
+        for name, off in refused:
+            if getattr(params, name) != off:
+                raise InvalidParam(name, f"{name} is not supported by this model")
+        if suffix:
+            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+
+    @classmethod
+    def decoded_tokens(cls, m: Served, prompt_len: int, params: SamplingParams) -> int:
+        """Whole canvases."""
+        length = m.model.cfg.canvas_length
+        return -(-params.max_tokens // length) * length
+
+    @classmethod
+    def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
+        """The cache holds the prompt and every canvas but the last, which is never encoded."""
+        tokens = len(request.prompt_ids) + decoded - m.model.cfg.canvas_length
+        return m.model.cache_bytes(tokens)
+
+    @classmethod
+    def max_forwards(cls, request: Request, decoded: int) -> int:
+        """Every canvas runs all its steps (its stop rule never fires)."""
+        return len(request.blocks) * (request.params.steps or 1)

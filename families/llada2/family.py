@@ -1,0 +1,126 @@
+"""The LLaDA2.x family for the engine: block-causal blocks aligned to absolute positions, an
+exact cache of finished blocks, LLaDA2.1's joint unmask/edit rule in the model card's quality
+mode by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from marble.families.llada2.runner import BlockRunner
+from marble.model.llada2 import LLaDA2
+from marble.model.llada2_config import PRESETS, is_llada2
+from marble.model.llada2_loader import load_llada2
+from marble.scheduler.family import Family, Served
+from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import (
+    MAX_FORWARDS_PER_POSITION,
+    InvalidParam,
+    SamplingParams,
+)
+from marble.scheduler.step_result import Runner
+
+# LLaDA2.1's serving defaults: the model card's quality mode (its speed mode is threshold 0.5,
+# editing_threshold 0.0).
+PRESET = "quality"
+
+
+def _edit_rounds(params: SamplingParams) -> int:
+    """Mask-free forwards a block may take once filled (runner.py)."""
+    return params.max_post_steps if params.editing_threshold is not None else 0
+
+
+class LLaDA2Family(Family):
+    name = "llada2"
+    fields = frozenset(
+        ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
+        + ("top_k", "top_p", "editing_threshold", "max_post_steps", "num_to_transfer")
+    )
+
+    @classmethod
+    def detects(cls, config: dict[str, Any]) -> bool:
+        return is_llada2(config)
+
+    @classmethod
+    def owns(cls, model: torch.nn.Module) -> bool:
+        return isinstance(model, LLaDA2)
+
+    @classmethod
+    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> LLaDA2:
+        return load_llada2(path, device=device, dtype=dtype)
+
+    @classmethod
+    def defaults(cls, path: Path) -> dict[str, Any]:
+        rule = PRESETS[PRESET]
+        return {
+            "block_length": rule.block_length,
+            "threshold": rule.threshold,
+            "editing_threshold": rule.editing_threshold,
+            "max_post_steps": rule.max_post_steps,
+            "num_to_transfer": rule.num_to_transfer,
+            "temperature": rule.temperature,
+            "cache": "none",  # block-causal attention: its cache of finished blocks is exact
+        }
+
+    @classmethod
+    def context(cls, model: torch.nn.Module) -> int:
+        return model.cfg.max_position_embeddings
+
+    @classmethod
+    def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:
+        return model.cache_bytes(1)
+
+    @classmethod
+    def runner(cls, served: Served) -> Runner:
+        special = served.special
+        pad = special.pad if special.pad is not None else special.mask
+        return BlockRunner(served.model, special.mask, pad, served.vocab_size)
+
+    @classmethod
+    def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
+        if params.block_length is None:
+            raise InvalidParam("block_length", "this model denoises in blocks: give block_length")
+        if params.threshold is None:
+            raise InvalidParam(
+                "threshold", "this model unmasks by threshold: give threshold (not steps alone)"
+            )
+        for name, off in (("cfg_scale", 0.0), ("token_healing", False), ("verify_threshold", None)):
+            if getattr(params, name) != off:
+                raise InvalidParam(name, f"{name} is not supported by this model")
+        if suffix:
+            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+        # A block takes up to one forward per position to fill, then its edit rounds.
+        size = params.block_length
+        limit = (MAX_FORWARDS_PER_POSITION - 1) * size
+        if _edit_rounds(params) > limit:
+            raise InvalidParam(
+                "max_post_steps",
+                f"max_post_steps ({params.max_post_steps}) exceeds {limit}: a block of {size} "
+                f"tokens takes at most {MAX_FORWARDS_PER_POSITION} forwards per position, up "
+                f"to {size} to fill it and {limit} edit rounds",
+            )
+
+    @classmethod
+    def decoded_tokens(cls, m: Served, prompt_len: int, params: SamplingParams) -> int:
+        """Through the end of the last block it reaches."""
+        size = params.block_length
+        return -(-(prompt_len + params.max_tokens) // size) * size - prompt_len
+
+    @classmethod
+    def block_offset(cls, prompt_len: int, params: SamplingParams) -> int:
+        """Blocks are aligned to absolute positions: the prompt's tail shares the first."""
+        return prompt_len % params.block_length
+
+    @classmethod
+    def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
+        """The cache holds the prompt and every block but the last."""
+        cached = len(request.prompt_ids) + decoded - request.params.block_length
+        return m.model.cache_bytes(cached)
+
+    @classmethod
+    def max_forwards(cls, request: Request, decoded: int) -> int:
+        """Every decoded position filled by a forward of its own (at least one commits per
+        forward while masks remain), then every block's edit rounds."""
+        return decoded + len(request.blocks) * _edit_rounds(request.params)

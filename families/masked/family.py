@@ -1,0 +1,90 @@
+"""The full-attention masked family (LLaDA, Dream, Marble's own) for the engine: the fallback
+family, serving every checkpoint and model no other family claims (its config refuses what it cannot
+build, such as MoE checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from marble.families.masked.runner import ModelRunner
+from marble.model.loader import load_model
+from marble.model.transformer import Denoiser
+from marble.scheduler.family import Family, Served
+from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import InvalidParam, SamplingParams
+from marble.scheduler.step_result import Runner
+
+
+class MaskedFamily(Family):
+    name = "masked"
+    fallback = True
+    fields = frozenset(
+        ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
+        + ("steps", "top_k", "top_p", "remasking", "schedule", "cfg_scale")
+        + ("token_healing", "cache", "verify_threshold")
+    )
+
+    @classmethod
+    def detects(cls, config: dict[str, Any]) -> bool:
+        return True
+
+    @classmethod
+    def owns(cls, model: torch.nn.Module) -> bool:
+        """Every model no other family claims (a Denoiser, or a test's stand-in for one)."""
+        return True
+
+    @classmethod
+    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> Denoiser:
+        return load_model(path, device=device, dtype=dtype, progress=progress)
+
+    @classmethod
+    def defaults(cls, path: Path) -> dict[str, Any]:
+        """A Dream checkpoint's fixed-step schedule is Dream's; the others' LLaDA's."""
+        config = path / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
+        return {"schedule": "dream" if str(model_type).lower() == "dream" else "llada"}
+
+    @classmethod
+    def context(cls, model: torch.nn.Module) -> int:
+        return model.cfg.max_seq_len
+
+    @classmethod
+    def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:
+        """Every layer keeps a key and a value vector per cached position."""
+        cfg = model.cfg
+        itemsize = next(model.parameters()).itemsize
+        return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+    @classmethod
+    def runner(cls, served: Served) -> Runner:
+        special = served.special
+        pad = special.pad if special.pad is not None else special.mask
+        return ModelRunner(served.model, special.mask, pad, served.vocab_size)
+
+    @classmethod
+    def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
+        if params.editing_threshold is not None:
+            raise InvalidParam(
+                "editing_threshold",
+                "editing_threshold needs a model trained to edit (LLaDA2.1); this one may "
+                "verify instead (verify_threshold)",
+            )
+
+    @classmethod
+    def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
+        if request.params.cache == "none":
+            return 0
+        copies = 2 if request.params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
+        return copies * request.canvas_len * m.kv_bytes_per_token
+
+    @classmethod
+    def max_forwards(cls, request: Request, decoded: int) -> int:
+        """Its planned steps (at most one per token), or under the threshold rule one per
+        token (each forward commits at least one more than verify masks again). Never more
+        than max_tokens: nothing to refuse."""
+        planned = request.total_steps
+        return request.params.max_tokens if planned is None else planned

@@ -66,6 +66,11 @@ class SpecialIds:
         """Ids that end a generation; the text is cut before the first of them."""
         return frozenset(i for i in (self.eos, self.eot) if i is not None) | self.listed
 
+    @property
+    def padding(self) -> int:
+        """The id a batch's padded positions hold: the pad token, else the mask."""
+        return self.pad if self.pad is not None else self.mask
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}

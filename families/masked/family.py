@@ -62,8 +62,7 @@ class MaskedFamily(Family):
     @classmethod
     def runner(cls, served: Served) -> Runner:
         special = served.special
-        pad = special.pad if special.pad is not None else special.mask
-        return ModelRunner(served.model, special.mask, pad, served.vocab_size)
+        return ModelRunner(served.model, special.mask, special.padding, served.vocab_size)
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:

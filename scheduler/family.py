@@ -45,6 +45,8 @@ class Family(ABC):
     masked: ClassVar[bool] = True
     # It decodes whole canvases, counted per request (`marble_canvases_per_request`).
     canvases: ClassVar[bool] = False
+    # It detects every config and owns every model: asked last, for what no other claims.
+    fallback: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -113,7 +115,7 @@ class Family(ABC):
 def families() -> tuple[type[Family], ...]:
     """Every registered family, the fallback (the one that detects any config) last."""
     found = [ep.load() for ep in entry_points(group=ENTRY_POINTS)]
-    return tuple(sorted(found, key=lambda f: getattr(f, "fallback", False)))
+    return tuple(sorted(found, key=lambda f: f.fallback))
 
 
 def family_for_config(config: dict[str, Any]) -> type[Family]:

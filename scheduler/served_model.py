@@ -74,16 +74,17 @@ def load_served(
     family = family_for_config(json.loads((path / "config.json").read_text()))
     model = family.load(path, device, resolve_dtype(dtype, device), progress)
     if defaults is None:
-        defaults = load_defaults(path)
+        defaults = load_defaults(path, family)
     return ServedModel(name, model, TextTokenizer(path), defaults, family)
 
 
-def load_defaults(path: str | Path) -> SamplingParams:
+def load_defaults(path: str | Path, family: type[Family] | None = None) -> SamplingParams:
     """Serving defaults stored with a checkpoint (`marble_defaults.json`) over its family's
-    (`Family.defaults`) over Marble's own."""
+    (`Family.defaults`; None: the family its config names) over Marble's own."""
     path = Path(path)
-    config = path / "config.json"
-    family = family_for_config(json.loads(config.read_text()) if config.exists() else {})
+    if family is None:
+        config = path / "config.json"
+        family = family_for_config(json.loads(config.read_text()) if config.exists() else {})
     file = path / "marble_defaults.json"
     stored = json.loads(file.read_text()) if file.exists() else {}
     return SamplingParams.from_dict({**family.defaults(path), **stored})

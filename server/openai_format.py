@@ -19,6 +19,7 @@ from typing import Any, Literal
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import StepOutput
 from marble.scheduler.healing import unheal
+from marble.scheduler.scheduler import DEADLINE_EXCEEDED
 from marble.server.draft import DraftRenderer
 from marble.server.errors import APIError
 from marble.server.request_record import RequestRecord
@@ -169,7 +170,7 @@ class OpenAIResponse:
                 message = f"generation failed: {out.error or 'engine error'}"
                 code = out.error_code or "engine_error"
                 # Ran out of time (request_timeout_s): the server's answer was too slow.
-                status = 504 if code == "deadline_exceeded" else 500
+                status = 504 if code == DEADLINE_EXCEEDED else 500
                 return APIError(status, message, type_="server_error", code=code)
             if out.finish_reason == "abort":
                 retry = {"Retry-After": str(self.retry_after_s)}

@@ -69,10 +69,6 @@ class LLaDA2Family(Family):
         return model.cfg.max_position_embeddings
 
     @classmethod
-    def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:
-        return model.cache_bytes(1)
-
-    @classmethod
     def runner(cls, served: Served) -> Runner:
         special = served.special
         return BlockRunner(served.model, special.mask, special.padding, served.vocab_size)

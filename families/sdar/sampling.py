@@ -1,48 +1,24 @@
 """SDAR's decoding rule as pure, vectorised functions over R rows' current blocks [R, W].
 
-A step samples every block position (`sample`), takes k from the block length's schedule
-(`transfer_counts`), picks masked positions by the row's remasking rule (`select`) and writes
-the picks (`commit`); a block with no mask left gets its store call, and a row stops after a
-block whose generated region holds a stop id (`first_stop`). Unlike upstream generate.py only
+A step samples every block position with the shared `marble.model.sampling.joint_predict`
+(generate.py's sampler: logits / T, top-k, top-p, one multinomial per row from its
+generator, confidence = the drawn token's probability under that tempered, filtered
+distribution; T = 0: the float32 softmax argmax, the goldens' greedy substitute), takes k
+from the block length's schedule with `llada_counts` (from B, not from the masks left),
+picks masked positions by the row's remasking rule (`select`) and writes the picks
+(`commit`); a block with no mask left gets its store call, and a row stops after a block
+whose generated region holds a stop id (`first_stop`). Unlike upstream generate.py only
 masked positions are ever committed (no overwrite of decoded or prompt tokens). Rows of
-different block lengths share one tensor: pad positions are simply never masked. Knows nothing
-of models, caches, requests or schedulers.
+different block lengths share one tensor: pad positions are simply never masked. Knows
+nothing of models, caches, requests or schedulers.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from marble.families.sdar.config import Remasking
-from marble.model.sampling import joint_predict, llada_counts
-
-
-def sample(
-    logits: Tensor,
-    temperature: Tensor,
-    top_k: Tensor,
-    top_p: Tensor,
-    generators: Sequence[torch.Generator | None],
-) -> tuple[Tensor, Tensor]:
-    """logits [R, W, V], temperature/top_k/top_p [R] -> (x0 [R, W], confidence [R, W] float32).
-
-    T > 0: generate.py's sampler, logits / T, top-k then top-p filter, softmax, one multinomial
-    over the row's [W, V] from its generator (seeded alike, a CPU generator draws what
-    upstream's torch.manual_seed draws); confidence = the drawn token's probability under that
-    tempered, filtered distribution. T = 0 (Marble's greedy; upstream has none): the argmax of
-    the float32 softmax and its probability, the goldens' greedy substitute."""
-    return joint_predict(logits, temperature, top_k, top_p, generators)
-
-
-def transfer_counts(block_length: Tensor, steps: Tensor, step: Tensor) -> Tensor:
-    """block_length/steps/step [R] -> k [R]: B // S, plus one for the first B % S steps.
-
-    From the block length, not the masks left: a block holding a prompt tail finishes in fewer
-    steps, and steps > B gives k = 0 steps that are never reached."""
-    return llada_counts(block_length, steps, step)
 
 
 def select(

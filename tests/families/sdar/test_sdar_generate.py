@@ -22,7 +22,8 @@ import torch
 from marble.families.sdar.config import Remasking
 from marble.families.sdar.loader import load_sdar
 from marble.families.sdar.model import SDAR
-from marble.families.sdar.sampling import commit, first_stop, sample, select, transfer_counts
+from marble.families.sdar.sampling import commit, first_stop, select
+from marble.model.sampling import joint_predict, llada_counts
 
 REFERENCE = Path(__file__).resolve().parents[4] / "shared" / "reference"
 MODEL_DIR = REFERENCE / "sdar-tiny"
@@ -90,8 +91,8 @@ def generate(model: SDAR, case: dict) -> Run:
                 call("store", s, e, True)
                 break
             logits = model.project(call("denoise", s, e, False)[0])[None]
-            x0, conf = sample(logits, *knobs, generators)
-            k = transfer_counts(_long(size), _long(steps), _long(step))
+            x0, conf = joint_predict(logits, *knobs, generators)
+            k = llada_counts(_long(size), _long(steps), _long(step))
             chosen = select(conf, masked, k, rule, threshold)
             run.canvas[s:e] = commit(cur[None], x0, chosen)[0]
             picked = (chosen[0].nonzero().flatten() + s).tolist()

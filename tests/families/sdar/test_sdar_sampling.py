@@ -7,14 +7,15 @@ from __future__ import annotations
 import torch
 
 from marble.families.sdar.config import Remasking
-from marble.families.sdar.sampling import commit, first_stop, sample, select, transfer_counts
+from marble.families.sdar.sampling import commit, first_stop, select
+from marble.model.sampling import joint_predict, llada_counts
 
 NEG = float("-inf")
 
 
 def test_counts_come_from_the_block_length():
     block, steps = torch.tensor([4, 4, 16, 4]), torch.tensor([4, 2, 4, 8])
-    per_step = [transfer_counts(block, steps, torch.full((4,), i)).tolist() for i in range(8)]
+    per_step = [llada_counts(block, steps, torch.full((4,), i)).tolist() for i in range(8)]
     assert [row[1] for row in per_step[:2]] == [2, 2]
     assert [row[2] for row in per_step[:4]] == [4, 4, 4, 4]
     assert [row[3] for row in per_step] == [1, 1, 1, 1, 0, 0, 0, 0]  # steps > B: k = 0 steps
@@ -86,7 +87,7 @@ def test_seeded_draw_is_upstreams_global_generator_draw():
         torch.tensor([0.95, 1.0]),
     )
     generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)]
-    x0, p = sample(logits, temperature, top_k, top_p, generators)
+    x0, p = joint_predict(logits, temperature, top_k, top_p, generators)
     for row, seed in enumerate((5, 9)):
         scaled = logits[row] / temperature[row].item()
         if top_k[row]:
@@ -108,7 +109,7 @@ def test_seeded_draw_is_upstreams_global_generator_draw():
 def test_greedy_is_the_softmax_argmax_and_its_probability():
     logits = torch.randn(1, 4, 50, generator=torch.Generator().manual_seed(1))
     zero = torch.zeros(1)
-    x0, p = sample(logits, zero, torch.zeros(1, dtype=torch.long), torch.ones(1), [None])
+    x0, p = joint_predict(logits, zero, torch.zeros(1, dtype=torch.long), torch.ones(1), [None])
     probs = logits.float().softmax(-1)
     assert torch.equal(x0, probs.argmax(-1))
     torch.testing.assert_close(p, probs.amax(-1))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_config import DiffusionGemmaConfig
+from marble.families.diffusion_gemma.config import DiffusionGemmaConfig
+from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
 from marble.scheduler.scheduler import SchedulerConfig

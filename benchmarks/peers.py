@@ -42,8 +42,8 @@ from local_server import local_server
 from safetensors.torch import save_file
 
 import marble.model
-from marble.model.config import preset
-from marble.model.transformer import Denoiser
+from marble.families.masked.config import preset
+from marble.families.masked.model import Denoiser
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER = Path(__file__).resolve().parent / "peer_llada"

@@ -34,9 +34,9 @@ import httpx
 import torch
 from local_server import local_server
 
-from marble.model.config import preset
+from marble.families.masked.config import preset
+from marble.families.masked.model import Denoiser
 from marble.model.default import CHECKPOINT_DIR
-from marble.model.transformer import Denoiser
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig

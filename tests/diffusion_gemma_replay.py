@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
-from marble.model.diffusion_gemma import DiffusionGemma
 
 
 class RecordedDraws:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from marble.families.llada2.config import JointThresholdSettings
+from marble.families.llada2.model import LLaDA2
 from marble.model import sampling
 from marble.model.block_cache import BlockCache, LayerKV
-from marble.model.llada2 import LLaDA2
-from marble.model.llada2_config import JointThresholdSettings
 
 SETTLED, BUDGET = "settled", "post_step_budget"
 

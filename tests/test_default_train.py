@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from marble.model.config import preset
-from marble.model.loader import load_model
-from marble.model.transformer import Denoiser
+from marble.families.masked.config import preset
+from marble.families.masked.loader import load_model
+from marble.families.masked.model import Denoiser
 from marble.training.corpus import (
     EOS_TOKEN,
     MASK_TOKEN,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_config import DiffusionGemmaGenerationConfig
-from marble.model.diffusion_gemma_loader import load_diffusion_gemma
+from marble.families.diffusion_gemma.config import DiffusionGemmaGenerationConfig
+from marble.families.diffusion_gemma.loader import load_diffusion_gemma
+from marble.families.diffusion_gemma.model import DiffusionGemma
 from tests import diffusion_gemma_replay as replay
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"

@@ -11,14 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from marble.model.config import UnsupportedModelError
-from marble.model.diffusion_gemma_config import (
+from marble.families.diffusion_gemma.config import (
     DiffusionGemmaConfig,
     DiffusionGemmaGenerationConfig,
     is_diffusion_gemma,
 )
-from marble.model.diffusion_gemma_loader import load_diffusion_gemma
-from marble.model.loader import CheckpointError
+from marble.families.diffusion_gemma.loader import load_diffusion_gemma
+from marble.model.loader import CheckpointError, UnsupportedModelError
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusiongemma-tiny"
 if not MODEL_DIR.exists():

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from marble.families.diffusion_gemma.loader import load_diffusion_gemma
+from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.block_cache import BlockCache
-from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_loader import load_diffusion_gemma
 
 TOLERANCE = 1e-4  # golden compare rule; measured max |delta| is 2.7e-5
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -136,6 +136,6 @@ def test_left_padding_and_stacked_caches_leave_rows_unchanged(model: DiffusionGe
 
 
 def test_loader_skips_vision_with_a_note(caplog: pytest.LogCaptureFixture):
-    with caplog.at_level(logging.INFO, logger="marble.model.diffusion_gemma_loader"):
+    with caplog.at_level(logging.INFO, logger="marble.families.diffusion_gemma.loader"):
         load_diffusion_gemma(MODEL_DIR)
     assert "image inputs are not supported" in caplog.text

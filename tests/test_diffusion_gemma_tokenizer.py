@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from marble.model.diffusion_gemma_config import DiffusionGemmaGenerationConfig
+from marble.families.diffusion_gemma.config import DiffusionGemmaGenerationConfig
 from marble.model.tokenizer import TextTokenizer
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from marble.model.config import preset
+from marble.families.masked.config import preset
+from marble.families.masked.model import Denoiser
 from marble.model.tokenizer import TextTokenizer
-from marble.model.transformer import Denoiser
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig

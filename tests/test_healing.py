@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marble.model.config import preset
+from marble.families.masked.config import preset
+from marble.families.masked.model import Denoiser
 from marble.model.default import CHECKPOINT_DIR
 from marble.model.tokenizer import TextTokenizer
-from marble.model.transformer import Denoiser
 from marble.scheduler.engine import Engine
 from marble.scheduler.healing import heal
 from marble.scheduler.sampling_params import SamplingParams

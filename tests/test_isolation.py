@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from marble.model.loader import CheckpointError, load_model
+from marble.families.masked.loader import load_model
+from marble.model.loader import CheckpointError
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from tests.server_helpers import serving, tiny_engine

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marble.model.config import preset
-from marble.model.transformer import Denoiser
+from marble.families.masked.config import preset
+from marble.families.masked.model import Denoiser
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from marble.server.metrics import Metrics

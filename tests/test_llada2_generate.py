@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from marble.model.llada2 import LLaDA2
-from marble.model.llada2_config import (
+from marble.families.llada2.config import (
     PRESETS,
     JointThresholdSettings,
     LLaDA2GenerationConfig,
 )
-from marble.model.llada2_loader import load_llada2
+from marble.families.llada2.loader import load_llada2
+from marble.families.llada2.model import LLaDA2
 from marble.model.tokenizer import TextTokenizer
 from tests import llada2_replay as replay
 

@@ -12,16 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from marble.model.config import UnsupportedModelError
-from marble.model.llada2_config import (
+from marble.families.llada2.config import (
     DEFAULT,
     PRESETS,
     LLaDA2Config,
     LLaDA2GenerationConfig,
     is_llada2,
 )
-from marble.model.llada2_loader import load_llada2
-from marble.model.loader import CheckpointError
+from marble.families.llada2.loader import load_llada2
+from marble.model.loader import CheckpointError, UnsupportedModelError
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llada2-tiny"
 if not MODEL_DIR.exists():

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from marble.families.llada2.loader import load_llada2
+from marble.families.llada2.model import LLaDA2
 from marble.model.block_cache import BlockCache, LayerKV
-from marble.model.llada2 import LLaDA2
-from marble.model.llada2_loader import load_llada2
 
 TOLERANCE = 1e-4  # golden compare rule; measured max |delta| is 1.4e-5
 BATCH_TOLERANCE = 1e-5  # batched vs alone, hidden states: other shapes; measured <= 1.3e-6

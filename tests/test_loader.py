@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from marble.model.config import ModelConfig, UnsupportedModelError, preset
-from marble.model.loader import CheckpointError, load_model
+from marble.families.masked.config import ModelConfig, preset
+from marble.families.masked.loader import load_model
+from marble.families.masked.model import Denoiser
+from marble.model.loader import CheckpointError, UnsupportedModelError
 from marble.model.tokenizer import ChatTemplateError, TextTokenizer
-from marble.model.transformer import Denoiser
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -161,7 +162,7 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path: Path):
     size_mb = (tmp_path / "model.safetensors").stat().st_size / 2**20
     script = (
         "import resource, torch\n"
-        "from model.loader import load_model\n"
+        "from marble.families.masked.loader import load_model\n"
         "torch.ones(1)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"m = load_model({str(tmp_path)!r}, progress=False)\n"

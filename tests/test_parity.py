@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from marble.model.loader import load_model
+from marble.families.masked.loader import load_model
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from tests.golden_cases import (

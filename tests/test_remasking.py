@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from marble.model.config import preset
+from marble.families.masked.config import preset
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.request import Request

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from marble.families.masked.model import Denoiser
 from marble.model.default import CHECKPOINT_DIR
-from marble.model.transformer import Denoiser
 from marble.training.completions import (
     code_share,
     compiles,
@@ -355,7 +355,7 @@ def main() -> None:
         # A verify that fails its fresh check falls back to a candidate without it.
         parser.error("--candidates needs at least one candidate without verify_threshold")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from marble.model.loader import load_model
+    from marble.families.masked.loader import load_model
 
     folder = Path(args.checkpoint)
     model = load_model(folder, progress=False)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from marble.model.config import ModelConfig
+from marble.families.masked.config import ModelConfig
 from marble.training.corpus import EOS_TOKEN, MASK_TOKEN
 
 # SamplingParams field names. Undertrained models collapse to newlines under greedy

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from marble.families.masked.model import Denoiser
 from marble.model.layers import rotary_tables
-from marble.model.transformer import Denoiser
 
 
 def stratified_t(batch: int, eps: float, generator: torch.Generator) -> Tensor:

@@ -31,8 +31,8 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from marble.model.config import ModelConfig
-from marble.model.transformer import Denoiser
+from marble.families.masked.config import ModelConfig
+from marble.families.masked.model import Denoiser
 from marble.training.corpus import (
     EOS_TOKEN,
     MASK_TOKEN,

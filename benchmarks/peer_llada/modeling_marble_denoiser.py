@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
-from marble.model.config import ModelConfig
-from marble.model.transformer import Denoiser
+from marble.families.masked.config import ModelConfig
+from marble.families.masked.model import Denoiser
 
 from .configuration_marble_denoiser import MarbleDenoiserConfig
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from marble.families.diffusion_gemma.runner import UniformRunner
-from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_config import (
+from marble.families.diffusion_gemma.config import (
     DiffusionGemmaGenerationConfig,
     is_diffusion_gemma,
 )
-from marble.model.diffusion_gemma_loader import load_diffusion_gemma
+from marble.families.diffusion_gemma.loader import load_diffusion_gemma
+from marble.families.diffusion_gemma.model import DiffusionGemma
+from marble.families.diffusion_gemma.runner import UniformRunner
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (

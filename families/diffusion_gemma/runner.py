@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.block_cache import BlockCache
-from marble.model.diffusion_gemma import DiffusionGemma
 from marble.model.sampling import scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
+from marble.families.llada2.config import PRESETS, is_llada2
+from marble.families.llada2.loader import load_llada2
+from marble.families.llada2.model import LLaDA2
 from marble.families.llada2.runner import BlockRunner
-from marble.model.llada2 import LLaDA2
-from marble.model.llada2_config import PRESETS, is_llada2
-from marble.model.llada2_loader import load_llada2
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from marble.families.llada2.model import LLaDA2
 from marble.model import sampling
 from marble.model.block_cache import BlockCache, LayerKV
-from marble.model.llada2 import LLaDA2
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     EDIT,

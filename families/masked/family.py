@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from marble.families.masked.loader import load_model
+from marble.families.masked.model import Denoiser
 from marble.families.masked.runner import ModelRunner
-from marble.model.loader import load_model
-from marble.model.transformer import Denoiser
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams

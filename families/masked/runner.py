@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from marble.families.masked.model import Denoiser, KeyValues
 from marble.model.sampling import (
     Confidence,
     argmax,
@@ -36,7 +37,6 @@ from marble.model.sampling import (
     select_commits,
     verify_remask,
 )
-from marble.model.transformer import Denoiser, KeyValues
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (

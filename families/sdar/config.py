@@ -15,7 +15,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from marble.model.config import UnsupportedModelError
+from marble.model.loader import UnsupportedModelError
 
 MODEL_TYPE = "sdar"
 

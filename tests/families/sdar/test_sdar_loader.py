@@ -21,8 +21,7 @@ from marble.families.sdar.config import (
     SDARGenerationConfig,
 )
 from marble.families.sdar.loader import load_sdar
-from marble.model.config import UnsupportedModelError
-from marble.model.loader import CheckpointError
+from marble.model.loader import CheckpointError, UnsupportedModelError
 from marble.model.tokenizer import TextTokenizer
 
 REFERENCE = Path(__file__).resolve().parents[4] / "shared" / "reference"

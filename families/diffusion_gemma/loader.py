@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from marble.model.diffusion_gemma import DiffusionGemma
-from marble.model.diffusion_gemma_config import DiffusionGemmaConfig
+from marble.families.diffusion_gemma.config import DiffusionGemmaConfig
+from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.loader import config_file, expected_tensors, fill
 
 log = logging.getLogger(__name__)

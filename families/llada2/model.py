@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marble.families.llada2.config import LLaDA2Config
 from marble.model.block_cache import LayerKV
 from marble.model.block_causal import BlockCausalStack
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
-from marble.model.llada2_config import LLaDA2Config
 
 
 class Attention(nn.Module):

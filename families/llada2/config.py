@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from marble.model.config import UnsupportedModelError
+from marble.model.loader import UnsupportedModelError
 
 MODEL_TYPE = "llada2_moe"
 

@@ -1,7 +1,7 @@
-"""Architecture config: one dataclass for every denoiser Marble serves.
+"""The full-attention masked family's config: LLaDA, Dream and Marble's own denoisers.
 
 Reads a checkpoint's `config.json` (LLaDA keys, Dream/Qwen2 keys, or Marble's own) into
-`ModelConfig`, and refuses clearly what the transformer cannot run. Knows nothing of weights,
+`ModelConfig`, and refuses clearly what `Denoiser` (model.py) cannot run. Knows nothing of weights,
 tokenizers or requests.
 """
 
@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint describes an architecture Marble cannot serve (yet)."""
+from marble.model.loader import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,10 @@ class ModelConfig:
         moe_keys = [k for k in ("num_experts", "num_local_experts", "moe_layer_freq") if k in raw]
         if moe_keys or any("moe" in a.lower() for a in architectures):
             raise UnsupportedModelError(
-                f"mixture-of-experts checkpoints are not supported yet "
-                f"(architectures={architectures}, MoE keys {moe_keys}); "
-                "Marble serves dense LLaDA, Dream and Marble checkpoints"
+                f"no model family serves this mixture-of-experts checkpoint "
+                f"(architectures={architectures}, MoE keys {moe_keys}): the full-attention "
+                "family serves dense LLaDA, Dream and Marble checkpoints, LLaDA2's family "
+                "its own MoE"
             )
         if model_type == "marble":
             fields = {f.name for f in dataclasses.fields(cls)}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marble.families.diffusion_gemma.config import SLIDING, DiffusionGemmaConfig
 from marble.model.block_cache import BlockCache
-from marble.model.diffusion_gemma_config import SLIDING, DiffusionGemmaConfig
 from marble.model.layers import GatedMLP, apply_rotary
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marble.model.config import ModelConfig
+from marble.families.masked.config import ModelConfig
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary, rotary_tables
 
 # One layer's keys (RoPE applied at their positions) and values, [B, Hkv, K, Dh] each.

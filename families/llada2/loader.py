@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from marble.model.llada2 import LLaDA2
-from marble.model.llada2_config import LLaDA2Config
+from marble.families.llada2.config import LLaDA2Config
+from marble.families.llada2.model import LLaDA2
 from marble.model.loader import config_file, expected_tensors, fill, strip_model_prefix
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marble.model.config import UnsupportedModelError
+from marble.model.loader import UnsupportedModelError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

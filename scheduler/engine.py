@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,24 +22,11 @@ from marble.model.device import default_kv_budget, resolve_device
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.request_builder import build_request
-from marble.scheduler.sampling_params import (
-    InvalidParam,
-    SamplingParams,
-)
+from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
 from marble.scheduler.settlement import completion_len, cut, held_text, settle
-from marble.scheduler.step_result import (
-    DECODE,
-    ENCODE,
-    REMASK,
-    CanvasStep,
-    Change,
-    Commit,
-    RowError,
-    RowStep,
-    Runner,
-)
+from marble.scheduler.step_result import REMASK, Change, Commit, RowError, RowStep, Runner
 
 DEFAULT_NAME = "marble"  # the model name of an engine built without one
 
@@ -72,14 +60,11 @@ class StepOutput:
     # a finished canvas before its decode), and every kind so far.
     forwards: dict[str, int] = field(default_factory=dict)
     forwards_total: dict[str, int] = field(default_factory=dict)
-    # Uniform-state models (DiffusionGemma): shown tokens that changed, and this step's
-    # accepted and re-noised position counts. Masked models commit (`committed`) instead.
+    # Shown tokens that changed other than by a commit: edits and remasks of a masked model,
+    # a uniform-state canvas's accepted and re-noised positions.
     changes: list[Change] = field(default_factory=list)
-    kept: list[int] = field(default_factory=list)  # positions accepted this step
-    accepted: int = 0
-    renoised: int = 0
-    canvas_completed: bool = False  # this step ended a canvas (its tokens are final)
-    canvas_span: tuple[int, int] | None = None  # [start, end) of `tokens` that canvas shows
+    canvas_span: tuple[int, int] | None = None  # [start, end) of `tokens` a whole canvas shows
+    extras: dict[str, Any] = field(default_factory=dict)  # the family's figures, by key
 
 
 @dataclass
@@ -95,8 +80,6 @@ class EngineStats:
     forwards: dict[str, int] = field(default_factory=dict)  # rows by kind of forward
     positions: int = 0  # canvas positions computed this step, over all rows
     cache_bytes: int = 0  # KV cache the running requests hold after the step
-    accepted: int = 0  # uniform-state rows: positions accepted this step, over all rows
-    renoised: int = 0  # ... and re-noised
     canvases: list[int] = field(default_factory=list)  # canvases of each request finished now
 
 
@@ -224,12 +207,9 @@ class Engine:
         running, aborted = self.scheduler.schedule()
         outputs = [self._final_output(r) for r in aborted]
         for request, result in self._run(running):
-            if isinstance(result, RowStep | CanvasStep):
+            if isinstance(result, RowStep):
                 try:
-                    if isinstance(result, CanvasStep):
-                        outputs.append(self._postprocess_canvas(request, result))
-                    else:
-                        outputs.append(self._postprocess(request, result))
+                    outputs.append(self._postprocess(request, result))
                     continue
                 except Exception as exc:
                     log.exception("postprocessing failed for request %s", request.request_id)
@@ -252,7 +232,7 @@ class Engine:
                     m = self.served(request.model)
                     m.runner.remove(out.request_id)
                     if m.family.canvases:
-                        canvases.append(request.canvases_done)
+                        canvases.append(request.blocks_done)
         self.last_stats = EngineStats(
             batch_size=len(running),
             num_running=self.scheduler.num_running,
@@ -263,13 +243,11 @@ class Engine:
             forwards=forwards,
             positions=sum(o.positions for o in outputs),
             cache_bytes=sum(m.runner.cache_bytes for m in self.models.values()),
-            accepted=sum(o.accepted for o in outputs),
-            renoised=sum(o.renoised for o in outputs),
             canvases=canvases,
         )
         return outputs
 
-    def _run(self, running: list[Request]) -> list[tuple[Request, RowStep | CanvasStep | RowError]]:
+    def _run(self, running: list[Request]) -> list[tuple[Request, RowStep | RowError]]:
         """Each model's running requests share one runner call, in their running order."""
         results = []
         for m in self.models.values():
@@ -283,48 +261,60 @@ class Engine:
         return results
 
     def _postprocess(self, request: Request, step: RowStep) -> StepOutput:
-        commits = step.commits
+        """Apply one row's step to its request: the tokens it shows, its block's progress,
+        its stable text and whether it ended."""
         request.num_steps += 1
-        request.forwards[step.forward] = request.forwards.get(step.forward, 0) + 1
+        forwards = step.forwards or {step.forward: 1}
+        for kind, n in forwards.items():
+            request.forwards[kind] = request.forwards.get(kind, 0) + n
         request.step_in_block += 1
-        for c in commits:
-            request.tokens[c.pos] = c.token_id
+        tokens = request.tokens
+        for c in step.commits:
+            tokens[c.pos] = c.token_id
         for change in step.changes:  # edits and remasks of positions filled earlier
-            request.tokens[change.pos] = change.token_id
-        remasked = sum(change.op == REMASK for change in step.changes)
-        request.num_masked += remasked - len(commits)
+            tokens[change.pos] = change.token_id
         block_index = request.block_index
         start, end = request.current_block
-        block_completed = None
-        filled = all(t != request.mask_id for t in request.tokens[start:end])
-        # A block is final once filled, unless its runner keeps it open for edit rounds.
+        if step.shown is not None:
+            tokens[start:end] = step.shown[: end - start]
+        filled = all(t != request.mask_id for t in tokens[start:end])
+        # A block is final once filled, unless its runner says otherwise (edit rounds, a
+        # store forward still to come, a canvas's stop rule).
         final = filled if step.block_final is None else step.block_final
+        if step.shown is None:
+            remasked = sum(change.op == REMASK for change in step.changes)
+            request.num_masked += remasked - len(step.commits)
+        else:  # a canvas has no mask: what is not final yet counts as masked
+            request.num_masked = len(tokens) - (end if final else start)
+        block_completed = None
         if final:
             block_completed = block_index
+            request.blocks_done += 1
             if block_index + 1 < len(request.blocks):
                 request.block_index += 1
                 request.step_in_block = 0
                 nstart, nend = request.current_block
                 request.masks_at_block_start = nend - nstart
         stable = request.stable_len
-        while stable < len(request.tokens) and request.tokens[stable] != request.mask_id:
+        while stable < len(tokens) and tokens[stable] != request.mask_id:
             stable += 1
+        if final:
+            stable = max(stable, end)
         done = request.num_masked == 0 and final
-        if self._corrects(request.params) and not done:
-            # Edits and remasks may still change the current block: only blocks before it
-            # are stable.
+        if step.block_open and not done:
             stable = min(stable, request.current_block[0])
         text, status = self._settle(request, stable, done)
+        m = self.served(request.model)
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
-            total_steps=request.total_steps,
+            total_steps=m.family.planned_steps(request),
             block_index=block_index,
             num_blocks=len(request.blocks),
-            committed=commits,
+            committed=step.commits,
             changes=step.changes,
             num_masked=request.num_masked,
-            tokens=list(request.tokens),
+            tokens=list(tokens),
             text=text,
             block_completed=block_completed,
             finished=status is not None,
@@ -334,61 +324,10 @@ class Engine:
             heal_text=request.heal_text,
             forward=step.forward,
             positions=step.positions,
-            forwards={step.forward: 1},
+            forwards=dict(forwards),
             forwards_total=dict(request.forwards),
-        )
-
-    @staticmethod
-    def _corrects(params: SamplingParams) -> bool:
-        """Whether a masked model's filled tokens may change again (edits or remasks)."""
-        return params.editing_threshold is not None or params.verify_threshold is not None
-
-    def _postprocess_canvas(self, request: Request, step: CanvasStep) -> StepOutput:
-        """A uniform-state step: the current canvas's region of `tokens` shows the canvas as
-        it is now; once the canvas is final its tokens become stable text."""
-        request.num_steps += 1
-        forwards = {DECODE: 1} | ({ENCODE: 1} if step.encoded else {})
-        for kind, n in forwards.items():
-            request.forwards[kind] = request.forwards.get(kind, 0) + n
-        index = request.block_index
-        start, end = request.current_block
-        request.tokens[start:end] = step.canvas[: end - start]
-        changes = [c for c in step.changes if c.pos < end]  # past max_tokens: never shown
-        stable = request.stable_len
-        if step.final:
-            stable = end
-            request.canvases_done += 1
-            request.num_masked = len(request.tokens) - end
-            if index + 1 < len(request.blocks):
-                request.block_index += 1
-        text, status = self._settle(
-            request, stable, step.final and index + 1 == len(request.blocks)
-        )
-        return StepOutput(
-            request_id=request.request_id,
-            step=request.num_steps,
-            total_steps=None,
-            block_index=index,
-            num_blocks=len(request.blocks),
-            committed=[],
-            num_masked=request.num_masked,
-            tokens=list(request.tokens),
-            text=text,
-            block_completed=index if step.final else None,
-            finished=status is not None,
-            finish_reason=None if status is None else status.value,
-            prompt_tokens=request.prompt_tokens,
-            completion_tokens=completion_len(request),
-            forward=step.forward,
-            positions=step.positions,
-            forwards=forwards,
-            forwards_total=dict(request.forwards),
-            changes=changes,
-            kept=[pos for pos in step.kept if pos < end],
-            accepted=step.accepted,
-            renoised=step.renoised,
-            canvas_completed=step.final,
-            canvas_span=(start, end),
+            canvas_span=None if step.shown is None else (start, end),
+            extras=step.extras,
         )
 
     def _settle(
@@ -405,7 +344,7 @@ class Engine:
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
-            total_steps=request.total_steps,
+            total_steps=self.served(request.model).family.planned_steps(request),
             block_index=request.block_index,
             num_blocks=len(request.blocks),
             committed=[],

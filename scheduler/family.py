@@ -96,6 +96,12 @@ class Family(ABC):
         return params.max_tokens
 
     @classmethod
+    def planned_steps(cls, request: Request) -> int | None:
+        """Forwards planned for the request, shown with each step (None: decided as it runs,
+        e.g. by a threshold)."""
+        return request.total_steps
+
+    @classmethod
     def block_offset(cls, prompt_len: int, params: SamplingParams) -> int:
         """How many positions before the generated region its first block begins."""
         return 0

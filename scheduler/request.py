@@ -76,7 +76,7 @@ class Request:
     eos_at: int | None = None  # first EOS/end-of-turn within the stable prefix
     stable_text: str = ""  # decoded stable prefix (up to eos_at), refreshed when it grows
     forwards: dict[str, int] = field(default_factory=dict)  # forwards taken, by kind
-    canvases_done: int = 0  # uniform-state models: canvases finished
+    blocks_done: int = 0  # blocks (a uniform-state model's canvases) final so far
     # Engine steps it can take at most (its family's rule, set by the engine); the scheduler
     # classes it long or short by this.
     max_forwards: int = 0

@@ -21,6 +21,8 @@ from marble.scheduler.sampling_params import (
 )
 from marble.scheduler.served_model import ServedModel
 
+_MARBLE_DEFAULTS = SamplingParams()
+
 
 def build_request(
     m: ServedModel,
@@ -32,7 +34,8 @@ def build_request(
     """A validated, tokenized request for model `m` (its defaults when `params` is None)."""
     params = params or m.defaults
     context = m.context
-    m.family.check(m, params, suffix)
+    m.family.check(m, params, suffix)  # first: its messages say what to give instead
+    _refuse_unread(m, params)
     if params.max_tokens > context:
         raise InvalidParam(
             "max_tokens",
@@ -82,6 +85,19 @@ def build_request(
     request.kv_bytes = m.family.kv_bytes(m, request, generated)
     request.max_forwards = m.family.max_forwards(request, generated)
     return request
+
+
+def _refuse_unread(m: ServedModel, params: SamplingParams) -> None:
+    """A field the model's family does not read may only hold Marble's default or the model's
+    serving default: any other value asks for something it would silently not do."""
+    for name in SamplingParams.field_names():
+        if name in m.param_fields:
+            continue
+        value = getattr(params, name)
+        if value != getattr(_MARBLE_DEFAULTS, name) and value != getattr(m.defaults, name):
+            raise InvalidParam(
+                name, f"{name} is not supported by this model (the {m.family.name} family)"
+            )
 
 
 def _ids(m: ServedModel, name: str, value: str | list[int]) -> list[int]:

@@ -1,11 +1,10 @@
 """What a runner returns for one row's step, and what every runner shares: the `Runner`
-interface the engine calls (add, remove, run a batch, bytes held), the step-result types (the
-commits and the changes of filled positions, the forward kind, whether the block is final),
-and the retry-each-row-alone isolation of a failed batch.
+interface the engine calls (add, remove, run a batch, bytes held), the one step-result type
+(commits, changes of filled positions, how far the text is stable, the forward kind, family
+extras for the event stream by key), and the retry-each-row-alone isolation of a failed batch.
 
 Every family's runner (`families/<name>/runner.py`) speaks it; none of them is the
-interface. No torch
-work here.
+interface. No model work here.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ class Runner(Protocol):
 
     def remove(self, request_id: str) -> None: ...
 
-    def run(self, requests: list[Request]) -> list[Any]:
-        """One step for these requests (all added), one result per request in order: the
-        runner's step type, or a `RowError` for a row that failed alone."""
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """One step for these requests (all added), one result per request in order: a
+        `RowStep`, or a `RowError` for a row that failed alone."""
         ...
 
     @property
@@ -86,36 +85,31 @@ class RowError:
 
 @dataclass(frozen=True)
 class RowStep:
-    """One row's step: what it committed, and the forward that produced it."""
+    """One row's step, the one result type of every runner: what changed in what the row
+    shows, the forwards that did it, and where its current block stands."""
 
-    commits: list[Commit]
-    forward: str  # FULL, PREFIX_CACHED or DUAL_CACHED
-    positions: int  # canvas positions this row's forward computed (queries, CFG copy included)
-    changes: list[Change] = field(default_factory=list)  # edits and remasks, after commits
+    commits: list[Commit]  # masks filled this step
+    forward: str  # the kind of forward that produced it (the last, if it took several)
+    positions: int  # canvas positions this row's forwards computed (queries, CFG copy included)
+    changes: list[Change] = field(default_factory=list)  # filled positions changed, after commits
     # Whether the current block is final after this step; None: once it has no mask left
     # (a runner that edits keeps a filled block open for its edit rounds).
     block_final: bool | None = None
+    # The current block's filled tokens may change (or its text may not be settled) until it
+    # is final: the stable text stops at the block's start until then.
+    block_open: bool = False
+    # The tokens the current block shows now, in place of commits (a uniform-state canvas,
+    # which has no mask); None: the commits and changes say what it shows.
+    shown: list[int] | None = None
+    # Every forward it took, by kind, when more than the one `forward` names.
+    forwards: dict[str, int] | None = None
+    # The family's own figures for the event stream, by key (e.g. a canvas's accepted count).
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 StepResult = RowStep | RowError
 
 
-@dataclass(frozen=True)
-class CanvasStep:
-    """One row's step: the canvas it shows now and how it got there."""
-
-    canvas: list[int]  # the canvas now: the next decoder input, or the final canvas
-    changes: list[Change]
-    kept: list[int]  # positions accepted (or committed, greedy) this step, changed or not
-    final: bool  # the canvas ended this step (stop rule fired or steps ran out)
-    accepted: int  # positions accepted this step
-    renoised: int  # positions re-noised this step
-    encoded: int  # tokens the encoder wrote to the cache before this step's decode (0: none)
-    forward: str = DECODE
-    positions: int = 0  # positions computed: the canvas, plus what was encoded
-
-
-CanvasResult = CanvasStep | RowError
 R = TypeVar("R")
 S = TypeVar("S")
 

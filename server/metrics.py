@@ -244,8 +244,8 @@ class Metrics:
         for out, timing in outputs:
             ran = out.step > 0 and not (out.finished and out.finish_reason in ("abort", "error"))
             if ran and out.canvas_span is not None:
-                self.canvas_positions.labels("accepted").observe(out.accepted)
-                self.canvas_positions.labels("renoised").observe(out.renoised)
+                for label in ("accepted", "renoised"):
+                    self.canvas_positions.labels(label).observe(out.extras.get(label, 0))
             elif ran:
                 self.tokens_per_forward.observe(len(out.committed))
                 for change in out.changes:

@@ -93,16 +93,13 @@ class NativeEvents:
         }
         if out.forwards.get("encode"):
             data["forwards"] = out.forwards  # this step encoded a canvas before its decode
+        data.update(out.extras)  # the family's own figures (a canvas's accepted count...)
         if out.canvas_span is not None:
             # A uniform-state model (DiffusionGemma): no mask, and a shown token may change
             # until its canvas is final. `changed` lists every position whose token changed,
             # with what it held before and its `op`: accept (a kept candidate), renoise (noise
             # again) or final (the canvas ended: these tokens are its last).
             ctexts = self.tokenizer.token_text([c.token_id for c in out.changes])
-            data["accepted"] = out.accepted
-            data["renoised"] = out.renoised
-            data["canvas_completed"] = out.canvas_completed
-            data["kept"] = out.kept  # accepted this step, whether or not its token changed
             if out.forwards.get("encode"):
                 # A canvas's first step carries it whole (its noise included); later steps
                 # carry only what changed.

@@ -54,8 +54,8 @@ def assert_dg_replayed(case: dict, outs: list[StepOutput], canvas_length: int) -
         last = step is canvas["steps"][-1]
         shown = canvas["appended_argmax_canvas"][0] if last else step["renoised_canvas"][0]
         assert out.tokens[start:end] == shown[: end - start]
-        assert out.accepted == step["num_accepted"][0]
-        assert out.canvas_completed == last
+        assert out.extras["accepted"] == step["num_accepted"][0]
+        assert out.extras["canvas_completed"] == last
         before = step["decoder_input_canvas"][0]
         changed = {c.pos - start for c in out.changes}
         assert changed == {i for i in range(end - start) if shown[i] != before[i]}

@@ -1,7 +1,7 @@
 """Each model shows the settings it reads: `/v1/models` defaults and `request.queued` params
 list only its kind's SamplingParams fields (uniform-state, block-causal, full-attention masked),
-while a request naming another kind's field is answered as before (ignored, or refused by name
-where the model cannot honour it)."""
+while a request setting a field its model's family does not read is refused by name (one
+generic rule, whatever the family)."""
 
 from __future__ import annotations
 
@@ -83,18 +83,25 @@ async def test_queued_events_show_only_their_kinds_params(client: httpx.AsyncCli
         assert queued["params"]["max_tokens"] == 8
 
 
-async def test_another_kinds_fields_are_answered_as_before(client: httpx.AsyncClient) -> None:
-    # Ignored where the model has no use for them: accepted, and not shown.
-    foreign = {"entropy_bound": 0.3, "t_min": 0.1, "max_post_steps": 2}
+async def test_another_kinds_fields_are_refused_by_name(client: httpx.AsyncClient) -> None:
+    # Every field a family does not read, set away from its defaults, is refused by name.
+    for name in KINDS:
+        for field, value in (
+            ("entropy_bound", 0.3),
+            ("t_min", 0.1),
+            ("max_post_steps", 2),
+            ("editing_threshold", 0.5),
+            ("verify_threshold", 0.5),
+            ("top_k", 3),
+        ):
+            body = {"model": name, **BODIES[name], field: value}
+            status, queued = await _queued(client, body)
+            if field in KINDS[name]:
+                assert status == 200, (name, field, queued)
+            else:
+                assert status == 400 and queued["error"]["param"] == field, (name, field, queued)
+    # A foreign field left at its default is no request for anything: accepted, not shown.
     status, queued = await _queued(
-        client, {"model": "llada-tiny", **BODIES["llada-tiny"], **foreign}
+        client, {"model": "llada-tiny", **BODIES["llada-tiny"], "t_min": SamplingParams().t_min}
     )
-    assert status == 200 and not set(foreign) & set(queued["params"])
-    # Refused by name where the model cannot honour them.
-    for name, field, value in (
-        ("llada-tiny", "editing_threshold", 0.5),
-        ("diffusiongemma-tiny", "verify_threshold", 0.5),
-        ("llada2-tiny", "verify_threshold", 0.5),
-    ):
-        status, body = await _queued(client, {"model": name, **BODIES[name], field: value})
-        assert status == 400 and body["error"]["param"] == field, (name, body)
+    assert status == 200 and "t_min" not in queued["params"]

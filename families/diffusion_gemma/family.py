@@ -64,7 +64,6 @@ class DiffusionGemmaFamily(Family):
             "entropy_bound": gen.entropy_bound,
             "stability_threshold": gen.stability_threshold,
             "confidence_threshold": gen.confidence_threshold,
-            "cache": "none",  # the Fast-dLLM caches are for masked models; this one has its own
         }
 
     @classmethod
@@ -93,16 +92,6 @@ class DiffusionGemmaFamily(Family):
                 f"steps ({params.steps}) exceeds {limit}: a canvas of {length} tokens takes at "
                 f"most {MAX_FORWARDS_PER_POSITION} denoising steps per position",
             )
-        # Self-correction is built into this model's renoising: neither masked-model kind.
-        refused = (
-            ("cfg_scale", 0.0),
-            ("token_healing", False),
-            ("verify_threshold", None),
-            ("editing_threshold", None),
-        )
-        for name, off in refused:
-            if getattr(params, name) != off:
-                raise InvalidParam(name, f"{name} is not supported by this model")
         if suffix:
             raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
 
@@ -111,6 +100,11 @@ class DiffusionGemmaFamily(Family):
         """Whole canvases."""
         length = m.model.cfg.canvas_length
         return -(-params.max_tokens // length) * length
+
+    @classmethod
+    def planned_steps(cls, request: Request) -> int | None:
+        """Its stop rule may end a canvas before its steps run out."""
+        return None
 
     @classmethod
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:

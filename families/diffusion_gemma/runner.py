@@ -26,11 +26,13 @@ from marble.model.sampling import scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     ACCEPT,
+    DECODE,
+    ENCODE,
     FINAL,
     RENOISE,
-    CanvasResult,
-    CanvasStep,
     Change,
+    RowError,
+    RowStep,
     run_rows_isolated,
 )
 
@@ -86,7 +88,7 @@ class UniformRunner:
     def cache_bytes(self) -> int:
         return sum(row.cache.nbytes for row in self.rows.values())
 
-    def run(self, requests: list[Request]) -> list[CanvasResult]:
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
         """Advance every request by one step; a failed batch retries each row alone from its
         state before the step (`run_rows_isolated`)."""
         return run_rows_isolated(
@@ -96,7 +98,7 @@ class UniformRunner:
         )
 
     @torch.inference_mode()
-    def _step(self, requests: list[Request], rows: list[_CanvasRow]) -> list[CanvasResult]:
+    def _step(self, requests: list[Request], rows: list[_CanvasRow]) -> list[RowStep | RowError]:
         cfg, dev = self.model.cfg, self.device
         length, vocab = cfg.canvas_length, cfg.vocab_size
         params = [r.params for r in requests]
@@ -164,10 +166,11 @@ class UniformRunner:
                 step.entropy.double(),
             ]
         ).cpu()
-        results: list[CanvasResult] = []
+        results: list[RowStep | RowError] = []
         for b, (request, row) in enumerate(zip(requests, rows)):
             now, before, moved, kept, fresh, ent = (t[b].tolist() for t in host)
             base = request.current_block[0]
+            limit = request.params.max_tokens  # positions past it are decoded but never shown
             changes = [
                 Change(
                     base + i,
@@ -177,7 +180,7 @@ class UniformRunner:
                     ent[i],
                 )
                 for i in range(length)
-                if moved[i]
+                if moved[i] and base + i < limit
             ]
             accepted = int(sum(kept))
             row.canvas, row.scaled = step.canvas[b], step.self_cond[b]
@@ -186,16 +189,24 @@ class UniformRunner:
             if finals[b]:
                 # The next canvas starts where this one ends: its tokens are encoded first.
                 row.pending, row.canvas, row.scaled = shown[b], None, None
+            extras = {
+                "accepted": accepted,
+                "renoised": length - accepted,
+                "canvas_completed": finals[b],
+                # Accepted this step, whether or not its token changed.
+                "kept": [base + i for i in range(length) if kept[i] and base + i < limit],
+            }
             results.append(
-                CanvasStep(
-                    canvas=[int(t) for t in now],
-                    changes=changes,
-                    kept=[base + i for i in range(length) if kept[i]],
-                    final=finals[b],
-                    accepted=accepted,
-                    renoised=length - accepted,
-                    encoded=encoded[b],
-                    positions=length + encoded[b],
+                RowStep(
+                    [],
+                    DECODE,
+                    length + encoded[b],
+                    changes,
+                    block_final=finals[b],
+                    block_open=True,
+                    shown=[int(t) for t in now],
+                    forwards={DECODE: 1, ENCODE: 1} if encoded[b] else None,
+                    extras=extras,
                 )
             )
         return results

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from marble.families.block_causal import BlockCausalFamily
 from marble.families.llada2.config import PRESETS, is_llada2
 from marble.families.llada2.loader import load_llada2
 from marble.families.llada2.model import LLaDA2
 from marble.families.llada2.runner import BlockRunner
-from marble.scheduler.family import Family, Served
+from marble.scheduler.family import Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
     MAX_FORWARDS_PER_POSITION,
@@ -32,7 +33,7 @@ def _edit_rounds(params: SamplingParams) -> int:
     return params.max_post_steps if params.editing_threshold is not None else 0
 
 
-class LLaDA2Family(Family):
+class LLaDA2Family(BlockCausalFamily):
     name = "llada2"
     fields = frozenset(
         ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
@@ -61,12 +62,7 @@ class LLaDA2Family(Family):
             "max_post_steps": rule.max_post_steps,
             "num_to_transfer": rule.num_to_transfer,
             "temperature": rule.temperature,
-            "cache": "none",  # block-causal attention: its cache of finished blocks is exact
         }
-
-    @classmethod
-    def context(cls, model: torch.nn.Module) -> int:
-        return model.cfg.max_position_embeddings
 
     @classmethod
     def runner(cls, served: Served) -> Runner:
@@ -75,17 +71,11 @@ class LLaDA2Family(Family):
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
-        if params.block_length is None:
-            raise InvalidParam("block_length", "this model denoises in blocks: give block_length")
+        super().check(m, params, suffix)
         if params.threshold is None:
             raise InvalidParam(
                 "threshold", "this model unmasks by threshold: give threshold (not steps alone)"
             )
-        for name, off in (("cfg_scale", 0.0), ("token_healing", False), ("verify_threshold", None)):
-            if getattr(params, name) != off:
-                raise InvalidParam(name, f"{name} is not supported by this model")
-        if suffix:
-            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
         # A block takes up to one forward per position to fill, then its edit rounds.
         size = params.block_length
         limit = (MAX_FORWARDS_PER_POSITION - 1) * size
@@ -96,23 +86,6 @@ class LLaDA2Family(Family):
                 f"tokens takes at most {MAX_FORWARDS_PER_POSITION} forwards per position, up "
                 f"to {size} to fill it and {limit} edit rounds",
             )
-
-    @classmethod
-    def decoded_tokens(cls, m: Served, prompt_len: int, params: SamplingParams) -> int:
-        """Through the end of the last block it reaches."""
-        size = params.block_length
-        return -(-(prompt_len + params.max_tokens) // size) * size - prompt_len
-
-    @classmethod
-    def block_offset(cls, prompt_len: int, params: SamplingParams) -> int:
-        """Blocks are aligned to absolute positions: the prompt's tail shares the first."""
-        return prompt_len % params.block_length
-
-    @classmethod
-    def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
-        """The cache holds the prompt and every block but the last."""
-        cached = len(request.prompt_ids) + decoded - request.params.block_length
-        return m.model.cache_bytes(cached)
 
     @classmethod
     def max_forwards(cls, request: Request, decoded: int) -> int:

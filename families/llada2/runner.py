@@ -210,7 +210,10 @@ class BlockRunner:
                 if edit[i][j] and s + j - gen < limit
             ]
             kind = FULL if a == 0 else PREFIX_CACHED
-            results.append(RowStep(commits, kind, e - a, changes, block_final=final))
+            editing = r.params.editing_threshold is not None  # filled tokens may be edited
+            results.append(
+                RowStep(commits, kind, e - a, changes, block_final=final, block_open=editing)
+            )
         return results
 
     def _score_buffer(self, n: int) -> Tensor:

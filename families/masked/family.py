@@ -66,12 +66,7 @@ class MaskedFamily(Family):
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
-        if params.editing_threshold is not None:
-            raise InvalidParam(
-                "editing_threshold",
-                "editing_threshold needs a model trained to edit (LLaDA2.1); this one may "
-                "verify instead (verify_threshold)",
-            )
+        """Nothing beyond the fields it reads: it runs every value they take."""
 
     @classmethod
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:

@@ -308,8 +308,11 @@ class ModelRunner:
             r = requests[int(b)]
             commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
         results: list[StepResult] = [
-            RowStep(row_commits, kind, n, row_changes)
-            for row_commits, kind, n, row_changes in zip(commits, kinds, computed, changes)
+            # Verifying may mask the current block's commits again until it fills.
+            RowStep(row_commits, kind, n, row_changes, block_open=v)
+            for row_commits, kind, n, row_changes, v in zip(
+                commits, kinds, computed, changes, verifying
+            )
         ]
         for b in broken.nonzero().flatten().tolist():
             results[b] = RowError(

@@ -1,9 +1,10 @@
 """The engine: `step()` = schedule -> run -> postprocess, one denoising step for every running
 request, and the offline `generate()` that drains it.
 
-Emits one `StepOutput` per running request per step and an `EngineStats` record per step.
-Turns committed ids into stable text (cut at EOS/end-of-turn and stop strings) and decides when
-a request is finished. Knows nothing of HTTP or asyncio.
+Emits one `StepOutput` per running request per step and an `EngineStats` record per step. Each
+model's rows go to its family's runner in one call; every runner's `RowStep` is postprocessed
+the same way. Validation lives in request_builder.py, text settlement (detokenising, stop
+strings, hold-back) in settlement.py. Knows no family, nothing of HTTP or asyncio.
 """
 
 from __future__ import annotations
@@ -96,12 +97,14 @@ class Engine:
         defaults: SamplingParams | None = None,
         name: str = DEFAULT_NAME,
     ) -> None:
-        first = ServedModel(name, model, tokenizer, defaults or SamplingParams())
+        self._serve(ServedModel(name, model, tokenizer, defaults or SamplingParams()), config)
+
+    def _serve(self, first: ServedModel, config: SchedulerConfig | None) -> None:
         config = config or SchedulerConfig()
         if config.max_kv_bytes is None:
             config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(first.device)))
         self.scheduler = Scheduler(config)
-        self.models: dict[str, ServedModel] = {name: first}
+        self.models: dict[str, ServedModel] = {first.name: first}
         self.first = first
         self.requests: dict[str, Request] = {}
         self.last_stats: EngineStats | None = None
@@ -134,8 +137,11 @@ class Engine:
         """Load a local checkpoint folder (None: the embedded default model, wherever Marble
         is installed); serving defaults stored with it apply unless given. `device` and
         `dtype` may be "auto" (model/device.py)."""
-        served = load_served(path, name, resolve_device(device), dtype, defaults, progress)
-        return cls(served.model, served.tokenizer, config, served.defaults, name)
+        engine = cls.__new__(cls)  # the loaded model as it is: its runner is built once
+        engine._serve(
+            load_served(path, name, resolve_device(device), dtype, defaults, progress), config
+        )
+        return engine
 
     # The first model's parts, for callers that serve one model.
     @property

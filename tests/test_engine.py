@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from marble.families.masked.config import preset
+from marble.families.masked.family import MaskedFamily
 from marble.families.masked.model import Denoiser
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
@@ -269,3 +270,15 @@ def test_bad_requests_raise_value_error(tokenizer: TextTokenizer):
     with pytest.raises(ValueError):
         engine.add(engine.make_request("x", SamplingParams(max_tokens=10_000)))
     assert not engine.has_unfinished()
+
+
+def test_a_loaded_checkpoint_builds_its_runner_once(monkeypatch):
+    built = []
+    runner = MaskedFamily.runner.__func__
+    monkeypatch.setattr(
+        MaskedFamily,
+        "runner",
+        classmethod(lambda cls, served: built.append(1) or runner(cls, served)),
+    )
+    engine = Engine.from_pretrained(progress=False)
+    assert len(built) == 1 and engine.runner is engine.first.runner

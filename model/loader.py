@@ -160,3 +160,37 @@ def expected_tensors(model: nn.Module) -> dict[str, torch.Size]:
     """Every parameter and buffer of a model built on the meta device: what its checkpoint
     must hold, by our names."""
     return {n: t.shape for n, t in (*model.named_parameters(), *model.named_buffers())}
+
+
+def load_filled(
+    folder: str | Path,
+    build: Callable[[Path], nn.Module],
+    rename: Callable[[str], str | None],
+    label: str,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    drop: tuple[str, ...] = (),
+    skip: Callable[[str], object] | None = None,
+) -> tuple[nn.Module, int]:
+    """A family's model for `folder`: `build(config.json's path)` on the meta device, every
+    parameter and buffer filled from the checkpoint (`drop`: ours that it need not hold, and is
+    skipped if it does, e.g. a tied head), in eval mode; with the count of tensors `skip` or
+    `drop` passed over. Raises CheckpointError."""
+    folder = Path(folder)
+    with torch.device("meta"):
+        model = build(config_file(folder))
+    expected = expected_tensors(model)
+    for name in drop:
+        expected.pop(name)
+    loaded, skipped = fill(
+        model,
+        folder,
+        expected,
+        rename,
+        label,
+        device,
+        dtype,
+        skip=lambda name: name in drop or bool(skip and skip(name)),
+    )
+    log.info("loaded %s (%s, %d tensors) on %s", folder, label, loaded, device)
+    return model.eval(), skipped

@@ -16,7 +16,7 @@ import torch
 
 from marble.families.diffusion_gemma.config import DiffusionGemmaConfig
 from marble.families.diffusion_gemma.model import DiffusionGemma
-from marble.model.loader import config_file, expected_tensors, fill
+from marble.model.loader import load_filled
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,9 @@ def load_diffusion_gemma(
     dtype: torch.dtype | None = torch.float32,
 ) -> DiffusionGemma:
     """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
-    folder = Path(folder)
-    cfg = DiffusionGemmaConfig.from_file(config_file(folder))
-    with torch.device("meta"):
-        model = DiffusionGemma(cfg)
-    loaded, skipped_vision = fill(
-        model,
+    model, skipped_vision = load_filled(
         folder,
-        expected_tensors(model),
+        lambda config: DiffusionGemma(DiffusionGemmaConfig.from_file(config)),
         map_name,
         "diffusion_gemma",
         device,
@@ -64,5 +59,4 @@ def load_diffusion_gemma(
             folder,
             skipped_vision,
         )
-    log.info("loaded %s (diffusion_gemma, %d tensors) on %s", folder, loaded, device)
-    return model.eval()
+    return model

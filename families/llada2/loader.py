@@ -14,7 +14,7 @@ import torch
 
 from marble.families.llada2.config import LLaDA2Config
 from marble.families.llada2.model import LLaDA2
-from marble.model.loader import config_file, expected_tensors, fill, strip_model_prefix
+from marble.model.loader import load_filled, strip_model_prefix
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,5 @@ def load_llada2(
     dtype: torch.dtype | None = torch.float32,
 ) -> LLaDA2:
     """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
-    folder = Path(folder)
-    cfg = LLaDA2Config.from_file(config_file(folder))
-    with torch.device("meta"):
-        model = LLaDA2(cfg)
-    loaded, _ = fill(
-        model, folder, expected_tensors(model), strip_model_prefix, "llada2", device, dtype
-    )
-    log.info("loaded %s (llada2, %d tensors) on %s", folder, loaded, device)
-    return model.eval()
+    build = lambda config: LLaDA2(LLaDA2Config.from_file(config))  # noqa: E731
+    return load_filled(folder, build, strip_model_prefix, "llada2", device, dtype)[0]

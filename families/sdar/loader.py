@@ -15,7 +15,7 @@ import torch
 
 from marble.families.sdar.config import SDARConfig
 from marble.families.sdar.model import SDAR
-from marble.model.loader import config_file, expected_tensors, fill, strip_model_prefix
+from marble.model.loader import config_file, load_filled, strip_model_prefix
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +26,13 @@ def load_sdar(
     dtype: torch.dtype | None = torch.float32,
 ) -> SDAR:
     """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
-    folder = Path(folder)
-    cfg = SDARConfig.from_file(config_file(folder))
-    with torch.device("meta"):
-        model = SDAR(cfg)
-    expected = expected_tensors(model)
+    cfg = SDARConfig.from_file(config_file(Path(folder)))
     tied = cfg.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")
     # A tied checkpoint may still carry the head: the embedding is what both use.
-    loaded, _ = fill(
-        model,
-        folder,
-        expected,
-        strip_model_prefix,
-        "sdar",
-        device,
-        dtype,
-        skip=lambda name: tied and name == "lm_head.weight",
+    drop = ("lm_head.weight",) if tied else ()
+    model, _ = load_filled(
+        folder, lambda _: SDAR(cfg), strip_model_prefix, "sdar", device, dtype, drop=drop
     )
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
-    log.info("loaded %s (sdar, %d tensors) on %s", folder, loaded, device)
-    return model.eval()
+    return model

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-REMASKING = ("low_confidence", "random", "margin", "entropy")
+# "sequential" is SDAR's rule alone (the k masks from the first one on).
+REMASKING = ("low_confidence", "random", "margin", "entropy", "sequential")
 # Ceilings on what any request may ask for, whatever the model. They keep every size derived
 # from a request checkable in O(1) before anything proportional to it exists; the engine then
 # bounds max_tokens by the model's context and top_k by its vocabulary.
@@ -97,9 +98,10 @@ class SamplingParams:
     fixed-count schedule over that many forwards (here and in `replace`, which is how request
     fields are merged over serving defaults); an explicit `threshold` wins over `steps`;
     `threshold=None` with `steps=None` is one token per step. `block_length=None` denoises the
-    whole generated region as one block. `token_healing` moves a text prompt's trailing
-    whitespace token into the canvas (see `marble.scheduler.healing`). `cache` picks the KV
-    cache (CACHES).
+    whole generated region as one block. `remasking` "sequential" is SDAR's rule (the
+    block's first masks, in order); other families refuse it. `token_healing` moves a text
+    prompt's trailing whitespace token into the canvas (see `marble.scheduler.healing`).
+    `cache` picks the KV cache (CACHES).
 
     Uniform-state models (DiffusionGemma) read `steps` as their denoising steps per canvas and
     the five fields after `cache`: the entropy budget of one step's accepted positions, the

@@ -66,7 +66,11 @@ class MaskedFamily(Family):
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
-        """Nothing beyond the fields it reads: it runs every value they take."""
+        """Every value of the fields it reads but SDAR's "sequential" remasking."""
+        if params.remasking == "sequential":
+            raise InvalidParam(
+                "remasking", "remasking 'sequential' is SDAR's rule: this model does not run it"
+            )
 
     @classmethod
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:

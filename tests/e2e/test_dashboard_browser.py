@@ -488,3 +488,47 @@ def test_form_offers_and_sends_only_the_models_fields(editing_server: str, page:
         timeout=90_000,
     )
     assert errors == [], f"console errors: {errors}"
+
+
+@pytest.fixture(scope="module")
+def sdar_server() -> Iterator[str]:
+    """Tiny SDAR: block-causal, each block's text settles once the block is stored."""
+    with running_server(REPO.parent / "shared" / "reference" / "sdar-tiny") as url:
+        yield url
+
+
+def test_an_sdar_request_resolves_block_by_block(sdar_server: str, page: tuple) -> None:
+    """An SDAR card starts from its serving defaults (4 steps per block of 4, threshold 0.9),
+    steps through its prefill, denoising and store forwards, and ends with the same text and
+    step count as the same request without the page."""
+    page, errors = page
+    defaults = _served_defaults(sdar_server)
+    _open(page, sdar_server)
+    shown = _form(page)
+    for name, value in _as_form({**dict.fromkeys(shown), **defaults}).items():
+        assert page.is_disabled(f"#{name}") == (name not in defaults), name
+        if name in defaults:
+            assert shown[name] == value, name
+    page.evaluate(RECORDER)
+    _throttle(page, 4_000)
+    page.fill("#prompt", "Why is the sky blue?")
+    page.fill("#max_tokens", "32")
+    page.set_checked("#ignore_eos", True)
+    with page.expect_request("**/v1/diffusion/generate") as request:
+        page.click("#generate")
+    sent = request.value.post_data_json
+    assert (sent["steps"], sent["block_length"], sent["threshold"]) == (4, 4, 0.9)
+    card = page.locator(".card").first
+    card.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('.card').dataset.state === 'completed'", timeout=90_000
+    )
+    expected = _completed(sdar_server, sent)
+    frames = [f for f in page.evaluate("window.__frames") if f["state"] == "running"]
+    assert len({f["step"] for f in frames}) >= 3, "the card did not show the steps"
+    assert card.get_attribute("data-step") == str(expected["steps"])
+    assert card.locator(".text").evaluate("e => e.textContent") == expected["text"]
+    assert card.locator(".text").evaluate("e => e.classList.contains('final')")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-sdar.png"), full_page=True)
+    assert errors == [], f"console errors: {errors}"

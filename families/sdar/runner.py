@@ -1,0 +1,240 @@
+"""One forward per row per engine step for a batch of SDAR requests, as upstream's
+block_diffusion_generate() makes them, so each request takes upstream's forwards (NFE).
+
+Owns each running request's device-side state: its canvas (the prompt, then masks through the
+end of the last block it reaches), its cache of finished blocks, its current block and step in
+it, and its random generator. A row's step is one of three forwards: the PREFILL of the
+prompt's full blocks (written to the cache, nothing committed; only when the prompt holds one),
+a DENOISE of the current block over the cache (nothing written; every position sampled, masked
+ones committed by the row's rule, `sampling.py`), or once the block has no mask its STORE (the
+block written to the cache, nothing committed, the block final). The rows of one step share one
+batched model call whatever their phase, against their caches stacked. The text of a block
+settles only once it is stored (`block_open`), as upstream tests for a stop id only then. One
+row's failure fails that row alone.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from marble.families.sdar import sampling
+from marble.families.sdar.config import Remasking
+from marble.families.sdar.model import SDAR
+from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.sampling import joint_predict, llada_counts
+from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.step_result import (
+    ENCODE,
+    FULL,
+    PREFIX_CACHED,
+    Commit,
+    RowError,
+    RowStep,
+    run_rows_isolated,
+)
+
+PREFILL, DENOISE, STORE = "prefill", "denoise", "store"
+# Marble's remasking names of SDAR's rules (the threshold then tells static from dynamic).
+LOW_CONFIDENCE, SEQUENTIAL = "low_confidence", "sequential"
+
+
+@dataclass
+class _SDARRow:
+    generator: torch.Generator
+    cache: BlockCache  # keys and values of every position before `cache.length`, final
+    canvas: Tensor  # [L] prompt, then masks through the end of the last block
+    prompt_len: int
+    size: int  # block length
+    start: int  # the current block's first canvas position
+    step: int = 0  # denoising forwards the current block has taken
+
+    def saved(self) -> _SDARRow:
+        """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
+        return _SDARRow(
+            self.generator,
+            self.cache.copy_refs(),
+            self.canvas,
+            self.prompt_len,
+            self.size,
+            self.start,
+            self.step,
+        )
+
+
+def rule_of(params: SamplingParams) -> Remasking:
+    """The SDAR rule a request's fields ask for: "sequential", else low_confidence_static
+    without a threshold and low_confidence_dynamic with one."""
+    if params.remasking == SEQUENTIAL:
+        return Remasking.SEQUENTIAL
+    return Remasking.STATIC if params.threshold is None else Remasking.DYNAMIC
+
+
+class SDARRunner:
+    def __init__(self, model: SDAR, mask_id: int, pad_id: int, vocab_limit: int) -> None:
+        self.model = model
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+        # Ids the tokenizer cannot decode and the mask itself are never committed.
+        self.vocab_limit = vocab_limit
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.rows: dict[str, _SDARRow] = {}
+
+    def add(self, request: Request) -> None:
+        size = request.params.block_length
+        assert size is not None  # the family refuses a request without one
+        prompt = request.prompt_ids
+        total = -(-(len(prompt) + request.params.max_tokens) // size) * size
+        canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
+        canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device)
+        seed = request.params.seed
+        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        start = len(prompt) // size * size
+        row = _SDARRow(generator, self.model.new_cache(1), canvas, len(prompt), size, start)
+        self.rows[request.request_id] = row
+
+    def remove(self, request_id: str) -> None:
+        self.rows.pop(request_id, None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(row.cache.nbytes for row in self.rows.values())
+
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """Advance every request by one forward; a failed batch retries each row alone from
+        its state before the step (`run_rows_isolated`)."""
+        return run_rows_isolated(requests, self._step, self.rows)
+
+    def _phase(self, row: _SDARRow) -> str:
+        if row.cache.length < row.start:  # the prompt's full blocks are not cached yet
+            return PREFILL
+        block = row.canvas[row.start : row.start + row.size]
+        return DENOISE if bool((block == self.mask_id).any()) else STORE
+
+    @torch.inference_mode()
+    def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
+        rows = [self.rows[r.request_id] for r in requests]
+        dev = self.device
+        phases = [self._phase(row) for row in rows]
+        # Each row's window [a, e): the prompt's full blocks for a prefill, else its block.
+        spans = [
+            (0, row.start) if phase == PREFILL else (row.start, row.start + row.size)
+            for row, phase in zip(rows, phases)
+        ]
+        longest = max(e - a for a, e in spans)
+        n = len(rows)
+        ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
+        positions = torch.zeros((n, longest), dtype=torch.long, device=dev)
+        key_valid = torch.zeros((n, longest), dtype=torch.bool, device=dev)
+        for i, (row, (a, e)) in enumerate(zip(rows, spans)):  # right padding
+            ids[i, : e - a] = row.canvas[a:e]
+            positions[i, : e - a] = torch.arange(a, e, device=dev)
+            key_valid[i, : e - a] = True
+        sizes = torch.tensor([row.size for row in rows], device=dev)
+        cache = rows[0].cache if n == 1 else BlockCache.stack([row.cache for row in rows])
+        keep: list[LayerKV] = []
+        hidden = self.model(
+            ids, positions, cache, block_length=sizes, key_valid=key_valid, keep=keep
+        )
+        denoising = [i for i, phase in enumerate(phases) if phase == DENOISE]
+        decided = self._denoise(requests, rows, denoising, hidden) if denoising else {}
+
+        results: list[RowStep | RowError] = []
+        for i, (row, phase, (a, e)) in enumerate(zip(rows, phases, spans)):
+            if phase == DENOISE:
+                commits = decided[i]
+                if isinstance(commits, RowError):
+                    results.append(commits)
+                    continue
+                kind = FULL if row.cache.length == 0 else PREFIX_CACHED
+                results.append(RowStep(commits, kind, e - a, block_final=False, block_open=True))
+                continue
+            row.cache.append([kv.part([i], 0, e - a) for kv in keep])
+            if phase == STORE:
+                row.start, row.step = e, 0
+            final = phase == STORE
+            results.append(RowStep([], ENCODE, e - a, block_final=final, block_open=True))
+        return results
+
+    def _denoise(
+        self, requests: list[Request], rows: list[_SDARRow], index: list[int], hidden: Tensor
+    ) -> dict[int, list[Commit] | RowError]:
+        """Sample the blocks of the denoising rows (`index` into the batch) and commit by each
+        row's rule: their commits, or a RowError for a row whose logits are not finite."""
+        dev = self.device
+        picked = [rows[i] for i in index]
+        reqs = [requests[i] for i in index]
+        width = max(row.size for row in picked)
+        # A denoising row's window is its block: its first `size` hidden rows.
+        flat = hidden[index, :width].reshape(-1, hidden.shape[-1])
+        logits = self.model.project(flat).float().view(len(index), width, -1)
+        logits[..., self.mask_id] = float("-inf")
+        logits[..., self.vocab_limit :] = float("-inf")
+        col = torch.arange(width, device=dev)
+        sizes = torch.tensor([row.size for row in picked], device=dev)
+        in_block = col[None, :] < sizes[:, None]
+        block = torch.full((len(index), width), self.pad_id, dtype=torch.long, device=dev)
+        for j, row in enumerate(picked):
+            block[j, : row.size] = row.canvas[row.start : row.start + row.size]
+        masked = (block == self.mask_id) & in_block
+
+        params = [r.params for r in reqs]
+        x0 = torch.full((len(index), width), self.pad_id, dtype=torch.long, device=dev)
+        p = torch.zeros((len(index), width), dtype=torch.float32, device=dev)
+        # One draw per block position, as upstream's one multinomial over [B, V]: rows are
+        # sampled by block length, so no row's generator draws for another's padding.
+        for size in sorted({row.size for row in picked}):
+            group = [j for j, row in enumerate(picked) if row.size == size]
+            knobs = [params[j] for j in group]
+            x0[group, :size], p[group, :size] = joint_predict(
+                logits[group, :size],
+                # float64: a tiny temperature stays positive (sampled at its limit), not 0.
+                torch.tensor([q.temperature for q in knobs], dtype=torch.float64, device=dev),
+                torch.tensor([q.top_k for q in knobs], device=dev),
+                torch.tensor([q.top_p for q in knobs], device=dev),
+                [picked[j].generator for j in group],
+            )
+        k = llada_counts(
+            sizes,
+            torch.tensor([q.steps for q in params], device=dev),
+            torch.tensor([row.step for row in picked], device=dev),
+        )
+        rule = torch.tensor([rule_of(q) for q in params], device=dev)
+        # The threshold only reaches the dynamic rule's rows.
+        threshold = torch.tensor([q.threshold or 0.0 for q in params], device=dev)
+        chosen = sampling.select(p, masked, k, rule, threshold)
+        tokens = sampling.commit(block, x0, chosen)
+        broken = (torch.isnan(p) & in_block).any(-1).tolist()
+
+        # Host copies of the small [R, W] results, once.
+        chosen_host, x0_host, prob = chosen.tolist(), x0.tolist(), p.double().tolist()
+        decided: dict[int, list[Commit] | RowError] = {}
+        for j, (i, r, row) in enumerate(zip(index, reqs, picked)):
+            if broken[j]:
+                decided[i] = RowError(
+                    "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
+                )
+                continue
+            s = row.start
+            row.canvas = row.canvas.clone()
+            row.canvas[s : s + row.size] = tokens[j, : row.size]
+            row.step += 1
+            gen = row.prompt_len
+            limit = r.params.max_tokens  # positions past it are decoded but never shown
+            decided[i] = [
+                Commit(s + c - gen, x0_host[j][c], prob[j][c], _log(prob[j][c]))
+                for c in range(row.size)
+                if chosen_host[j][c] and s + c - gen < limit
+            ]
+        return decided
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else float("-inf")

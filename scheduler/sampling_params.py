@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-# "sequential" is SDAR's rule alone (the k masks from the first one on).
+# "sequential" (the k masks from the first one on) is one block-causal family's rule alone.
 REMASKING = ("low_confidence", "random", "margin", "entropy", "sequential")
 # Ceilings on what any request may ask for, whatever the model. They keep every size derived
 # from a request checkable in O(1) before anything proportional to it exists; the engine then
@@ -25,8 +25,8 @@ SEED_LIMIT = 1 << 63  # seeds are in [0, 2**63): torch generators take 64-bit se
 DEFAULT_THRESHOLD = 0.9
 # Denoising work a request may ask for, relative to what it decodes: at most this many
 # forwards per decoded position (per block or canvas; each family's rule is in engine.py).
-# A masked model's schedule never needs more than one; LLaDA2.1's edit rounds and
-# DiffusionGemma's steps per canvas are what could ask for more.
+# A masked model's schedule never needs more than one; edit rounds and a uniform-state model's
+# steps per canvas are what could ask for more.
 MAX_FORWARDS_PER_POSITION = 3
 
 
@@ -98,23 +98,23 @@ class SamplingParams:
     fixed-count schedule over that many forwards (here and in `replace`, which is how request
     fields are merged over serving defaults); an explicit `threshold` wins over `steps`;
     `threshold=None` with `steps=None` is one token per step. `block_length=None` denoises the
-    whole generated region as one block. `remasking` "sequential" is SDAR's rule (the
-    block's first masks, in order); other families refuse it. `token_healing` moves a text
+    whole generated region as one block. `remasking` "sequential" (the block's first masks,
+    in order) is read by one block-causal family; the others refuse it. `token_healing` moves a text
     prompt's trailing whitespace token into the canvas (see `marble.scheduler.healing`).
     `cache` picks the KV cache (CACHES).
 
-    Uniform-state models (DiffusionGemma) read `steps` as their denoising steps per canvas and
+    Uniform-state models read `steps` as their denoising steps per canvas and
     the five fields after `cache`: the entropy budget of one step's accepted positions, the
     temperature schedule from `t_max` (first step) down towards `t_min`, and the stop rule (a
     canvas ends once its argmax held for `stability_threshold` steps and its mean entropy is
-    below `confidence_threshold`). Their defaults are DiffusionGemma's generation config;
-    masked models ignore them.
+    below `confidence_threshold`). Their defaults are their checkpoint's generation config;
+    masked models refuse them (a family refuses every field it does not read: `Family.fields`).
 
-    Self-correction. Block-causal masked models trained to edit (LLaDA2.1) replace a filled
+    Self-correction. Block-causal masked models trained to edit replace a filled
     position of the current block when its argmax differs and is more likely than
     `editing_threshold` (None: no edits), for up to `max_post_steps` mask-free rounds after
     the block fills; while masks remain, `num_to_transfer` masks commit when fewer pass the
-    threshold. Full-attention masked models (LLaDA, Dream, Marble's own) may instead verify:
+    threshold. Full-attention masked models may instead verify:
     a token committed earlier in the current block whose probability falls below
     `verify_threshold` is masked again (None: off).
     """

@@ -95,7 +95,7 @@ class NativeEvents:
             data["forwards"] = out.forwards  # this step encoded a canvas before its decode
         data.update(out.extras)  # the family's own figures (a canvas's accepted count...)
         if out.canvas_span is not None:
-            # A uniform-state model (DiffusionGemma): no mask, and a shown token may change
+            # A uniform-state model: no mask, and a shown token may change
             # until its canvas is final. `changed` lists every position whose token changed,
             # with what it held before and its `op`: accept (a kept candidate), renoise (noise
             # again) or final (the canvas ended: these tokens are its last).

@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +28,19 @@ class UnsupportedModelError(ValueError):
 
 class CheckpointError(ValueError):
     """The folder is not a loadable checkpoint; the message says precisely why."""
+
+
+def model_type_of(raw: dict[str, Any]) -> str:
+    """A parsed `config.json`'s `model_type`, lower-cased ("" when it has none): what the
+    family registry matches."""
+    return str(raw.get("model_type", "")).lower()
+
+
+def need(raw: dict[str, Any], key: str, where: str = "config.json") -> Any:
+    """`raw[key]`, or UnsupportedModelError naming the key and the file it is missing from."""
+    if key not in raw:
+        raise UnsupportedModelError(f"{where} has no {key!r}")
+    return raw[key]
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from marble.model.loader import model_type_of
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import Runner
@@ -39,6 +40,8 @@ class Family(ABC):
     """One kind of model. Subclasses are stateless: every answer comes from their arguments."""
 
     name: ClassVar[str]  # for logs and errors
+    model_type: ClassVar[str]  # the `config.json` model_type it serves (lower case)
+    model_class: ClassVar[type[torch.nn.Module]]  # the model it builds
     fields: ClassVar[frozenset[str]]  # the SamplingParams fields its requests read
     # Its canvas has a mask token, which a prompt may not contain (uniform-state models start
     # from noise instead).
@@ -49,14 +52,14 @@ class Family(ABC):
     fallback: ClassVar[bool] = False
 
     @classmethod
-    @abstractmethod
     def detects(cls, config: dict[str, Any]) -> bool:
-        """Whether a checkpoint's `config.json` is this family's."""
+        """Whether a checkpoint's `config.json` is this family's: its model_type."""
+        return model_type_of(config) == cls.model_type
 
     @classmethod
-    @abstractmethod
     def owns(cls, model: torch.nn.Module) -> bool:
         """Whether a built model is this family's (an engine built around a model)."""
+        return isinstance(model, cls.model_class)
 
     @classmethod
     @abstractmethod

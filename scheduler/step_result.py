@@ -10,6 +10,7 @@ interface. No model work here.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -136,6 +137,14 @@ def run_isolated(
         restore(request, state)
         results += run_isolated([request], step, save, restore)
     return results
+
+
+def request_generator(request: Request, device: torch.device | str) -> torch.Generator:
+    """A row's own random generator, seeded by the request's seed (a random one without):
+    the same seed draws the same tokens alone or batched."""
+    generator = torch.Generator(device=device)
+    seed = request.params.seed
+    return generator.manual_seed(seed if seed is not None else secrets.randbits(63))
 
 
 class CopyableRow(Protocol):

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from marble.families.diffusion_gemma.config import (
     DiffusionGemmaConfig,
     DiffusionGemmaGenerationConfig,
-    is_diffusion_gemma,
 )
+from marble.families.diffusion_gemma.family import DiffusionGemmaFamily
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.model.loader import CheckpointError, UnsupportedModelError
 
@@ -34,7 +34,7 @@ def _copy_without_weights(tmp_path: Path) -> Path:
 
 def test_config_reads_the_real_keys():
     raw = json.loads((MODEL_DIR / "config.json").read_text())
-    assert is_diffusion_gemma(raw)
+    assert DiffusionGemmaFamily.detects(raw)
     cfg = DiffusionGemmaConfig.from_json_dict(raw)
     assert cfg.layer_types.count("full_attention") == 2 and cfg.num_layers == 6
     assert (cfg.global_head_dim, cfg.num_global_key_value_heads) == (32, 1)

@@ -17,8 +17,8 @@ from marble.families.llada2.config import (
     PRESETS,
     LLaDA2Config,
     LLaDA2GenerationConfig,
-    is_llada2,
 )
+from marble.families.llada2.family import LLaDA2Family
 from marble.families.llada2.loader import load_llada2
 from marble.model.loader import CheckpointError, UnsupportedModelError
 
@@ -37,7 +37,7 @@ def _copy_without_weights(tmp_path: Path) -> Path:
 
 
 def test_config_reads_the_real_keys():
-    assert is_llada2(RAW) and not is_llada2({"model_type": "llada"})
+    assert LLaDA2Family.detects(RAW) and not LLaDA2Family.detects({"model_type": "llada"})
     cfg = LLaDA2Config.from_json_dict(RAW)
     assert (cfg.num_hidden_layers, cfg.head_dim, cfg.rotary_dim) == (3, 16, 8)
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (8, 2, 4, 2)

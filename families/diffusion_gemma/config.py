@@ -12,22 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marble.model.loader import UnsupportedModelError
+from marble.model.loader import UnsupportedModelError, model_type_of, need
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MODEL_TYPE = "diffusion_gemma"
-
-
-def is_diffusion_gemma(raw: dict[str, Any]) -> bool:
-    """Whether a parsed `config.json` describes a DiffusionGemma checkpoint."""
-    return str(raw.get("model_type", "")).lower() == MODEL_TYPE
-
-
-def _need(raw: dict[str, Any], key: str, where: str) -> Any:
-    if key not in raw:
-        raise UnsupportedModelError(f"{where} has no {key!r}")
-    return raw[key]
 
 
 @dataclass(frozen=True)
@@ -82,9 +71,9 @@ class DiffusionGemmaConfig:
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> DiffusionGemmaConfig:
         """The top-level DiffusionGemma `config.json`; raise on what the model cannot run."""
-        if not is_diffusion_gemma(raw):
+        if model_type_of(raw) != MODEL_TYPE:
             raise UnsupportedModelError(f"model_type {raw.get('model_type')!r} is not {MODEL_TYPE}")
-        text = _need(raw, "text_config", "config.json")
+        text = need(raw, "text_config", "config.json")
         where = "config.json text_config"
         if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise UnsupportedModelError(f"hidden_activation {text['hidden_activation']!r}")
@@ -100,10 +89,10 @@ class DiffusionGemmaConfig:
         tie = raw.get("tie_word_embeddings", True) and text.get("tie_word_embeddings", True)
         if not tie:
             raise UnsupportedModelError("untied embeddings: DiffusionGemma's head is the embedding")
-        layer_types = tuple(_need(text, "layer_types", where))
-        if len(layer_types) != _need(text, "num_hidden_layers", where):
+        layer_types = tuple(need(text, "layer_types", where))
+        if len(layer_types) != need(text, "num_hidden_layers", where):
             raise UnsupportedModelError("layer_types and num_hidden_layers disagree")
-        rope = _need(text, "rope_parameters", where)
+        rope = need(text, "rope_parameters", where)
         sliding_rope, full_rope = rope.get(SLIDING, {}), rope.get(FULL, {})
         if sliding_rope.get("rope_type", "default") != "default":
             raise UnsupportedModelError(f"sliding rope_type {sliding_rope['rope_type']!r}")
@@ -114,26 +103,26 @@ class DiffusionGemmaConfig:
             partial = 1.0
         softcap = text.get("final_logit_softcapping")
         return cls(
-            vocab_size=_need(text, "vocab_size", where),
-            hidden_size=_need(text, "hidden_size", where),
-            intermediate_size=_need(text, "intermediate_size", where),
-            moe_intermediate_size=_need(text, "moe_intermediate_size", where),
+            vocab_size=need(text, "vocab_size", where),
+            hidden_size=need(text, "hidden_size", where),
+            intermediate_size=need(text, "intermediate_size", where),
+            moe_intermediate_size=need(text, "moe_intermediate_size", where),
             layer_types=layer_types,
-            num_attention_heads=_need(text, "num_attention_heads", where),
-            num_key_value_heads=_need(text, "num_key_value_heads", where),
-            head_dim=_need(text, "head_dim", where),
+            num_attention_heads=need(text, "num_attention_heads", where),
+            num_key_value_heads=need(text, "num_key_value_heads", where),
+            head_dim=need(text, "head_dim", where),
             num_global_key_value_heads=text.get("num_global_key_value_heads")
-            or _need(text, "num_key_value_heads", where),
-            global_head_dim=text.get("global_head_dim") or _need(text, "head_dim", where),
-            num_experts=_need(text, "num_experts", where),
-            top_k_experts=_need(text, "top_k_experts", where),
-            sliding_window=_need(text, "sliding_window", where),
+            or need(text, "num_key_value_heads", where),
+            global_head_dim=text.get("global_head_dim") or need(text, "head_dim", where),
+            num_experts=need(text, "num_experts", where),
+            top_k_experts=need(text, "top_k_experts", where),
+            sliding_window=need(text, "sliding_window", where),
             sliding_rope_theta=float(sliding_rope.get("rope_theta", 10000.0)),
             full_rope_theta=float(full_rope.get("rope_theta", 10000.0)),
             full_partial_rotary_factor=float(partial),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             final_logit_softcapping=None if softcap is None else float(softcap),
-            canvas_length=_need(raw, "canvas_length", "config.json"),
+            canvas_length=need(raw, "canvas_length", "config.json"),
             max_position_embeddings=text.get("max_position_embeddings", 262144),
             pad_token_id=text.get("pad_token_id"),
             bos_token_id=text.get("bos_token_id"),

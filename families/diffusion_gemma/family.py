@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from marble.families.diffusion_gemma.config import (
+    MODEL_TYPE,
     DiffusionGemmaGenerationConfig,
-    is_diffusion_gemma,
 )
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
@@ -29,6 +29,8 @@ from marble.scheduler.step_result import Runner
 
 class DiffusionGemmaFamily(Family):
     name = "diffusion_gemma"
+    model_type = MODEL_TYPE
+    model_class = DiffusionGemma
     masked = False  # canvases start as noise: there is no mask token to keep out of prompts
     canvases = True
     fields = frozenset(
@@ -36,14 +38,6 @@ class DiffusionGemmaFamily(Family):
         + ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
         + ("confidence_threshold",)
     )
-
-    @classmethod
-    def detects(cls, config: dict[str, Any]) -> bool:
-        return is_diffusion_gemma(config)
-
-    @classmethod
-    def owns(cls, model: torch.nn.Module) -> bool:
-        return isinstance(model, DiffusionGemma)
 
     @classmethod
     def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> DiffusionGemma:

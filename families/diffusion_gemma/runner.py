@@ -13,7 +13,6 @@ One row's failure fails that row alone.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,6 +32,7 @@ from marble.scheduler.step_result import (
     Change,
     RowError,
     RowStep,
+    request_generator,
     run_rows_isolated,
 )
 
@@ -75,9 +75,7 @@ class UniformRunner:
         self.rows: dict[str, _CanvasRow] = {}
 
     def add(self, request: Request) -> None:
-        generator = torch.Generator(device=self.device)
-        seed = request.params.seed
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        generator = request_generator(request, self.device)
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
         self.rows[request.request_id] = _CanvasRow(generator, self.model.new_cache(1), prompt)
 

@@ -14,20 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from marble.model.loader import UnsupportedModelError
+from marble.model.loader import UnsupportedModelError, model_type_of, need
 
 MODEL_TYPE = "llada2_moe"
-
-
-def is_llada2(raw: dict[str, Any]) -> bool:
-    """Whether a parsed `config.json` describes a LLaDA2.x (MoE) checkpoint."""
-    return str(raw.get("model_type", "")).lower() == MODEL_TYPE
-
-
-def _need(raw: dict[str, Any], key: str) -> Any:
-    if key not in raw:
-        raise UnsupportedModelError(f"config.json has no {key!r}")
-    return raw[key]
 
 
 @dataclass(frozen=True)
@@ -79,7 +68,7 @@ class LLaDA2Config:
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> LLaDA2Config:
         """The real `config.json`; raise on what the native model cannot run."""
-        if not is_llada2(raw):
+        if model_type_of(raw) != MODEL_TYPE:
             raise UnsupportedModelError(f"model_type {raw.get('model_type')!r} is not {MODEL_TYPE}")
         refused = {
             "hidden_act": ("silu", "only silu experts"),
@@ -93,28 +82,28 @@ class LLaDA2Config:
         for key, (supported, what) in refused.items():
             if raw.get(key, supported) != supported:
                 raise UnsupportedModelError(f"{key}={raw[key]!r}: {what} is not supported")
-        heads = _need(raw, "num_attention_heads")
-        hidden = _need(raw, "hidden_size")
+        heads = need(raw, "num_attention_heads")
+        hidden = need(raw, "hidden_size")
         return cls(
-            vocab_size=_need(raw, "vocab_size"),
+            vocab_size=need(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=_need(raw, "intermediate_size"),
-            moe_intermediate_size=_need(raw, "moe_intermediate_size"),
-            num_hidden_layers=_need(raw, "num_hidden_layers"),
+            intermediate_size=need(raw, "intermediate_size"),
+            moe_intermediate_size=need(raw, "moe_intermediate_size"),
+            num_hidden_layers=need(raw, "num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads", heads),
             head_dim=raw.get("head_dim") or hidden // heads,
             partial_rotary_factor=float(raw.get("partial_rotary_factor", 1.0)),
             rope_theta=float(raw.get("rope_theta", 10000.0)),
             first_k_dense_replace=int(raw.get("first_k_dense_replace", 0)),
-            num_experts=_need(raw, "num_experts"),
-            num_experts_per_tok=_need(raw, "num_experts_per_tok"),
+            num_experts=need(raw, "num_experts"),
+            num_experts_per_tok=need(raw, "num_experts_per_tok"),
             n_group=int(raw.get("n_group", 1)),
             topk_group=int(raw.get("topk_group", 1)),
             num_shared_experts=int(raw.get("num_shared_experts", 0)),
             routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=_need(raw, "max_position_embeddings"),
+            max_position_embeddings=need(raw, "max_position_embeddings"),
             pad_token_id=raw.get("pad_token_id"),
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )

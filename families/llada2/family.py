@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from marble.families.block_causal import BlockCausalFamily
-from marble.families.llada2.config import PRESETS, is_llada2
+from marble.families.llada2.config import MODEL_TYPE, PRESETS
 from marble.families.llada2.loader import load_llada2
 from marble.families.llada2.model import LLaDA2
 from marble.families.llada2.runner import BlockRunner
@@ -35,18 +35,12 @@ def _edit_rounds(params: SamplingParams) -> int:
 
 class LLaDA2Family(BlockCausalFamily):
     name = "llada2"
+    model_type = MODEL_TYPE
+    model_class = LLaDA2
     fields = frozenset(
         ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
         + ("top_k", "top_p", "editing_threshold", "max_post_steps", "num_to_transfer")
     )
-
-    @classmethod
-    def detects(cls, config: dict[str, Any]) -> bool:
-        return is_llada2(config)
-
-    @classmethod
-    def owns(cls, model: torch.nn.Module) -> bool:
-        return isinstance(model, LLaDA2)
 
     @classmethod
     def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> LLaDA2:

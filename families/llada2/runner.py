@@ -18,15 +18,15 @@ final ones and go to the cache). One row's failure fails that row alone.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from marble.families.block_causal import BlockCausalRunner
 from marble.families.llada2.model import LLaDA2
 from marble.model import sampling
-from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.block_cache import BlockCache
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     EDIT,
@@ -36,7 +36,6 @@ from marble.scheduler.step_result import (
     Commit,
     RowError,
     RowStep,
-    run_rows_isolated,
 )
 
 NEVER = 2.0  # an editing threshold no probability exceeds: editing off
@@ -63,42 +62,18 @@ class _BlockRow:
         )
 
 
-class BlockRunner:
+class BlockRunner(BlockCausalRunner):
+    rows: dict[str, _BlockRow]
+
     def __init__(self, model: LLaDA2, mask_id: int, pad_id: int, vocab_limit: int) -> None:
-        self.model = model
-        self.mask_id = mask_id
-        self.pad_id = pad_id
-        # Ids the tokenizer cannot decode and the mask itself are never committed or edited in.
-        self.vocab_limit = vocab_limit
-        weight = model.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        self.rows: dict[str, _BlockRow] = {}
+        super().__init__(model, mask_id, pad_id, vocab_limit)
         self._scores: Tensor | None = None  # the LM head's output buffer, reused every step
 
     def add(self, request: Request) -> None:
+        generator, cache, canvas = self.new_row_state(request)
         size = request.params.block_length
-        assert size is not None  # the engine refuses a block-causal request without one
-        prompt = request.prompt_ids
-        total = -(-(len(prompt) + request.params.max_tokens) // size) * size
-        canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
-        canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        generator = torch.Generator(device=self.device)
-        seed = request.params.seed
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        cache = self.model.new_cache(1)
-        self.rows[request.request_id] = _BlockRow(generator, cache, canvas, len(prompt), size)
-
-    def remove(self, request_id: str) -> None:
-        self.rows.pop(request_id, None)
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(row.cache.nbytes for row in self.rows.values())
-
-    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """Advance every request by one step; a failed batch retries each row alone from its
-        state before the step (`run_rows_isolated`)."""
-        return run_rows_isolated(requests, self._step, self.rows)
+        prompt_len = len(request.prompt_ids)
+        self.rows[request.request_id] = _BlockRow(generator, cache, canvas, prompt_len, size)
 
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
@@ -113,14 +88,8 @@ class BlockRunner:
         width = max(row.size for row in rows)
         longest = max(e - a for a, _, e in spans)
         n = len(rows)
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
-        positions = torch.zeros((n, longest), dtype=torch.long, device=dev)
-        key_valid = torch.zeros((n, longest), dtype=torch.bool, device=dev)
         block = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-        for i, (row, (a, s, e)) in enumerate(zip(rows, spans)):  # right padding
-            ids[i, : e - a] = row.canvas[a:e]
-            positions[i, : e - a] = torch.arange(a, e, device=dev)
-            key_valid[i, : e - a] = True
+        for i, (row, (_, s, e)) in enumerate(zip(rows, spans)):
             block[i, : e - s] = row.canvas[s:e]
         col = torch.arange(width, device=dev)
         sizes = torch.tensor([row.size for row in rows], device=dev)
@@ -134,11 +103,7 @@ class BlockRunner:
         for row, masked in zip(rows, active.any(-1).tolist()):
             row.post += 0 if masked else 1
 
-        cache = rows[0].cache if n == 1 else BlockCache.stack([row.cache for row in rows])
-        keep: list[LayerKV] = []
-        hidden = self.model(
-            ids, positions, cache, block_length=sizes, key_valid=key_valid, keep=keep
-        )
+        hidden, keep = self.forward_windows(rows, [(a, e) for a, _, e in spans])
         offsets = torch.tensor([s - a for a, s, _ in spans], device=dev)
         picked_rows = (offsets[:, None] + col[None, :]).clamp_max(longest - 1)
         picked = hidden.gather(1, picked_rows[..., None].expand(-1, -1, hidden.shape[-1]))

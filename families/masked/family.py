@@ -13,6 +13,7 @@ import torch
 from marble.families.masked.loader import load_model
 from marble.families.masked.model import Denoiser
 from marble.families.masked.runner import ModelRunner
+from marble.model.loader import model_type_of
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
@@ -45,8 +46,8 @@ class MaskedFamily(Family):
     def defaults(cls, path: Path) -> dict[str, Any]:
         """A Dream checkpoint's fixed-step schedule is Dream's; the others' LLaDA's."""
         config = path / "config.json"
-        model_type = json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
-        return {"schedule": "dream" if str(model_type).lower() == "dream" else "llada"}
+        model_type = model_type_of(json.loads(config.read_text())) if config.exists() else ""
+        return {"schedule": "dream" if model_type == "dream" else "llada"}
 
     @classmethod
     def context(cls, model: torch.nn.Module) -> int:

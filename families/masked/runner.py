@@ -15,7 +15,6 @@ One row's failure (non-finite logits, an exception) fails that row alone.
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -49,6 +48,7 @@ from marble.scheduler.step_result import (
     RowError,
     RowStep,
     StepResult,
+    request_generator,
     run_isolated,
 )
 
@@ -102,9 +102,7 @@ class ModelRunner:
 
     def add(self, request: Request) -> None:
         ids = request.prompt_ids + request.tokens + request.suffix_ids
-        generator = torch.Generator(device=self.device)
-        seed = request.params.seed
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        generator = request_generator(request, self.device)
         canvas = torch.tensor(ids, dtype=torch.long, device=self.device)
         allowed = None
         if request.heal_ids is not None:

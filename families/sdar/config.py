@@ -15,20 +15,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from marble.model.loader import UnsupportedModelError
+from marble.model.loader import UnsupportedModelError, model_type_of, need
 
 MODEL_TYPE = "sdar"
-
-
-def is_sdar(raw: dict[str, Any]) -> bool:
-    """Whether a parsed `config.json` describes a dense SDAR checkpoint."""
-    return str(raw.get("model_type", "")).lower() == MODEL_TYPE
-
-
-def _need(raw: dict[str, Any], key: str) -> Any:
-    if key not in raw:
-        raise UnsupportedModelError(f"config.json has no {key!r}")
-    return raw[key]
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -91,7 +80,7 @@ class SDARConfig:
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> SDARConfig:
         """The real `config.json`; raise on what the native model cannot run."""
-        if not is_sdar(raw):
+        if model_type_of(raw) != MODEL_TYPE:
             raise UnsupportedModelError(f"model_type {raw.get('model_type')!r} is not {MODEL_TYPE}")
         refused = {
             "hidden_act": ("silu", "only silu MLPs"),
@@ -109,20 +98,20 @@ class SDARConfig:
             raise UnsupportedModelError(
                 f"SDAR mixture-of-experts checkpoints are not supported {moe}"
             )
-        heads = _need(raw, "num_attention_heads")
-        hidden = _need(raw, "hidden_size")
+        heads = need(raw, "num_attention_heads")
+        hidden = need(raw, "hidden_size")
         eos = raw.get("eos_token_id")
         return cls(
-            vocab_size=_need(raw, "vocab_size"),
+            vocab_size=need(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=_need(raw, "intermediate_size"),
-            num_hidden_layers=_need(raw, "num_hidden_layers"),
+            intermediate_size=need(raw, "intermediate_size"),
+            num_hidden_layers=need(raw, "num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or hidden // heads,
             rope_theta=float(raw.get("rope_theta", 10000.0)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=_need(raw, "max_position_embeddings"),
+            max_position_embeddings=need(raw, "max_position_embeddings"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             mask_token_id=raw.get("mask_token_id"),
             bos_token_id=raw.get("bos_token_id"),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from marble.families.block_causal import BlockCausalFamily
-from marble.families.sdar.config import Remasking, SDARDecodeSettings, is_sdar
+from marble.families.sdar.config import MODEL_TYPE, Remasking, SDARDecodeSettings
 from marble.families.sdar.loader import load_sdar
 from marble.families.sdar.model import SDAR
 from marble.families.sdar.runner import LOW_CONFIDENCE, SEQUENTIAL, SDARRunner, rule_of
@@ -29,18 +29,12 @@ from marble.scheduler.step_result import Runner
 
 class SDARFamily(BlockCausalFamily):
     name = "sdar"
+    model_type = MODEL_TYPE
+    model_class = SDAR
     fields = frozenset(
         ("max_tokens", "block_length", "steps", "threshold", "remasking", "temperature")
         + ("top_k", "top_p", "seed", "stop", "ignore_eos")
     )
-
-    @classmethod
-    def detects(cls, config: dict[str, Any]) -> bool:
-        return is_sdar(config)
-
-    @classmethod
-    def owns(cls, model: torch.nn.Module) -> bool:
-        return isinstance(model, SDAR)
 
     @classmethod
     def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> SDAR:

@@ -16,16 +16,15 @@ row's failure fails that row alone.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from marble.families.block_causal import BlockCausalRunner
 from marble.families.sdar import sampling
 from marble.families.sdar.config import Remasking
-from marble.families.sdar.model import SDAR
-from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.block_cache import BlockCache
 from marble.model.sampling import joint_predict, llada_counts
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -36,7 +35,6 @@ from marble.scheduler.step_result import (
     Commit,
     RowError,
     RowStep,
-    run_rows_isolated,
 )
 
 PREFILL, DENOISE, STORE = "prefill", "denoise", "store"
@@ -75,42 +73,15 @@ def rule_of(params: SamplingParams) -> Remasking:
     return Remasking.STATIC if params.threshold is None else Remasking.DYNAMIC
 
 
-class SDARRunner:
-    def __init__(self, model: SDAR, mask_id: int, pad_id: int, vocab_limit: int) -> None:
-        self.model = model
-        self.mask_id = mask_id
-        self.pad_id = pad_id
-        # Ids the tokenizer cannot decode and the mask itself are never committed.
-        self.vocab_limit = vocab_limit
-        weight = model.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        self.rows: dict[str, _SDARRow] = {}
+class SDARRunner(BlockCausalRunner):
+    rows: dict[str, _SDARRow]
 
     def add(self, request: Request) -> None:
+        generator, cache, canvas = self.new_row_state(request)
         size = request.params.block_length
-        assert size is not None  # the family refuses a request without one
-        prompt = request.prompt_ids
-        total = -(-(len(prompt) + request.params.max_tokens) // size) * size
-        canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
-        canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        generator = torch.Generator(device=self.device)
-        seed = request.params.seed
-        generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        start = len(prompt) // size * size
-        row = _SDARRow(generator, self.model.new_cache(1), canvas, len(prompt), size, start)
+        prompt_len = len(request.prompt_ids)
+        row = _SDARRow(generator, cache, canvas, prompt_len, size, prompt_len // size * size)
         self.rows[request.request_id] = row
-
-    def remove(self, request_id: str) -> None:
-        self.rows.pop(request_id, None)
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(row.cache.nbytes for row in self.rows.values())
-
-    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """Advance every request by one forward; a failed batch retries each row alone from
-        its state before the step (`run_rows_isolated`)."""
-        return run_rows_isolated(requests, self._step, self.rows)
 
     def _phase(self, row: _SDARRow) -> str:
         if row.cache.length < row.start:  # the prompt's full blocks are not cached yet
@@ -121,28 +92,13 @@ class SDARRunner:
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
         rows = [self.rows[r.request_id] for r in requests]
-        dev = self.device
         phases = [self._phase(row) for row in rows]
         # Each row's window [a, e): the prompt's full blocks for a prefill, else its block.
         spans = [
             (0, row.start) if phase == PREFILL else (row.start, row.start + row.size)
             for row, phase in zip(rows, phases)
         ]
-        longest = max(e - a for a, e in spans)
-        n = len(rows)
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
-        positions = torch.zeros((n, longest), dtype=torch.long, device=dev)
-        key_valid = torch.zeros((n, longest), dtype=torch.bool, device=dev)
-        for i, (row, (a, e)) in enumerate(zip(rows, spans)):  # right padding
-            ids[i, : e - a] = row.canvas[a:e]
-            positions[i, : e - a] = torch.arange(a, e, device=dev)
-            key_valid[i, : e - a] = True
-        sizes = torch.tensor([row.size for row in rows], device=dev)
-        cache = rows[0].cache if n == 1 else BlockCache.stack([row.cache for row in rows])
-        keep: list[LayerKV] = []
-        hidden = self.model(
-            ids, positions, cache, block_length=sizes, key_valid=key_valid, keep=keep
-        )
+        hidden, keep = self.forward_windows(rows, spans)
         denoising = [i for i, phase in enumerate(phases) if phase == DENOISE]
         decided = self._denoise(requests, rows, denoising, hidden) if denoising else {}
 

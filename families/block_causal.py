@@ -7,8 +7,6 @@ cache, right-padded windows over the rows' caches stacked). Its models are
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +17,7 @@ from marble.model.block_causal import BlockCausalStack
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
-from marble.scheduler.step_result import RowError, RowStep, request_generator, run_rows_isolated
+from marble.scheduler.step_result import CachedRowsRunner, request_generator
 
 
 class BlockCausalFamily(Family):
@@ -52,12 +50,11 @@ class BlockCausalFamily(Family):
         return m.model.cache_bytes(cached)
 
 
-class BlockCausalRunner(ABC):
+class BlockCausalRunner(CachedRowsRunner):
     """A block-causal family's runner, less its step (`_step`, over `self.rows`)."""
 
-    rows: Mapping[str, Any]
-
     def __init__(self, model: BlockCausalStack, mask_id: int, pad_id: int, vocab_limit: int):
+        super().__init__()
         self.model = model
         self.mask_id = mask_id
         self.pad_id = pad_id
@@ -65,7 +62,6 @@ class BlockCausalRunner(ABC):
         self.vocab_limit = vocab_limit
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.rows = {}
 
     def new_row_state(self, request: Request) -> tuple[torch.Generator, BlockCache, Tensor]:
         """A new row's generator, empty cache and canvas: the prompt, then masks through the
@@ -77,21 +73,6 @@ class BlockCausalRunner(ABC):
         canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         return request_generator(request, self.device), self.model.new_cache(1), canvas
-
-    def remove(self, request_id: str) -> None:
-        self.rows.pop(request_id, None)
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(row.cache.nbytes for row in self.rows.values())
-
-    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """Advance every request by one step; a failed batch retries each row alone from its
-        state before the step (`run_rows_isolated`)."""
-        return run_rows_isolated(requests, self._step, self.rows)
-
-    @abstractmethod
-    def _step(self, requests: list[Request]) -> list[RowStep | RowError]: ...
 
     def forward_windows(
         self, rows: list[Any], spans: list[tuple[int, int]]

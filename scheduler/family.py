@@ -77,9 +77,13 @@ class Family(ABC):
     def context(cls, model: torch.nn.Module) -> int:
         """The longest canvas: prompt + generated + suffix."""
 
+    # Its runner, built as runner_class(model, mask id, padding id, decodable vocabulary).
+    runner_class: ClassVar[type]
+
     @classmethod
-    @abstractmethod
-    def runner(cls, served: Served) -> Runner: ...
+    def runner(cls, served: Served) -> Runner:
+        special = served.special
+        return cls.runner_class(served.model, special.mask, special.padding, served.vocab_size)
 
     @classmethod
     def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:

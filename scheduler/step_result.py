@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -137,6 +138,29 @@ def run_isolated(
         restore(request, state)
         results += run_isolated([request], step, save, restore)
     return results
+
+
+class CachedRowsRunner(ABC):
+    """A runner whose rows (`rows[request_id]`) each hold a `cache` (its `nbytes` counted),
+    copy themselves with `saved()` and draw from their `generator`; less its batched step."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] = {}
+
+    def remove(self, request_id: str) -> None:
+        self.rows.pop(request_id, None)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(row.cache.nbytes for row in self.rows.values())
+
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """Advance every request by one step; a failed batch retries each row alone from its
+        state before the step (`run_rows_isolated`)."""
+        return run_rows_isolated(requests, self._step, self.rows)
+
+    @abstractmethod
+    def _step(self, requests: list[Request]) -> list[RowStep | RowError]: ...
 
 
 def request_generator(request: Request, device: torch.device | str) -> torch.Generator:

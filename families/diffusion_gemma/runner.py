@@ -29,11 +29,11 @@ from marble.scheduler.step_result import (
     ENCODE,
     FINAL,
     RENOISE,
+    CachedRowsRunner,
     Change,
     RowError,
     RowStep,
     request_generator,
-    run_rows_isolated,
 )
 
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
@@ -68,35 +68,22 @@ class _Decision:
     self_cond: Tensor  # the logits the next step reads back
 
 
-class UniformRunner:
+class UniformRunner(CachedRowsRunner):
+    rows: dict[str, _CanvasRow]
+
     def __init__(self, model: DiffusionGemma) -> None:
+        super().__init__()
         self.model = model
         self.device = model.embed_tokens.weight.device
-        self.rows: dict[str, _CanvasRow] = {}
 
     def add(self, request: Request) -> None:
         generator = request_generator(request, self.device)
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
         self.rows[request.request_id] = _CanvasRow(generator, self.model.new_cache(1), prompt)
 
-    def remove(self, request_id: str) -> None:
-        self.rows.pop(request_id, None)
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(row.cache.nbytes for row in self.rows.values())
-
-    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """Advance every request by one step; a failed batch retries each row alone from its
-        state before the step (`run_rows_isolated`)."""
-        return run_rows_isolated(
-            requests,
-            lambda reqs: self._step(reqs, [self.rows[r.request_id] for r in reqs]),
-            self.rows,
-        )
-
     @torch.inference_mode()
-    def _step(self, requests: list[Request], rows: list[_CanvasRow]) -> list[RowStep | RowError]:
+    def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
+        rows = [self.rows[r.request_id] for r in requests]
         cfg, dev = self.model.cfg, self.device
         length, vocab = cfg.canvas_length, cfg.vocab_size
         params = [r.params for r in requests]

@@ -21,7 +21,6 @@ from marble.scheduler.sampling_params import (
     InvalidParam,
     SamplingParams,
 )
-from marble.scheduler.step_result import Runner
 
 # LLaDA2.1's serving defaults: the model card's quality mode (its speed mode is threshold 0.5,
 # editing_threshold 0.0).
@@ -35,6 +34,7 @@ def _edit_rounds(params: SamplingParams) -> int:
 
 class LLaDA2Family(BlockCausalFamily):
     name = "llada2"
+    runner_class = BlockRunner
     model_type = MODEL_TYPE
     model_class = LLaDA2
     fields = frozenset(
@@ -57,11 +57,6 @@ class LLaDA2Family(BlockCausalFamily):
             "num_to_transfer": rule.num_to_transfer,
             "temperature": rule.temperature,
         }
-
-    @classmethod
-    def runner(cls, served: Served) -> Runner:
-        special = served.special
-        return BlockRunner(served.model, special.mask, special.padding, served.vocab_size)
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:

@@ -18,7 +18,7 @@ final ones and go to the cache). One row's failure fails that row alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -52,14 +52,7 @@ class _BlockRow:
 
     def saved(self) -> _BlockRow:
         """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
-        return _BlockRow(
-            self.generator,
-            self.cache.copy_refs(),
-            self.canvas,
-            self.prompt_len,
-            self.size,
-            self.post,
-        )
+        return replace(self, cache=self.cache.copy_refs())
 
 
 class BlockRunner(BlockCausalRunner):

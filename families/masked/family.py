@@ -17,11 +17,11 @@ from marble.model.loader import model_type_of
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
-from marble.scheduler.step_result import Runner
 
 
 class MaskedFamily(Family):
     name = "masked"
+    runner_class = ModelRunner
     fallback = True
     fields = frozenset(
         ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
@@ -59,11 +59,6 @@ class MaskedFamily(Family):
         cfg = model.cfg
         itemsize = next(model.parameters()).itemsize
         return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
-
-    @classmethod
-    def runner(cls, served: Served) -> Runner:
-        special = served.special
-        return ModelRunner(served.model, special.mask, special.padding, served.vocab_size)
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:

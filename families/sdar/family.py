@@ -24,11 +24,11 @@ from marble.families.sdar.runner import LOW_CONFIDENCE, SEQUENTIAL, SDARRunner, 
 from marble.scheduler.family import Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
-from marble.scheduler.step_result import Runner
 
 
 class SDARFamily(BlockCausalFamily):
     name = "sdar"
+    runner_class = SDARRunner
     model_type = MODEL_TYPE
     model_class = SDAR
     fields = frozenset(
@@ -56,11 +56,6 @@ class SDARFamily(BlockCausalFamily):
             "top_k": settings.top_k,
             "top_p": settings.top_p,
         }
-
-    @classmethod
-    def runner(cls, served: Served) -> Runner:
-        special = served.special
-        return SDARRunner(served.model, special.mask, special.padding, served.vocab_size)
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:

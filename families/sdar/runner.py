@@ -16,7 +16,7 @@ row's failure fails that row alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -54,15 +54,7 @@ class _SDARRow:
 
     def saved(self) -> _SDARRow:
         """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
-        return _SDARRow(
-            self.generator,
-            self.cache.copy_refs(),
-            self.canvas,
-            self.prompt_len,
-            self.size,
-            self.start,
-            self.step,
-        )
+        return replace(self, cache=self.cache.copy_refs())
 
 
 def rule_of(params: SamplingParams) -> Remasking:

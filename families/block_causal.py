@@ -7,7 +7,8 @@ cache, right-padded windows over the rows' caches stacked). Its models are
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Self
 
 import torch
 from torch import Tensor
@@ -16,21 +17,16 @@ from marble.model.block_cache import BlockCache, LayerKV
 from marble.model.block_causal import BlockCausalStack
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
-from marble.scheduler.sampling_params import InvalidParam, SamplingParams
+from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import CachedRowsRunner, request_generator
 
 
 class BlockCausalFamily(Family):
+    required = {"block_length": "this model denoises in blocks: give block_length"}
+
     @classmethod
     def context(cls, model: torch.nn.Module) -> int:
         return model.cfg.max_position_embeddings
-
-    @classmethod
-    def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
-        if params.block_length is None:
-            raise InvalidParam("block_length", "this model denoises in blocks: give block_length")
-        if suffix:
-            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
 
     @classmethod
     def decoded_tokens(cls, m: Served, prompt_len: int, params: SamplingParams) -> int:
@@ -48,6 +44,21 @@ class BlockCausalFamily(Family):
         """The cache holds the prompt and every block but the last."""
         cached = len(request.prompt_ids) + decoded - request.params.block_length
         return m.model.cache_bytes(cached)
+
+
+@dataclass
+class BlockRow:
+    """A block-causal runner's row: its generator, cache and canvas."""
+
+    generator: torch.Generator
+    cache: BlockCache  # keys and values of every position before `cache.length`, final
+    canvas: Tensor  # [L] prompt, then masks through the end of the last block
+    prompt_len: int
+    size: int  # block length
+
+    def saved(self) -> Self:
+        """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
+        return replace(self, cache=self.cache.copy_refs())
 
 
 class BlockCausalRunner(CachedRowsRunner):

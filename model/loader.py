@@ -12,7 +12,6 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -28,19 +27,6 @@ class UnsupportedModelError(ValueError):
 
 class CheckpointError(ValueError):
     """The folder is not a loadable checkpoint; the message says precisely why."""
-
-
-def model_type_of(raw: dict[str, Any]) -> str:
-    """A parsed `config.json`'s `model_type`, lower-cased ("" when it has none): what the
-    family registry matches."""
-    return str(raw.get("model_type", "")).lower()
-
-
-def need(raw: dict[str, Any], key: str, where: str = "config.json") -> Any:
-    """`raw[key]`, or UnsupportedModelError naming the key and the file it is missing from."""
-    if key not in raw:
-        raise UnsupportedModelError(f"{where} has no {key!r}")
-    return raw[key]
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -181,8 +167,9 @@ def load_filled(
     build: Callable[[Path], nn.Module],
     rename: Callable[[str], str | None],
     label: str,
-    device: str | torch.device,
-    dtype: torch.dtype | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    progress: bool = False,
     drop: tuple[str, ...] = (),
     skip: Callable[[str], object] | None = None,
 ) -> tuple[nn.Module, int]:
@@ -205,6 +192,7 @@ def load_filled(
         device,
         dtype,
         skip=lambda name: name in drop or bool(skip and skip(name)),
+        progress=progress,
     )
     log.info("loaded %s (%s, %d tensors) on %s", folder, label, loaded, device)
     return model.eval(), skipped

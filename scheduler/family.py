@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 
-from marble.model.loader import model_type_of
+from marble.model.checkpoint_config import model_type_of
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import Runner
 
 ENTRY_POINTS = "marble.families"
+# The fields every family reads.
+COMMON_FIELDS = frozenset(
+    ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
+)
 
 
 class Served(Protocol):
@@ -36,12 +42,21 @@ class Served(Protocol):
     kv_bytes_per_token: int
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What a family is built from."""
+
+    model_type: str  # the `config.json` model_type it serves, lower case
+    model_class: type[torch.nn.Module]  # the model it builds
+    loader: Callable[..., torch.nn.Module]  # loader(folder, device=, dtype=, progress=)
+    runner: type  # runner(model, mask id, padding id, decodable vocabulary size)
+
+
 class Family(ABC):
     """One kind of model. Subclasses are stateless: every answer comes from their arguments."""
 
     name: ClassVar[str]  # for logs and errors
-    model_type: ClassVar[str]  # the `config.json` model_type it serves (lower case)
-    model_class: ClassVar[type[torch.nn.Module]]  # the model it builds
+    parts: ClassVar[Parts]
     fields: ClassVar[frozenset[str]]  # the SamplingParams fields its requests read
     # Its canvas has a mask token, which a prompt may not contain (uniform-state models start
     # from noise instead).
@@ -54,18 +69,21 @@ class Family(ABC):
     @classmethod
     def detects(cls, config: dict[str, Any]) -> bool:
         """Whether a checkpoint's `config.json` is this family's: its model_type."""
-        return model_type_of(config) == cls.model_type
+        return model_type_of(config) == cls.parts.model_type
 
     @classmethod
     def owns(cls, model: torch.nn.Module) -> bool:
         """Whether a built model is this family's (an engine built around a model)."""
-        return isinstance(model, cls.model_class)
+        return isinstance(model, cls.parts.model_class)
+
+    # It denoises between a prompt and a suffix (infilling).
+    infills: ClassVar[bool] = False
+    # Fields its requests may not leave None, each with what to say when they do.
+    required: ClassVar[dict[str, str]] = {}
 
     @classmethod
-    @abstractmethod
-    def load(
-        cls, path: Path, device: str, dtype: torch.dtype, progress: bool
-    ) -> torch.nn.Module: ...
+    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> torch.nn.Module:
+        return cls.parts.loader(path, device=device, dtype=dtype, progress=progress)
 
     @classmethod
     def defaults(cls, path: Path) -> dict[str, Any]:
@@ -77,13 +95,10 @@ class Family(ABC):
     def context(cls, model: torch.nn.Module) -> int:
         """The longest canvas: prompt + generated + suffix."""
 
-    # Its runner, built as runner_class(model, mask id, padding id, decodable vocabulary).
-    runner_class: ClassVar[type]
-
     @classmethod
     def runner(cls, served: Served) -> Runner:
         special = served.special
-        return cls.runner_class(served.model, special.mask, special.padding, served.vocab_size)
+        return cls.parts.runner(served.model, special.mask, special.padding, served.vocab_size)
 
     @classmethod
     def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:

@@ -34,6 +34,11 @@ def build_request(
     """A validated, tokenized request for model `m` (its defaults when `params` is None)."""
     params = params or m.defaults
     context = m.context
+    if suffix and not m.family.infills:
+        raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+    for name, why in m.family.required.items():
+        if getattr(params, name) is None:
+            raise InvalidParam(name, why)
     m.family.check(m, params, suffix)  # first: its messages say what to give instead
     _refuse_unread(m, params)
     if params.max_tokens > context:

@@ -7,12 +7,17 @@ ids). Both refuse clearly what the native model cannot run. Knows nothing of wei
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from marble.model.loader import UnsupportedModelError, model_type_of, need
+from marble.model.checkpoint_config import (
+    GenerationConfig,
+    JsonConfig,
+    at_least,
+    model_type_of,
+    need,
+)
+from marble.model.loader import UnsupportedModelError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -20,7 +25,7 @@ MODEL_TYPE = "diffusion_gemma"
 
 
 @dataclass(frozen=True)
-class DiffusionGemmaConfig:
+class DiffusionGemmaConfig(JsonConfig):
     """Shape of the Gemma 4 text stack shared by the encoder and decoder modes."""
 
     vocab_size: int
@@ -129,13 +134,9 @@ class DiffusionGemmaConfig:
             torch_dtype=text.get("dtype") or raw.get("dtype") or raw.get("torch_dtype"),
         )
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> DiffusionGemmaConfig:
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
-
 
 @dataclass(frozen=True)
-class DiffusionGemmaGenerationConfig:
+class DiffusionGemmaGenerationConfig(GenerationConfig):
     """generate()'s defaults: sampler, stop rule and the ids that end a row."""
 
     max_denoising_steps: int
@@ -149,18 +150,17 @@ class DiffusionGemmaGenerationConfig:
     pad_token_id: int
 
     def __post_init__(self) -> None:
-        if self.max_denoising_steps < 1:
-            raise ValueError(f"max_denoising_steps must be >= 1, got {self.max_denoising_steps}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        at_least(
+            1, max_denoising_steps=self.max_denoising_steps, max_new_tokens=self.max_new_tokens
+        )
         if not 0 <= self.t_min < self.t_max:
             raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min} t_max={self.t_max}")
-        if self.entropy_bound < 0:
-            raise ValueError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
-        if self.stability_threshold < 0:
-            raise ValueError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
-        if self.confidence_threshold < 0:
-            raise ValueError(f"confidence_threshold must be >= 0, got {self.confidence_threshold}")
+        at_least(
+            0,
+            entropy_bound=self.entropy_bound,
+            stability_threshold=self.stability_threshold,
+            confidence_threshold=self.confidence_threshold,
+        )
 
     @classmethod
     def from_json_dict(
@@ -202,11 +202,3 @@ class DiffusionGemmaGenerationConfig:
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
             pad_token_id=int(pad),
         )
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> DiffusionGemmaGenerationConfig:
-        folder = Path(folder)
-        model_raw = json.loads((folder / "config.json").read_text())
-        gen_path = folder / "generation_config.json"
-        raw = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        return cls.from_json_dict(raw, model_raw)

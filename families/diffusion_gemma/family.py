@@ -17,7 +17,7 @@ from marble.families.diffusion_gemma.config import (
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.families.diffusion_gemma.runner import UniformRunner
-from marble.scheduler.family import Family, Served
+from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
     MAX_FORWARDS_PER_POSITION,
@@ -29,19 +29,14 @@ from marble.scheduler.step_result import Runner
 
 class DiffusionGemmaFamily(Family):
     name = "diffusion_gemma"
-    model_type = MODEL_TYPE
-    model_class = DiffusionGemma
+    parts = Parts(MODEL_TYPE, DiffusionGemma, load_diffusion_gemma, UniformRunner)
     masked = False  # canvases start as noise: there is no mask token to keep out of prompts
     canvases = True
-    fields = frozenset(
-        ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
-        + ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
+    required = {"steps": "this model needs steps (denoising steps per canvas)"}
+    fields = COMMON_FIELDS | frozenset(
+        ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
         + ("confidence_threshold",)
     )
-
-    @classmethod
-    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> DiffusionGemma:
-        return load_diffusion_gemma(path, device=device, dtype=dtype)
 
     @classmethod
     def defaults(cls, path: Path) -> dict[str, Any]:
@@ -77,8 +72,6 @@ class DiffusionGemmaFamily(Family):
                 f"this model denoises canvases of {length} tokens: block_length must be "
                 f"{length} (or left out)",
             )
-        if params.steps is None:
-            raise InvalidParam("steps", "this model needs steps (denoising steps per canvas)")
         limit = MAX_FORWARDS_PER_POSITION * length
         if params.steps > limit:
             raise InvalidParam(
@@ -86,8 +79,6 @@ class DiffusionGemmaFamily(Family):
                 f"steps ({params.steps}) exceeds {limit}: a canvas of {length} tokens takes at "
                 f"most {MAX_FORWARDS_PER_POSITION} denoising steps per position",
             )
-        if suffix:
-            raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
 
     @classmethod
     def decoded_tokens(cls, m: Served, prompt_len: int, params: SamplingParams) -> int:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from marble.families.diffusion_gemma.config import DiffusionGemmaConfig
 from marble.families.diffusion_gemma.model import DiffusionGemma
@@ -38,20 +37,16 @@ def map_name(name: str) -> str | None:
     return None
 
 
-def load_diffusion_gemma(
-    folder: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-) -> DiffusionGemma:
-    """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
+def load_diffusion_gemma(folder: str | Path, **options: Any) -> DiffusionGemma:
+    """Build the model for `folder` and fill it tensor by tensor (`options`: `load_filled`'s
+    device, dtype, progress); raise CheckpointError."""
     model, skipped_vision = load_filled(
         folder,
         lambda config: DiffusionGemma(DiffusionGemmaConfig.from_file(config)),
         map_name,
         "diffusion_gemma",
-        device,
-        dtype,
         skip=_VISION.fullmatch,
+        **options,
     )
     if skipped_vision:
         log.info(

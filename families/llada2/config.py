@@ -9,18 +9,23 @@ Knows nothing of weights or requests.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from marble.model.loader import UnsupportedModelError, model_type_of, need
+from marble.model.checkpoint_config import (
+    GenerationConfig,
+    JsonConfig,
+    at_least,
+    model_type_of,
+    need,
+)
+from marble.model.loader import UnsupportedModelError
 
 MODEL_TYPE = "llada2_moe"
 
 
 @dataclass(frozen=True)
-class LLaDA2Config:
+class LLaDA2Config(JsonConfig):
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # dense layers' MLP width
@@ -108,10 +113,6 @@ class LLaDA2Config:
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> LLaDA2Config:
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
-
 
 @dataclass(frozen=True)
 class JointThresholdSettings:
@@ -131,16 +132,13 @@ class JointThresholdSettings:
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         # Above 1 no probability passes: editing off, as LLaDA2.0-style threshold decoding.
-        if self.editing_threshold < 0:
-            raise ValueError(f"editing_threshold must be >= 0, got {self.editing_threshold}")
-        if self.max_post_steps < 0:
-            raise ValueError(f"max_post_steps must be >= 0, got {self.max_post_steps}")
-        if self.block_length < 1:
-            raise ValueError(f"block_length must be >= 1, got {self.block_length}")
-        if self.num_to_transfer < 1:
-            raise ValueError(f"num_to_transfer must be >= 1, got {self.num_to_transfer}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        at_least(
+            0,
+            editing_threshold=self.editing_threshold,
+            max_post_steps=self.max_post_steps,
+            temperature=self.temperature,
+        )
+        at_least(1, block_length=self.block_length, num_to_transfer=self.num_to_transfer)
 
 
 # generate()'s signature defaults, and the model card's quality (Q) and speed (S) modes.
@@ -153,7 +151,7 @@ PRESETS: dict[str, JointThresholdSettings] = {
 
 
 @dataclass(frozen=True)
-class LLaDA2GenerationConfig:
+class LLaDA2GenerationConfig(GenerationConfig):
     """What `generation_config.json` adds to the rule's defaults: the stop and pad ids."""
 
     eos_token_id: int
@@ -172,11 +170,3 @@ class LLaDA2GenerationConfig:
         if eos is None:
             raise UnsupportedModelError("no eos_token_id in generation_config.json or config.json")
         return cls(eos_token_id=int(eos), pad_token_id=int(pad))
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> LLaDA2GenerationConfig:
-        folder = Path(folder)
-        model_raw = json.loads((folder / "config.json").read_text())
-        gen_path = folder / "generation_config.json"
-        raw = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-        return cls.from_json_dict(raw, model_raw)

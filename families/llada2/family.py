@@ -7,14 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from marble.families.block_causal import BlockCausalFamily
 from marble.families.llada2.config import MODEL_TYPE, PRESETS
 from marble.families.llada2.loader import load_llada2
 from marble.families.llada2.model import LLaDA2
 from marble.families.llada2.runner import BlockRunner
-from marble.scheduler.family import Served
+from marble.scheduler.family import COMMON_FIELDS, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
     MAX_FORWARDS_PER_POSITION,
@@ -34,17 +32,14 @@ def _edit_rounds(params: SamplingParams) -> int:
 
 class LLaDA2Family(BlockCausalFamily):
     name = "llada2"
-    runner_class = BlockRunner
-    model_type = MODEL_TYPE
-    model_class = LLaDA2
-    fields = frozenset(
-        ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
-        + ("top_k", "top_p", "editing_threshold", "max_post_steps", "num_to_transfer")
+    parts = Parts(MODEL_TYPE, LLaDA2, load_llada2, BlockRunner)
+    required = {
+        **BlockCausalFamily.required,
+        "threshold": "this model unmasks by threshold: give threshold (not steps alone)",
+    }
+    fields = COMMON_FIELDS | frozenset(
+        ("top_k", "top_p", "editing_threshold", "max_post_steps", "num_to_transfer")
     )
-
-    @classmethod
-    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> LLaDA2:
-        return load_llada2(path, device=device, dtype=dtype)
 
     @classmethod
     def defaults(cls, path: Path) -> dict[str, Any]:
@@ -60,11 +55,6 @@ class LLaDA2Family(BlockCausalFamily):
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
-        super().check(m, params, suffix)
-        if params.threshold is None:
-            raise InvalidParam(
-                "threshold", "this model unmasks by threshold: give threshold (not steps alone)"
-            )
         # A block takes up to one forward per position to fill, then its edit rounds.
         size = params.block_length
         limit = (MAX_FORWARDS_PER_POSITION - 1) * size

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from marble.families.llada2.config import LLaDA2Config
 from marble.families.llada2.model import LLaDA2
@@ -19,11 +18,8 @@ from marble.model.loader import load_filled, strip_model_prefix
 log = logging.getLogger(__name__)
 
 
-def load_llada2(
-    folder: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-) -> LLaDA2:
-    """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
+def load_llada2(folder: str | Path, **options: Any) -> LLaDA2:
+    """Build the model for `folder` and fill it tensor by tensor (`options`: `load_filled`'s
+    device, dtype, progress); raise CheckpointError."""
     build = lambda config: LLaDA2(LLaDA2Config.from_file(config))  # noqa: E731
-    return load_filled(folder, build, strip_model_prefix, "llada2", device, dtype)[0]
+    return load_filled(folder, build, strip_model_prefix, "llada2", **options)[0]

@@ -18,15 +18,14 @@ final ones and go to the cache). One row's failure fails that row alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from marble.families.block_causal import BlockCausalRunner
+from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.llada2.model import LLaDA2
 from marble.model import sampling
-from marble.model.block_cache import BlockCache
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     EDIT,
@@ -42,17 +41,8 @@ NEVER = 2.0  # an editing threshold no probability exceeds: editing off
 
 
 @dataclass
-class _BlockRow:
-    generator: torch.Generator
-    cache: BlockCache  # keys and values of every position before `cache.length`, final
-    canvas: Tensor  # [L] prompt, then masks through the end of the last block
-    prompt_len: int
-    size: int  # block length
+class _BlockRow(BlockRow):
     post: int = 0  # mask-free forwards the current block has taken
-
-    def saved(self) -> _BlockRow:
-        """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
-        return replace(self, cache=self.cache.copy_refs())
 
 
 class BlockRunner(BlockCausalRunner):

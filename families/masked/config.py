@@ -8,16 +8,15 @@ tokenizers or requests.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from marble.model.checkpoint_config import JsonConfig
 from marble.model.loader import UnsupportedModelError
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """Shape and conventions of a bidirectional denoiser; special ids come from the checkpoint."""
 
     arch: str  # "llada", "dream" or "marble": selects the tensor-name map and logit alignment
@@ -83,10 +82,6 @@ class ModelConfig:
             f"unsupported model_type {raw.get('model_type')!r} (architectures={architectures}); "
             "supported: llada, Dream, marble"
         )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
 
 
 def _require(raw: dict[str, Any], flag: str, expected: Any, what: str) -> None:

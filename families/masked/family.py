@@ -13,19 +13,19 @@ import torch
 from marble.families.masked.loader import load_model
 from marble.families.masked.model import Denoiser
 from marble.families.masked.runner import ModelRunner
-from marble.model.loader import model_type_of
-from marble.scheduler.family import Family, Served
+from marble.model.checkpoint_config import model_type_of
+from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 
 
 class MaskedFamily(Family):
     name = "masked"
-    runner_class = ModelRunner
+    parts = Parts("", Denoiser, load_model, ModelRunner)
     fallback = True
-    fields = frozenset(
-        ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
-        + ("steps", "top_k", "top_p", "remasking", "schedule", "cfg_scale")
+    infills = True
+    fields = COMMON_FIELDS | frozenset(
+        ("steps", "top_k", "top_p", "remasking", "schedule", "cfg_scale")
         + ("token_healing", "cache", "verify_threshold")
     )
 
@@ -37,10 +37,6 @@ class MaskedFamily(Family):
     def owns(cls, model: torch.nn.Module) -> bool:
         """Every model no other family claims (a Denoiser, or a test's stand-in for one)."""
         return True
-
-    @classmethod
-    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> Denoiser:
-        return load_model(path, device=device, dtype=dtype, progress=progress)
 
     @classmethod
     def defaults(cls, path: Path) -> dict[str, Any]:

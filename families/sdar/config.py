@@ -8,14 +8,19 @@ knobs, validated. Knows nothing of weights, tensors or requests.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
-from marble.model.loader import UnsupportedModelError, model_type_of, need
+from marble.model.checkpoint_config import (
+    GenerationConfig,
+    JsonConfig,
+    check_sampler,
+    model_type_of,
+    need,
+)
+from marble.model.loader import UnsupportedModelError
 
 MODEL_TYPE = "sdar"
 
@@ -33,7 +38,7 @@ def _positive_real(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
-class SDARConfig:
+class SDARConfig(JsonConfig):
     """Qwen3 dense shapes; `block_size` is the training block, a default for decoding only."""
 
     vocab_size: int
@@ -120,13 +125,9 @@ class SDARConfig:
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> SDARConfig:
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
-
 
 @dataclass(frozen=True)
-class SDARGenerationConfig:
+class SDARGenerationConfig(GenerationConfig):
     """`generation_config.json`: the ids that end an answer and the sampling defaults."""
 
     stop_ids: tuple[int, ...]
@@ -139,12 +140,7 @@ class SDARGenerationConfig:
     def __post_init__(self) -> None:
         if not self.stop_ids:
             raise ValueError("no stop ids (eos_token_id)")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampler(self.temperature, self.top_k, self.top_p)
 
     @classmethod
     def from_json_dict(
@@ -164,14 +160,6 @@ class SDARGenerationConfig:
             top_k=int(raw.get("top_k", 0)),
             top_p=float(raw.get("top_p", 1.0)),
         )
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> SDARGenerationConfig:
-        folder = Path(folder)
-        model_raw = json.loads((folder / "config.json").read_text())
-        path = folder / "generation_config.json"
-        raw = json.loads(path.read_text()) if path.exists() else {}
-        return cls.from_json_dict(raw, model_raw)
 
 
 class Remasking(IntEnum):
@@ -218,9 +206,4 @@ class SDARDecodeSettings:
             raise ValueError(
                 f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}"
             )
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampler(self.temperature, self.top_k, self.top_p)

@@ -14,31 +14,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from marble.families.block_causal import BlockCausalFamily
 from marble.families.sdar.config import MODEL_TYPE, Remasking, SDARDecodeSettings
 from marble.families.sdar.loader import load_sdar
 from marble.families.sdar.model import SDAR
 from marble.families.sdar.runner import LOW_CONFIDENCE, SEQUENTIAL, SDARRunner, rule_of
-from marble.scheduler.family import Served
+from marble.scheduler.family import COMMON_FIELDS, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 
 
 class SDARFamily(BlockCausalFamily):
     name = "sdar"
-    runner_class = SDARRunner
-    model_type = MODEL_TYPE
-    model_class = SDAR
-    fields = frozenset(
-        ("max_tokens", "block_length", "steps", "threshold", "remasking", "temperature")
-        + ("top_k", "top_p", "seed", "stop", "ignore_eos")
-    )
-
-    @classmethod
-    def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> SDAR:
-        return load_sdar(path, device=device, dtype=dtype)
+    parts = Parts(MODEL_TYPE, SDAR, load_sdar, SDARRunner)
+    fields = COMMON_FIELDS | frozenset(("steps", "remasking", "top_k", "top_p"))
+    required = {
+        **BlockCausalFamily.required,
+        # Every rule takes its per-step count k_i from the steps per block.
+        "steps": "this model denoises each block in steps: give steps",
+    }
 
     @classmethod
     def defaults(cls, path: Path) -> dict[str, Any]:
@@ -59,16 +53,12 @@ class SDARFamily(BlockCausalFamily):
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:
-        super().check(m, params, suffix)
         if params.remasking not in (LOW_CONFIDENCE, SEQUENTIAL):
             raise InvalidParam(
                 "remasking",
                 f"remasking {params.remasking!r} is not an SDAR rule: give {LOW_CONFIDENCE!r} "
                 f"(with a threshold: dynamic; without: static) or {SEQUENTIAL!r}",
             )
-        if params.steps is None:
-            # Every rule takes its per-step count k_i from the steps per block.
-            raise InvalidParam("steps", "this model denoises each block in steps: give steps")
 
     @classmethod
     def planned_steps(cls, request: Request) -> int | None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from marble.families.sdar.config import SDARConfig
 from marble.families.sdar.model import SDAR
@@ -20,18 +19,15 @@ from marble.model.loader import config_file, load_filled, strip_model_prefix
 log = logging.getLogger(__name__)
 
 
-def load_sdar(
-    folder: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-) -> SDAR:
-    """Build the model for `folder` and fill it tensor by tensor; raise CheckpointError."""
+def load_sdar(folder: str | Path, **options: Any) -> SDAR:
+    """Build the model for `folder` and fill it tensor by tensor (`options`: `load_filled`'s
+    device, dtype, progress); raise CheckpointError."""
     cfg = SDARConfig.from_file(config_file(Path(folder)))
     tied = cfg.tie_word_embeddings
     # A tied checkpoint may still carry the head: the embedding is what both use.
     drop = ("lm_head.weight",) if tied else ()
     model, _ = load_filled(
-        folder, lambda _: SDAR(cfg), strip_model_prefix, "sdar", device, dtype, drop=drop
+        folder, lambda _: SDAR(cfg), strip_model_prefix, "sdar", drop=drop, **options
     )
     if tied:
         model.lm_head.weight = model.embed_tokens.weight

@@ -16,15 +16,14 @@ row's failure fails that row alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from marble.families.block_causal import BlockCausalRunner
+from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.sdar import sampling
 from marble.families.sdar.config import Remasking
-from marble.model.block_cache import BlockCache
 from marble.model.sampling import joint_predict, llada_counts
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -43,18 +42,9 @@ LOW_CONFIDENCE, SEQUENTIAL = "low_confidence", "sequential"
 
 
 @dataclass
-class _SDARRow:
-    generator: torch.Generator
-    cache: BlockCache  # keys and values of every position before `cache.length`, final
-    canvas: Tensor  # [L] prompt, then masks through the end of the last block
-    prompt_len: int
-    size: int  # block length
+class _SDARRow(BlockRow):
     start: int  # the current block's first canvas position
     step: int = 0  # denoising forwards the current block has taken
-
-    def saved(self) -> _SDARRow:
-        """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
-        return replace(self, cache=self.cache.copy_refs())
 
 
 def rule_of(params: SamplingParams) -> Remasking:

@@ -84,6 +84,43 @@ class _Row:
         return sum(t.nbytes for unit in self.cache for kv in unit for t in kv)
 
 
+@dataclass
+class _Layout:
+    """One step's batch: canvases, each row's current-block window [B, W], and the entries
+    (eligible positions, then verified ones) that get logits, row-major."""
+
+    ids: Tensor  # [B, L] canvases, left-padded
+    pads: list[int]
+    starts: list[int]  # each row's block start, in canvas positions
+    sizes: list[int]  # each row's block length
+    win_pos: Tensor  # [B, W] the window's positions in `ids`
+    window_ids: Tensor  # [B, W]
+    eligible: Tensor  # [B, W] bool: masked, in the block
+    filled: Tensor  # [B, W] bool: filled and checked (rows that verify)
+    kinds: list[str]  # each row's forward kind
+    counts: list[int]  # eligible entries per row
+    checks: list[int]  # checked entries per row
+    firsts: list[int]  # each row's first eligible entry
+    check_firsts: list[int]  # each row's first checked entry, counted from sum(counts)
+    verifying: list[bool]
+    cols: Tensor  # [B, E] window columns: eligible first, then checked
+    counts_t: Tensor  # [B]
+    b_e: Tensor  # [N] each entry's row
+    w_e: Tensor  # [N] each entry's window column
+    params: list[SamplingParams]
+
+
+@dataclass
+class _Decision:
+    """Window-shaped [B, W]: each entry's confidence (-inf elsewhere), candidate and
+    log-probability; which rows' logits were not finite."""
+
+    conf: Tensor
+    tokens: Tensor
+    logprob: Tensor
+    broken: Tensor  # [B] bool
+
+
 class ModelRunner:
     def __init__(self, model: Denoiser, mask_id: int, pad_id: int, vocab_limit: int) -> None:
         self.model = model
@@ -153,6 +190,56 @@ class ModelRunner:
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[StepResult]:
         rows = [self.rows[r.request_id] for r in requests]
+        lay = self._layout(requests, rows)
+        logits, computed = self._logits(
+            requests, rows, lay.kinds, lay.starts, lay.cols, lay.counts, lay.checks
+        )
+        d = self._decide(requests, rows, lay, logits)
+        commit = select_commits(
+            d.conf,
+            lay.eligible,
+            self._counts(requests, lay.counts_t),
+            self._thresholds(lay.params, self.device),
+        )
+        commit &= ~d.broken[:, None]
+        b_idx, w_idx = commit.nonzero(as_tuple=True)
+        ids, win_pos = lay.ids, lay.win_pos
+        ids[b_idx, win_pos[b_idx, w_idx]] = d.tokens[b_idx, w_idx]
+        changes: list[list[Change]] = [[] for _ in requests]
+        if any(lay.verifying):
+            changes = self._remask(requests, ids, win_pos, lay.filled, commit, d.logprob, d.broken)
+        for b, row in enumerate(rows):
+            row.canvas = ids[b, lay.pads[b] :]
+
+        flat = torch.stack(
+            [
+                b_idx.double(),
+                w_idx.double(),
+                d.tokens[b_idx, w_idx].double(),
+                d.conf[b_idx, w_idx].double(),
+                d.logprob[b_idx, w_idx].double(),
+            ]
+        )
+        commits: list[list[Commit]] = [[] for _ in requests]
+        for b, w, tok, c, lp in flat.T.tolist():
+            r = requests[int(b)]
+            commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
+        results: list[StepResult] = [
+            # Verifying may mask the current block's commits again until it fills.
+            RowStep(row_commits, kind, positions, row_changes, block_open=v)
+            for row_commits, kind, positions, row_changes, v in zip(
+                commits, lay.kinds, computed, changes, lay.verifying
+            )
+        ]
+        for b in d.broken.nonzero().flatten().tolist():
+            results[b] = RowError(
+                "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
+            )
+        return results
+
+    def _layout(self, requests: list[Request], rows: list[_Row]) -> _Layout:
+        """The batch's canvases (left-padded) and, per row, its current block as a window
+        [B, W] and the entries that get logits."""
         dev = self.device
         # Lengths and paddings are host integers: slicing by them costs no device sync.
         pads = self._left_pads([len(r.canvas) for r in rows])
@@ -177,7 +264,6 @@ class ModelRunner:
         window_ids = ids.gather(1, win_pos)
         eligible = valid & (window_ids == self.mask_id)
 
-        kinds = [self.forward_kind(r) for r in requests]
         # Only positions that can still be committed (masked, in the block) get logits: each
         # row's eligible window columns first, in order ([B, E]). A row that verifies also
         # scores its block's filled positions ("checks"), in the columns after those. How many
@@ -186,7 +272,6 @@ class ModelRunner:
         counts = [
             r.tokens[r.current_block[0] : r.current_block[1]].count(self.mask_id) for r in requests
         ]
-        firsts = [0, *accumulate(counts)][:-1]  # row b's first entry
         verifying = [r.params.verify_threshold is not None for r in requests]
         checks = [size - n if v else 0 for size, n, v in zip(sizes, counts, verifying)]
         # The window lies inside the generated region (blocks split max_tokens), so a filled
@@ -199,23 +284,52 @@ class ModelRunner:
         # Past a row's own entries, repeat its first column (a real position in its block).
         real = torch.arange(cols.shape[1], device=dev)[None, :] < (counts_t + checks_t)[:, None]
         cols = torch.where(real, cols, cols[:, :1])
+        firsts = [0, *accumulate(counts)][:-1]  # row b's first entry
         b_e = torch.repeat_interleave(
             torch.arange(len(rows), device=dev), counts_t, output_size=sum(counts)
         )  # entries, row-major: row b's in window order
         j_e = torch.arange(sum(counts), device=dev) - torch.tensor(firsts, device=dev)[b_e]
         w_e = cols[b_e, j_e]
-        n = sum(counts)
+        check_firsts = [0, *accumulate(checks)][:-1]
         if any(verifying):
-            # The checked entries follow every row's eligible ones: entries n onward.
+            # The checked entries follow every row's eligible ones: entries sum(counts) onward.
             b_c = torch.repeat_interleave(
                 torch.arange(len(rows), device=dev), checks_t, output_size=sum(checks)
             )
-            check_firsts = [0, *accumulate(checks)][:-1]
             j_c = (
                 torch.arange(sum(checks), device=dev) - torch.tensor(check_firsts, device=dev)[b_c]
             )
             b_e, w_e = torch.cat([b_e, b_c]), torch.cat([w_e, cols[b_c, counts_t[b_c] + j_c]])
-        logits, computed = self._logits(requests, rows, kinds, starts, cols, counts, checks)
+        return _Layout(
+            ids,
+            pads,
+            starts,
+            sizes,
+            win_pos,
+            window_ids,
+            eligible,
+            filled,
+            [self.forward_kind(r) for r in requests],
+            counts,
+            checks,
+            firsts,
+            check_firsts,
+            verifying,
+            cols,
+            counts_t,
+            b_e,
+            w_e,
+            [r.params for r in requests],
+        )
+
+    def _decide(
+        self, requests: list[Request], rows: list[_Row], lay: _Layout, logits: Tensor
+    ) -> _Decision:
+        """Every entry's candidate token, confidence and log-probability under its row's
+        sampler and remasking rule, back in window shape."""
+        dev = self.device
+        n = sum(lay.counts)
+        b_e, w_e, params = lay.b_e, lay.w_e, lay.params
         logits[:, self.mask_id] = float("-inf")
         logits[:, self.vocab_limit :] = float("-inf")
         for b, (r, row) in enumerate(zip(requests, rows)):
@@ -224,10 +338,9 @@ class ModelRunner:
             # The first generated position is row b's first entry while masked, or its first
             # checked one once filled: it is checked under the constraint it was drawn under.
             if r.tokens[0] == self.mask_id:
-                logits[firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
-            elif verifying[b]:
-                logits[n + check_firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
-        params = [r.params for r in requests]
+                logits[lay.firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
+            elif lay.verifying[b]:
+                logits[n + lay.check_firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
         per_entry = logits[:, None]  # [N, 1, V]: the samplers' [B, W, V] with one column each
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = torch.tensor([p.top_k for p in params], device=dev)[b_e]
@@ -243,30 +356,37 @@ class ModelRunner:
             draws = []
             for b in sampled:
                 noise = torch.rand(
-                    (sizes[b], vocab), generator=rows[b].generator, dtype=torch.float64, device=dev
+                    (lay.sizes[b], vocab),
+                    generator=rows[b].generator,
+                    dtype=torch.float64,
+                    device=dev,
                 )
-                draws.append(noise[cols[b, : counts[b]]])
+                draws.append(noise[lay.cols[b, : lay.counts[b]]])
             entries = torch.cat(
-                [torch.arange(firsts[b], firsts[b] + counts[b], device=dev) for b in sampled]
+                [
+                    torch.arange(lay.firsts[b], lay.firsts[b] + lay.counts[b], device=dev)
+                    for b in sampled
+                ]
             )
             temps = torch.tensor(
-                [params[b].temperature for b in sampled for _ in range(counts[b])], device=dev
+                [params[b].temperature for b in sampled for _ in range(lay.counts[b])], device=dev
             )
             x0[entries] = gumbel_argmax(per_entry[entries], temps, torch.cat(draws)[:, None])
         kind = torch.tensor([_CONFIDENCE[p.remasking] for p in params], device=dev)[b_e]
+        width = max(lay.sizes)
         random_conf = None
         if any(p.remasking == "random" for p in params):
             draw = torch.zeros((len(rows), width), device=dev)
             for b, p in enumerate(params):
                 if p.remasking == "random":
-                    draw[b, : sizes[b]] = torch.rand(
-                        sizes[b], generator=rows[b].generator, device=dev
+                    draw[b, : lay.sizes[b]] = torch.rand(
+                        lay.sizes[b], generator=rows[b].generator, device=dev
                     )
             random_conf = draw[b_e, w_e][:, None]
-        if any(verifying):
+        if any(lay.verifying):
             # A checked entry's candidate is the token it holds: the scoring below then gives
             # that token's log-probability under this step's forward.
-            x0[n:, 0] = window_ids[b_e[n:], w_e[n:]]
+            x0[n:, 0] = lay.window_ids[b_e[n:], w_e[n:]]
         conf_e, logprob_e = score_confidence(per_entry, x0, kind, random_conf)
         # Back to window shape [B, W] (small): what the commit rules read.
         conf = torch.full((len(rows), width), float("-inf"), device=dev)
@@ -279,44 +399,7 @@ class ModelRunner:
         # into NaN: that row commits nothing and fails; the others are unaffected.
         broken = torch.zeros(len(rows), dtype=torch.bool, device=dev)
         broken[b_e[torch.isnan(logprob_e[:, 0]) | torch.isnan(conf_e[:, 0])]] = True
-
-        commit = select_commits(
-            conf, eligible, self._counts(requests, counts_t), self._thresholds(params, dev)
-        )
-        commit &= ~broken[:, None]
-        b_idx, w_idx = commit.nonzero(as_tuple=True)
-        ids[b_idx, win_pos[b_idx, w_idx]] = tokens[b_idx, w_idx]
-        changes: list[list[Change]] = [[] for _ in requests]
-        if any(verifying):
-            changes = self._remask(requests, ids, win_pos, filled, commit, logprob, broken)
-        for b, row in enumerate(rows):
-            row.canvas = ids[b, pads[b] :]
-
-        flat = torch.stack(
-            [
-                b_idx.double(),
-                w_idx.double(),
-                tokens[b_idx, w_idx].double(),
-                conf[b_idx, w_idx].double(),
-                logprob[b_idx, w_idx].double(),
-            ]
-        )
-        commits: list[list[Commit]] = [[] for _ in requests]
-        for b, w, tok, c, lp in flat.T.tolist():
-            r = requests[int(b)]
-            commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
-        results: list[StepResult] = [
-            # Verifying may mask the current block's commits again until it fills.
-            RowStep(row_commits, kind, n, row_changes, block_open=v)
-            for row_commits, kind, n, row_changes, v in zip(
-                commits, kinds, computed, changes, verifying
-            )
-        ]
-        for b in broken.nonzero().flatten().tolist():
-            results[b] = RowError(
-                "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
-            )
-        return results
+        return _Decision(conf, tokens, logprob, broken)
 
     def _remask(
         self,

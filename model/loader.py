@@ -71,7 +71,8 @@ def config_file(folder: Path) -> Path:
     return path
 
 
-def _place(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def place(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in `model` as the parameter or buffer `name` (replacing a meta one)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if attr in module._buffers:
@@ -90,11 +91,13 @@ def fill(
     dtype: torch.dtype | None,
     skip: Callable[[str], bool] = lambda name: False,
     progress: bool = False,
+    put: Callable[[nn.Module, str, torch.Tensor], None] = place,
 ) -> tuple[int, int]:
     """Place every tensor of `folder`'s weight files into `model` (built on the meta device)
     under `rename(name)`, one at a time, cast to `dtype` (None: as stored) on `device`; names
     `skip` accepts are left out. Raises one CheckpointError naming every missing, unexpected,
-    mis-shaped and non-finite tensor of `expected`; returns (tensors placed, skipped)."""
+    mis-shaped and non-finite tensor of `expected`; returns (tensors placed, skipped).
+    `put` places one tensor (`place`, or a model's own for names that are not attributes)."""
     files = weight_files(folder)
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -125,7 +128,7 @@ def fill(
         # Checked after the cast: a float32 weight beyond float16's range becomes infinite.
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             nonfinite.append(raw_name)
-        _place(model, name, value)
+        put(model, name, value)
         del tensor
     bar.close()
     missing = sorted(set(expected) - loaded)
@@ -172,15 +175,19 @@ def load_filled(
     progress: bool = False,
     drop: tuple[str, ...] = (),
     skip: Callable[[str], object] | None = None,
+    layout: Callable[[nn.Module], dict[str, torch.Size]] = expected_tensors,
+    put: Callable[[nn.Module, str, torch.Tensor], None] = place,
 ) -> tuple[nn.Module, int]:
     """A family's model for `folder`: `build(config.json's path)` on the meta device, every
     parameter and buffer filled from the checkpoint (`drop`: ours that it need not hold, and is
     skipped if it does, e.g. a tied head), in eval mode; with the count of tensors `skip` or
-    `drop` passed over. Raises CheckpointError."""
+    `drop` passed over. `layout` names the tensors a checkpoint must hold and `put` places one
+    (see `fill`), for a model whose stored layout differs from its checkpoint's. Raises
+    CheckpointError."""
     folder = Path(folder)
     with torch.device("meta"):
         model = build(config_file(folder))
-    expected = expected_tensors(model)
+    expected = layout(model)
     for name in drop:
         expected.pop(name)
     loaded, skipped = fill(
@@ -193,6 +200,7 @@ def load_filled(
         dtype,
         skip=lambda name: name in drop or bool(skip and skip(name)),
         progress=progress,
+        put=put,
     )
     log.info("loaded %s (%s, %d tensors) on %s", folder, label, loaded, device)
     return model.eval(), skipped

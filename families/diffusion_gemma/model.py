@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.families.diffusion_gemma.config import SLIDING, DiffusionGemmaConfig
-from marble.model.block_cache import BlockCache
+from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.experts import GroupedExperts
+from marble.model.kv_slots import SlotBatch, SlotLayer
 from marble.model.layers import GatedMLP, apply_rotary
 
 
@@ -100,13 +102,13 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, S, D], allowed bool [B, 1, T, S] -> [B, T, H]."""
-        rep = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # A finite fill, not -inf: a pad query that sees no key gets a harmless average
         # instead of NaN, which would reach real rows through 0 * NaN in later layers.
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
         bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        # Query heads share their KV head in the kernel: repeating k/v would copy every key.
+        gqa = self.n_heads != self.n_kv
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0, enable_gqa=gqa)
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -132,34 +134,6 @@ class Router(nn.Module):
         return weights * self.per_expert_scale.float()[experts], experts
 
 
-class Experts(nn.Module):
-    def __init__(self, cfg: DiffusionGemmaConfig) -> None:
-        super().__init__()
-        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h))  # [gate ; up]
-        self.down_proj = nn.Parameter(torch.zeros(e, h, i))
-
-    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """x [N, H], weights/experts [N, k] -> sum_k w_k * expert_k(x) [N, H]."""
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        token = order // experts.shape[1]
-        w = weights.flatten()[order].to(x.dtype)[:, None]
-        # One host sync per layer for the group sizes; a grouped GEMM can replace the loop.
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):  # experts, not rows: tokens grouped per expert
-            if n == 0:
-                continue
-            rows = token[start : start + n]
-            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
-            out.index_add_(0, rows, y * w[start : start + n])
-            start += n
-        return out
-
-
 class DecoderLayer(nn.Module):
     """Attention, then a dense MLP beside top-k experts, then the mode's layer scalar."""
 
@@ -170,7 +144,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, self.sliding)
         self.mlp = GatedMLP(h, cfg.intermediate_size, gelu_tanh)
         self.router = Router(cfg)
-        self.experts = Experts(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, h, cfg.moe_intermediate_size, gelu_tanh)
         for name in (
             "input_layernorm",
             "post_attention_layernorm",
@@ -188,13 +162,13 @@ class DecoderLayer(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        past: tuple[Tensor, Tensor],
+        past: LayerKV | SlotLayer,
         allowed: Tensor,
         encoder: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), *rope)
-        keys, values = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        keys, values = past.join(k, v)
         x = x + self.post_attention_layernorm(self.self_attn.attend(q, keys, values, allowed))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
@@ -288,8 +262,7 @@ class DiffusionGemma(nn.Module):
                 allowed &= key[None, :] > query[:, None] - self.cfg.sliding_window
             key_valid = torch.cat((cache.layer_valid(i), valid.bool()), dim=1)  # [B, S + T]
             allowed = allowed[None, None] & key_valid[:, None, None, :]
-            kv = cache.layers[i]
-            x, k, v = layer(x, ropes[layer.sliding], (kv.keys, kv.values), allowed, True)
+            x, k, v = layer(x, ropes[layer.sliding], cache.layers[i], allowed, True)
             cache.extend(i, k, v)
         cache.extend_valid(valid)
         return self.norm(x)
@@ -299,7 +272,7 @@ class DiffusionGemma(nn.Module):
         self,
         canvas: Tensor,
         positions: Tensor,
-        cache: BlockCache,
+        cache: BlockCache | dict[bool, SlotBatch],
         self_cond_logits: Tensor | None = None,
         self_cond_mask: Tensor | None = None,
         hidden_states: list[Tensor] | None = None,
@@ -307,7 +280,8 @@ class DiffusionGemma(nn.Module):
         """Bidirectional pass of canvas [B, L] at positions [B, L] over the cache -> [B, L, V].
 
         self_cond_logits [B, L, V] are the previous step's logits (None: first step);
-        self_cond_mask [B] False turns it off per row. The cache is read, never written.
+        self_cond_mask [B] False turns it off per row. The cache is read, never written (slots,
+        `cache[sliding]` per layer kind, take the canvas's keys as scratch past each row's end).
         `hidden_states`, if given, collects the input, each layer's output and the final norm."""
         b, length = canvas.shape
         e = self._embed(canvas)
@@ -322,15 +296,62 @@ class DiffusionGemma(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         ropes = self._ropes(positions)
-        canvas_valid = torch.ones(b, length, dtype=torch.bool, device=canvas.device)
-        for i, layer in enumerate(self.layers):
-            kv = cache.layers[i]
-            key_valid = torch.cat((cache.layer_valid(i), canvas_valid), dim=1)
-            allowed = key_valid[:, None, None, :].expand(b, 1, length, -1)
-            x, _, _ = layer(x, ropes[layer.sliding], (kv.keys, kv.values), allowed, False)
+        keys = self._decode_keys(cache, b, length)
+        for i, (layer, (past, allowed)) in enumerate(zip(self.layers, keys)):
+            x, _, _ = layer(x, ropes[layer.sliding], past, allowed, False)
             if hidden_states is not None and i < len(self.layers) - 1:
                 hidden_states.append(x)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)
         return self.head(x)
+
+    def _decode_keys(
+        self, cache: BlockCache | dict[bool, SlotBatch], b: int, length: int
+    ) -> list[tuple[LayerKV | SlotLayer, Tensor]]:
+        """Per layer, what a canvas [B, L] attends over: the past and which keys it may read
+        (bool [B, 1, L, S + L]): every cached key a layer keeps (a sliding layer the last
+        window - 1) and the whole canvas."""
+        if isinstance(cache, BlockCache):
+            canvas_valid = torch.ones(b, length, dtype=torch.bool, device=cache.valid.device)
+            out = []
+            for i, kv in enumerate(cache.layers):
+                key_valid = torch.cat((cache.layer_valid(i), canvas_valid), dim=1)
+                out.append((kv, key_valid[:, None, None, :].expand(b, 1, length, -1)))
+            return out
+        masks = {}
+        for sliding, slots in cache.items():
+            key = torch.arange(slots.read, device=slots.end.device)[None, :]
+            allowed = key < slots.end[:, None]  # the cache, then the canvas
+            if sliding:
+                allowed &= key >= slots.end[:, None] - length - (self.cfg.sliding_window - 1)
+            masks[sliding] = allowed[:, None, None, :].expand(b, 1, length, -1)
+        return [(past, masks[layer.sliding]) for layer, past in self._slot_layers(cache)]
+
+    def _slot_layers(self, slots: dict[bool, SlotBatch]) -> list[tuple[DecoderLayer, SlotLayer]]:
+        """Each layer with its layer in the store of its kind."""
+        seen = {True: 0, False: 0}
+        out = []
+        for layer in self.layers:
+            out.append((layer, slots[layer.sliding].layer(seen[layer.sliding])))
+            seen[layer.sliding] += 1
+        return out
+
+    @torch.no_grad()
+    def encode_slots(self, ids: Tensor, positions: Tensor, slots: dict[bool, SlotBatch]) -> Tensor:
+        """`encode` into slots (`cache[sliding]` per layer kind) that hold absolute positions
+        0.. in order: ids [B, T] at positions [B, T] that follow each row's cache are written
+        after it -> hidden [B, T, H]. The caller advances the rows' lengths."""
+        ropes = self._ropes(positions)
+        x = self._embed(ids)
+        query = positions[:, :, None]
+        masks = {}
+        for sliding, batch in slots.items():
+            key = torch.arange(batch.read, device=ids.device)[None, None, :]
+            allowed = (key <= query) & (key < batch.end[:, None, None])
+            if sliding:
+                allowed &= key > query - self.cfg.sliding_window
+            masks[sliding] = allowed[:, None]
+        for layer, past in self._slot_layers(slots):
+            x, _, _ = layer(x, ropes[layer.sliding], past, masks[layer.sliding], True)
+        return self.norm(x)

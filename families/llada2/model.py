@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from marble.families.llada2.config import LLaDA2Config
 from marble.model.block_cache import LayerKV
 from marble.model.block_causal import BlockCausalStack
+from marble.model.experts import ListedExperts
+from marble.model.kv_slots import SlotLayer
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 
 
@@ -94,9 +96,7 @@ class MoE(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(
-            GatedMLP(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
-        )
+        self.experts = ListedExperts(cfg.num_experts, h, cfg.moe_intermediate_size)
         self.shared_experts = (
             GatedMLP(h, cfg.moe_intermediate_size * cfg.num_shared_experts)
             if cfg.num_shared_experts
@@ -107,21 +107,7 @@ class MoE(nn.Module):
         """[B, T, H] -> the routed experts' weighted sum plus the shared expert [B, T, H]."""
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.gate(flat)
-        k = experts.shape[1]
-        order = experts.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
-        token = order // k
-        w = weights.flatten()[order].to(x.dtype)[:, None]
-        # One host sync per layer for the group sizes: the loop runs only experts with tokens
-        # (8 of 256 per token on the real model); a grouped GEMM could replace it.
-        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(flat)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token[start : start + count]
-            out.index_add_(0, rows, self.experts[e](flat[rows]) * w[start : start + count])
-            start += count
+        out = self.experts(flat, weights, experts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)
@@ -138,14 +124,15 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], past: LayerKV | None, bias: Tensor
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        past: LayerKV | SlotLayer | None,
+        bias: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
         q, k, v = self.attention.project(self.input_layernorm(x), rope)
-        keys, values = k, v
-        if past is not None:
-            keys = torch.cat((past.keys, k), dim=2)
-            values = torch.cat((past.values, v), dim=2)
+        keys, values = (k, v) if past is None else past.join(k, v)
         x = x + self.attention.attend(q, keys, values, bias)
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 

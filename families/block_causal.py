@@ -2,8 +2,8 @@
 so the prompt's tail shares the first block and decoding runs through the end of the last block
 it reaches; a cache that ends up holding the prompt and every block but the last; and the
 runner's part that does not depend on the decoding rule (a row's canvas, its generator and
-cache, right-padded windows over the rows' caches stacked). Its models are
-`model/block_causal.py` stacks."""
+cache, right-padded windows written into and read from the runner's `SlotStore` in place).
+Its models are `model/block_causal.py` stacks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 
-from marble.model.block_cache import BlockCache, LayerKV
 from marble.model.block_causal import BlockCausalStack
+from marble.model.compiled_block_causal import CompiledSlots
+from marble.model.compiled_forward import CompiledForward
+from marble.model.kv_slots import SlotCache, SlotStore
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -51,13 +53,14 @@ class BlockRow:
     """A block-causal runner's row: its generator, cache and canvas."""
 
     generator: torch.Generator
-    cache: BlockCache  # keys and values of every position before `cache.length`, final
+    cache: SlotCache  # keys and values of every position before `cache.length` are final
     canvas: Tensor  # [L] prompt, then masks through the end of the last block
     prompt_len: int
     size: int  # block length
 
     def saved(self) -> Self:
-        """A copy to roll back to (canvas writes replace the tensor; see BlockCache)."""
+        """A copy to roll back to (canvas writes replace the tensor; a step writes its slot
+        only past `cache.length`)."""
         return replace(self, cache=self.cache.copy_refs())
 
 
@@ -73,8 +76,25 @@ class BlockCausalRunner(CachedRowsRunner):
         self.vocab_limit = vocab_limit
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
+        layers = len(model.layers)
+        self.store = SlotStore(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
+        self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
 
-    def new_row_state(self, request: Request) -> tuple[torch.Generator, BlockCache, Tensor]:
+    def compile_forward(self, backend: str) -> CompiledForward:
+        """Run every window forward (prefill and denoise) compiled from now on."""
+        context = self.model.cfg.max_position_embeddings
+        self._compiled = CompiledSlots(self.model, backend, context)
+        return self._compiled.forward
+
+    def remove(self, request_id: str) -> None:
+        super().remove(request_id)
+        self.store.remove(request_id)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.store.nbytes
+
+    def new_row_state(self, request: Request) -> tuple[torch.Generator, SlotCache, Tensor]:
         """A new row's generator, empty cache and canvas: the prompt, then masks through the
         end of the last block it reaches."""
         size = request.params.block_length
@@ -83,28 +103,37 @@ class BlockCausalRunner(CachedRowsRunner):
         total = -(-(len(prompt) + request.params.max_tokens) // size) * size
         canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        return request_generator(request, self.device), self.model.new_cache(1), canvas
+        cache = self.store.add(request.request_id, total)
+        return request_generator(request, self.device), cache, canvas
 
-    def forward_windows(
-        self, rows: list[Any], spans: list[tuple[int, int]]
-    ) -> tuple[Tensor, list[LayerKV]]:
-        """One batched forward of each row's window [a, e) of its canvas (right-padded) over
-        its cache (stacked), each row's blocks its own size -> hidden [R, T, H] and each
-        layer's fresh keys and values, for the caller to append the parts it keeps."""
+    def forward_windows(self, rows: list[Any], spans: list[tuple[int, int]]) -> Tensor:
+        """One batched forward of each row's window [a, e) of its canvas (right-padded), a
+        being where its cache ends, each row's blocks its own size -> hidden [R, T, H]. The
+        windows' keys and values are written into the rows' slots; a row keeps a prefix of
+        its window with `row.cache.advance`."""
         dev = self.device
+        if any(a != row.cache.length for row, (a, _) in zip(rows, spans)):
+            raise ValueError("a window must start where its row's cache ends")
+        # In slot order, so that a step over every running row reads the store as a view.
+        order = sorted(range(len(rows)), key=lambda i: self.store.slot(rows[i].cache.key))
+        rows, spans = [rows[i] for i in order], [spans[i] for i in order]
         longest = max(e - a for a, e in spans)
         n = len(rows)
         ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
         positions = torch.zeros((n, longest), dtype=torch.long, device=dev)
-        key_valid = torch.zeros((n, longest), dtype=torch.bool, device=dev)
         for i, (row, (a, e)) in enumerate(zip(rows, spans)):
             ids[i, : e - a] = row.canvas[a:e]
             positions[i, : e - a] = torch.arange(a, e, device=dev)
-            key_valid[i, : e - a] = True
-        cache = rows[0].cache if n == 1 else BlockCache.stack([row.cache for row in rows])
-        keep: list[LayerKV] = []
-        sizes = torch.tensor([row.size for row in rows], device=dev)
-        hidden = self.model(
-            ids, positions, cache, block_length=sizes, key_valid=key_valid, keep=keep
+        slots = self.store.batch(
+            [row.cache.key for row in rows],
+            [a for a, _ in spans],
+            [e - a for a, e in spans],
+            longest,
         )
-        return hidden, keep
+        sizes = torch.tensor([row.size for row in rows], device=dev)
+        forward = self.model.forward_slots if self._compiled is None else self._compiled
+        hidden = forward(ids, positions, slots, sizes)
+        if order == sorted(order):
+            return hidden
+        back = torch.tensor(sorted(range(n), key=order.__getitem__), device=dev)
+        return hidden[back]

@@ -4,9 +4,10 @@ Per layer it holds keys (norms and RoPE applied) and values of tokens that will 
 again (DiffusionGemma's encoded prompt and canvases, LLaDA2's prompt blocks and finished
 blocks), plus which slots are real. Sliding layers (optional) keep the last `window - 1` slots,
 the others every slot. Rows are right-aligned: slot s of every row is the same slot index, and a
-row shorter than the batch is padded on the left with slots marked not `valid`. A scheduler
-owns one cache per request (B = 1) and stacks them for a batched step. Knows nothing of weights,
-attention rules, sampling or requests.
+row shorter than the batch is padded on the left with slots marked not `valid`. The models'
+reference path (`forward`, `encode`, `decode` over one cache per request, stacked for a batch:
+a copy per step); the runners keep their rows in place instead (`kv_slots.SlotStore`). Knows
+nothing of weights, attention rules, sampling or requests.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class LayerKV:
         """Slots [start, stop) of some rows: e.g. one row's finished block out of a forward's
         fresh window keys and values, to append to that row's own cache."""
         return LayerKV(self.keys[rows, :, start:stop], self.values[rows, :, start:stop])
+
+    def join(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """These keys/values followed by a window's fresh k/v [B, Hkv, T, Dh] (copies both)."""
+        return torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.kv_slots import SlotBatch
 from marble.model.layers import rotary_tables
 
 
@@ -37,6 +38,24 @@ def block_causal_bias(
         allowed = torch.cat((cache_valid[:, None, :].expand(b, t, -1), allowed), dim=2)
     # A finite fill, not -inf: a pad query with no key to see gets a harmless average instead
     # of NaN, which would reach real rows through 0 * NaN in later layers.
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def slot_bias(
+    positions: Tensor, block_length: Tensor, end: Tensor, read: int, dtype: torch.dtype
+) -> Tensor:
+    """`block_causal_bias` over slots that hold absolute positions 0..read-1, cache then
+    window (positions [B, T], block_length [B], end [B] each row's readable positions)
+    -> additive bias [B, 1, T, read]."""
+    b, _ = positions.shape
+    size = block_length.view(b, 1)
+    keys = torch.arange(read, device=positions.device)
+    query_block = torch.div(positions, size, rounding_mode="floor")  # [B, T]
+    key_block = torch.div(keys[None, :], size, rounding_mode="floor")  # [B, S]
+    allowed = (key_block[:, None, :] <= query_block[:, :, None]) & (
+        keys[None, None, :] < end[:, None, None]
+    )
     bias = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -103,6 +122,20 @@ class BlockCausalStack(nn.Module):
                 cache.extend(i, k, v)  # type: ignore[union-attr]
         if write:
             cache.extend_valid(key_valid)  # type: ignore[union-attr]
+        return self.norm(x)
+
+    @torch.no_grad()
+    def forward_slots(
+        self, ids: Tensor, positions: Tensor, slots: SlotBatch, block_length: Tensor
+    ) -> Tensor:
+        """`forward` for windows kept in a `SlotStore`: each row's window [B, T] (positions
+        following its cache) is written into its slot, attention reads the slots in place
+        -> final-normed hidden [B, T, H]. The caller advances a row's length over what is final."""
+        x = self.embed(ids)
+        bias = slot_bias(positions, block_length, slots.end, slots.read, x.dtype)
+        rope = rotary_tables(positions, self.rotary_dim, self.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x, _, _ = layer(x, rope, slots.layer(i), bias)
         return self.norm(x)
 
     def project(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:

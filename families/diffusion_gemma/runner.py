@@ -5,7 +5,8 @@ previous step's scaled logits (self-conditioning), its stop-rule history and its
 generator. A request's step first encodes what its cache still lacks (the prompt, or the
 canvas it finished last step: a causal forward that writes the cache), then takes one
 bidirectional decoder forward over its canvas; the decoder forwards of every row share one
-batched call against their caches stacked side by side. There is no mask token: each step
+batched call that reads their caches in place (a `SlotStore` per layer kind, rows taken in
+slot order). There is no mask token: each step
 accepts the lowest-entropy candidates within the entropy budget and re-noises the rest, so a
 canvas's tokens change until it is final (the stop rule fired, or its steps ran out).
 One row's failure fails that row alone.
@@ -18,11 +19,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from marble.families.diffusion_gemma.compiled import CompiledDecode
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
-from marble.model.block_cache import BlockCache
-from marble.model.sampling import scale_logits
+from marble.model.compiled_forward import CompiledForward
+from marble.model.kv_slots import SlotBatch, SlotCache, SlotStore
+from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
     ACCEPT,
     DECODE,
@@ -42,7 +46,7 @@ REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the 
 @dataclass
 class _CanvasRow:
     generator: torch.Generator
-    cache: BlockCache
+    cache: SlotCache
     pending: Tensor | None  # [T] ids the cache lacks: encoded before the next decode
     canvas: Tensor | None = None  # [L] the decoder's next input
     scaled: Tensor | None = None  # [L, V] the last step's logits fed back (self-conditioning)
@@ -51,8 +55,8 @@ class _CanvasRow:
     remaining: int = 0  # denoising steps left in this canvas, counting this one
 
     def saved(self) -> _CanvasRow:
-        """A copy to roll back to: tensors are replaced, never written in place, except the
-        cache's, which `BlockCache.copy_refs` keeps."""
+        """A copy to roll back to: tensors are replaced, never written in place, and a step
+        writes its slots only past `cache.length`."""
         return replace(self, cache=self.cache.copy_refs())
 
 
@@ -75,14 +79,58 @@ class UniformRunner(CachedRowsRunner):
         super().__init__()
         self.model = model
         self.device = model.embed_tokens.weight.device
+        # One store per layer kind (sliding, full): their keys differ in heads and width.
+        self.stores: dict[bool, SlotStore] = {}
+        for sliding in sorted({layer.sliding for layer in model.layers}):
+            kind = [layer.self_attn for layer in model.layers if layer.sliding == sliding]
+            self.stores[sliding] = SlotStore(
+                len(kind),
+                kind[0].n_kv,
+                kind[0].head_dim,
+                self.device,
+                model.embed_tokens.weight.dtype,
+            )
+        self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
+
+    def compile_forward(self, backend: str) -> CompiledForward:
+        """Run every decoder forward compiled from now on (encoding stays eager)."""
+        self._compiled = CompiledDecode(self.model, backend)
+        return self._compiled.forward
 
     def add(self, request: Request) -> None:
         generator = request_generator(request, self.device)
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-        self.rows[request.request_id] = _CanvasRow(generator, self.model.new_cache(1), prompt)
+        length = self.model.cfg.canvas_length
+        # The prompt and every canvas (the last one's keys are a decode's scratch).
+        tokens = len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
+        caches = [store.add(request.request_id, tokens) for store in self.stores.values()]
+        self.rows[request.request_id] = _CanvasRow(generator, caches[0], prompt)
+
+    def remove(self, request_id: str) -> None:
+        super().remove(request_id)
+        for store in self.stores.values():
+            store.remove(request_id)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(store.nbytes for store in self.stores.values())
+
+    def _slots(self, keys: list[str], lengths: list[int], width: int) -> dict[bool, SlotBatch]:
+        """Every store's batch for rows `keys` writing `width` positions after their caches."""
+        widths = [width] * len(keys)
+        return {k: s.batch(keys, lengths, widths, width) for k, s in self.stores.items()}
+
+    def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """The step in slot order, so that a step over every running row reads the stores
+        as views; results back in request order."""
+        store = next(iter(self.stores.values()))
+        order = sorted(range(len(requests)), key=lambda i: store.slot(requests[i].request_id))
+        results = self._step_in_order([requests[i] for i in order])
+        back = sorted(range(len(order)), key=order.__getitem__)
+        return [results[i] for i in back]
 
     @torch.inference_mode()
-    def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
+    def _step_in_order(self, requests: list[Request]) -> list[RowStep | RowError]:
         rows = [self.rows[r.request_id] for r in requests]
         cfg, dev = self.model.cfg, self.device
         length, vocab = cfg.canvas_length, cfg.vocab_size
@@ -93,7 +141,7 @@ class UniformRunner(CachedRowsRunner):
         ]
 
         caches = [row.cache for row in rows]
-        cache = caches[0] if len(rows) == 1 else BlockCache.stack(caches)
+        cache = self._slots([c.key for c in caches], [c.length for c in caches], length)
         canvas = torch.stack([row.canvas for row in rows])  # type: ignore[misc]
         span = torch.arange(length, device=dev)
         positions = torch.stack([c.length + span for c in caches])  # each row's own positions
@@ -102,7 +150,8 @@ class UniformRunner(CachedRowsRunner):
             zeros = torch.zeros(length, vocab, device=dev)
             self_cond = torch.stack([zeros if r.scaled is None else r.scaled for r in rows])
             mask = torch.tensor([r.scaled is not None for r in rows], device=dev)
-        raw = self.model.decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
+        decode = self.model.decode if self._compiled is None else self._compiled
+        raw = decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
 
         greedy = [b for b, p in enumerate(params) if p.temperature == 0]
         sampled = [b for b, p in enumerate(params) if p.temperature > 0]
@@ -111,49 +160,43 @@ class UniformRunner(CachedRowsRunner):
             for index, decide in ((sampled, self._sample), (greedy, self._refine))
             if index
         ]
-        # Back in batch order: [B, L] (and [B, L, V] for the self-conditioning logits).
-        merged = {}
-        for name in _Decision.__dataclass_fields__:
-            first = getattr(parts[0][1], name)
-            out = first.new_empty((len(rows), *first.shape[1:]))
-            for index, decision in parts:
-                out[torch.tensor(index, device=dev)] = getattr(decision, name)
-            merged[name] = out
-        step = _Decision(**merged)
+        # Back in batch order (one part: already in it, nothing copied).
+        step = parts[0][1] if len(parts) == 1 else self._merge(len(rows), parts)
 
-        finals, fired_rows = [], []
-        for b, (row, p) in enumerate(zip(rows, params)):
-            fired, _, _, history = us.stable_and_confident(
+        # Per row: the stop rule's threshold, whether its steps run out now, whether it samples.
+        knobs = torch.tensor(
+            [
+                [p.confidence_threshold for p in params],
+                [row.remaining == 1 for row in rows],
+                [p.temperature > 0 for p in params],
+            ],
+            dtype=torch.float64,
+            device=dev,
+        )
+        fired = []
+        for b, row in enumerate(rows):
+            fired_b, _, _, history = us.stable_and_confident(
                 step.argmax[b : b + 1],
                 step.entropy[b : b + 1],
                 row.history[:, None],  # type: ignore[index]
-                torch.tensor([p.confidence_threshold], device=dev),
+                knobs[0, b : b + 1],
             )
             row.history = history[:, 0]
-            fired_rows.append(bool(fired))
-            finals.append(fired_rows[-1] or row.remaining == 1)
+            fired.append(fired_b)
+        fired_t, last, hot = torch.cat(fired), knobs[1] > 0, knobs[2] > 0
+        final = fired_t | last
         # A canvas ends on its argmax (generate()); a greedy canvas that ran out of steps ends
         # as it stands, every position committed (the pipeline's block refinement).
-        take_argmax = torch.tensor(
-            [f and (r or p.temperature > 0) for f, r, p in zip(finals, fired_rows, params)],
-            device=dev,
-        )
+        take_argmax = fired_t | (last & hot)
         shown = torch.where(take_argmax[:, None], step.argmax, step.canvas)  # [B, L]
         changed = shown != canvas
         # One transfer for everything the host needs from this step.
-        host = torch.stack(
-            [
-                shown,
-                canvas,
-                changed.long(),
-                step.kept.long(),
-                step.fresh.long(),
-                step.entropy.double(),
-            ]
-        ).cpu()
+        fields = (shown, canvas, changed, step.kept, step.fresh, step.entropy, final[:, None])
+        host = torch.stack([t.double().expand_as(canvas) for t in fields]).tolist()
+        finals = [bool(f[0]) for f in host[-1]]
         results: list[RowStep | RowError] = []
         for b, (request, row) in enumerate(zip(requests, rows)):
-            now, before, moved, kept, fresh, ent = (t[b].tolist() for t in host)
+            now, before, moved, kept, fresh, ent = (t[b] for t in host[:-1])
             base = request.current_block[0]
             limit = request.params.max_tokens  # positions past it are decoded but never shown
             changes = [
@@ -196,6 +239,19 @@ class UniformRunner(CachedRowsRunner):
             )
         return results
 
+    def _merge(self, n: int, parts: list[tuple[list[int], _Decision]]) -> _Decision:
+        """The parts' decisions, rows `index` each, back in batch order: [n, L] (and [n, L, V]
+        for the self-conditioning logits)."""
+        placed = [(torch.tensor(index, device=self.device), part) for index, part in parts]
+        merged = {}
+        for name in _Decision.__dataclass_fields__:
+            first = getattr(parts[0][1], name)
+            out = first.new_empty((n, *first.shape[1:]))
+            for where, part in placed:
+                out[where] = getattr(part, name)
+            merged[name] = out
+        return _Decision(**merged)
+
     def _sample(
         self,
         requests: list[Request],
@@ -218,7 +274,7 @@ class UniformRunner(CachedRowsRunner):
         )
         # Times 1.0 (the default) is exact: the schedule as upstream computes it.
         temperature = schedule * torch.tensor([p.temperature for p in params], device=dev)
-        scaled = scale_logits(raw[index], temperature)
+        scaled = scale_logits(_rows(raw, index), temperature, any(map(_maybe_cold, params)))
         generators = [rows[b].generator for b in index]
         candidates = us.draw_candidates(scaled.softmax(-1), generators)
         noise = us.draw_uniform(generators, cfg.canvas_length, cfg.vocab_size, dev)
@@ -250,10 +306,10 @@ class UniformRunner(CachedRowsRunner):
             [REFINE_THRESHOLD if p.threshold is None else p.threshold for p in params],
             device=dev,
         )
-        logits = raw[index]
+        logits = _rows(raw, index)
         step = us.block_refinement_step(
             logits,
-            canvas[index],
+            _rows(canvas, index),
             torch.stack([rows[b].committed for b in index]),  # type: ignore[misc]
             noise,
             steps - done,
@@ -272,7 +328,9 @@ class UniformRunner(CachedRowsRunner):
         ids = row.pending[None]
         start = row.cache.length
         positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
-        self.model.encode(ids, positions, row.cache)
+        slots = self._slots([row.cache.key], [start], ids.shape[1])
+        self.model.encode_slots(ids, positions, slots)
+        row.cache.advance(ids.shape[1])
         cfg = self.model.cfg
         row.canvas = us.draw_uniform(
             [row.generator], cfg.canvas_length, cfg.vocab_size, self.device
@@ -282,3 +340,18 @@ class UniformRunner(CachedRowsRunner):
         row.history = us.initial_history(stability, 1, cfg.canvas_length, self.device)[:, 0]
         row.pending = None
         return ids.shape[1]
+
+
+def _maybe_cold(params: SamplingParams) -> bool:
+    """Whether a step's temperature may be at or below COLD_TEMPERATURE once computed in
+    float32 (`us.temperature_schedule` times `temperature`), decided on the host: the schedule
+    is at least min(t_min, t_max / steps), less float32's rounding (cancellation included), so
+    a row this passes is never cold; one it flags may not be (then only costs the limit)."""
+    t_min, t_max, steps = params.t_min, params.t_max, params.steps or 1
+    floor = min(t_min, t_max / steps) - 1e-6 * max(t_min, t_max)
+    return params.temperature * floor <= 10 * COLD_TEMPERATURE
+
+
+def _rows(x: Tensor, index: list[int]) -> Tensor:
+    """x[index] for ascending row indices, without a copy when they are every row."""
+    return x if len(index) == len(x) else x[index]

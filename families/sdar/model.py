@@ -11,13 +11,13 @@ caller projects. Knows nothing of sampling, tokenizers or requests.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.families.sdar.config import SDARConfig
 from marble.model.block_cache import LayerKV
 from marble.model.block_causal import BlockCausalStack
+from marble.model.kv_slots import SlotLayer
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 
 
@@ -63,14 +63,15 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], past: LayerKV | None, bias: Tensor
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        past: LayerKV | SlotLayer | None,
+        bias: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), rope)
-        keys, values = k, v
-        if past is not None:
-            keys = torch.cat((past.keys, k), dim=2)
-            values = torch.cat((past.values, v), dim=2)
+        keys, values = (k, v) if past is None else past.join(k, v)
         x = x + self.self_attn.attend(q, keys, values, bias)
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 

@@ -1,0 +1,178 @@
+"""KV storage that stays in place: one model's keys and values for every running request, per
+layer [slots, Hkv, capacity + 1, Dh], slot i the i-th running row, slot position p the key at
+absolute position p (a cache holds positions 0..length-1 with no gaps).
+
+A step writes its window's fresh keys and values into the rows' slots and attention reads the
+slots back as a view: nothing already cached is copied. Copies happen only where counted in
+`copied`: growth (geometric), refilling a finished row's slot with the last row, and a batch
+whose rows are not consecutive slots in order (an index gather). Knows nothing of weights or
+attention rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+class SlotStore:
+    """Slots for the running rows of one model, allocated on first use and grown geometrically;
+    column `capacity` of every slot is a sink for the writes of window padding."""
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.shape = (layers, kv_heads, head_dim)
+        self.device, self.dtype = device, dtype
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.order: list[str] = []  # slot i holds the row of request order[i]
+        self.capacity = 0  # positions each slot holds
+        self.copied = 0  # bytes of stored keys and values copied so far (see module doc)
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage held now (0 once no row is running)."""
+        return sum(t.nbytes for t in self.keys + self.values)
+
+    def add(self, key: str, tokens: int) -> SlotCache:
+        """A slot for a new row that will cache at most `tokens` positions."""
+        if key in self.order:
+            raise ValueError(f"row {key!r} already holds a slot")
+        self._reserve(len(self.order) + 1, tokens)
+        slot = len(self.order)
+        for t in self.keys + self.values:
+            t[slot].zero_()  # a finite start: masked keys still meet the values (0 * NaN)
+        self.order.append(key)
+        return SlotCache(self, key)
+
+    def remove(self, key: str) -> None:
+        """Free a row's slot: the last row moves into it so running rows stay slots 0..n-1."""
+        if key not in self.order:
+            return
+        slot, last = self.order.index(key), len(self.order) - 1
+        if slot != last:
+            for t in self.keys + self.values:
+                t[slot].copy_(t[last])
+                self.copied += t[last].nbytes
+            self.order[slot] = self.order[last]
+        self.order.pop()
+        if not self.order:
+            self.keys, self.values, self.capacity = [], [], 0
+
+    def _reserve(self, slots: int, tokens: int) -> None:
+        if slots <= self.slots and tokens <= self.capacity:
+            return
+        new_slots = max(slots, 2 * self.slots if slots > self.slots else self.slots)
+        new_cap = max(tokens, 2 * self.capacity if tokens > self.capacity else self.capacity)
+        layers, heads, dim = self.shape
+        shape = (new_slots, heads, new_cap + 1, dim)
+        fresh = [
+            torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2 * layers)
+        ]
+        n, cap = len(self.order), self.capacity
+        for new, old in zip(fresh, self.keys + self.values):
+            new[:n, :, :cap].copy_(old[:n, :, :cap])
+            self.copied += old[:n, :, :cap].nbytes
+        if self.device.type == "cuda":
+            # A CUDA graph replays reads and writes of these very buffers instead of copying
+            # them into its own inputs (a compiled forward recompiles once per growth).
+            for t in fresh:
+                torch._dynamo.mark_static_address(t)
+        self.keys, self.values = fresh[:layers], fresh[layers:]
+        self.capacity = new_cap
+
+    def slot(self, key: str) -> int:
+        return self.order.index(key)
+
+    def batch(self, keys: list[str], lengths: list[int], widths: list[int], t: int) -> SlotBatch:
+        """The slots of a step's rows (in this order): row i caches `lengths[i]` positions and
+        writes a window of `widths[i]` real positions (right-padded to `t`) after them."""
+        slots = [self.order.index(k) for k in keys]
+        read = max(n + w for n, w in zip(lengths, widths))
+        dev = self.device
+        span = torch.arange(t, device=dev)
+        start = torch.tensor(lengths, device=dev)
+        end = start + torch.tensor(widths, device=dev)
+        # Padding writes land in the sink column, never read.
+        cols = torch.where(
+            start[:, None] + span < end[:, None], start[:, None] + span, self.capacity
+        )
+        first = slots[0]
+        view = slots == list(range(first, first + len(keys)))
+        if not view:
+            layers, heads, dim = self.shape
+            self.copied += 2 * layers * len(keys) * heads * read * dim * self.keys[0].itemsize
+        index = torch.tensor(slots, device=dev)
+        # Each written key's row in the storage seen as [slots * Hkv * (capacity + 1), Dh].
+        heads = torch.arange(self.shape[1], device=dev)
+        flat = (index[:, None, None] * self.shape[1] + heads[None, :, None]) * (self.capacity + 1)
+        flat = (flat + cols[:, None, :]).reshape(-1)
+        return SlotBatch(self, index, flat, end, read, view, first)
+
+
+@dataclass
+class SlotCache:
+    """A row's handle on its slot: how many positions are final. Rolling a row back is
+    restoring its handle (a step writes only past `length`)."""
+
+    store: SlotStore
+    key: str
+    length: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # the store's bytes are counted once, by the runner
+
+    def copy_refs(self) -> SlotCache:
+        return replace(self)
+
+    def advance(self, tokens: int) -> None:
+        """The first `tokens` positions of the window just written are final."""
+        self.length += tokens
+
+
+@dataclass
+class SlotBatch:
+    """One step's rows in a `SlotStore`: where each row's window goes and how far to read."""
+
+    store: SlotStore
+    index: Tensor  # [B] the rows' slots
+    flat: Tensor  # [B * Hkv * T] where each window key is written (see SlotStore.batch)
+    end: Tensor  # [B] positions readable per row: its cache, then its window
+    read: int  # positions read per row: the longest row's end
+    view: bool  # the rows are slots first..first+B-1 in order: reads are views of the storage
+    first: int = 0  # the first row's slot
+
+    def join(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a window's fresh k/v [B, Hkv, T, Dh] into the rows' slots -> every readable
+        key and value, [B, Hkv, read, Dh] (a view of the storage when `view`)."""
+        keys, values = self.store.keys[layer], self.store.values[layer]
+        # index_copy_ on the flattened storage: advanced-index assignment is ~1000x slower on CPU.
+        keys.view(-1, k.shape[-1]).index_copy_(0, self.flat, k.reshape(-1, k.shape[-1]))
+        values.view(-1, v.shape[-1]).index_copy_(0, self.flat, v.reshape(-1, v.shape[-1]))
+        if self.view:
+            rows = slice(self.first, self.first + len(self.index))
+            return keys[rows, :, : self.read], values[rows, :, : self.read]
+        read = slice(None), slice(None), slice(0, self.read)
+        return keys[read].index_select(0, self.index), values[read].index_select(0, self.index)
+
+    def layer(self, layer: int) -> SlotLayer:
+        return SlotLayer(self, layer)
+
+
+@dataclass
+class SlotLayer:
+    """One layer of a `SlotBatch`, what a decoder layer reads its past through."""
+
+    batch: SlotBatch
+    layer: int
+
+    def join(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.batch.join(self.layer, k, v)

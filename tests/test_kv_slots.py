@@ -1,0 +1,146 @@
+"""KV that stays in place: a steady-state step of LLaDA2, SDAR and DiffusionGemma copies none of
+the keys and values already cached (they are written once into the runner's slots and attention
+reads them there), and a row that fails in a batch is retried alone from its state before the
+step, slots and all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from marble.scheduler.engine import Engine
+from marble.scheduler.sampling_params import SamplingParams
+from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
+
+CHECKPOINTS = {
+    "llada2": LLADA2_CHECKPOINT,
+    "sdar": REFERENCE / "sdar-tiny",
+    "diffusion_gemma": DG_CHECKPOINT,
+}
+BLOCK = 8  # the block-causal families' block; DiffusionGemma's canvas is its own
+PROMPTS = [[5 + i, 40 + 3 * i, 7, 11, 13] * (4 + i) for i in range(3)]  # 20-30 tokens
+COPIES = {"cat", "stack", "copy_", "constant_pad_nd", "index", "index_select", "clone", "_to_copy"}
+# Ops whose input is the K/V-shaped one (a GQA repeat writes [B, Hq, S, Dh]).
+FROM_INPUT = {"copy_", "repeat_interleave"}
+
+
+class KVCopies(TorchDispatchMode):
+    """Bytes written by copying ops (cat, pad, gather, copy_...) whose output is shaped like
+    keys or values [B, Hkv, S, Dh] (or a GQA repeat of them) longer than one window: copies of
+    cached keys and values."""
+
+    def __init__(self, shapes: set[tuple[int, int]], window: int) -> None:
+        super().__init__()
+        self.shapes, self.window = shapes, window  # (kv heads, head dim) of each layer
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name in COPIES | FROM_INPUT:
+            t = args[0] if name in FROM_INPUT else out
+            if isinstance(t, torch.Tensor) and self._kv_shaped(t):
+                written = out if name == "repeat_interleave" else t
+                self.bytes += written.numel() * written.element_size()
+        return out
+
+    def _kv_shaped(self, t: torch.Tensor) -> bool:
+        # 5-D: a GQA repeat's [B, Hkv, rep, S, Dh] before it is viewed as query heads.
+        if t.dim() not in (4, 5):
+            return False
+        return (t.shape[1], t.shape[-1]) in self.shapes and t.shape[-2] > self.window
+
+
+def _params(engine: Engine, i: int) -> SamplingParams:
+    """Sampled and seeded: a row's tokens depend on its generator and cache alone."""
+    params = engine.defaults.replace(temperature=0.9, seed=i, ignore_eos=True)
+    if hasattr(engine.model, "kv_heads"):
+        return params.replace(max_tokens=48, block_length=BLOCK)
+    # Two canvases of 8 steps each, no early stop: steps 2-7 decode over a fixed cache.
+    return params.replace(max_tokens=2 * _window(engine), steps=8, confidence_threshold=0.0)
+
+
+def _window(engine: Engine) -> int:
+    """The positions one forward writes: a block, or a canvas."""
+    cfg = engine.model.cfg
+    return BLOCK if hasattr(engine.model, "kv_heads") else cfg.canvas_length
+
+
+def _kv_shapes(engine: Engine) -> set[tuple[int, int]]:
+    model = engine.model
+    if hasattr(model, "kv_heads"):
+        return {(model.kv_heads, model.head_dim)}
+    return {(layer.self_attn.n_kv, layer.self_attn.head_dim) for layer in model.layers}
+
+
+def _add_all(engine: Engine, prompts: list[list[int]]) -> list[str]:
+    return [
+        engine.add(engine.make_request(p, _params(engine, i))).request_id
+        for i, p in enumerate(prompts)
+    ]
+
+
+@pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
+def engine(request: pytest.FixtureRequest) -> Engine:
+    return Engine.from_pretrained(CHECKPOINTS[request.param], progress=False)
+
+
+def test_a_steady_step_copies_no_cached_keys_or_values(engine: Engine):
+    """Before: every batched step stacked each row's cache into one padded tensor and every
+    layer concatenated it with the window's keys (thousands of bytes per step here)."""
+    ids = _add_all(engine, PROMPTS)
+    for _ in range(3):  # past the prefill: every row now holds its prompt's full blocks
+        engine.step()
+    rows = engine.runner.rows
+    assert sorted(rows) == sorted(ids)
+    assert all(row.cache.length > _window(engine) for row in rows.values())
+    counter = KVCopies(_kv_shapes(engine), _window(engine))
+    with counter:
+        engine.step()
+    assert counter.bytes == 0
+    stores = getattr(engine.runner, "stores", {None: getattr(engine.runner, "store", None)})
+    copied = [store.copied for store in stores.values()]
+    for _ in range(2):
+        engine.step()
+    # Nor does a store move anything while the same rows run.
+    assert [store.copied for store in stores.values()] == copied
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.runner.cache_bytes == 0 and not engine.runner.rows
+
+
+def _alone(engine: Engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    return list(engine.generate(prompt, params))[-1].tokens
+
+
+def test_a_row_that_raises_after_writing_its_slot_fails_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+):
+    """The failed batch wrote every row's window into the slots; each row retried alone
+    must start from its state before the step and end as it would alone."""
+    expected = [_alone(engine, p, _params(engine, i)) for i, p in enumerate(PROMPTS)]
+    used = {t for ids in [*PROMPTS, *expected] for t in ids} | engine.special.stop_ids
+    trigger = next(t for t in range(len(engine.tokenizer)) if t not in used)
+    model = engine.runner.model
+    name = "forward_slots" if hasattr(model, "forward_slots") else "encode_slots"
+    original = getattr(model, name)
+
+    def raising(ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hidden = original(ids, *args, **kwargs)
+        if bool((ids == trigger).any()):
+            raise RuntimeError("boom")
+        return hidden
+
+    monkeypatch.setattr(model, name, raising)
+    prompts = [*PROMPTS, [trigger, 9, 10] * 6]
+    ids = _add_all(engine, prompts)
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[ids.index(out.request_id)] = out
+    assert final[len(PROMPTS)].finish_reason == "error"
+    for i in range(len(PROMPTS)):
+        assert final[i].finish_reason == "length" and final[i].tokens == expected[i]
+    assert engine.runner.cache_bytes == 0

@@ -96,8 +96,10 @@ class Engine:
         config: SchedulerConfig | None = None,
         defaults: SamplingParams | None = None,
         name: str = DEFAULT_NAME,
+        compile: bool | str = False,
     ) -> None:
-        self._serve(ServedModel(name, model, tokenizer, defaults or SamplingParams()), config)
+        served = ServedModel(name, model, tokenizer, defaults or SamplingParams(), compile=compile)
+        self._serve(served, config)
 
     def _serve(self, first: ServedModel, config: SchedulerConfig | None) -> None:
         config = config or SchedulerConfig()
@@ -133,14 +135,16 @@ class Engine:
         defaults: SamplingParams | None = None,
         progress: bool = True,
         name: str = DEFAULT_NAME,
+        compile: bool | str = False,
     ) -> Engine:
         """Load a local checkpoint folder (None: the embedded default model, wherever Marble
         is installed); serving defaults stored with it apply unless given. `device` and
-        `dtype` may be "auto" (model/device.py)."""
+        `dtype` may be "auto" (model/device.py). `compile` runs the model's cached forward
+        compiled: True (inductor; CUDA graphs on a GPU) or a torch.compile backend's name."""
         engine = cls.__new__(cls)  # the loaded model as it is: its runner is built once
-        engine._serve(
-            load_served(path, name, resolve_device(device), dtype, defaults, progress), config
-        )
+        device = resolve_device(device)
+        served = load_served(path, name, device, dtype, defaults, progress, compile)
+        engine._serve(served, config)
         return engine
 
     # The first model's parts, for callers that serve one model.

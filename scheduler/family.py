@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from marble.model.checkpoint_config import model_type_of
+from marble.model.compiled_forward import CompiledForward
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import Runner
@@ -99,6 +100,17 @@ class Family(ABC):
     def runner(cls, served: Served) -> Runner:
         special = served.special
         return cls.parts.runner(served.model, special.mask, special.padding, served.vocab_size)
+
+    @classmethod
+    def compile(cls, runner: Runner, backend: str) -> CompiledForward:
+        """Run the runner's per-step cached forward through `torch.compile` (`backend`, e.g.
+        "inductor") from now on, over padded shape buckets; -> that compiled forward, which
+        counts its compiles. The runner declares it as `compile_forward(backend)`; a family
+        whose runner has none refuses."""
+        compile_forward = getattr(runner, "compile_forward", None)
+        if compile_forward is None:
+            raise ValueError(f"the {cls.name} family has no compiled forward")
+        return compile_forward(backend)
 
     @classmethod
     def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from marble.model.compiled_forward import CompiledForward
 from marble.model.default import CHECKPOINT_DIR
 from marble.model.device import resolve_dtype
 from marble.model.tokenizer import SpecialIds, TextTokenizer
@@ -32,12 +33,16 @@ class ServedModel:
     defaults: SamplingParams
     # What the engine asks of its kind of model (None: the registered family that owns it).
     family: type[Family] | None = None
+    # Run the family's cached forward compiled (`Family.compile`): True for inductor, or a
+    # torch.compile backend's name; False: eager.
+    compile: bool | str = False
     special: SpecialIds = field(init=False)
     runner: Runner = field(init=False)
     context: int = field(init=False)  # longest canvas: prompt + generated + suffix
     vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
     kv_bytes_per_token: int = field(init=False)  # per cached canvas position, where priced so
     param_fields: frozenset[str] = field(init=False)  # the SamplingParams fields it reads
+    compiled: CompiledForward | None = field(init=False)  # the compiled forward, if compiling
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -48,6 +53,8 @@ class ServedModel:
         self.context = self.family.context(self.model)
         self.kv_bytes_per_token = self.family.kv_bytes_per_token(self.model)
         self.runner = self.family.runner(self)
+        backend = "inductor" if self.compile is True else self.compile or None
+        self.compiled = self.family.compile(self.runner, backend) if backend else None
         _ = self.tokenizer.max_token_chars  # a vocabulary scan: at load, not in a request
 
     @property
@@ -66,16 +73,17 @@ def load_served(
     dtype: torch.dtype | str,
     defaults: SamplingParams | None = None,
     progress: bool = True,
+    compile: bool | str = False,
 ) -> ServedModel:
     """A local checkpoint folder (None: the embedded default model) on a resolved `device`,
     loaded by the family its `config.json` names; serving defaults stored with it apply
-    unless given."""
+    unless given. `compile` runs its cached forward compiled (`ServedModel.compile`)."""
     path = CHECKPOINT_DIR if path is None else Path(path)
     family = family_for_config(json.loads((path / "config.json").read_text()))
     model = family.load(path, device, resolve_dtype(dtype, device), progress)
     if defaults is None:
         defaults = load_defaults(path, family)
-    return ServedModel(name, model, TextTokenizer(path), defaults, family)
+    return ServedModel(name, model, TextTokenizer(path), defaults, family, compile)
 
 
 def load_defaults(path: str | Path, family: type[Family] | None = None) -> SamplingParams:

@@ -45,11 +45,21 @@ def build_engine(settings: Settings) -> Engine:
     device = resolve_device(settings.device)
     log.info("loading %s on %s", path, device)
     engine = Engine.from_pretrained(
-        path, device, settings.dtype, config=config, progress=False, name=first_name(settings)
+        path,
+        device,
+        settings.dtype,
+        config=config,
+        progress=False,
+        name=first_name(settings),
+        compile=settings.compile,
     )
     for extra in settings.also_serve:
         log.info("loading %s on %s", extra, device)
-        engine.add_model(load_served(extra, extra.name, device, settings.dtype, progress=False))
+        engine.add_model(
+            load_served(
+                extra, extra.name, device, settings.dtype, progress=False, compile=settings.compile
+            )
+        )
     return engine
 
 

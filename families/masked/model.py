@@ -58,8 +58,12 @@ class Attention(nn.Module):
         if cached is not None:
             assert slots is not None
             index = slots[:, None, :, None].expand(-1, self.n_kv_heads, -1, self.head_dim)
-            k = cached[0].scatter_(2, index, k)
-            v = cached[1].scatter_(2, index, v)
+            if torch.compiler.is_compiling():
+                # Same values, no input mutated: a CUDA graph skips a graph that writes one.
+                k, v = cached[0].scatter(2, index, k), cached[1].scatter(2, index, v)
+            else:
+                k = cached[0].scatter_(2, index, k)
+                v = cached[1].scatter_(2, index, v)
         if keep is not None:
             keep.append((k, v))
         out = F.scaled_dot_product_attention(

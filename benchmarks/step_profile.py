@@ -1,88 +1,185 @@
 """Where one engine step's time goes, per batch size: before the forward (scheduling, padding,
-stacking cached rows' keys and values), the transformer forward, the LM-head matmul, and
-after it (the step's tail: sampling, confidence, commit rules, bookkeeping).
+stacking cached rows' keys and values), the model's calls (the transformer forward and the
+LM-head matmul), and after them (the step's tail: sampling, confidence, commit rules,
+bookkeeping); and step / model, the step over its bare model calls.
 
-The target: the work after the LM-head matmul costs at most 0.3x that matmul on a model with
-a real vocabulary. Medians over `--steps` steps after a warm-up; each part is timed around its
-call (with a device sync on GPU).
+Models: `llada-vocab` (LLaDA-shaped: masked, LLaDA-8B's vocabulary, 32 layers, d_model 512),
+the other masked presets (`tiny`, ...), `embedded` (Marble's own), and random models shaped
+like LLaDA2 (block-causal, experts), SDAR (block-causal, dense) and DiffusionGemma (uniform
+canvas, sliding and full layers, experts) at `--hidden` and `--layers`, with each family's
+real vocabulary (DiffusionGemma scores its whole `--canvas` every step, so its default
+vocabulary is smaller; real: 262,144). Targets: step / model <= 1.2; the work after the
+LM-head matmul at most 0.3x that matmul. Medians over `--steps` steps after a warm-up, one
+token committed per row per step where the family has a schedule; each part is timed around
+its call (with a device sync on GPU).
 
     python benchmarks/step_profile.py                        # llada-vocab, batch 1 and 8
-    python benchmarks/step_profile.py --model embedded --batches 1,16
+    python benchmarks/step_profile.py --model llada2 --batches 1,8
+    python benchmarks/step_profile.py --model all            # every family, one after another
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from cache import engine_for
+from diffusion_gemma import random_model as gemma_model
 
+from marble.families.llada2.config import LLaDA2Config
+from marble.families.llada2.model import LLaDA2
+from marble.families.sdar.config import SDARConfig
+from marble.families.sdar.model import SDAR
+from marble.model.tokenizer import TextTokenizer
+from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+MODELS = ("llada-vocab", "llada2", "sdar", "gemma")
+VOCAB = {"llada2": 157184, "sdar": 151936, "gemma": 32768}
+CALLS = ("forward", "forward_cached", "forward_slots", "decode", "encode")  # model calls
+HEAD = "project"
 
 
-def timed(fn, bucket: list[float], sync, ends: list[float] | None = None):
-    """`fn`, with its duration appended to `bucket` (and its end time to `ends`)."""
-
-    def wrapper(*args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        sync()
-        end = time.perf_counter()
-        bucket.append(end - start)
-        if ends is not None:
-            ends.append(end)
-        return out
-
-    return wrapper
+def _random_init(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "scale" in name:
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5)
+    return model.eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="llada-vocab")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--gen", type=int, default=64)
-    parser.add_argument("--cache", default="dual")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
-    engine = engine_for(args.model, args.threads)
+def _shaped(name: str, layers: int, hidden: int, vocab: int, canvas: int) -> torch.nn.Module:
+    """A random model of family `name` at the given widths, built from its tiny checkpoint's
+    config (attention heads of 64)."""
+    if name == "gemma":
+        return gemma_model(layers, hidden, vocab, canvas)
+    folder = "llada2-tiny" if name == "llada2" else "sdar-tiny"
+    raw = json.loads((REFERENCE / folder / "config.json").read_text())
+    raw.update(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        max_position_embeddings=4096,
+    )
+    if name == "llada2":
+        raw.update(
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=hidden // 2,
+            num_experts=16,
+            num_experts_per_tok=4,
+        )
+        return _random_init(LLaDA2(LLaDA2Config.from_json_dict(raw)))
+    raw.update(intermediate_size=3 * hidden)
+    return _random_init(SDAR(SDARConfig.from_json_dict(raw)))
+
+
+def build(args: argparse.Namespace, name: str) -> tuple[Engine, SamplingParams]:
+    """The engine for `name` and the settings its requests take."""
+    if name not in VOCAB:  # a masked preset (families/masked/config.py) or `embedded`
+        engine = engine_for(name, args.threads)
+        params = SamplingParams(
+            max_tokens=args.gen, block_length=32, steps=args.gen, ignore_eos=True, cache=args.cache
+        )
+        return engine, params
+    torch.set_num_threads(args.threads)
+    vocab = args.vocab or VOCAB[name]
+    model = _shaped(name, args.layers, args.hidden, vocab, args.canvas)
+    folder = {"llada2": "llada2-tiny", "sdar": "sdar-tiny", "gemma": "diffusiongemma-tiny"}[name]
+    config = SchedulerConfig(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=8 << 30)
+    engine = Engine(model, TextTokenizer(REFERENCE / folder), config)
+    if hasattr(engine.runner, "vocab_limit"):
+        # The tiny tokenizer is small; score every id as the real vocabulary would.
+        engine.runner.vocab_limit = vocab
+    common = dict(max_tokens=args.gen, ignore_eos=True, seed=0)
+    if name == "llada2":  # threshold 1: one token a step (the top one), editing off
+        params = SamplingParams(block_length=32, threshold=1.0, **common)
+    elif name == "sdar":
+        params = SamplingParams(block_length=32, steps=32, **common)
+    else:  # one canvas at the real sampler settings (t 0.8 -> 0.4, entropy bound 0.1)
+        common.update(max_tokens=args.canvas, block_length=args.canvas)
+        params = SamplingParams(
+            steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1, temperature=1.0, **common
+        )
+    return engine, params
+
+
+class Clock:
+    """Times the model's outermost calls (a call made inside another is part of it): the
+    LM head (`project`) apart from the rest, and when the last one ended."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.depth = 0
+        self.model = 0.0
+        self.head = 0.0
+        self.last_end = 0.0
+
+    def clear(self) -> None:
+        self.model = self.head = self.last_end = 0.0
+
+    def wrap(self, fn: Callable, head: bool) -> Callable:
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.sync()
+            start = time.perf_counter()
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                self.sync()
+                end = time.perf_counter()
+                if head:
+                    self.head += end - start
+                else:
+                    self.model += end - start
+                self.last_end = end
+
+        return timed
+
+
+def profile(args: argparse.Namespace, name: str) -> None:
+    engine, params = build(args, name)
     model = engine.model
     cuda = next(model.parameters()).is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    forward: list[float] = []
-    head: list[float] = []
-    model.forward = timed(model.forward, forward, sync)
-    model.forward_cached = timed(model.forward_cached, forward, sync)
-    head_end: list[float] = []
-    model.project = timed(model.project, head, sync, head_end)
-    params = SamplingParams(
-        max_tokens=args.gen, block_length=32, steps=args.gen, ignore_eos=True, cache=args.cache
-    )
-    print(f"{args.model}, gen {args.gen}, block 32, cache {args.cache}, one token per step")
+    clock = Clock(torch.cuda.synchronize if cuda else (lambda: None))
+    for call in (*CALLS, HEAD):
+        if hasattr(model, call):
+            setattr(model, call, clock.wrap(getattr(model, call), call == HEAD))
+    shape = f", {args.layers} layers x {args.hidden}" if name in VOCAB else ""
+    print(f"{name}{shape}, gen {args.gen}, {args.threads} threads")
     print(
         f"{'B':>3} {'step ms':>8} {'before':>8} {'forward':>8} {'lm_head':>8} {'after':>8} "
-        f"{'after/head':>10}"
+        f"{'after/head':>10} {'step/model':>10}"
     )
     for batch in (int(b) for b in args.batches.split(",")):
         for i in range(batch):
             engine.add(engine.make_request([10 + i] * 32, params))
         rows = []
         for step in range(args.steps + 2):
-            forward.clear()
-            head.clear()
-            head_end.clear()
-            sync()
+            clock.clear()
+            clock.sync()
             start = time.perf_counter()
             engine.step()
-            sync()
+            clock.sync()
             end = time.perf_counter()
             if step >= 2:  # warm-up
-                after = end - head_end[-1]
-                rows.append((end - start, sum(forward), sum(head), after))
+                rows.append((end - start, clock.model, clock.head, end - clock.last_end))
         while engine.has_unfinished():
             for request_id in list(engine.requests):
                 engine.abort(request_id)
@@ -92,10 +189,30 @@ def main() -> None:
         hd = statistics.median(r[2] for r in rows)
         after = statistics.median(r[3] for r in rows)
         before = statistics.median(r[0] - r[1] - r[2] - r[3] for r in rows)
+        ratio = statistics.median(r[0] / (r[1] + r[2]) for r in rows)
+        per_head = f"{after / hd:10.2f}" if hd else f"{'-':>10}"  # head inside the forward
         print(
             f"{batch:3d} {1e3 * step_s:8.1f} {1e3 * before:8.1f} {1e3 * fwd:8.1f} "
-            f"{1e3 * hd:8.1f} {1e3 * after:8.1f} {after / hd:10.2f}"
+            f"{1e3 * hd:8.1f} {1e3 * after:8.1f} {per_head} {ratio:10.2f}",
+            flush=True,
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llada-vocab", help=f"{', '.join(MODELS)} or all")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--gen", type=int, default=64)
+    parser.add_argument("--cache", default="dual", help="llada-vocab and embedded")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--layers", type=int, default=8, help="the shaped random models'")
+    parser.add_argument("--hidden", type=int, default=512, help="the shaped random models'")
+    parser.add_argument("--vocab", type=int, default=0, help="0: the family's own")
+    parser.add_argument("--canvas", type=int, default=256, help="DiffusionGemma's")
+    args = parser.parse_args()
+    for name in MODELS if args.model == "all" else (args.model,):
+        profile(args, name)
 
 
 if __name__ == "__main__":

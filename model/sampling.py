@@ -10,9 +10,10 @@ tokenizers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,15 +37,69 @@ class Confidence(IntEnum):
     ENTROPY = 3  # Dream entropy: sum p log p (negative entropy)
 
 
-def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """logits [B, W, V], top_k [B] (0 = off), top_p [B] (1 = off) -> filtered [B, W, V]."""
-    if bool((top_k > 0).any()):
-        vocab = logits.shape[-1]
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        kth = logits.topk(int(k.max()), dim=-1).values  # [B, W, kmax]
+@dataclass(frozen=True)
+class HostKnobs:
+    """Rows' sampler settings as the host holds them (the requests'): the branches a step takes
+    are decided from these, not from the device tensors, so deciding them reads nothing back
+    from the device (a GPU would otherwise wait for its queue on each)."""
+
+    temperature: Sequence[float]
+    top_k: Sequence[int]
+    top_p: Sequence[float]
+
+    @classmethod
+    def of(cls, settings: Sequence[Any]) -> HostKnobs:
+        """From each row's settings (anything with temperature, top_k and top_p)."""
+        return cls(
+            [q.temperature for q in settings],
+            [q.top_k for q in settings],
+            [q.top_p for q in settings],
+        )
+
+    def rows(self, index: Sequence[int]) -> HostKnobs:
+        """The settings of rows `index`, in that order."""
+        fields = (self.temperature, self.top_k, self.top_p)
+        return HostKnobs(*([values[r] for r in index] for values in fields))
+
+    def top_k_width(self, vocab: int) -> int:
+        """How many top logits the top-k filter reads (0: no row filters by top-k)."""
+        if not any(k > 0 for k in self.top_k):
+            return 0
+        return max(min(k, vocab) if k > 0 else vocab for k in self.top_k)
+
+    @property
+    def nucleus(self) -> bool:
+        return any(p < 1 for p in self.top_p)
+
+    @property
+    def maybe_cold(self) -> bool:
+        """Whether a row may be at or below COLD_TEMPERATURE once in float32 (a superset: a row
+        taken for cold that is not one gets its plain quotient all the same)."""
+        return any(0 < t <= 2 * COLD_TEMPERATURE for t in self.temperature)
+
+
+def filter_top_k_top_p(
+    logits: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    k_width: int | None = None,
+    nucleus: bool | None = None,
+) -> Tensor:
+    """logits [B, W, V], top_k [B] (0 = off), top_p [B] (1 = off) -> filtered [B, W, V].
+
+    `k_width` (`HostKnobs.top_k_width`) and `nucleus` (any top_p < 1), when the caller holds
+    them, spare the device reads that would decide them."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    if k_width is None:
+        k_width = int(k.max()) if bool((top_k > 0).any()) else 0
+    if k_width:
+        kth = logits.topk(k_width, dim=-1).values  # [B, W, kmax]
         cutoff = kth.gather(-1, (k - 1).view(-1, 1, 1).expand(-1, logits.shape[1], 1))
         logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    if bool((top_p < 1).any()):
+    if nucleus is None:
+        nucleus = bool((top_p < 1).any())
+    if nucleus:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.float().softmax(-1).cumsum(-1)
         # Drop a token when the mass before it already exceeds top_p; the top-1 always stays.
@@ -54,17 +109,20 @@ def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return logits
 
 
-def scale_logits(logits: Tensor, temperature: Tensor) -> Tensor:
+def scale_logits(logits: Tensor, temperature: Tensor, maybe_cold: bool | None = None) -> Tensor:
     """logits [B, ..., V], temperature [B] (> 0) -> logits / T per row, in torch's result dtype.
 
     Rows at or below COLD_TEMPERATURE (float32 may have rounded a tiny T to 0) get the limit
     instead: 0 at each position's maxima, the dtype's minimum elsewhere, NaN kept (a broken row
     stays detectable). Its softmax is one-hot (uniform over exact ties) and its entropy 0, where
-    the plain quotient overflows to inf and makes both NaN. Other rows: the plain quotient."""
+    the plain quotient overflows to inf and makes both NaN. Other rows: the plain quotient.
+    `maybe_cold` False (the caller knows no row is cold) spares the device read that checks."""
     shape = (-1, *([1] * (logits.dim() - 1)))
     scaled = logits / temperature.view(shape)
     cold = temperature <= COLD_TEMPERATURE
-    if not bool(cold.any()):
+    if maybe_cold is None:
+        maybe_cold = bool(cold.any())
+    if not maybe_cold:
         return scaled
     top = logits.amax(-1, keepdim=True)
     limit = torch.full_like(scaled, torch.finfo(scaled.dtype).min).masked_fill_(logits == top, 0)
@@ -116,20 +174,29 @@ def logsumexp_(x: Tensor) -> Tensor:
 
 
 def score_confidence(
-    logits: Tensor, x0: Tensor, kind: Tensor, uniform: Tensor | None
+    logits: Tensor,
+    x0: Tensor,
+    kind: Tensor,
+    uniform: Tensor | None,
+    kinds: Collection[int] | None = None,
+    entropy_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """logits [B, W, V] float32, x0 [B, W], kind [B] (Confidence), uniform [B, W] or None ->
     (confidence [B, W], log-probability of x0 [B, W]), both float32.
 
     Consumes `logits` (see `logsumexp_`): it is the step's one vocabulary-sized tensor.
     log p(x0) = logit(x0) - logsumexp(logits): no [B, W, V] log-softmax is built, except
-    for the rows scored by entropy, which need every probability."""
+    for the rows scored by entropy, which need every probability. `kinds` (the kinds present)
+    and `entropy_rows` (the rows whose kind is ENTROPY), when the caller holds them, spare
+    the device reads that would find them."""
     picked = logits.gather(-1, x0[..., None]).squeeze(-1)
-    kinds = set(kind.tolist())
+    kinds = set(kind.tolist()) if kinds is None else set(kinds)
     top2 = logits.topk(2, dim=-1).values if Confidence.MARGIN in kinds else None
     neg_entropy = None
     if Confidence.ENTROPY in kinds:
-        rows = (kind == Confidence.ENTROPY).nonzero().flatten()
+        rows = entropy_rows
+        if rows is None:
+            rows = (kind == Confidence.ENTROPY).nonzero().flatten()
         scored = logits[rows]
         p = (scored - torch.logsumexp(scored, dim=-1, keepdim=True)).exp()
         neg_entropy = torch.zeros_like(picked)
@@ -196,21 +263,35 @@ def joint_predict(
     top_k: Tensor,
     top_p: Tensor,
     generators: Sequence[torch.Generator | None],
+    knobs: HostKnobs | None = None,
+    consume: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """logits [R, W, V], temperature/top_k/top_p [R] -> (x0 [R, W], p [R, W] float32).
 
     Temperature-0 rows: the argmax and its softmax probability. Others: a draw from
     softmax(top-k/top-p filtered logits / T) with the row's generator (top_k 0 / top_p 1 =
     off; a tiny T: its limit, `scale_logits`), p the drawn token's probability under that
-    filtered distribution."""
+    filtered distribution. `knobs`, the same settings on the host, decide every branch
+    without reading the device. `consume`: float32 `logits` may be overwritten (see
+    `logsumexp_`), which spares a vocabulary-sized temporary."""
     x0 = argmax(logits)
     picked = logits.gather(-1, x0[..., None]).squeeze(-1).float()
-    p = (picked - torch.logsumexp(logits.float(), dim=-1)).exp()
-    hot = (temperature > 0).nonzero().flatten()
-    if len(hot):
-        scaled = scale_logits(logits[hot].float(), temperature[hot].float())
-        probs = filter_top_k_top_p(scaled, top_k[hot], top_p[hot]).softmax(-1)
-        drawn = draw_candidates(probs, [generators[r] for r in hot.tolist()])
+    if knobs is None:
+        hot_rows = (temperature > 0).nonzero().flatten().tolist()
+        hints: tuple[int | None, bool | None, bool | None] = (None, None, None)
+    else:
+        hot_rows = [r for r, t in enumerate(knobs.temperature) if t > 0]
+        warm = knobs.rows(hot_rows)
+        hints = (warm.top_k_width(logits.shape[-1]), warm.nucleus, warm.maybe_cold)
+    if hot_rows:
+        hot = torch.tensor(hot_rows, dtype=torch.long, device=logits.device)
+        scaled = scale_logits(logits[hot].float(), temperature[hot].float(), hints[2])
+        probs = filter_top_k_top_p(scaled, top_k[hot], top_p[hot], *hints[:2]).softmax(-1)
+        drawn = draw_candidates(probs, [generators[r] for r in hot_rows])
+    # After the hot rows' copy: a consumed `logits` is garbage from here on.
+    lse = logsumexp_(logits.float()) if consume else torch.logsumexp(logits.float(), dim=-1)
+    p = (picked - lse).exp()
+    if hot_rows:
         x0[hot] = drawn
         p[hot] = probs.gather(-1, drawn[..., None]).squeeze(-1)
     return x0, p

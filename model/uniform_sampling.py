@@ -28,7 +28,7 @@ def temperature_schedule(remaining: Tensor, steps: Tensor, t_min: Tensor, t_max:
 def entropy(logits: Tensor) -> Tensor:
     """logits [B, L, V] -> entropy of their softmax [B, L] (float32)."""
     logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    return -logp.exp().mul_(logp).sum(-1)  # in place: one vocabulary-sized temporary fewer
 
 
 def entropy_bound_accept(token_entropy: Tensor, bound: Tensor) -> Tensor:

@@ -7,12 +7,13 @@ the first block with the first generated tokens (and is never edited). Attention
 block-causal, so the cache is exact: a step's forward covers what the row's cache still lacks
 up to the end of its current block (the prompt's full blocks on the first step; a block that
 ended on its post-step budget, whose last forward had not seen its final tokens; then the
-current block alone), and the forwards of every row share one batched call against their
-caches stacked. Each step applies LLaDA2.1's joint rule (model/sampling.py): masks above the
-threshold are committed and filled positions above the editing threshold are replaced, both
-from the same forward; a filled block takes up to `max_post_steps` mask-free edit rounds and
-ends once a round changes nothing ("settled": that forward's keys and values are the block's
-final ones and go to the cache). One row's failure fails that row alone.
+current block alone), and the forwards of every row share one batched call that reads their
+caches in place (the runner's `SlotStore`). Each step applies LLaDA2.1's joint rule
+(model/sampling.py): masks above the threshold are committed and filled positions above the
+editing threshold are replaced, both from the same forward; a filled block takes up to
+`max_post_steps` mask-free edit rounds and ends once a round changes nothing ("settled": that
+forward's keys and values are the block's final ones and go to the cache). One row's failure
+fails that row alone.
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ NEVER = 2.0  # an editing threshold no probability exceeds: editing off
 @dataclass
 class _BlockRow(BlockRow):
     post: int = 0  # mask-free forwards the current block has taken
+    # Masks left in the block that starts at canvas position `masks_at` (host-side, from the
+    # last step's host copy), so a step learns whether its block is filled without a read.
+    masks: int = 0
+    masks_at: int = -1
+
+    def masks_in(self, start: int) -> int:
+        """Masks in the block at `start`: counted last step, or, in a block not stepped yet,
+        every position past the prompt (no step has written there)."""
+        if start == self.masks_at:
+            return self.masks
+        return start + self.size - max(start, self.prompt_len)
 
 
 class BlockRunner(BlockCausalRunner):
@@ -83,10 +95,10 @@ class BlockRunner(BlockCausalRunner):
         protected = absolute < torch.tensor([row.prompt_len for row in rows], device=dev)[:, None]
         protected |= ~in_block
         # A block with no mask left spends one of its edit rounds on this forward.
-        for row, masked in zip(rows, active.any(-1).tolist()):
-            row.post += 0 if masked else 1
+        for row, (_, s, _) in zip(rows, spans):
+            row.post += 0 if row.masks_in(s) else 1
 
-        hidden, keep = self.forward_windows(rows, [(a, e) for a, _, e in spans])
+        hidden = self.forward_windows(rows, [(a, e) for a, _, e in spans])
         offsets = torch.tensor([s - a for a, s, _ in spans], device=dev)
         picked_rows = (offsets[:, None] + col[None, :]).clamp_max(longest - 1)
         picked = hidden.gather(1, picked_rows[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -104,6 +116,8 @@ class BlockRunner(BlockCausalRunner):
             torch.tensor([q.top_k for q in params], device=dev),
             torch.tensor([q.top_p for q in params], device=dev),
             [row.generator for row in rows],
+            sampling.HostKnobs.of(params),
+            consume=True,  # the logits are not read again
         )
         editing = [NEVER if q.editing_threshold is None else q.editing_threshold for q in params]
         step = sampling.joint_select(
@@ -116,15 +130,16 @@ class BlockRunner(BlockCausalRunner):
             torch.tensor(editing, device=dev),
             torch.tensor([q.num_to_transfer for q in params], device=dev),
         )
-        settled = sampling.block_settled(active, step.edit).tolist()
-        broken = (torch.isnan(p) & in_block).any(-1).tolist()
+        settled = sampling.block_settled(active, step.edit)[:, None].expand_as(active)
+        broken = (torch.isnan(p) & in_block).any(-1)[:, None].expand_as(active)
 
-        # Host copies of the small [R, W] results, once.
-        commit, edit = step.commit.tolist(), step.edit.tolist()
-        tokens, before, prob = step.tokens.tolist(), block.tolist(), p.double().tolist()
+        # Everything the host needs from the step, [R, W] each, in one transfer.
+        fields = (step.commit, step.edit, step.tokens, block, p, settled, broken)
+        host = torch.stack([t.double() for t in fields]).tolist()
+        commit, edit, tokens, before, prob, settled, broken = host
         results: list[RowStep | RowError] = []
         for i, (r, row, (a, s, e)) in enumerate(zip(requests, rows, spans)):
-            if broken[i]:
+            if broken[i][0]:
                 results.append(
                     RowError(
                         "non_finite_logits",
@@ -137,23 +152,23 @@ class BlockRunner(BlockCausalRunner):
             row.canvas[s:e] = step.tokens[i, :size]
             # What the cache lacked before the block is final; the block is too once settled
             # (this forward saw its final tokens).
-            kept = (s - a) + (size if settled[i] else 0)
+            kept = (s - a) + (size if settled[i][0] else 0)
             if kept:
-                row.cache.append([kv.part([i], 0, kept) for kv in keep])
+                row.cache.advance(kept)
             rounds = r.params.max_post_steps if r.params.editing_threshold is not None else 0
-            filled = self.mask_id not in tokens[i][:size]
-            final = settled[i] or (filled and row.post + 1 > rounds)
+            row.masks, row.masks_at = tokens[i][:size].count(self.mask_id), s
+            final = bool(settled[i][0]) or (not row.masks and row.post + 1 > rounds)
             if final:
                 row.post = 0
             gen = row.prompt_len
             limit = r.params.max_tokens  # positions past it are decoded but never shown
             commits = [
-                Commit(s + j - gen, tokens[i][j], prob[i][j], _log(prob[i][j]))
+                Commit(s + j - gen, int(tokens[i][j]), prob[i][j], _log(prob[i][j]))
                 for j in range(size)
                 if commit[i][j] and s + j - gen < limit
             ]
             changes = [
-                Change(s + j - gen, tokens[i][j], before[i][j], EDIT, prob[i][j])
+                Change(s + j - gen, int(tokens[i][j]), int(before[i][j]), EDIT, prob[i][j])
                 for j in range(size)
                 if edit[i][j] and s + j - gen < limit
             ]

@@ -22,9 +22,12 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from marble.families.masked.compiled import CompiledCached
 from marble.families.masked.model import Denoiser, KeyValues
+from marble.model.compiled_forward import CompiledForward
 from marble.model.sampling import (
     Confidence,
+    HostKnobs,
     argmax,
     dream_counts,
     dream_timesteps,
@@ -136,6 +139,12 @@ class ModelRunner:
         # step allocates no vocabulary-sized tensor.
         self._scores: Tensor | None = None
         self._timesteps: dict[int, list[float]] = {}
+        self._compiled: CompiledCached | None = None  # the cached forward, once compiled
+
+    def compile_forward(self, backend: str) -> CompiledForward:
+        """Run every cached forward (prefix and dual) compiled from now on."""
+        self._compiled = CompiledCached(self.model, backend)
+        return self._compiled.forward
 
     def add(self, request: Request) -> None:
         ids = request.prompt_ids + request.tokens + request.suffix_ids
@@ -202,38 +211,53 @@ class ModelRunner:
             self._thresholds(lay.params, self.device),
         )
         commit &= ~d.broken[:, None]
-        b_idx, w_idx = commit.nonzero(as_tuple=True)
-        ids, win_pos = lay.ids, lay.win_pos
-        ids[b_idx, win_pos[b_idx, w_idx]] = d.tokens[b_idx, w_idx]
-        changes: list[list[Change]] = [[] for _ in requests]
+        remask = torch.zeros_like(commit)
         if any(lay.verifying):
-            changes = self._remask(requests, ids, win_pos, lay.filled, commit, d.logprob, d.broken)
+            remask = self._remask(requests, lay.filled, commit, d.logprob, d.broken)
+        # Each window after the step, written back with one scatter: no read of which
+        # positions changed. A padded column holds column 0's position, so it writes column
+        # 0's value too.
+        window = torch.where(commit, d.tokens, lay.window_ids).masked_fill(remask, self.mask_id)
+        window = torch.where(lay.win_pos == lay.win_pos[:, :1], window[:, :1], window)
+        ids = lay.ids.scatter_(1, lay.win_pos, window)
         for b, row in enumerate(rows):
             row.canvas = ids[b, lay.pads[b] :]
 
-        flat = torch.stack(
-            [
-                b_idx.double(),
-                w_idx.double(),
-                d.tokens[b_idx, w_idx].double(),
-                d.conf[b_idx, w_idx].double(),
-                d.logprob[b_idx, w_idx].double(),
+        # Everything the host needs from the step, in one transfer.
+        broken = d.broken[:, None].expand_as(commit)
+        fields = (commit, remask, d.tokens, d.conf, d.logprob, lay.window_ids, d.logprob.exp())
+        host = torch.stack([t.double() for t in (*fields, broken)]).tolist()
+        return self._results(requests, lay, computed, host)
+
+    def _results(
+        self, requests: list[Request], lay: _Layout, computed: list[int], host: list
+    ) -> list[StepResult]:
+        """Each row's commits and remasks in window order, from the step's host copy."""
+        committed, remasked, tokens, conf, logprob, before, prob, broken = host
+        results: list[StepResult] = []
+        for b, r in enumerate(requests):
+            if broken[b][0]:
+                results.append(
+                    RowError(
+                        "non_finite_logits",
+                        "the model produced non-finite logits (NaN or infinity)",
+                    )
+                )
+                continue
+            base, size = r.current_block[0], lay.sizes[b]
+            commits = [
+                Commit(base + w, int(tokens[b][w]), conf[b][w], logprob[b][w])
+                for w in range(size)
+                if committed[b][w]
             ]
-        )
-        commits: list[list[Commit]] = [[] for _ in requests]
-        for b, w, tok, c, lp in flat.T.tolist():
-            r = requests[int(b)]
-            commits[int(b)].append(Commit(r.current_block[0] + int(w), int(tok), c, lp))
-        results: list[StepResult] = [
+            changes = [
+                Change(base + w, self.mask_id, int(before[b][w]), REMASK, prob[b][w])
+                for w in range(size)
+                if remasked[b][w]
+            ]
             # Verifying may mask the current block's commits again until it fills.
-            RowStep(row_commits, kind, positions, row_changes, block_open=v)
-            for row_commits, kind, positions, row_changes, v in zip(
-                commits, lay.kinds, computed, changes, lay.verifying
-            )
-        ]
-        for b in d.broken.nonzero().flatten().tolist():
-            results[b] = RowError(
-                "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
+            results.append(
+                RowStep(commits, lay.kinds[b], computed[b], changes, block_open=lay.verifying[b])
             )
         return results
 
@@ -345,7 +369,10 @@ class ModelRunner:
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = torch.tensor([p.top_k for p in params], device=dev)[b_e]
             top_p = torch.tensor([p.top_p for p in params], device=dev)[b_e]
-            per_entry = filter_top_k_top_p(per_entry, top_k, top_p)
+            scored = [p for p, n, c in zip(params, lay.counts, lay.checks) if n + c]
+            knobs = HostKnobs.of(scored)
+            k_width = knobs.top_k_width(logits.shape[-1])
+            per_entry = filter_top_k_top_p(per_entry, top_k, top_p, k_width, knobs.nucleus)
 
         x0 = argmax(per_entry)  # [N, 1]
         # Each row draws its whole block's noise from its own generator, so its stream (and
@@ -387,7 +414,21 @@ class ModelRunner:
             # A checked entry's candidate is the token it holds: the scoring below then gives
             # that token's log-probability under this step's forward.
             x0[n:, 0] = lay.window_ids[b_e[n:], w_e[n:]]
-        conf_e, logprob_e = score_confidence(per_entry, x0, kind, random_conf)
+        kinds = {_CONFIDENCE[p.remasking] for p in params}
+        entropy_rows = None
+        if Confidence.ENTROPY in kinds:
+            # Entries row-major: row b's counted ones from firsts[b], its checked from n on.
+            at = [
+                e
+                for b, p in enumerate(params)
+                if _CONFIDENCE[p.remasking] == Confidence.ENTROPY
+                for e in (
+                    *range(lay.firsts[b], lay.firsts[b] + lay.counts[b]),
+                    *range(n + lay.check_firsts[b], n + lay.check_firsts[b] + lay.checks[b]),
+                )
+            ]
+            entropy_rows = torch.tensor(at, dtype=torch.long, device=dev)
+        conf_e, logprob_e = score_confidence(per_entry, x0, kind, random_conf, kinds, entropy_rows)
         # Back to window shape [B, W] (small): what the commit rules read.
         conf = torch.full((len(rows), width), float("-inf"), device=dev)
         conf[b_e, w_e] = conf_e[:, 0]
@@ -397,27 +438,24 @@ class ModelRunner:
         logprob[b_e, w_e] = logprob_e[:, 0]
         # NaN or infinite logits (a broken checkpoint, an overflow) turn the row's log-softmax
         # into NaN: that row commits nothing and fails; the others are unaffected.
-        broken = torch.zeros(len(rows), dtype=torch.bool, device=dev)
-        broken[b_e[torch.isnan(logprob_e[:, 0]) | torch.isnan(conf_e[:, 0])]] = True
+        broken = (torch.isnan(logprob) | torch.isnan(conf)).any(-1)
         return _Decision(conf, tokens, logprob, broken)
 
     def _remask(
         self,
         requests: list[Request],
-        ids: Tensor,
-        win_pos: Tensor,
         filled: Tensor,
         commit: Tensor,
         logprob: Tensor,
         broken: Tensor,
-    ) -> list[list[Change]]:
-        """WINO's verify over the filled positions [B, W] of the rows that verify: each one
-        whose token fell below the row's verify_threshold is masked again in `ids` (lowest
-        first), and the step's remasks per row. At most one fewer than the row's commits this
-        step, so every step fills at least one more position and a block ends within its
-        length of steps; a count-rule row remasks nothing at its block's last planned step, so
-        its block ends on plan (remasked positions join the next step's count, `_counts`)."""
-        dev = ids.device
+    ) -> Tensor:
+        """WINO's verify over the filled positions [B, W] of the rows that verify -> the ones
+        to mask again [B, W]: each whose token fell below the row's verify_threshold (lowest
+        first). At most one fewer than the row's commits this step, so every step fills at
+        least one more position and a block ends within its length of steps; a count-rule row
+        remasks nothing at its block's last planned step, so its block ends on plan (remasked
+        positions join the next step's count, `_counts`)."""
+        dev = commit.device
         limit = commit.sum(-1) - 1
         last = [
             r.params.threshold is None and r.step_in_block + 1 >= r.block_steps[r.block_index]
@@ -428,20 +466,8 @@ class ModelRunner:
             float("nan") if r.params.verify_threshold is None else r.params.verify_threshold
             for r in requests
         ]
-        prob = logprob.exp()
-        remask = verify_remask(prob, filled, torch.tensor(thresholds, device=dev), limit)
-        remask &= ~broken[:, None]
-        b_idx, w_idx = remask.nonzero(as_tuple=True)
-        previous = ids[b_idx, win_pos[b_idx, w_idx]]
-        ids[b_idx, win_pos[b_idx, w_idx]] = self.mask_id
-        changes: list[list[Change]] = [[] for _ in requests]
-        flat = torch.stack(
-            [b_idx.double(), w_idx.double(), previous.double(), prob[b_idx, w_idx].double()]
-        )
-        for b, w, token, p in flat.T.tolist():
-            pos = requests[int(b)].current_block[0] + int(w)
-            changes[int(b)].append(Change(pos, self.mask_id, int(token), REMASK, p))
-        return changes
+        remask = verify_remask(logprob.exp(), filled, torch.tensor(thresholds, device=dev), limit)
+        return remask & ~broken[:, None]
 
     def _logits(
         self,
@@ -652,9 +678,12 @@ class ModelRunner:
             slots[i, : q1 - q0] = span
         # Window column c is query row c: the queries start at the block (one earlier, shifted).
         gather = torch.stack([cols[b] for b, _ in units])
-        hidden = self.model.forward_cached(
-            ids, positions, layers, slots, key_mask, gather, project=False
-        )
+        if self._compiled is None:
+            hidden = self.model.forward_cached(
+                ids, positions, layers, slots, key_mask, gather, project=False
+            )
+        else:
+            hidden = self._compiled(ids, positions, layers, slots, key_mask, gather)
         return list(hidden.unbind(0)), [q1 - q0 for q0, q1 in spans]
 
     def _counts(self, requests: list[Request], masked_now: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ prompt's full blocks (written to the cache, nothing committed; only when the pro
 a DENOISE of the current block over the cache (nothing written; every position sampled, masked
 ones committed by the row's rule, `sampling.py`), or once the block has no mask its STORE (the
 block written to the cache, nothing committed, the block final). The rows of one step share one
-batched model call whatever their phase, against their caches stacked. The text of a block
+batched model call whatever their phase, reading their caches in place. The text of a block
 settles only once it is stored (`block_open`), as upstream tests for a stop id only then. One
 row's failure fails that row alone.
 """
@@ -24,7 +24,7 @@ from torch import Tensor
 from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.sdar import sampling
 from marble.families.sdar.config import Remasking
-from marble.model.sampling import joint_predict, llada_counts
+from marble.model.sampling import HostKnobs, joint_predict, llada_counts
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
@@ -45,6 +45,14 @@ LOW_CONFIDENCE, SEQUENTIAL = "low_confidence", "sequential"
 class _SDARRow(BlockRow):
     start: int  # the current block's first canvas position
     step: int = 0  # denoising forwards the current block has taken
+    masks: int = -1  # masks left in the current block, host-side (-1: none committed yet)
+
+    def masks_left(self) -> int:
+        """Without a read of the canvas: a block no step has committed in is masked past the
+        prompt; after that, the last step's count."""
+        if self.masks >= 0:
+            return self.masks
+        return self.start + self.size - max(self.start, self.prompt_len)
 
 
 def rule_of(params: SamplingParams) -> Remasking:
@@ -68,8 +76,7 @@ class SDARRunner(BlockCausalRunner):
     def _phase(self, row: _SDARRow) -> str:
         if row.cache.length < row.start:  # the prompt's full blocks are not cached yet
             return PREFILL
-        block = row.canvas[row.start : row.start + row.size]
-        return DENOISE if bool((block == self.mask_id).any()) else STORE
+        return DENOISE if row.masks_left() else STORE
 
     @torch.inference_mode()
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
@@ -80,7 +87,7 @@ class SDARRunner(BlockCausalRunner):
             (0, row.start) if phase == PREFILL else (row.start, row.start + row.size)
             for row, phase in zip(rows, phases)
         ]
-        hidden, keep = self.forward_windows(rows, spans)
+        hidden = self.forward_windows(rows, spans)
         denoising = [i for i, phase in enumerate(phases) if phase == DENOISE]
         decided = self._denoise(requests, rows, denoising, hidden) if denoising else {}
 
@@ -94,9 +101,9 @@ class SDARRunner(BlockCausalRunner):
                 kind = FULL if row.cache.length == 0 else PREFIX_CACHED
                 results.append(RowStep(commits, kind, e - a, block_final=False, block_open=True))
                 continue
-            row.cache.append([kv.part([i], 0, e - a) for kv in keep])
+            row.cache.advance(e - a)
             if phase == STORE:
-                row.start, row.step = e, 0
+                row.start, row.step, row.masks = e, 0, -1
             final = phase == STORE
             results.append(RowStep([], ENCODE, e - a, block_final=final, block_open=True))
         return results
@@ -131,14 +138,21 @@ class SDARRunner(BlockCausalRunner):
         for size in sorted({row.size for row in picked}):
             group = [j for j, row in enumerate(picked) if row.size == size]
             knobs = [params[j] for j in group]
-            x0[group, :size], p[group, :size] = joint_predict(
-                logits[group, :size],
+            whole = len(group) == len(picked) and size == width  # no copy of the logits
+            drawn, prob = joint_predict(
+                logits if whole else logits[group, :size],
                 # float64: a tiny temperature stays positive (sampled at its limit), not 0.
                 torch.tensor([q.temperature for q in knobs], dtype=torch.float64, device=dev),
                 torch.tensor([q.top_k for q in knobs], device=dev),
                 torch.tensor([q.top_p for q in knobs], device=dev),
                 [picked[j].generator for j in group],
+                HostKnobs.of(knobs),
+                consume=True,  # the logits are not read again
             )
+            if whole:
+                x0, p = drawn, prob
+            else:
+                x0[group, :size], p[group, :size] = drawn, prob
         k = llada_counts(
             sizes,
             torch.tensor([q.steps for q in params], device=dev),
@@ -149,13 +163,14 @@ class SDARRunner(BlockCausalRunner):
         threshold = torch.tensor([q.threshold or 0.0 for q in params], device=dev)
         chosen = sampling.select(p, masked, k, rule, threshold)
         tokens = sampling.commit(block, x0, chosen)
-        broken = (torch.isnan(p) & in_block).any(-1).tolist()
+        broken = (torch.isnan(p) & in_block).any(-1)[:, None].expand_as(chosen)
 
-        # Host copies of the small [R, W] results, once.
-        chosen_host, x0_host, prob = chosen.tolist(), x0.tolist(), p.double().tolist()
+        # Everything the host needs from the step, [R, W] each, in one transfer.
+        host = torch.stack([t.double() for t in (chosen, x0, p, broken)]).tolist()
+        chosen_host, x0_host, prob, broken_host = host
         decided: dict[int, list[Commit] | RowError] = {}
         for j, (i, r, row) in enumerate(zip(index, reqs, picked)):
-            if broken[j]:
+            if broken_host[j][0]:
                 decided[i] = RowError(
                     "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
                 )
@@ -164,10 +179,11 @@ class SDARRunner(BlockCausalRunner):
             row.canvas = row.canvas.clone()
             row.canvas[s : s + row.size] = tokens[j, : row.size]
             row.step += 1
+            row.masks = row.masks_left() - int(sum(chosen_host[j][: row.size]))
             gen = row.prompt_len
             limit = r.params.max_tokens  # positions past it are decoded but never shown
             decided[i] = [
-                Commit(s + c - gen, x0_host[j][c], prob[j][c], _log(prob[j][c]))
+                Commit(s + c - gen, int(x0_host[j][c]), prob[j][c], _log(prob[j][c]))
                 for c in range(row.size)
                 if chosen_host[j][c] and s + c - gen < limit
             ]

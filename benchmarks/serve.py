@@ -40,6 +40,7 @@ from marble.model.default import CHECKPOINT_DIR
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig
+from marble.server.settings import default_torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,8 +248,8 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads, here and in the server (default: every core, as the server's)",
+        default=default_torch_threads(),
+        help="torch threads, here and in the server (default: the server's, every core but one)",
     )
     parser.add_argument("--port", type=int, default=8765, help="server port (default 8765)")
     parser.add_argument("--device", default="cpu", help="both paths (default cpu)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ _FLAGS: list[tuple[str, type, str]] = [
         "require `Authorization: Bearer <key>` on /v1 routes and (see --public-ops) /metrics, "
         "/openapi.json, /docs; printable ASCII without spaces",
     ),
-    ("--torch-threads", int, "CPU threads for torch (default: every core)"),
+    ("--torch-threads", int, "CPU threads for torch (default: every core but one)"),
     ("--log-level", str, "debug, info, warning, error"),
     ("--replica-id", str, "tag starting every request id, 1-16 of a-z 0-9 (default: none)"),
     ("--request-timeout-s", float, "seconds a request may take from submission (0: no limit)"),
@@ -124,12 +123,21 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="with --api-key, leave /metrics, /openapi.json and /docs public too "
         "(default: they need the key; /health, /live and / are always public)",
     )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each model's cached decode forward through torch.compile over padded shape "
+        "buckets, with CUDA graphs on a GPU (default: off; each bucket's first step compiles, "
+        "tens of seconds on a CPU)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {_field(flag): getattr(args, _field(flag)) for flag, _, _ in _FLAGS}
     given["also_serve"] = args.also_serve
     given["public_ops"] = args.public_ops
+    given["compile"] = args.compile
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -172,10 +180,7 @@ def serve(settings: Settings) -> int:
     if problem:
         print(f"marble: {problem}", file=sys.stderr)
         return 2
-    # Every core: on 2 cores, leaving one to the event loop cost a third of the throughput at
-    # 8 clients and did not lower /health's p99 (docs/measurements.md, "Server").
-    threads = settings.torch_threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    torch.set_num_threads(settings.torch_threads)  # default: every core but one (settings.py)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

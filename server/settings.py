@@ -6,12 +6,18 @@ Knows nothing of requests or the engine's internals.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marble.scheduler.scheduler import SchedulerConfig
+
+
+def default_torch_threads() -> int:
+    """Torch's CPU threads unless told: every core but one (at least one)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 class Settings(BaseSettings):
@@ -42,7 +48,16 @@ class Settings(BaseSettings):
     # With an api_key: /metrics, /openapi.json and /docs stay public too (/health, /live and
     # the dashboard page always are). Without one everything is public anyway.
     public_ops: bool = False
-    torch_threads: int | None = Field(None, ge=1)  # None: every core (docs/measurements.md)
+    # Each model's cached decode forward runs through torch.compile over padded shape buckets
+    # (CUDA graphs on a GPU). Off by default: on a CPU the first step of each bucket stalls
+    # the engine for tens of seconds compiling, for 5-40% more tokens/s after that on the tiny
+    # models measured (benchmarks/compile.py).
+    compile: bool = False
+    # Every core but one, left to the event loop and the sockets: on 2 cores, HTTP over
+    # in-process tok/s (benchmarks/serve.py) was 1.67x at 1 client and 1.28x at 16 with two
+    # torch threads, 1.06-1.07x and 1.02-1.03x with one (the 2-thread engine stalls whenever
+    # anything else wants a core).
+    torch_threads: int = Field(default_factory=default_torch_threads, ge=1)
     log_level: str = "info"
     # Starts every request id minted here (`r1-<32 hex>`) so a balancer can send attach-by-id
     # to the replica that owns the request (docs/deploy.md, "Scaling out"); None: bare ids.

@@ -85,6 +85,12 @@ CASES = [
         None,
     ),
     (
+        "gpu",
+        "gpu.py",
+        ["--smoke"],  # tiny widths on the CPU; the full run needs a GPU
+        _missing_reference(),
+    ),
+    (
         "listeners",
         "listeners.py",
         ["--model", LLADA_TINY, "--listeners", "4", "--generations", "1", "--max-tokens", "8"]
@@ -139,6 +145,21 @@ CASES = [
         "stream_digest",
         "stream_digest.py",
         ["--out", "{tmp}", "--model", LLADA_TINY],
+        _missing_reference(),
+    ),
+    (
+        "kv_copies",
+        "kv_copies.py",
+        ["--batch", "2", "--prompt", "40", "--gen", "64", "--block", "16", "--layers", "2"]
+        + ["--hidden", "64", "--heads", "4", "--warmup", "2", "--steps", "1", "--threads", "1"],
+        _missing_reference(),
+    ),
+    ("experts", "experts.py", ["--tokens", "4", "--reps", "1", "--threads", "1"], None),
+    (
+        "compile",
+        "compile.py",
+        ["--backend", "aot_eager", "--models", "sdar-tiny", "--batch-sizes", "1"]
+        + ["--max-tokens", "4", "--repeats", "1", "--threads", "1"],
         _missing_reference(),
     ),
 ]

@@ -34,6 +34,18 @@ from marble.scheduler.served_model import load_defaults
 TINY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusiongemma-tiny"
 
 
+def random_init(model: torch.nn.Module) -> torch.nn.Module:
+    """Seeded random weights at a scale that keeps activations finite; norms and scales 1."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "scale" in name:
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5)
+    return model.eval()
+
+
 def random_model(layers: int, hidden: int, vocab: int, canvas: int) -> DiffusionGemma:
     raw = json.loads((TINY / "config.json").read_text())
     text = raw["text_config"]
@@ -58,15 +70,7 @@ def random_model(layers: int, hidden: int, vocab: int, canvas: int) -> Diffusion
     )
     raw["canvas_length"] = canvas
     cfg = DiffusionGemmaConfig.from_json_dict(raw)
-    torch.manual_seed(0)
-    model = DiffusionGemma(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "scale" in name:
-                p.fill_(1.0)
-            elif p.dim() >= 2:
-                p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5)
-    return model.eval()
+    return random_init(DiffusionGemma(cfg))
 
 
 def main() -> None:

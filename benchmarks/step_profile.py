@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from cache import engine_for
+from diffusion_gemma import random_init
 from diffusion_gemma import random_model as gemma_model
 
 from marble.families.llada2.config import LLaDA2Config
@@ -46,17 +47,6 @@ MODELS = ("llada-vocab", "llada2", "sdar", "gemma")
 VOCAB = {"llada2": 157184, "sdar": 151936, "gemma": 32768}
 CALLS = ("forward", "forward_cached", "forward_slots", "decode", "encode")  # model calls
 HEAD = "project"
-
-
-def _random_init(model: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "scale" in name:
-                p.fill_(1.0)
-            elif p.dim() >= 2:
-                p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5)
-    return model.eval()
 
 
 def _shaped(name: str, layers: int, hidden: int, vocab: int, canvas: int) -> torch.nn.Module:
@@ -82,9 +72,9 @@ def _shaped(name: str, layers: int, hidden: int, vocab: int, canvas: int) -> tor
             num_experts=16,
             num_experts_per_tok=4,
         )
-        return _random_init(LLaDA2(LLaDA2Config.from_json_dict(raw)))
+        return random_init(LLaDA2(LLaDA2Config.from_json_dict(raw)))
     raw.update(intermediate_size=3 * hidden)
-    return _random_init(SDAR(SDARConfig.from_json_dict(raw)))
+    return random_init(SDAR(SDARConfig.from_json_dict(raw)))
 
 
 def build(args: argparse.Namespace, name: str) -> tuple[Engine, SamplingParams]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from marble.model.block_cache import BlockCache, LayerKV
-from marble.model.kv_slots import SlotBatch
+from marble.model.kv_slots import SlotBatch, SlotLayer
 from marble.model.layers import rotary_tables
 
 
@@ -58,6 +58,33 @@ def slot_bias(
     )
     bias = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class PreNormLayer(nn.Module):
+    """A pre-norm layer over the cache: x + attention(norm(x)), then + mlp(norm(x)). Subclasses
+    build `input_layernorm`, `post_attention_layernorm` and `mlp` under their checkpoint's
+    names, and return their attention module (`project`, `attend`) from `attn`."""
+
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def attn(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        past: LayerKV | SlotLayer | None,
+        bias: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
+        attention = self.attn()
+        q, k, v = attention.project(self.input_layernorm(x), rope)
+        keys, values = (k, v) if past is None else past.join(k, v)
+        x = x + attention.attend(q, keys, values, bias)
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class BlockCausalStack(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,14 +124,8 @@ class ListedExperts(GroupedExperts):
     ModuleList of gated MLPs (`{e}.gate_proj.weight`, `{e}.up_proj.weight`,
     `{e}.down_proj.weight`), as checkpoints that store experts one by one do."""
 
-    def __init__(
-        self,
-        num_experts: int,
-        hidden: int,
-        inner: int,
-        activation: Callable[[Tensor], Tensor] = F.silu,
-    ) -> None:
-        super().__init__(num_experts, hidden, inner, activation)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.register_state_dict_post_hook(_split_experts)
         self.register_load_state_dict_pre_hook(_join_experts)
 

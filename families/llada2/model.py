@@ -16,10 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.families.llada2.config import LLaDA2Config
-from marble.model.block_cache import LayerKV
-from marble.model.block_causal import BlockCausalStack
+from marble.model.block_causal import BlockCausalStack, PreNormLayer
 from marble.model.experts import ListedExperts
-from marble.model.kv_slots import SlotLayer
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 
 
@@ -113,7 +111,7 @@ class MoE(nn.Module):
         return out.view_as(x)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormLayer):
     def __init__(self, cfg: LLaDA2Config, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -123,18 +121,8 @@ class DecoderLayer(nn.Module):
             MoE(cfg) if cfg.is_moe(index) else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        past: LayerKV | SlotLayer | None,
-        bias: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
-        q, k, v = self.attention.project(self.input_layernorm(x), rope)
-        keys, values = (k, v) if past is None else past.join(k, v)
-        x = x + self.attention.attend(q, keys, values, bias)
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+    def attn(self) -> nn.Module:
+        return self.attention
 
 
 class LLaDA2(BlockCausalStack):

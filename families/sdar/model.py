@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.families.sdar.config import SDARConfig
-from marble.model.block_cache import LayerKV
-from marble.model.block_causal import BlockCausalStack
-from marble.model.kv_slots import SlotLayer
+from marble.model.block_causal import BlockCausalStack, PreNormLayer
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 
 
@@ -54,7 +52,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(PreNormLayer):
     def __init__(self, cfg: SDARConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -62,18 +60,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        past: LayerKV | SlotLayer | None,
-        bias: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
-        q, k, v = self.self_attn.project(self.input_layernorm(x), rope)
-        keys, values = (k, v) if past is None else past.join(k, v)
-        x = x + self.self_attn.attend(q, keys, values, bias)
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+    def attn(self) -> nn.Module:
+        return self.self_attn
 
 
 class SDAR(BlockCausalStack):

@@ -8,10 +8,10 @@ overwrite; the fields SDAR cannot run are refused by name, and the masked family
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tests.sdar_golden import EXACT, OVERWRITE, REFERENCE, SDAR_TINY
 
 from marble.families.sdar.config import SDARDecodeSettings
 from marble.scheduler.engine import Engine, StepOutput
@@ -20,15 +20,6 @@ from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.served_model import load_defaults, load_served
 from marble.scheduler.step_result import ENCODE
 
-REFERENCE = Path(__file__).resolve().parents[4] / "shared" / "reference"
-SDAR_TINY = REFERENCE / "sdar-tiny"
-GOLDEN = REFERENCE / "golden" / "sdar" / "golden_generate.json"
-if not GOLDEN.exists():
-    pytest.skip(f"reference data {GOLDEN} is absent", allow_module_level=True)
-
-CASES = json.loads(GOLDEN.read_text())["cases"]
-OVERWRITE = [c for c in CASES if c["overwrite_events"]]
-EXACT = [c for c in CASES if not c["overwrite_events"]]
 DENOISING = ("full", "prefix_cached")
 # The other families' checkpoints, served beside SDAR, and what each is asked.
 OTHERS = {

@@ -11,13 +11,12 @@ Marble commits only masked positions.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
+from tests.sdar_golden import EXACT, OVERWRITE, SDAR_TINY
 
 from marble.families.sdar.config import Remasking
 from marble.families.sdar.loader import load_sdar
@@ -25,15 +24,6 @@ from marble.families.sdar.model import SDAR
 from marble.families.sdar.sampling import commit, first_stop, select
 from marble.model.sampling import joint_predict, llada_counts
 
-REFERENCE = Path(__file__).resolve().parents[4] / "shared" / "reference"
-MODEL_DIR = REFERENCE / "sdar-tiny"
-GOLDEN = REFERENCE / "golden" / "sdar" / "golden_generate.json"
-if not GOLDEN.exists():
-    pytest.skip(f"reference data {GOLDEN} is absent", allow_module_level=True)
-
-CASES = json.loads(GOLDEN.read_text())["cases"]
-OVERWRITE = [c for c in CASES if c["overwrite_events"]]
-EXACT = [c for c in CASES if not c["overwrite_events"]]
 PROB_TOLERANCE = 2e-5  # recorded x0_prob is rounded to 1e-6; measured max |delta| 4.3e-6
 
 
@@ -113,7 +103,7 @@ def generate(model: SDAR, case: dict) -> Run:
 
 @pytest.fixture(scope="module")
 def model() -> SDAR:
-    return load_sdar(MODEL_DIR)
+    return load_sdar(SDAR_TINY)
 
 
 KEYS = ("kind", "positions", "cache_length_before", "cache_length_after", "input_ids")

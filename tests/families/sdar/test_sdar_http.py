@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from tests.sdar_golden import CASES, SDAR_TINY
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from marble.scheduler.engine import Engine
@@ -19,13 +19,6 @@ from tests.server_helpers import parse_sse, serving, uvicorn_on_loopback
 
 pytestmark = pytest.mark.anyio
 
-REFERENCE = Path(__file__).resolve().parents[4] / "shared" / "reference"
-SDAR_TINY = REFERENCE / "sdar-tiny"
-GOLDEN = REFERENCE / "golden" / "sdar" / "golden_generate.json"
-if not GOLDEN.exists():
-    pytest.skip(f"reference data {GOLDEN} is absent", allow_module_level=True)
-
-CASES = json.loads(GOLDEN.read_text())["cases"]
 CASE = next(c for c in CASES if c["name"] == "eos_early_stop_dynamic_b4_s4_th0.9")
 # Its settings as a request body: 4 steps per block, the dynamic rule at 0.9, greedy.
 BODY = {

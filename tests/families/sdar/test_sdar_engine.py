@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from tests.sdar_golden import EXACT, OVERWRITE, REFERENCE, SDAR_TINY
 
 from marble.families.sdar.config import SDARDecodeSettings
 from marble.scheduler.engine import Engine, StepOutput
@@ -19,6 +18,7 @@ from marble.scheduler.family import family_for_config
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.served_model import load_defaults, load_served
 from marble.scheduler.step_result import ENCODE
+from tests.sdar_golden import EXACT, OVERWRITE, REFERENCE, SDAR_TINY
 
 DENOISING = ("full", "prefix_cached")
 # The other families' checkpoints, served beside SDAR, and what each is asked.

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from tests.sdar_golden import EXACT, OVERWRITE, SDAR_TINY
 
 from marble.families.sdar.config import Remasking
 from marble.families.sdar.loader import load_sdar
 from marble.families.sdar.model import SDAR
 from marble.families.sdar.sampling import commit, first_stop, select
 from marble.model.sampling import joint_predict, llada_counts
+from tests.sdar_golden import EXACT, OVERWRITE, SDAR_TINY
 
 PROB_TOLERANCE = 2e-5  # recorded x0_prob is rounded to 1e-6; measured max |delta| 4.3e-6
 

@@ -11,10 +11,10 @@ import json
 import httpx
 import pytest
 from openai import AsyncOpenAI
-from tests.sdar_golden import CASES, SDAR_TINY
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from marble.scheduler.engine import Engine
+from tests.sdar_golden import CASES, SDAR_TINY
 from tests.server_helpers import parse_sse, serving, uvicorn_on_loopback
 
 pytestmark = pytest.mark.anyio

@@ -96,7 +96,7 @@ def _refuse_unread(m: ServedModel, params: SamplingParams) -> None:
     """A field the model's family does not read may only hold Marble's default or the model's
     serving default: any other value asks for something it would silently not do."""
     for name in SamplingParams.field_names():
-        if name in m.param_fields:
+        if name in m.family.fields:
             continue
         value = getattr(params, name)
         if value != getattr(_MARBLE_DEFAULTS, name) and value != getattr(m.defaults, name):

@@ -41,14 +41,12 @@ class ServedModel:
     context: int = field(init=False)  # longest canvas: prompt + generated + suffix
     vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
     kv_bytes_per_token: int = field(init=False)  # per cached canvas position, where priced so
-    param_fields: frozenset[str] = field(init=False)  # the SamplingParams fields it reads
     compiled: CompiledForward | None = field(init=False)  # the compiled forward, if compiling
 
     def __post_init__(self) -> None:
         if self.family is None:
             self.family = family_for_model(self.model)
         self.special = self.tokenizer.special
-        self.param_fields = self.family.fields
         self.vocab_size = min(len(self.tokenizer), self.model.cfg.vocab_size)
         self.context = self.family.context(self.model)
         self.kv_bytes_per_token = self.family.kv_bytes_per_token(self.model)
@@ -63,7 +61,7 @@ class ServedModel:
 
     def shown_params(self, params: SamplingParams) -> dict[str, Any]:
         """`params` as JSON-ready values, only the fields this model reads."""
-        return {k: v for k, v in params.to_dict().items() if k in self.param_fields}
+        return {k: v for k, v in params.to_dict().items() if k in self.family.fields}
 
 
 def load_served(

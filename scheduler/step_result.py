@@ -85,6 +85,11 @@ class RowError:
     message: str
 
 
+NON_FINITE_LOGITS = RowError(
+    "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
+)
+
+
 @dataclass(frozen=True)
 class RowStep:
     """One row's step, the one result type of every runner: what changed in what the row

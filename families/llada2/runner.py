@@ -31,6 +31,7 @@ from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     EDIT,
     FULL,
+    NON_FINITE_LOGITS,
     PREFIX_CACHED,
     Change,
     Commit,
@@ -140,12 +141,7 @@ class BlockRunner(BlockCausalRunner):
         results: list[RowStep | RowError] = []
         for i, (r, row, (a, s, e)) in enumerate(zip(requests, rows, spans)):
             if broken[i][0]:
-                results.append(
-                    RowError(
-                        "non_finite_logits",
-                        "the model produced non-finite logits (NaN or infinity)",
-                    )
-                )
+                results.append(NON_FINITE_LOGITS)
                 continue
             size = row.size
             row.canvas = row.canvas.clone()

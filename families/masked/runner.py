@@ -44,11 +44,11 @@ from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
     DUAL_CACHED,
     FULL,
+    NON_FINITE_LOGITS,
     PREFIX_CACHED,
     REMASK,
     Change,
     Commit,
-    RowError,
     RowStep,
     StepResult,
     request_generator,
@@ -237,12 +237,7 @@ class ModelRunner:
         results: list[StepResult] = []
         for b, r in enumerate(requests):
             if broken[b][0]:
-                results.append(
-                    RowError(
-                        "non_finite_logits",
-                        "the model produced non-finite logits (NaN or infinity)",
-                    )
-                )
+                results.append(NON_FINITE_LOGITS)
                 continue
             base, size = r.current_block[0], lay.sizes[b]
             commits = [

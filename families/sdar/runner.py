@@ -30,6 +30,7 @@ from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
     ENCODE,
     FULL,
+    NON_FINITE_LOGITS,
     PREFIX_CACHED,
     Commit,
     RowError,
@@ -171,9 +172,7 @@ class SDARRunner(BlockCausalRunner):
         decided: dict[int, list[Commit] | RowError] = {}
         for j, (i, r, row) in enumerate(zip(index, reqs, picked)):
             if broken_host[j][0]:
-                decided[i] = RowError(
-                    "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
-                )
+                decided[i] = NON_FINITE_LOGITS
                 continue
             s = row.start
             row.canvas = row.canvas.clone()

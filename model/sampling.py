@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from marble.model.uniform_sampling import draw_candidates
+from marble.model.draws import draw_candidates
 
 DREAM_EPS = 1e-3  # Dream's final timestep: timesteps = linspace(1, eps, steps + 1)
 # At or below this temperature a sampler takes the limit T -> 0+ (see `scale_logits`). Measured
@@ -109,21 +109,27 @@ def filter_top_k_top_p(
     return logits
 
 
-def scale_logits(logits: Tensor, temperature: Tensor, maybe_cold: bool | None = None) -> Tensor:
+def scale_logits(
+    logits: Tensor, temperature: Tensor, maybe_cold: bool | None = None, consume: bool = False
+) -> Tensor:
     """logits [B, ..., V], temperature [B] (> 0) -> logits / T per row, in torch's result dtype.
 
     Rows at or below COLD_TEMPERATURE (float32 may have rounded a tiny T to 0) get the limit
     instead: 0 at each position's maxima, the dtype's minimum elsewhere, NaN kept (a broken row
     stays detectable). Its softmax is one-hot (uniform over exact ties) and its entropy 0, where
     the plain quotient overflows to inf and makes both NaN. Other rows: the plain quotient.
-    `maybe_cold` False (the caller knows no row is cold) spares the device read that checks."""
+    `maybe_cold` False (the caller knows no row is cold) spares the device read that checks.
+    `consume`: `logits` is the caller's to overwrite; with no cold row, and `logits` already in
+    the result dtype, the quotient is written over it (a vocabulary-sized allocation fewer)."""
     shape = (-1, *([1] * (logits.dim() - 1)))
-    scaled = logits / temperature.view(shape)
+    t = temperature.view(shape)
     cold = temperature <= COLD_TEMPERATURE
     if maybe_cold is None:
         maybe_cold = bool(cold.any())
+    in_place = consume and logits.dtype == torch.promote_types(logits.dtype, temperature.dtype)
     if not maybe_cold:
-        return scaled
+        return logits.div_(t) if in_place else logits / t
+    scaled = logits / t
     top = logits.amax(-1, keepdim=True)
     limit = torch.full_like(scaled, torch.finfo(scaled.dtype).min).masked_fill_(logits == top, 0)
     limit = torch.where(logits.isnan(), logits.to(scaled.dtype), limit)
@@ -285,7 +291,7 @@ def joint_predict(
         hints = (warm.top_k_width(logits.shape[-1]), warm.nucleus, warm.maybe_cold)
     if hot_rows:
         hot = torch.tensor(hot_rows, dtype=torch.long, device=logits.device)
-        scaled = scale_logits(logits[hot].float(), temperature[hot].float(), hints[2])
+        scaled = scale_logits(logits[hot].float(), temperature[hot].float(), hints[2], True)
         probs = filter_top_k_top_p(scaled, top_k[hot], top_p[hot], *hints[:2]).softmax(-1)
         drawn = draw_candidates(probs, [generators[r] for r in hot_rows])
     # After the hot rows' copy: a consumed `logits` is garbage from here on.

@@ -3,7 +3,8 @@
 No mask token: a canvas starts as random tokens; each step samples a candidate per position,
 accepts the lowest-entropy ones within an entropy budget and re-noises the rest (entropy
 bound), or commits greedy candidates cumulatively (block refinement). Random draws come in as
-tensors so recorded draws replay exactly; `draw_*` make them from per-row generators.
+tensors so recorded draws replay exactly; `draw_uniform` and `sampled_positions` make them
+from per-row generators.
 Knows nothing of models, requests or schedulers.
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from marble.model.draws import multinomial_once, position_chunks
 
 
 def temperature_schedule(remaining: Tensor, steps: Tensor, t_min: Tensor, t_max: Tensor) -> Tensor:
@@ -74,25 +77,71 @@ def stable_and_confident(
 
 
 @dataclass
+class Positions:
+    """Per position, from one pass over its vocabulary row, every field [B, L]."""
+
+    argmax: Tensor  # argmax of the logits
+    entropy: Tensor  # float32, of their softmax
+    drawn: Tensor  # sampled: a candidate drawn from the softmax; greedy: the softmax's argmax
+    confidence: Tensor | None = None  # greedy: the softmax's max
+
+
+def sampled_positions(scaled: Tensor, generators: Sequence[torch.Generator | None]) -> Positions:
+    """scaled logits [B, L, V] (raw / T), row b drawing from generators[b] -> argmax, entropy
+    and a candidate per position, the candidates exactly `torch.multinomial(softmax, 1)`'s."""
+    rows, length, vocab = scaled.shape
+    out = _empty_positions(rows, length, scaled.device)
+    for b, generator in enumerate(generators):
+        for part in position_chunks(length, vocab, scaled.device):
+            z = scaled[b, part].float()
+            probs = z.softmax(-1)
+            out.argmax[b, part] = z.argmax(-1)
+            out.entropy[b, part] = _entropy(z, probs)
+            out.drawn[b, part] = multinomial_once(probs, generator)
+    return out
+
+
+def greedy_positions(raw: Tensor) -> Positions:
+    """raw logits [B, L, V] -> argmax, entropy, and the softmax's argmax and max (block
+    refinement's candidate and confidence) per position."""
+    rows, length, vocab = raw.shape
+    out = _empty_positions(rows, length, raw.device)
+    out.confidence = torch.empty(rows, length, device=raw.device)
+    for b in range(rows):
+        for part in position_chunks(length, vocab, raw.device):
+            z = raw[b, part].float()
+            probs = z.softmax(-1)
+            out.argmax[b, part] = z.argmax(-1)
+            out.entropy[b, part] = _entropy(z, probs)
+            out.confidence[b, part], out.drawn[b, part] = probs.max(-1)
+    return out
+
+
+def _empty_positions(rows: int, length: int, device: torch.device) -> Positions:
+    ids = torch.empty(2, rows, length, dtype=torch.long, device=device)
+    return Positions(ids[0], torch.empty(rows, length, device=device), ids[1])
+
+
+def _entropy(logits: Tensor, probs: Tensor) -> Tensor:
+    """logits [N, V] float32 and their softmax -> [N] entropy, from the softmax already made."""
+    return -logits.log_softmax(-1).mul_(probs).sum(-1)
+
+
+@dataclass
 class EntropyBoundStep:
     """One entropy-bound step's decisions, every field per row."""
 
-    argmax: Tensor  # [B, L] argmax of the scaled logits
-    token_entropy: Tensor  # [B, L]
     accepted: Tensor  # [B, L] bool
     canvas: Tensor  # [B, L] the next decoder input
 
 
 def entropy_bound_step(
-    scaled: Tensor, candidates: Tensor, noise: Tensor, bound: Tensor
+    token_entropy: Tensor, candidates: Tensor, noise: Tensor, bound: Tensor
 ) -> EntropyBoundStep:
-    """scaled logits [B, L, V] (raw / T), candidates drawn from their softmax [B, L], noise
-    [B, L] uniform tokens, bound [B] -> the step's decisions."""
-    token_entropy = entropy(scaled)
+    """token_entropy [B, L] of the scaled logits, candidates drawn from their softmax [B, L],
+    noise [B, L] uniform tokens, bound [B] -> the step's decisions."""
     accepted = entropy_bound_accept(token_entropy, bound)
-    return EntropyBoundStep(
-        scaled.argmax(-1), token_entropy, accepted, renoise(accepted, candidates, noise)
-    )
+    return EntropyBoundStep(accepted, renoise(accepted, candidates, noise))
 
 
 def finalize_canvas(
@@ -143,7 +192,8 @@ class BlockRefinementStep:
 
 
 def block_refinement_step(
-    raw: Tensor,
+    confidence: Tensor,
+    argmax: Tensor,
     canvas: Tensor,
     committed: Tensor,
     noise: Tensor,
@@ -151,11 +201,10 @@ def block_refinement_step(
     steps: Tensor,
     threshold: Tensor,
 ) -> BlockRefinementStep:
-    """raw logits [B, L, V], canvas [B, L], committed [B, L], noise [B, L] -> the step.
+    """confidence/argmax [B, L] (the raw logits' softmax max and argmax: `greedy_positions`),
+    canvas [B, L], committed [B, L], noise [B, L] -> the step.
 
     Committed positions keep their token; the rest are re-noised."""
-    probs = raw.float().softmax(-1)
-    confidence, argmax = probs.max(-1)
     commits = block_refinement_commit(confidence, committed, step, steps, threshold)
     kept = torch.where(committed, canvas, noise)
     return BlockRefinementStep(
@@ -173,12 +222,4 @@ def draw_uniform(
 ) -> Tensor:
     """[B, L] uniform token ids, row b from generators[b] (None: torch's global generator)."""
     rows = [torch.randint(0, vocab, (1, length), generator=g, device=device) for g in generators]
-    return torch.cat(rows)
-
-
-def draw_candidates(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor:
-    """probs [B, L, V] -> [B, L] one multinomial sample per position, row b from its generator."""
-    rows = [
-        torch.multinomial(probs[b], 1, generator=g).view(1, -1) for b, g in enumerate(generators)
-    ]
     return torch.cat(rows)

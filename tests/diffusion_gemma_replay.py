@@ -136,13 +136,16 @@ def generate(
             )
             scaled = raw / temp[:, None, None]
             candidates = draws.candidates(scaled.softmax(-1))
-            step = us.entropy_bound_step(scaled, candidates, draws.uniform(b, length, vocab), bound)
-            argmax_in = us.hold_rows(frozen, argmax, step.argmax)
+            token_entropy = us.entropy(scaled)
+            noise = draws.uniform(b, length, vocab)
+            step = us.entropy_bound_step(token_entropy, candidates, noise, bound)
+            step_argmax = scaled.argmax(-1)
+            argmax_in = us.hold_rows(frozen, argmax, step_argmax)
             next_canvas = us.hold_rows(frozen, canvas, step.canvas)
             if sc is not None:
                 scaled = us.hold_rows(frozen, sc, scaled)
             fired, stable, confident, history = us.stable_and_confident(
-                argmax_in, step.token_entropy, history, conf
+                argmax_in, token_entropy, history, conf
             )
             frozen = frozen | fired
             trace.steps.append(
@@ -150,7 +153,7 @@ def generate(
                     temperature=float(temp[0]),
                     decoder_input=canvas,
                     positions=positions[0],
-                    argmax=step.argmax,
+                    argmax=step_argmax,
                     argmax_in=argmax_in,
                     accepted=step.accepted,
                     canvas=next_canvas,
@@ -231,8 +234,16 @@ def pipeline(
             if block:
                 noise = torch.randint(0, vocab, (1, length), generator=gen)
                 threshold = torch.tensor([sched["threshold"]])
+                greedy = us.greedy_positions(raw)
                 bstep = us.block_refinement_step(
-                    raw, canvas, committed, noise, k * one, steps * one, threshold
+                    greedy.confidence,  # type: ignore[arg-type]
+                    greedy.drawn,
+                    canvas,
+                    committed,
+                    noise,
+                    k * one,
+                    steps * one,
+                    threshold,
                 )
                 committed, pred = bstep.committed, raw
                 trace_row = (bstep.commits, bstep.canvas)
@@ -243,7 +254,7 @@ def pipeline(
                 d = torch.multinomial(probs.view(-1, vocab), 1, generator=gen).view(1, length)
                 noise = torch.randint(0, vocab, (1, length), generator=gen)
                 estep = us.entropy_bound_step(
-                    pred, d, noise, torch.tensor([sched["entropy_bound"]])
+                    us.entropy(pred), d, noise, torch.tensor([sched["entropy_bound"]])
                 )
                 trace_row = (estep.accepted, estep.canvas)
             argmax, h = pred.argmax(-1), us.entropy(pred)

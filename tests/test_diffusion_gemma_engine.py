@@ -96,3 +96,29 @@ def test_greedy_block_refinement_equals_the_pipeline_golden(engine: Engine):
         "encode": case["num_forward_passes"]["encoder"],
         "decode": case["num_forward_passes"]["decoder"],
     }
+
+
+def test_non_finite_logits_fail_that_row_alone():
+    """Before: NaN probabilities made `torch.multinomial` raise, and the row failed as a
+    generic step failure; now its NaN entropy names the cause, and the batch runs on. The
+    broken row is the one whose canvases start at its prompt's end, 6 (the LM head is tied
+    to the embedding, so a poisoned embedding would reach every row's logits)."""
+    engine = Engine.from_pretrained(DG_CHECKPOINT, progress=False)
+    params = engine.defaults.replace(max_tokens=20, seed=3, ignore_eos=True)
+    healthy = [[2, 5, 7, 9], [2, 11, 13]]
+    alone = [list(engine.generate(p, params))[-1].tokens for p in healthy]
+    decode = engine.model.decode
+
+    def broken_decode(canvas, positions, *args):
+        logits = decode(canvas, positions, *args)
+        starts = positions[:, :1, None] % engine.model.cfg.canvas_length
+        return logits.masked_fill(starts == 6, float("nan"))
+
+    engine.model.decode = broken_decode
+    prompts = [*healthy, [2, 3, 4, 5, 6, 7]]
+    ids = [engine.add(engine.make_request(p, params)).request_id for p in prompts]
+    final = {out.request_id: out for out in _drain(engine) if out.finished}
+    assert final[ids[2]].finish_reason == "error"
+    assert final[ids[2]].error_code == "non_finite_logits"
+    assert [final[i].tokens for i in ids[:2]] == alone
+    assert all(final[i].finish_reason == "length" for i in ids[:2])

@@ -12,6 +12,7 @@ import math
 import torch
 
 from marble.model import uniform_sampling as us
+from marble.model.draws import draw_candidates
 
 
 def test_temperature_schedule_runs_from_t_max_down():
@@ -45,7 +46,7 @@ def test_entropy_bound_step_is_not_sticky():
     scaled = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))
     candidates = scaled.argmax(-1)
     noise = torch.full((2, 6), 10)
-    step = us.entropy_bound_step(scaled, candidates, noise, torch.tensor([0.0, 1e9]))
+    step = us.entropy_bound_step(us.entropy(scaled), candidates, noise, torch.tensor([0.0, 1e9]))
     assert step.accepted.sum(-1).tolist() == [1, 6]
     assert torch.equal(step.canvas[step.accepted], candidates[step.accepted])
     assert bool((step.canvas[~step.accepted] == 10).all())
@@ -87,8 +88,10 @@ def test_block_refinement_commits_are_cumulative_and_sticky():
     for k in range(steps):
         raw = torch.randn(1, length, 20, generator=gen)
         noise = torch.randint(0, 20, (1, length), generator=gen)
+        greedy = us.greedy_positions(raw)
         step = us.block_refinement_step(
-            raw,
+            greedy.confidence,
+            greedy.drawn,
             canvas,
             committed,
             noise,
@@ -120,8 +123,8 @@ def test_block_refinement_threshold_adds_confident_positions():
 def test_per_row_generators_make_batched_draws_equal_alone():
     probs = torch.softmax(torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(3)), -1)
     gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
-    both = us.draw_candidates(probs, gens)
-    alone = us.draw_candidates(probs[1:], [torch.Generator().manual_seed(12)])
+    both = draw_candidates(probs, gens)
+    alone = draw_candidates(probs[1:], [torch.Generator().manual_seed(12)])
     assert torch.equal(both[1:], alone)
     noise = us.draw_uniform([torch.Generator().manual_seed(5), None], 5, 7, torch.device("cpu"))
     assert noise.shape == (2, 5)

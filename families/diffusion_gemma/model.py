@@ -233,7 +233,8 @@ class DiffusionGemma(nn.Module):
         """Final-normed hidden [B, T, H] -> softcapped logits [B, T, V] (float32)."""
         logits = F.linear(hidden, self.embed_tokens.weight).float()
         cap = self.cfg.final_logit_softcapping
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        # In place: each vocabulary-sized temporary costs its page faults on CPU.
+        return logits if cap is None else logits.div_(cap).tanh_().mul_(cap)
 
     @torch.no_grad()
     def encode(

@@ -32,6 +32,7 @@ from marble.scheduler.step_result import (
     DECODE,
     ENCODE,
     FINAL,
+    NON_FINITE_LOGITS,
     RENOISE,
     CachedRowsRunner,
     Change,
@@ -147,8 +148,7 @@ class UniformRunner(CachedRowsRunner):
         positions = torch.stack([c.length + span for c in caches])  # each row's own positions
         self_cond = mask = None
         if any(row.scaled is not None for row in rows):
-            zeros = torch.zeros(length, vocab, device=dev)
-            self_cond = torch.stack([zeros if r.scaled is None else r.scaled for r in rows])
+            self_cond = _stacked(rows, length, vocab, dev)
             mask = torch.tensor([r.scaled is not None for r in rows], device=dev)
         decode = self.model.decode if self._compiled is None else self._compiled
         raw = decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
@@ -191,12 +191,18 @@ class UniformRunner(CachedRowsRunner):
         shown = torch.where(take_argmax[:, None], step.argmax, step.canvas)  # [B, L]
         changed = shown != canvas
         # One transfer for everything the host needs from this step.
-        fields = (shown, canvas, changed, step.kept, step.fresh, step.entropy, final[:, None])
-        host = torch.stack([t.double().expand_as(canvas) for t in fields]).tolist()
-        finals = [bool(f[0]) for f in host[-1]]
+        # NaN or infinite logits make a NaN entropy (a broken checkpoint, an overflow).
+        broken = step.entropy.isnan().any(-1)
+        fields = (shown, canvas, changed, step.kept, step.fresh, step.entropy)
+        flags = (final[:, None], broken[:, None])
+        host = torch.stack([t.double().expand_as(canvas) for t in (*fields, *flags)]).tolist()
+        finals, failed = ([bool(f[0]) for f in t] for t in host[-2:])
         results: list[RowStep | RowError] = []
         for b, (request, row) in enumerate(zip(requests, rows)):
-            now, before, moved, kept, fresh, ent = (t[b] for t in host[:-1])
+            if failed[b]:
+                results.append(NON_FINITE_LOGITS)
+                continue
+            now, before, moved, kept, fresh, ent = (t[b] for t in host[: len(fields)])
             base = request.current_block[0]
             limit = request.params.max_tokens  # positions past it are decoded but never shown
             changes = [
@@ -274,14 +280,16 @@ class UniformRunner(CachedRowsRunner):
         )
         # Times 1.0 (the default) is exact: the schedule as upstream computes it.
         temperature = schedule * torch.tensor([p.temperature for p in params], device=dev)
-        scaled = scale_logits(_rows(raw, index), temperature, any(map(_maybe_cold, params)))
+        # The rows' logits are this step's to overwrite: the greedy part reads other rows.
+        cold = any(map(_maybe_cold, params))
+        scaled = scale_logits(_rows(raw, index), temperature, cold, consume=True)
         generators = [rows[b].generator for b in index]
-        candidates = us.draw_candidates(scaled.softmax(-1), generators)
+        drawn = us.sampled_positions(scaled, generators)
         noise = us.draw_uniform(generators, cfg.canvas_length, cfg.vocab_size, dev)
         bound = torch.tensor([p.entropy_bound for p in params], device=dev)
-        step = us.entropy_bound_step(scaled, candidates, noise, bound)
+        step = us.entropy_bound_step(drawn.entropy, drawn.drawn, noise, bound)
         return _Decision(
-            step.argmax, step.token_entropy, step.accepted, step.accepted, step.canvas, scaled
+            drawn.argmax, drawn.entropy, step.accepted, step.accepted, step.canvas, scaled
         )
 
     def _refine(
@@ -307,8 +315,10 @@ class UniformRunner(CachedRowsRunner):
             device=dev,
         )
         logits = _rows(raw, index)
+        greedy = us.greedy_positions(logits)
         step = us.block_refinement_step(
-            logits,
+            greedy.confidence,  # type: ignore[arg-type]
+            greedy.drawn,
             _rows(canvas, index),
             torch.stack([rows[b].committed for b in index]),  # type: ignore[misc]
             noise,
@@ -317,7 +327,7 @@ class UniformRunner(CachedRowsRunner):
             threshold,
         )
         return _Decision(
-            logits.argmax(-1), us.entropy(logits), step.committed, step.commits, step.canvas, logits
+            greedy.argmax, greedy.entropy, step.committed, step.commits, step.canvas, logits
         )
 
     def _encode_pending(self, row: _CanvasRow, steps: int, stability: int) -> int:
@@ -350,6 +360,26 @@ def _maybe_cold(params: SamplingParams) -> bool:
     t_min, t_max, steps = params.t_min, params.t_max, params.steps or 1
     floor = min(t_min, t_max / steps) - 1e-6 * max(t_min, t_max)
     return params.temperature * floor <= 10 * COLD_TEMPERATURE
+
+
+def _stacked(rows: list[_CanvasRow], length: int, vocab: int, device: torch.device) -> Tensor:
+    """The rows' self-conditioning logits [B, L, V] (zeros for a row without). A view when
+    they lie in order in one tensor, as the last step left them when the batch is the same
+    rows: a copy would cost a vocabulary-sized allocation a step."""
+    parts = [row.scaled for row in rows]
+    first = parts[0]
+    if first is not None:
+        size, storage = first.numel(), first.untyped_storage().data_ptr()
+        if all(
+            part is not None
+            and part.is_contiguous()
+            and part.untyped_storage().data_ptr() == storage
+            and part.storage_offset() == first.storage_offset() + b * size
+            for b, part in enumerate(parts)
+        ):
+            return first.as_strided((len(parts), *first.shape), (size, *first.stride()))
+    zeros = torch.zeros(length, vocab, device=device)
+    return torch.stack([zeros if part is None else part for part in parts])
 
 
 def _rows(x: Tensor, index: list[int]) -> Tensor:

@@ -1,0 +1,97 @@
+"""One running request's constraint: a matcher at the end of its committed text. A step asks
+it which tokens may come next (`allowed`, one mask) and offers it the row's proposals in order
+(`accept`): it takes the longest valid run and counts what it turned away.
+
+Finishing within the canvas: a diffusion request knows how many positions its output has left.
+When a completion of the match found by a bounded search (forced tokens, then short closing
+texts, depth first) needs nearly all of them, the row closes: its next token is that
+completion's, one a step, so the output ends complete instead of cut. Knows nothing of models
+or runners beyond token ids.
+"""
+
+from __future__ import annotations
+
+import llguidance
+import torch
+from torch import Tensor
+
+from marble.structured.compiler import CompiledGrammar
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+CLOSE_WITHIN = 96  # positions left at which the closing search starts running
+MARGIN = 4  # positions a free token may add to the shortest completion
+SEARCH_NODES = 256  # tokens the closing search may try per step
+
+
+class RowConstraint:
+    def __init__(self, grammar: CompiledGrammar) -> None:
+        self.matcher = grammar.matcher()
+        self.vocab = grammar.vocab
+        self.stop_ids = grammar.stop_ids
+        self.closers = grammar.closers
+        self.rejected = 0  # proposals turned away so far
+        self.accepted = 0  # tokens taken so far
+        self.closing = False  # this step's token is a completion's, not the model's choice
+        self.closed = 0  # steps it has closed in
+
+    def allowed(self, left: int) -> Tensor:
+        """[V] bool (CPU): the tokens that may come next, with `left` positions left for the
+        output (this one included; one more is kept for the stop token): stop tokens once it
+        accepts, a completion's next token when closing."""
+        self.closing = False
+        if not self.done and left <= CLOSE_WITHIN:
+            path = self.completion(left - 1)
+            if path is not None and len(path) + MARGIN >= left - 1:
+                self.closing, self.closed = True, self.closed + 1
+                only = torch.zeros(self.vocab, dtype=torch.bool)
+                only[path[0]] = True
+                return only
+        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
+        bits = (packed[:, None] >> _BITS) & 1  # little-endian: token 8i + j is bit j of byte i
+        return bits.reshape(-1)[: self.vocab].bool()
+
+    def completion(self, budget: int) -> list[int] | None:
+        """Tokens that complete the match from here, at most `budget` of them, or None when
+        the search finds none within its bound (not proof that none exists)."""
+        return self._complete(self.matcher.deep_copy(), budget, [SEARCH_NODES])
+
+    def _complete(self, m: llguidance.LLMatcher, budget: int, nodes: list[int]) -> list[int] | None:
+        if m.is_accepting():
+            return []
+        forced = m.compute_ff_tokens()
+        if forced:
+            if len(forced) > budget or not m.consume_tokens(forced):
+                return None
+            rest = self._complete(m, budget - len(forced), nodes)
+            return None if rest is None else forced + rest
+        if budget <= 0:
+            return None
+        for token in self.closers:
+            if nodes[0] <= 0:
+                return None
+            nodes[0] -= 1
+            if m.validate_tokens([token]) == 1:
+                branch = m.deep_copy()
+                branch.consume_token(token)
+                rest = self._complete(branch, budget - 1, nodes)
+                if rest is not None:
+                    return [token, *rest]
+        return None
+
+    def accept(self, proposals: list[int]) -> int:
+        """Take the longest prefix of `proposals` the grammar allows, a stop token included
+        once the match is complete (it ends the output); returns its length."""
+        # Closing: only this step's first token is the completion's.
+        n = self.matcher.validate_tokens(proposals[:1] if self.closing else proposals)
+        if n and not self.matcher.consume_tokens(proposals[:n]):
+            raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
+        if n < len(proposals) and proposals[n] in self.stop_ids and self.done:
+            n += 1
+        self.accepted += n
+        self.rejected += len(proposals) - n
+        return n
+
+    @property
+    def done(self) -> bool:
+        """The output so far is a complete match (only a stop token may follow)."""
+        return self.matcher.is_accepting()

@@ -28,6 +28,7 @@ from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
 from marble.scheduler.settlement import completion_len, cut, held_text, settle
 from marble.scheduler.step_result import REMASK, Change, Commit, RowError, RowStep, Runner
+from marble.structured.constraint import Constraint
 
 DEFAULT_NAME = "marble"  # the model name of an engine built without one
 
@@ -184,12 +185,14 @@ class Engine:
         request_id: str | None = None,
         suffix: str | list[int] | None = None,
         model: str | None = None,
+        constraint: Constraint | None = None,
     ) -> Request:
         """Validate and tokenize without queueing (`build_request`); raises `InvalidParam`
-        naming the field. `model` names a served model (None: the first)."""
+        naming the field. `model` names a served model (None: the first); `constraint` holds
+        the output to a structured-output grammar."""
         if model is not None and model not in self.models:
             raise InvalidParam("model", f"model {model!r} is not served here")
-        return build_request(self.served(model), prompt, params, request_id, suffix)
+        return build_request(self.served(model), prompt, params, request_id, suffix, constraint)
 
     def add(self, request: Request) -> Request:
         """Queue a request built by `make_request`; raises ValueError or QueueFullError."""

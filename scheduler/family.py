@@ -81,6 +81,8 @@ class Family(ABC):
     infills: ClassVar[bool] = False
     # Fields its requests may not leave None, each with what to say when they do.
     required: ClassVar[dict[str, str]] = {}
+    # Its runner decodes under a structured-output constraint (`Request.constraint`).
+    constrains: ClassVar[bool] = False
 
     @classmethod
     def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> torch.nn.Module:

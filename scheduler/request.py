@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from marble.scheduler.sampling_params import SamplingParams
+from marble.structured.row import RowConstraint
 
 
 def blocks_of(gen_length: int, block_length: int | None, offset: int = 0) -> list[tuple[int, int]]:
@@ -56,6 +57,8 @@ class Request:
     heal_text: str = ""
     heal_ids: list[int] | None = None  # the tokens allowed at the first generated position
     kv_bytes: int = 0  # the KV cache it will hold while it runs (0 without a cache)
+    # Structured output: what the generated text must match, and the matcher at its end.
+    constraint: RowConstraint | None = None
     model: str | None = None  # the served model it runs on (None: the engine's first)
     # Block-causal models align blocks to absolute positions: the first block begins this
     # many positions before the generated region (the prompt's tail).

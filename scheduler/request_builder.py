@@ -20,6 +20,9 @@ from marble.scheduler.sampling_params import (
     SamplingParams,
 )
 from marble.scheduler.served_model import ServedModel
+from marble.structured.compiler import ConstraintError
+from marble.structured.constraint import Constraint
+from marble.structured.row import RowConstraint
 
 _MARBLE_DEFAULTS = SamplingParams()
 
@@ -30,12 +33,16 @@ def build_request(
     params: SamplingParams | None = None,
     request_id: str | None = None,
     suffix: str | list[int] | None = None,
+    constraint: Constraint | None = None,
 ) -> Request:
-    """A validated, tokenized request for model `m` (its defaults when `params` is None)."""
+    """A validated, tokenized request for model `m` (its defaults when `params` is None),
+    its output held to `constraint` when given (compiled here: its errors name its field)."""
     params = params or m.defaults
     context = m.context
     if suffix and not m.family.infills:
         raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
+    if constraint is not None:
+        _refuse_beside_a_constraint(m, params, constraint, suffix)
     for name, why in m.family.required.items():
         if getattr(params, name) is None:
             raise InvalidParam(name, why)
@@ -61,7 +68,8 @@ def build_request(
         if m.family.masked and m.special.mask in ids:
             raise InvalidParam(name, f"{name} must not contain the mask token id {m.special.mask}")
     heal_text, heal_ids = "", None
-    if params.token_healing and isinstance(prompt, str):  # ids are taken as given
+    # Healing would start the output with the prompt's last text, outside the grammar.
+    if params.token_healing and isinstance(prompt, str) and constraint is None:
         banned = m.special.stop_ids | {m.special.mask}
         prompt_ids, heal_text, heal_ids = heal(m.tokenizer, prompt_ids, vocab, banned)
     generated = m.family.decoded_tokens(m, len(prompt_ids), params)
@@ -89,7 +97,40 @@ def build_request(
     )
     request.kv_bytes = m.family.kv_bytes(m, request, generated)
     request.max_forwards = m.family.max_forwards(request, generated)
+    if constraint is not None:
+        try:
+            request.constraint = RowConstraint(m.grammars.compile(constraint))
+        except ConstraintError as exc:
+            raise InvalidParam(exc.param, str(exc)) from exc
+        # Worst case, a constrained row commits one token a step.
+        request.max_forwards = max(request.max_forwards, generated)
     return request
+
+
+def _refuse_beside_a_constraint(
+    m: ServedModel, params: SamplingParams, constraint: Constraint, suffix: object
+) -> None:
+    """What structured output cannot honour, refused by name: a family whose runner has no
+    constrained rule, and settings that would change committed text behind the grammar's
+    back (remasks, a suffix the output must run into, stop strings that cut it, decoding
+    past the end of the match)."""
+    if not m.family.constrains:
+        raise InvalidParam(
+            constraint.param,
+            f"structured output is not supported by this model (the {m.family.name} family)",
+        )
+    refusals = {
+        "suffix": (suffix, "a suffix cannot be combined with structured output"),
+        "stop": (params.stop, "stop strings would cut structured output: the grammar ends it"),
+        "verify_threshold": (
+            params.verify_threshold is not None,
+            "verify_threshold remasks committed tokens, which structured output keeps",
+        ),
+        "ignore_eos": (params.ignore_eos, "structured output ends where its match ends"),
+    }
+    for name, (given, why) in refusals.items():
+        if given:
+            raise InvalidParam(name, why)
 
 
 def _refuse_unread(m: ServedModel, params: SamplingParams) -> None:

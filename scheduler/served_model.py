@@ -23,6 +23,7 @@ from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.scheduler.family import Family, family_for_config, family_for_model
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import Runner
+from marble.structured.compiler import GrammarCompiler
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ServedModel:
     vocab_size: int = field(init=False)  # ids the tokenizer can decode and the model score
     kv_bytes_per_token: int = field(init=False)  # per cached canvas position, where priced so
     compiled: CompiledForward | None = field(init=False)  # the compiled forward, if compiling
+    grammars: GrammarCompiler = field(init=False)  # structured-output constraints, compiled
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -54,6 +56,12 @@ class ServedModel:
         backend = "inductor" if self.compile is True else self.compile or None
         self.compiled = self.family.compile(self.runner, backend) if backend else None
         _ = self.tokenizer.max_token_chars  # a vocabulary scan: at load, not in a request
+        self.grammars = GrammarCompiler(
+            self.tokenizer.tok.to_str,
+            len(self.tokenizer),
+            self.model.cfg.vocab_size,
+            sorted(self.special.stop_ids),
+        )
 
     @property
     def device(self) -> torch.device:

@@ -88,6 +88,10 @@ class RowError:
 NON_FINITE_LOGITS = RowError(
     "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
 )
+CONSTRAINT_UNSATISFIABLE = RowError(
+    "constraint_unsatisfiable",
+    "no token the model can produce continues the structured output",
+)
 
 
 @dataclass(frozen=True)

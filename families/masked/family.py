@@ -24,6 +24,7 @@ class MaskedFamily(Family):
     parts = Parts("", Denoiser, load_model, ModelRunner)
     fallback = True
     infills = True
+    constrains = True
     fields = COMMON_FIELDS | frozenset(
         ("steps", "top_k", "top_p", "remasking", "schedule", "cfg_scale")
         + ("token_healing", "cache", "verify_threshold")

@@ -42,6 +42,7 @@ from marble.model.sampling import (
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
+    CONSTRAINT_UNSATISFIABLE,
     DUAL_CACHED,
     FULL,
     NON_FINITE_LOGITS,
@@ -122,6 +123,12 @@ class _Decision:
     tokens: Tensor
     logprob: Tensor
     broken: Tensor  # [B] bool
+
+
+def _constrained(requests: list[Request], lay: _Layout) -> list[int]:
+    """The rows that decode under a structured-output constraint and have a masked position
+    in their block."""
+    return [b for b, r in enumerate(requests) if r.constraint is not None and lay.counts[b]]
 
 
 class ModelRunner:
@@ -211,6 +218,12 @@ class ModelRunner:
             self._thresholds(lay.params, self.device),
         )
         commit &= ~d.broken[:, None]
+        constrained = _constrained(requests, lay)
+        if constrained:
+            # The grammar decides after the host reads the proposals (`_results`); the first
+            # masked position always commits, its token drawn under the grammar's mask.
+            at = torch.tensor(constrained, device=self.device)
+            commit[at, lay.cols[at, 0]] = True
         remask = torch.zeros_like(commit)
         if any(lay.verifying):
             remask = self._remask(requests, lay.filled, commit, d.logprob, d.broken)
@@ -227,10 +240,15 @@ class ModelRunner:
         broken = d.broken[:, None].expand_as(commit)
         fields = (commit, remask, d.tokens, d.conf, d.logprob, lay.window_ids, d.logprob.exp())
         host = torch.stack([t.double() for t in (*fields, broken)]).tolist()
-        return self._results(requests, lay, computed, host)
+        return self._results(requests, rows, lay, computed, host)
 
     def _results(
-        self, requests: list[Request], lay: _Layout, computed: list[int], host: list
+        self,
+        requests: list[Request],
+        rows: list[_Row],
+        lay: _Layout,
+        computed: list[int],
+        host: list,
     ) -> list[StepResult]:
         """Each row's commits and remasks in window order, from the step's host copy."""
         committed, remasked, tokens, conf, logprob, before, prob, broken = host
@@ -240,6 +258,14 @@ class ModelRunner:
                 results.append(NON_FINITE_LOGITS)
                 continue
             base, size = r.current_block[0], lay.sizes[b]
+            extras = None
+            if r.constraint is not None and lay.counts[b]:
+                kept, rejected = self._constrain(r, rows[b], committed[b][:size], tokens[b])
+                if not kept:
+                    results.append(CONSTRAINT_UNSATISFIABLE)
+                    continue
+                committed[b] = [w in kept for w in range(size)]
+                extras = {"grammar_rejected": rejected}
             commits = [
                 Commit(base + w, int(tokens[b][w]), conf[b][w], logprob[b][w])
                 for w in range(size)
@@ -252,9 +278,32 @@ class ModelRunner:
             ]
             # Verifying may mask the current block's commits again until it fills.
             results.append(
-                RowStep(commits, lay.kinds[b], computed[b], changes, block_open=lay.verifying[b])
+                RowStep(
+                    commits,
+                    lay.kinds[b],
+                    computed[b],
+                    changes,
+                    block_open=lay.verifying[b],
+                    extras=extras,
+                )
             )
         return results
+
+    def _constrain(
+        self, request: Request, row: _Row, committed: list[float], tokens: list[float]
+    ) -> tuple[set[int], int]:
+        """A constrained row's commits after its grammar: the run of picked window columns from
+        its first masked one, cut where the grammar stops accepting the proposals; picks past
+        the run (and out of it) are masked again. -> (kept columns, proposals rejected)."""
+        picked = [w for w, c in enumerate(committed) if c]
+        run = picked[: next((i for i, w in enumerate(picked) if w != picked[0] + i), len(picked))]
+        taken = request.constraint.accept([int(tokens[w]) for w in run])  # type: ignore[union-attr]
+        kept = set(run[:taken])
+        undone = [w for w in picked if w not in kept]
+        if undone:
+            at = request.gen_start + request.current_block[0]
+            row.canvas[torch.tensor(undone, device=self.device) + at] = self.mask_id
+        return kept, len(run) - taken
 
     def _layout(self, requests: list[Request], rows: list[_Row]) -> _Layout:
         """The batch's canvases (left-padded) and, per row, its current block as a window
@@ -360,6 +409,20 @@ class ModelRunner:
                 logits[lay.firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
             elif lay.verifying[b]:
                 logits[n + lay.check_firsts[b]].masked_fill_(~row.first_allowed, float("-inf"))
+        constrained = _constrained(requests, lay)
+        if constrained:
+            # A constrained row's first masked position (its first entry: every earlier one is
+            # committed) takes only what its grammar allows next: the token sure to commit.
+            allowed = torch.stack(
+                [
+                    requests[b].constraint.allowed(  # type: ignore[union-attr]
+                        len(requests[b].tokens) - requests[b].tokens.index(self.mask_id)
+                    )
+                    for b in constrained
+                ]
+            )
+            at = torch.tensor([lay.firsts[b] for b in constrained], device=dev)
+            logits[at] = logits[at].masked_fill(~allowed.to(dev), float("-inf"))
         per_entry = logits[:, None]  # [N, 1, V]: the samplers' [B, W, V] with one column each
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = torch.tensor([p.top_k for p in params], device=dev)[b_e]

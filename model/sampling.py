@@ -109,6 +109,16 @@ def filter_top_k_top_p(
     return logits
 
 
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def token_mask(bits: bytes, vocab: int, device: torch.device) -> Tensor:
+    """A token bitmask (token 8i + j is bit j of byte i) -> [vocab] bool on `device`."""
+    packed = torch.frombuffer(bytearray(bits), dtype=torch.uint8)
+    mask = ((packed[:, None] >> _BITS) & 1).reshape(-1)[:vocab].bool()
+    return mask.to(device)
+
+
 def scale_logits(
     logits: Tensor, temperature: Tensor, maybe_cold: bool | None = None, consume: bool = False
 ) -> Tensor:

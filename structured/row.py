@@ -12,12 +12,9 @@ or runners beyond token ids.
 from __future__ import annotations
 
 import llguidance
-import torch
-from torch import Tensor
 
 from marble.structured.compiler import CompiledGrammar
 
-_BITS = torch.arange(8, dtype=torch.uint8)
 CLOSE_WITHIN = 96  # positions left at which the closing search starts running
 MARGIN = 4  # positions a free token may add to the shortest completion
 SEARCH_NODES = 256  # tokens the closing search may try per step
@@ -34,21 +31,19 @@ class RowConstraint:
         self.closing = False  # this step's token is a completion's, not the model's choice
         self.closed = 0  # steps it has closed in
 
-    def allowed(self, left: int) -> Tensor:
-        """[V] bool (CPU): the tokens that may come next, with `left` positions left for the
-        output (this one included; one more is kept for the stop token): stop tokens once it
-        accepts, a completion's next token when closing."""
+    def allowed(self, left: int) -> bytes:
+        """The tokens that may come next, one bit each (token 8i + j is bit j of byte i), with
+        `left` positions left for the output (this one included; one more is kept for the stop
+        token): stop tokens once it accepts, a completion's next token when closing."""
         self.closing = False
         if not self.done and left <= CLOSE_WITHIN:
             path = self.completion(left - 1)
             if path is not None and len(path) + MARGIN >= left - 1:
                 self.closing, self.closed = True, self.closed + 1
-                only = torch.zeros(self.vocab, dtype=torch.bool)
-                only[path[0]] = True
-                return only
-        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        bits = (packed[:, None] >> _BITS) & 1  # little-endian: token 8i + j is bit j of byte i
-        return bits.reshape(-1)[: self.vocab].bool()
+                only = bytearray((self.vocab + 7) // 8)
+                only[path[0] // 8] = 1 << (path[0] % 8)
+                return bytes(only)
+        return self.matcher.compute_bitmask()
 
     def completion(self, budget: int) -> list[int] | None:
         """Tokens that complete the match from here, at most `budget` of them, or None when

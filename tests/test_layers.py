@@ -1,5 +1,6 @@
-"""The shape of the code, checked mechanically: imports point one way (model <- scheduler <-
-families <- server, and training beside the server on top of the engine), nothing imports the
+"""The shape of the code, checked mechanically: imports point one way (model and structured <-
+scheduler <- families <- server, and training beside the server on top of the engine), nothing
+imports the
 source folders by their bare names, no import circle inside a layer (function-local imports
 included), and the installed distribution claims the single import name `marble`."""
 
@@ -15,19 +16,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("model", "scheduler", "families", "server", "training")
+LAYERS = ("model", "structured", "scheduler", "families", "server", "training")
 # What each layer may import from Marble, besides itself.
 ALLOWED = {
     "model": set(),
-    "scheduler": {"model"},
-    "families": {"model", "scheduler"},
-    "server": {"model", "scheduler", "families"},
-    "training": {"model", "scheduler", "families"},
+    "structured": set(),
+    "scheduler": {"model", "structured"},
+    "families": {"model", "scheduler", "structured"},
+    "server": {"model", "scheduler", "families", "structured"},
+    "training": {"model", "scheduler", "families", "structured"},
 }
 
 
 # Plain-Python request bookkeeping: no torch.
 BOOKKEEPING = (
+    "marble.structured.constraint",
+    "marble.structured.compiler",
+    "marble.structured.row",
     "marble.scheduler.request",
     "marble.scheduler.sampling_params",
     "marble.scheduler.scheduler",

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 
+from marble.model.sampling import token_mask
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.sampling_params import InvalidParam
 from marble.structured import compiler as compiler_module
@@ -31,6 +33,7 @@ PERSON = {
     "additionalProperties": False,
 }
 SCHEMA = Constraint.json_schema(PERSON, "response_format")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,7 @@ def test_the_matcher_takes_the_longest_valid_run_and_a_stop_after_a_match(embedd
     eos = embedded.first.special.eos
     assert row.accept([*ids, 7, 7]) == len(ids) and row.rejected == 2 and row.done
     assert row.accept([eos, 7]) == 1  # the stop ends the output
-    assert row.allowed(100).nonzero().flatten().tolist() == [eos]
+    assert token_mask(row.allowed(100), 4096, CPU).nonzero().flatten().tolist() == [eos]
 
 
 def test_compiling_is_cached_bounded_in_size_and_in_time(monkeypatch):

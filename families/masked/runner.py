@@ -37,6 +37,7 @@ from marble.model.sampling import (
     llada_left,
     score_confidence,
     select_commits,
+    token_mask,
     verify_remask,
 )
 from marble.scheduler.request import Request
@@ -413,10 +414,15 @@ class ModelRunner:
         if constrained:
             # A constrained row's first masked position (its first entry: every earlier one is
             # committed) takes only what its grammar allows next: the token sure to commit.
+            vocab = logits.shape[-1]
             allowed = torch.stack(
                 [
-                    requests[b].constraint.allowed(  # type: ignore[union-attr]
-                        len(requests[b].tokens) - requests[b].tokens.index(self.mask_id)
+                    token_mask(
+                        requests[b].constraint.allowed(  # type: ignore[union-attr]
+                            len(requests[b].tokens) - requests[b].tokens.index(self.mask_id)
+                        ),
+                        vocab,
+                        torch.device("cpu"),
                     )
                     for b in constrained
                 ]

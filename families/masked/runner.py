@@ -37,9 +37,9 @@ from marble.model.sampling import (
     llada_left,
     score_confidence,
     select_commits,
-    token_mask,
     verify_remask,
 )
+from marble.scheduler.constrained_rows import grammar_masks, grammar_run
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
@@ -259,7 +259,7 @@ class ModelRunner:
                 results.append(NON_FINITE_LOGITS)
                 continue
             base, size = r.current_block[0], lay.sizes[b]
-            extras = None
+            extras: dict[str, int] = {}
             if r.constraint is not None and lay.counts[b]:
                 kept, rejected = self._constrain(r, rows[b], committed[b][:size], tokens[b])
                 if not kept:
@@ -297,14 +297,12 @@ class ModelRunner:
         its first masked one, cut where the grammar stops accepting the proposals; picks past
         the run (and out of it) are masked again. -> (kept columns, proposals rejected)."""
         picked = [w for w, c in enumerate(committed) if c]
-        run = picked[: next((i for i, w in enumerate(picked) if w != picked[0] + i), len(picked))]
-        taken = request.constraint.accept([int(tokens[w]) for w in run])  # type: ignore[union-attr]
-        kept = set(run[:taken])
+        kept, rejected = grammar_run(request.constraint, picked, tokens)  # type: ignore[arg-type]
         undone = [w for w in picked if w not in kept]
         if undone:
             at = request.gen_start + request.current_block[0]
             row.canvas[torch.tensor(undone, device=self.device) + at] = self.mask_id
-        return kept, len(run) - taken
+        return kept, rejected
 
     def _layout(self, requests: list[Request], rows: list[_Row]) -> _Layout:
         """The batch's canvases (left-padded) and, per row, its current block as a window
@@ -414,21 +412,15 @@ class ModelRunner:
         if constrained:
             # A constrained row's first masked position (its first entry: every earlier one is
             # committed) takes only what its grammar allows next: the token sure to commit.
-            vocab = logits.shape[-1]
-            allowed = torch.stack(
-                [
-                    token_mask(
-                        requests[b].constraint.allowed(  # type: ignore[union-attr]
-                            len(requests[b].tokens) - requests[b].tokens.index(self.mask_id)
-                        ),
-                        vocab,
-                        torch.device("cpu"),
-                    )
-                    for b in constrained
-                ]
+            lefts = [
+                len(requests[b].tokens) - requests[b].tokens.index(self.mask_id)
+                for b in constrained
+            ]
+            allowed = grammar_masks(
+                [requests[b].constraint for b in constrained], lefts, logits.shape[-1], dev
             )
             at = torch.tensor([lay.firsts[b] for b in constrained], device=dev)
-            logits[at] = logits[at].masked_fill(~allowed.to(dev), float("-inf"))
+            logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
         per_entry = logits[:, None]  # [N, 1, V]: the samplers' [B, W, V] with one column each
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = torch.tensor([p.top_k for p in params], device=dev)[b_e]

@@ -28,6 +28,7 @@ class SDARFamily(BlockCausalFamily):
     name = "sdar"
     parts = Parts(MODEL_TYPE, SDAR, load_sdar, SDARRunner)
     fields = COMMON_FIELDS | frozenset(("steps", "remasking", "top_k", "top_p"))
+    constrains = True
     required = {
         **BlockCausalFamily.required,
         # Every rule takes its per-step count k_i from the steps per block.

@@ -25,9 +25,11 @@ from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.sdar import sampling
 from marble.families.sdar.config import Remasking
 from marble.model.sampling import HostKnobs, joint_predict, llada_counts
+from marble.scheduler.constrained_rows import grammar_masks, grammar_run
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
+    CONSTRAINT_UNSATISFIABLE,
     ENCODE,
     FULL,
     NON_FINITE_LOGITS,
@@ -95,12 +97,15 @@ class SDARRunner(BlockCausalRunner):
         results: list[RowStep | RowError] = []
         for i, (row, phase, (a, e)) in enumerate(zip(rows, phases, spans)):
             if phase == DENOISE:
-                commits = decided[i]
-                if isinstance(commits, RowError):
-                    results.append(commits)
+                outcome = decided[i]
+                if isinstance(outcome, RowError):
+                    results.append(outcome)
                     continue
+                commits, extras = outcome
                 kind = FULL if row.cache.length == 0 else PREFIX_CACHED
-                results.append(RowStep(commits, kind, e - a, block_final=False, block_open=True))
+                results.append(
+                    RowStep(commits, kind, e - a, block_final=False, block_open=True, extras=extras)
+                )
                 continue
             row.cache.advance(e - a)
             if phase == STORE:
@@ -111,9 +116,10 @@ class SDARRunner(BlockCausalRunner):
 
     def _denoise(
         self, requests: list[Request], rows: list[_SDARRow], index: list[int], hidden: Tensor
-    ) -> dict[int, list[Commit] | RowError]:
+    ) -> dict[int, tuple[list[Commit], dict[str, int]] | RowError]:
         """Sample the blocks of the denoising rows (`index` into the batch) and commit by each
-        row's rule: their commits, or a RowError for a row whose logits are not finite."""
+        row's rule: their commits and the step's extras (a constrained row's grammar
+        rejections), or a RowError for a row that cannot go on."""
         dev = self.device
         picked = [rows[i] for i in index]
         reqs = [requests[i] for i in index]
@@ -132,6 +138,20 @@ class SDARRunner(BlockCausalRunner):
         masked = (block == self.mask_id) & in_block
 
         params = [r.params for r in reqs]
+        # Structured output: a constrained row's first masked column takes its grammar's mask
+        # and always commits; `grammar_run` decides the rest once the host has the proposals.
+        constrained = [j for j, r in enumerate(reqs) if r.constraint is not None]
+        firsts = [reqs[j].tokens.index(self.mask_id) for j in constrained]
+        frontier = [g + picked[j].prompt_len - picked[j].start for j, g in zip(constrained, firsts)]
+        if constrained:
+            at = torch.tensor(constrained, device=dev), torch.tensor(frontier, device=dev)
+            allowed = grammar_masks(
+                [reqs[j].constraint for j in constrained],  # type: ignore[misc]
+                [reqs[j].params.max_tokens - g for j, g in zip(constrained, firsts)],
+                logits.shape[-1],
+                dev,
+            )
+            logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
         x0 = torch.full((len(index), width), self.pad_id, dtype=torch.long, device=dev)
         p = torch.zeros((len(index), width), dtype=torch.float32, device=dev)
         # One draw per block position, as upstream's one multinomial over [B, V]: rows are
@@ -163,13 +183,16 @@ class SDARRunner(BlockCausalRunner):
         # The threshold only reaches the dynamic rule's rows.
         threshold = torch.tensor([q.threshold or 0.0 for q in params], device=dev)
         chosen = sampling.select(p, masked, k, rule, threshold)
+        if constrained:
+            chosen[at] = True
         tokens = sampling.commit(block, x0, chosen)
         broken = (torch.isnan(p) & in_block).any(-1)[:, None].expand_as(chosen)
 
         # Everything the host needs from the step, [R, W] each, in one transfer.
         host = torch.stack([t.double() for t in (chosen, x0, p, broken)]).tolist()
         chosen_host, x0_host, prob, broken_host = host
-        decided: dict[int, list[Commit] | RowError] = {}
+        decided: dict[int, tuple[list[Commit], dict[str, int]] | RowError] = {}
+        extras: dict[int, dict[str, int]] = {}
         for j, (i, r, row) in enumerate(zip(index, reqs, picked)):
             if broken_host[j][0]:
                 decided[i] = NON_FINITE_LOGITS
@@ -177,15 +200,27 @@ class SDARRunner(BlockCausalRunner):
             s = row.start
             row.canvas = row.canvas.clone()
             row.canvas[s : s + row.size] = tokens[j, : row.size]
+            if r.constraint is not None:
+                picks = [c for c in range(row.size) if chosen_host[j][c]]
+                kept, rejected = grammar_run(r.constraint, picks, x0_host[j])
+                if not kept:
+                    decided[i] = CONSTRAINT_UNSATISFIABLE
+                    continue
+                undone = [c for c in picks if c not in kept]
+                if undone:
+                    row.canvas[torch.tensor(undone, device=dev) + s] = self.mask_id
+                chosen_host[j] = [c in kept for c in range(row.size)]
+                extras[i] = {"grammar_rejected": rejected}
             row.step += 1
             row.masks = row.masks_left() - int(sum(chosen_host[j][: row.size]))
             gen = row.prompt_len
             limit = r.params.max_tokens  # positions past it are decoded but never shown
-            decided[i] = [
+            commits = [
                 Commit(s + c - gen, int(x0_host[j][c]), prob[j][c], _log(prob[j][c]))
                 for c in range(row.size)
                 if chosen_host[j][c] and s + c - gen < limit
             ]
+            decided[i] = commits, extras.get(i, {})
         return decided
 
 

@@ -76,11 +76,14 @@ class Admission:
             )
         try:
             params = body.sampling_params(engine.served(body.model).defaults)
+            constraint = body.constraint()
         except InvalidParam as exc:
             raise invalid(exc) from exc
         model = body.model or self.lifecycle.model_name
         jobs = [
-            Job(p, choice_params(params, j), suffix, model) for p in prompts for j in range(body.n)
+            Job(p, choice_params(params, j), suffix, model, constraint)
+            for p in prompts
+            for j in range(body.n)
         ]
         record = engine.registry.create(request_id, model, total, draft_every, lossless)
         try:

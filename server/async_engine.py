@@ -21,6 +21,7 @@ from marble.server.engine_thread import EngineThread
 from marble.server.metrics import Metrics
 from marble.server.registry import Registry
 from marble.server.request_record import RequestRecord
+from marble.structured.constraint import Constraint
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Job:
     params: SamplingParams
     suffix: str | list[int] | None = None
     model: str | None = None  # a served model's name (None: the first)
+    constraint: Constraint | None = None  # structured output: what the text must match
 
 
 class EngineClosed(RuntimeError):
@@ -70,7 +72,12 @@ class AsyncEngine:
         def prepare() -> list[Request]:
             return [
                 engine.make_request(
-                    job.prompt, job.params, Registry.engine_id(record, i), job.suffix, job.model
+                    job.prompt,
+                    job.params,
+                    Registry.engine_id(record, i),
+                    job.suffix,
+                    job.model,
+                    job.constraint,
                 )
                 for i, job in enumerate(jobs)
             ]

@@ -70,13 +70,24 @@ def _field_path(loc: tuple[Any, ...]) -> list[str]:
     return [str(x) for x in loc if isinstance(x, int) or (x != "body" and x.isidentifier())]
 
 
+MAX_NAME = 64  # characters of an unknown field's name quoted back: a name can be a megabyte
+
+
+def _error_path(error: dict[str, Any]) -> list[str]:
+    """`_field_path` of an error; an unknown field keeps its name, whatever its characters."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden" and loc:
+        return [*_field_path(loc[:-1]), str(loc[-1])[:MAX_NAME]]
+    return _field_path(loc)
+
+
 def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
     """Of the errors of one bad value, the one that says most: a failed check of ours
     (value_error), else the deepest (for a union, the member that matched furthest)."""
     checks = [e for e in errors if e.get("type") == "value_error"]
     if checks:
         return checks[0]
-    return max(errors, key=lambda e: len(_field_path(e.get("loc", ()))))
+    return max(errors, key=lambda e: len(_error_path(e)))
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -84,9 +95,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     bounded few: the cost of a refusal must not grow with the number of bad values)."""
     if not errors:
         return "invalid request body", None
-    field = _field_path(errors[0].get("loc", ()))[:1]
-    first = _most_telling([e for e in errors if _field_path(e.get("loc", ()))[:1] == field])
-    loc = _field_path(first.get("loc", ()))
+    field = _error_path(errors[0])[:1]
+    first = _most_telling([e for e in errors if _error_path(e)[:1] == field])
+    loc = _error_path(first)
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
@@ -95,6 +106,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         return _body_message(first), None
     if first.get("type") == "missing":
         return f"missing required field {param!r}", param
+    if first.get("type") == "extra_forbidden":
+        return f"{param!r} is not a supported field of this request", param
     return (f"{param}: {message}" if param else message), param
 
 

@@ -116,6 +116,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.grammar_rejections = Counter(
+            "marble_grammar_rejections",
+            "Proposals of structured-output rows their grammar turned away (masked again).",
+            registry=r,
+        )
         self.positions = Counter(
             "marble_positions_computed",
             "Canvas positions the denoising forwards computed (queries; CFG copies included).",
@@ -248,6 +253,7 @@ class Metrics:
                     self.canvas_positions.labels(label).observe(out.extras.get(label, 0))
             elif ran:
                 self.tokens_per_forward.observe(len(out.committed))
+                self.grammar_rejections.inc(out.extras.get("grammar_rejected", 0))
                 for change in out.changes:
                     self.corrections.labels(change.op).inc()
             if timing is not None:

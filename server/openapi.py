@@ -147,7 +147,10 @@ _BODIES = (CompletionRequest, ChatCompletionRequest, GenerateRequest)
 
 _ERRORS = {
     400: "Invalid input: a body that is not a JSON object, a field of the wrong type or out "
-    "of range, a prompt longer than the context.",
+    "of range, a prompt longer than the context, a field no body declares, or an OpenAI field "
+    "Marble does not implement (`x-marble-unsupported: refused`) set to other than its "
+    "neutral value (`param` names the field). Fields marked `x-marble-unsupported: ignored` "
+    "are accepted and have no effect.",
     401: "Missing or wrong API key (only when the server has one; on `/metrics`, "
     "`/openapi.json` and `/docs` only without `--public-ops`): `Authorization: Bearer <key>`, "
     "or `?api_key=` on GET routes.",

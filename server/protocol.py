@@ -9,9 +9,19 @@ Knows nothing of the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    model_validator,
+)
 
 from marble.scheduler.sampling_params import (
     MAX_STEPS,
@@ -22,6 +32,15 @@ from marble.scheduler.sampling_params import (
     InvalidParam,
     SamplingParams,
 )
+from marble.server.openai_fields import (
+    CHAT,
+    COMPLETIONS,
+    MESSAGE,
+    SHARED,
+    STREAM_OPTIONS,
+    Unsupported,
+)
+from marble.server.structured_body import StructuredFields
 
 MAX_N = 1024  # choices per request: the server's own limit (`max_n`) is at most this
 MAX_TOKEN_ID = 1 << 31  # ids beyond any vocabulary; the engine checks the model's own
@@ -67,6 +86,33 @@ def _sampling(name: str) -> Any:
     )
 
 
+def _unsupported_type(table: Mapping[str, Unsupported]) -> Any:
+    """The type of an OpenAI field Marble does not implement: any value, then `table`'s
+    check by the field's name (a refusal names the field)."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        table[str(info.field_name)].check(value)
+        return value
+
+    return Annotated[Any, AfterValidator(check)]
+
+
+def _unsupported(table: Mapping[str, Unsupported], name: str) -> Any:
+    """Unset by default; the schema says whether the field is refused or ignored, and why."""
+    entry = table[name]
+    return Field(
+        None,
+        description=f"{entry.verdict} by Marble: {entry.reason}",
+        json_schema_extra={"x-marble-unsupported": entry.verdict},
+    )
+
+
+SharedUnsupported = _unsupported_type(SHARED)
+CompletionsUnsupported = _unsupported_type(COMPLETIONS)
+ChatUnsupported = _unsupported_type(CHAT)
+MessageUnsupported = _unsupported_type(MESSAGE)
+
+
 def error_body(
     message: str,
     type_: str = "invalid_request_error",
@@ -78,19 +124,27 @@ def error_body(
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = _unsupported(STREAM_OPTIONS, "include_obfuscation")
 
 
-class SamplingBody(BaseModel):
-    """Fields shared by completions, chat and native generate."""
+class SamplingBody(StructuredFields):
+    """Fields shared by completions, chat and native generate. A field no body declares is
+    refused by name, never dropped: OpenAI's that Marble lacks are declared, refused or
+    ignored as `marble.server.openai_fields` says."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: Text | None = None
     n: Annotated[Count, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None
+    user: Text | None = _unsupported(SHARED, "user")
+    frequency_penalty: SharedUnsupported = _unsupported(SHARED, "frequency_penalty")
+    presence_penalty: SharedUnsupported = _unsupported(SHARED, "presence_penalty")
+    logit_bias: SharedUnsupported = _unsupported(SHARED, "logit_bias")
     diffusing: bool = False  # stream whole drafts (replace), Mercury-style
     # Native `step` events carry the full draft every k steps (0: never).
     draft_every: Annotated[Count, Field(ge=0, le=MAX_STEPS)] | None = None
@@ -181,6 +235,7 @@ class CompletionRequest(SamplingBody):
     suffix: Text | None = None
     echo: bool = False
     logprobs: Annotated[Count, Field(ge=0, le=5)] | None = None
+    best_of: CompletionsUnsupported = _unsupported(COMPLETIONS, "best_of")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of single prompts (text or token ids)."""
@@ -197,18 +252,50 @@ class GenerateRequest(CompletionRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A part of a message's content. Only text parts are served (`ChatMessage.to_template`
+    refuses the others by type); a text part holds `type` and `text` only."""
+
+    model_config = ConfigDict(extra="allow")
 
     type: str = "text"
     text: Text | None = None
 
+    @model_validator(mode="after")
+    def _text_fields_only(self) -> ContentPart:
+        if self.type == "text" and self.model_extra:
+            name = next(iter(self.model_extra))[:64]
+            raise ValueError(f"{name!r} is not a field of a text part (only type and text are)")
+        return self
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text
+    arguments: Text
+
+
+class ToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as OpenAI writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | Annotated[list[ContentPart], FAIL_FAST] | None = None
     name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_MESSAGES), FAIL_FAST] | None = None
+    tool_call_id: Text | None = None
+    refusal: MessageUnsupported = _unsupported(MESSAGE, "refusal")
+    audio: MessageUnsupported = _unsupported(MESSAGE, "audio")
+    function_call: MessageUnsupported = _unsupported(MESSAGE, "function_call")
 
     def to_template(self) -> dict[str, Any]:
         """The message as a chat template expects it (text parts joined)."""
@@ -224,6 +311,10 @@ class ChatMessage(BaseModel):
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -238,6 +329,25 @@ class ChatCompletionRequest(SamplingBody):
         Annotated[dict[str, bool | int | float | Text | None], BeforeValidator(_template_kwargs)]
         | None
     ) = None
+    tools: ChatUnsupported = _unsupported(CHAT, "tools")
+    tool_choice: ChatUnsupported = _unsupported(CHAT, "tool_choice")
+    functions: ChatUnsupported = _unsupported(CHAT, "functions")
+    function_call: ChatUnsupported = _unsupported(CHAT, "function_call")
+    parallel_tool_calls: ChatUnsupported = _unsupported(CHAT, "parallel_tool_calls")
+    audio: ChatUnsupported = _unsupported(CHAT, "audio")
+    modalities: ChatUnsupported = _unsupported(CHAT, "modalities")
+    reasoning_effort: ChatUnsupported = _unsupported(CHAT, "reasoning_effort")
+    verbosity: ChatUnsupported = _unsupported(CHAT, "verbosity")
+    web_search_options: ChatUnsupported = _unsupported(CHAT, "web_search_options")
+    moderation: ChatUnsupported = _unsupported(CHAT, "moderation")
+    prediction: ChatUnsupported = _unsupported(CHAT, "prediction")
+    store: ChatUnsupported = _unsupported(CHAT, "store")
+    metadata: ChatUnsupported = _unsupported(CHAT, "metadata")
+    service_tier: ChatUnsupported = _unsupported(CHAT, "service_tier")
+    prompt_cache_key: ChatUnsupported = _unsupported(CHAT, "prompt_cache_key")
+    prompt_cache_retention: ChatUnsupported = _unsupported(CHAT, "prompt_cache_retention")
+    prompt_cache_options: ChatUnsupported = _unsupported(CHAT, "prompt_cache_options")
+    safety_identifier: ChatUnsupported = _unsupported(CHAT, "safety_identifier")
 
     def sampling_fields(self) -> dict[str, Any]:
         """As for completions, but no token healing unless asked: a chat template's trailing

@@ -42,7 +42,7 @@ def build_request(
     if suffix and not m.family.infills:
         raise InvalidParam("suffix", "suffix (infilling) is not supported by this model")
     if constraint is not None:
-        _refuse_beside_a_constraint(m, params, constraint, suffix)
+        params = _beside_a_constraint(m, params, constraint, suffix)
     for name, why in m.family.required.items():
         if getattr(params, name) is None:
             raise InvalidParam(name, why)
@@ -107,13 +107,16 @@ def build_request(
     return request
 
 
-def _refuse_beside_a_constraint(
+def _beside_a_constraint(
     m: ServedModel, params: SamplingParams, constraint: Constraint, suffix: object
-) -> None:
-    """What structured output cannot honour, refused by name: a family whose runner has no
-    constrained rule, and settings that would change committed text behind the grammar's
-    back (remasks, a suffix the output must run into, stop strings that cut it, decoding
-    past the end of the match)."""
+) -> SamplingParams:
+    """The settings a constrained request runs with: the model's default editing off (edits
+    would rewrite committed text), and what structured output cannot honour refused by name:
+    a family whose runner has no constrained rule, and settings that would change committed
+    text behind the grammar's back (remasks, edits asked for, a suffix the output must run
+    into, stop strings that cut it, decoding past the end of the match)."""
+    if params.editing_threshold == m.defaults.editing_threshold:
+        params = params.replace(editing_threshold=None)
     if not m.family.constrains:
         raise InvalidParam(
             constraint.param,
@@ -127,10 +130,15 @@ def _refuse_beside_a_constraint(
             "verify_threshold remasks committed tokens, which structured output keeps",
         ),
         "ignore_eos": (params.ignore_eos, "structured output ends where its match ends"),
+        "editing_threshold": (
+            params.editing_threshold is not None,
+            "editing rewrites committed tokens, which structured output keeps",
+        ),
     }
     for name, (given, why) in refusals.items():
         if given:
             raise InvalidParam(name, why)
+    return params
 
 
 def _refuse_unread(m: ServedModel, params: SamplingParams) -> None:

@@ -85,7 +85,7 @@ def test_embedded_model_ends_with_output_its_schema_accepts(embedded, threshold,
         jsonschema.validate(json.loads(outs[-1].text), PERSON)
 
 
-@pytest.mark.parametrize("folder", ["llada-tiny", "dream-tiny", "sdar-tiny"])
+@pytest.mark.parametrize("folder", ["llada-tiny", "dream-tiny", "sdar-tiny", "llada2-tiny"])
 @pytest.mark.parametrize(
     "constraint, check",
     [
@@ -150,10 +150,22 @@ def test_what_a_constraint_cannot_honour_is_refused_by_name(embedded):
 
 
 def test_families_without_a_constrained_rule_refuse_it_by_name():
-    engine = Engine.from_pretrained(REFERENCE / "llada2-tiny", progress=False)
+    engine = Engine.from_pretrained(REFERENCE / "diffusiongemma-tiny", progress=False)
     with pytest.raises(InvalidParam) as err:
         engine.make_request("x", engine.defaults.replace(max_tokens=8), constraint=SCHEMA)
     assert err.value.param == "response_format"
+
+
+def test_llada2_edits_are_off_by_default_under_a_constraint_and_refused_when_asked():
+    engine = Engine.from_pretrained(REFERENCE / "llada2-tiny", progress=False)
+    assert engine.defaults.editing_threshold is not None  # the checkpoint edits by default
+    request = engine.make_request("x", engine.defaults.replace(max_tokens=8), constraint=SCHEMA)
+    assert request.params.editing_threshold is None
+    with pytest.raises(InvalidParam) as err:
+        engine.make_request(
+            "x", engine.defaults.replace(max_tokens=8, editing_threshold=0.9), constraint=SCHEMA
+        )
+    assert err.value.param == "editing_threshold"
 
 
 def test_the_matcher_takes_the_longest_valid_run_and_a_stop_after_a_match(embedded):

@@ -33,6 +33,7 @@ def _edit_rounds(params: SamplingParams) -> int:
 class LLaDA2Family(BlockCausalFamily):
     name = "llada2"
     parts = Parts(MODEL_TYPE, LLaDA2, load_llada2, BlockRunner)
+    constrains = True
     required = {
         **BlockCausalFamily.required,
         "threshold": "this model unmasks by threshold: give threshold (not steps alone)",

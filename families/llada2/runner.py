@@ -27,8 +27,10 @@ from torch import Tensor
 from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.llada2.model import LLaDA2
 from marble.model import sampling
+from marble.scheduler.constrained_rows import grammar_masks, grammar_run
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
+    CONSTRAINT_UNSATISFIABLE,
     EDIT,
     FULL,
     NON_FINITE_LOGITS,
@@ -110,6 +112,20 @@ class BlockRunner(BlockCausalRunner):
         logits[..., self.vocab_limit :] = float("-inf")
 
         params = [r.params for r in requests]
+        # Structured output: a constrained row's first masked column takes its grammar's mask
+        # and always commits; `grammar_run` decides the rest once the host has the proposals.
+        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
+        firsts = [requests[i].tokens.index(self.mask_id) for i in constrained]
+        frontier = [g + rows[i].prompt_len - spans[i][1] for i, g in zip(constrained, firsts)]
+        if constrained:
+            at = torch.tensor(constrained, device=dev), torch.tensor(frontier, device=dev)
+            allowed = grammar_masks(
+                [requests[i].constraint for i in constrained],  # type: ignore[misc]
+                [requests[i].params.max_tokens - g for i, g in zip(constrained, firsts)],
+                logits.shape[-1],
+                dev,
+            )
+            logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
         x0, p = sampling.joint_predict(
             logits,
             # float64: a tiny temperature stays positive (sampled at its limit), not 0.
@@ -131,6 +147,9 @@ class BlockRunner(BlockCausalRunner):
             torch.tensor(editing, device=dev),
             torch.tensor([q.num_to_transfer for q in params], device=dev),
         )
+        if constrained:
+            step.commit[at] = True
+            step.tokens[at] = x0[at]
         settled = sampling.block_settled(active, step.edit)[:, None].expand_as(active)
         broken = (torch.isnan(p) & in_block).any(-1)[:, None].expand_as(active)
 
@@ -146,13 +165,26 @@ class BlockRunner(BlockCausalRunner):
             size = row.size
             row.canvas = row.canvas.clone()
             row.canvas[s:e] = step.tokens[i, :size]
+            undone: list[int] = []
+            extras: dict[str, int] = {}
+            if r.constraint is not None:
+                picks = [j for j in range(size) if commit[i][j]]
+                taken, rejected = grammar_run(r.constraint, picks, tokens[i])
+                if not taken:
+                    results.append(CONSTRAINT_UNSATISFIABLE)
+                    continue
+                undone = [j for j in picks if j not in taken]
+                if undone:
+                    row.canvas[torch.tensor(undone, device=dev) + s] = self.mask_id
+                commit[i] = [j in taken for j in range(size)]
+                extras = {"grammar_rejected": rejected}
             # What the cache lacked before the block is final; the block is too once settled
             # (this forward saw its final tokens).
             kept = (s - a) + (size if settled[i][0] else 0)
             if kept:
                 row.cache.advance(kept)
             rounds = r.params.max_post_steps if r.params.editing_threshold is not None else 0
-            row.masks, row.masks_at = tokens[i][:size].count(self.mask_id), s
+            row.masks, row.masks_at = tokens[i][:size].count(self.mask_id) + len(undone), s
             final = bool(settled[i][0]) or (not row.masks and row.post + 1 > rounds)
             if final:
                 row.post = 0
@@ -171,7 +203,15 @@ class BlockRunner(BlockCausalRunner):
             kind = FULL if a == 0 else PREFIX_CACHED
             editing = r.params.editing_threshold is not None  # filled tokens may be edited
             results.append(
-                RowStep(commits, kind, e - a, changes, block_final=final, block_open=editing)
+                RowStep(
+                    commits,
+                    kind,
+                    e - a,
+                    changes,
+                    block_final=final,
+                    block_open=editing,
+                    extras=extras,
+                )
             )
         return results
 

@@ -223,3 +223,17 @@ def test_a_request_closes_its_match_within_its_canvas(embedded, monkeypatch):
         jsonschema.validate(json.loads(out.text), PERSON)
     monkeypatch.setattr(row_module, "CLOSE_WITHIN", 0)
     assert any(out.finish_reason == "length" for out in _tight_runs(embedded))
+
+
+@pytest.mark.parametrize("folder", ["llada2-tiny", "sdar-tiny", "llada-tiny"])
+def test_a_match_longer_than_the_canvas_ends_by_length_not_by_error(folder: str):
+    """Before: once a constrained LLaDA2 row had filled every position, its block's settling
+    forward looked for a masked position that was no longer there, and the request failed."""
+    engine = Engine.from_pretrained(REFERENCE / folder, progress=False)
+    never_closes = Constraint("regex", "a{200}", "guided_regex")
+    request = engine.make_request(
+        "x", engine.defaults.replace(max_tokens=32), constraint=never_closes
+    )
+    outs = _run(engine, [request])[request.request_id]
+    _assert_valid_prefixes(engine, never_closes, outs)
+    assert outs[-1].finish_reason == "length" and set(outs[-1].text) <= {"a"}

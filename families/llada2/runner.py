@@ -114,8 +114,15 @@ class BlockRunner(BlockCausalRunner):
         params = [r.params for r in requests]
         # Structured output: a constrained row's first masked column takes its grammar's mask
         # and always commits; `grammar_run` decides the rest once the host has the proposals.
-        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
-        firsts = [requests[i].tokens.index(self.mask_id) for i in constrained]
+        # Only what is shown is constrained: a block past max_tokens, or with no mask left (its
+        # settling forward), goes by the commit rule alone.
+        constrained = [
+            i
+            for i, r in enumerate(requests)
+            if r.constraint is not None
+            and _first_mask(r, self.mask_id) < min(len(r.tokens), spans[i][2] - rows[i].prompt_len)
+        ]
+        firsts = [_first_mask(requests[i], self.mask_id) for i in constrained]
         frontier = [g + rows[i].prompt_len - spans[i][1] for i, g in zip(constrained, firsts)]
         if constrained:
             at = torch.tensor(constrained, device=dev), torch.tensor(frontier, device=dev)
@@ -167,7 +174,7 @@ class BlockRunner(BlockCausalRunner):
             row.canvas[s:e] = step.tokens[i, :size]
             undone: list[int] = []
             extras: dict[str, int] = {}
-            if r.constraint is not None:
+            if i in constrained:
                 picks = [j for j in range(size) if commit[i][j]]
                 taken, rejected = grammar_run(r.constraint, picks, tokens[i])
                 if not taken:
@@ -220,6 +227,11 @@ class BlockRunner(BlockCausalRunner):
             shape = (n, self.model.cfg.vocab_size)
             self._scores = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self._scores[:n]
+
+
+def _first_mask(request: Request, mask_id: int) -> int:
+    """The first generated position still masked (past the end when none is)."""
+    return next((g for g, t in enumerate(request.tokens) if t == mask_id), len(request.tokens))
 
 
 def _log(p: float) -> float:

@@ -140,7 +140,10 @@ class SDARRunner(BlockCausalRunner):
         params = [r.params for r in reqs]
         # Structured output: a constrained row's first masked column takes its grammar's mask
         # and always commits; `grammar_run` decides the rest once the host has the proposals.
-        constrained = [j for j, r in enumerate(reqs) if r.constraint is not None]
+        # Only what is shown is constrained: a block past max_tokens goes by its rule alone.
+        constrained = [
+            j for j, r in enumerate(reqs) if r.constraint is not None and self.mask_id in r.tokens
+        ]
         firsts = [reqs[j].tokens.index(self.mask_id) for j in constrained]
         frontier = [g + picked[j].prompt_len - picked[j].start for j, g in zip(constrained, firsts)]
         if constrained:
@@ -200,7 +203,7 @@ class SDARRunner(BlockCausalRunner):
             s = row.start
             row.canvas = row.canvas.clone()
             row.canvas[s : s + row.size] = tokens[j, : row.size]
-            if r.constraint is not None:
+            if j in constrained:
                 picks = [c for c in range(row.size) if chosen_host[j][c]]
                 kept, rejected = grammar_run(r.constraint, picks, x0_host[j])
                 if not kept:

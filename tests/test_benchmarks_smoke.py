@@ -162,6 +162,13 @@ CASES = [
         + ["--max-tokens", "4", "--repeats", "1", "--threads", "1"],
         _missing_reference(),
     ),
+    (
+        "structured",
+        "structured.py",
+        ["--models", "embedded,llada2-tiny", "--groups", "Glaiveai2K,Github_trivial"]
+        + ["--limit", "1", "--max-tokens", "64", "--batch", "2", "--threads", "1"],
+        _missing_embedded(),
+    ),
 ]
 
 

@@ -61,6 +61,7 @@ FROM deps AS wheel
 # The project as a wheel, built with the venv's setuptools: nothing is downloaded here.
 COPY README.md /src/
 COPY model/ /src/model/
+COPY structured/ /src/structured/
 COPY scheduler/ /src/scheduler/
 COPY families/ /src/families/
 COPY server/ /src/server/

@@ -25,6 +25,28 @@ def grammar_masks(
     return torch.stack(masks).to(device)
 
 
+def mask_frontiers(
+    logits: Tensor,
+    rows: list[int],
+    cols: list[int],
+    constraints: Sequence[RowConstraint],
+    lefts: Sequence[int],
+) -> tuple[Tensor, Tensor]:
+    """Block-shaped logits [R, W, V]: rows `rows` at their first masked columns `cols` take
+    only what their grammars allow next (in place) -> that (rows, cols) index, for the
+    runner to force the commits there."""
+    dev = logits.device
+    at = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+    allowed = grammar_masks(constraints, lefts, logits.shape[-1], dev)
+    logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
+    return at
+
+
+def first_masked(tokens: Sequence[int], mask_id: int) -> int:
+    """The first generated position still masked (len(tokens) when none is)."""
+    return next((g for g, t in enumerate(tokens) if t == mask_id), len(tokens))
+
+
 def grammar_run(
     constraint: RowConstraint, picked: Sequence[int], tokens: Sequence[float]
 ) -> tuple[set[int], int]:

@@ -27,7 +27,7 @@ from torch import Tensor
 from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.llada2.model import LLaDA2
 from marble.model import sampling
-from marble.scheduler.constrained_rows import grammar_masks, grammar_run
+from marble.scheduler.constrained_rows import first_masked, grammar_run, mask_frontiers
 from marble.scheduler.request import Request
 from marble.scheduler.step_result import (
     CONSTRAINT_UNSATISFIABLE,
@@ -116,23 +116,24 @@ class BlockRunner(BlockCausalRunner):
         # and always commits; `grammar_run` decides the rest once the host has the proposals.
         # Only what is shown is constrained: a block past max_tokens, or with no mask left (its
         # settling forward), goes by the commit rule alone.
+        shown = [
+            min(len(r.tokens), e - row.prompt_len)
+            for r, row, (_, _, e) in zip(requests, rows, spans)
+        ]
+        firsts_all = [first_masked(r.tokens, self.mask_id) for r in requests]
         constrained = [
             i
             for i, r in enumerate(requests)
-            if r.constraint is not None
-            and _first_mask(r, self.mask_id) < min(len(r.tokens), spans[i][2] - rows[i].prompt_len)
+            if r.constraint is not None and firsts_all[i] < shown[i]
         ]
-        firsts = [_first_mask(requests[i], self.mask_id) for i in constrained]
-        frontier = [g + rows[i].prompt_len - spans[i][1] for i, g in zip(constrained, firsts)]
         if constrained:
-            at = torch.tensor(constrained, device=dev), torch.tensor(frontier, device=dev)
-            allowed = grammar_masks(
+            at = mask_frontiers(
+                logits,
+                constrained,
+                [firsts_all[i] + rows[i].prompt_len - spans[i][1] for i in constrained],
                 [requests[i].constraint for i in constrained],  # type: ignore[misc]
-                [requests[i].params.max_tokens - g for i, g in zip(constrained, firsts)],
-                logits.shape[-1],
-                dev,
+                [requests[i].params.max_tokens - firsts_all[i] for i in constrained],
             )
-            logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
         x0, p = sampling.joint_predict(
             logits,
             # float64: a tiny temperature stays positive (sampled at its limit), not 0.
@@ -227,11 +228,6 @@ class BlockRunner(BlockCausalRunner):
             shape = (n, self.model.cfg.vocab_size)
             self._scores = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self._scores[:n]
-
-
-def _first_mask(request: Request, mask_id: int) -> int:
-    """The first generated position still masked (past the end when none is)."""
-    return next((g for g, t in enumerate(request.tokens) if t == mask_id), len(request.tokens))
 
 
 def _log(p: float) -> float:

@@ -25,7 +25,7 @@ from marble.families.block_causal import BlockCausalRunner, BlockRow
 from marble.families.sdar import sampling
 from marble.families.sdar.config import Remasking
 from marble.model.sampling import HostKnobs, joint_predict, llada_counts
-from marble.scheduler.constrained_rows import grammar_masks, grammar_run
+from marble.scheduler.constrained_rows import first_masked, grammar_run, mask_frontiers
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
@@ -144,17 +144,15 @@ class SDARRunner(BlockCausalRunner):
         constrained = [
             j for j, r in enumerate(reqs) if r.constraint is not None and self.mask_id in r.tokens
         ]
-        firsts = [reqs[j].tokens.index(self.mask_id) for j in constrained]
-        frontier = [g + picked[j].prompt_len - picked[j].start for j, g in zip(constrained, firsts)]
+        firsts = [first_masked(reqs[j].tokens, self.mask_id) for j in constrained]
         if constrained:
-            at = torch.tensor(constrained, device=dev), torch.tensor(frontier, device=dev)
-            allowed = grammar_masks(
+            at = mask_frontiers(
+                logits,
+                constrained,
+                [g + picked[j].prompt_len - picked[j].start for j, g in zip(constrained, firsts)],
                 [reqs[j].constraint for j in constrained],  # type: ignore[misc]
                 [reqs[j].params.max_tokens - g for j, g in zip(constrained, firsts)],
-                logits.shape[-1],
-                dev,
             )
-            logits[at] = logits[at].masked_fill(~allowed, float("-inf"))
         x0 = torch.full((len(index), width), self.pad_id, dtype=torch.long, device=dev)
         p = torch.zeros((len(index), width), dtype=torch.float32, device=dev)
         # One draw per block position, as upstream's one multinomial over [B, V]: rows are

@@ -5,7 +5,8 @@ it which tokens may come next (`allowed`, one mask) and offers it the row's prop
 Finishing within the canvas: a diffusion request knows how many positions its output has left.
 When a completion of the match found by a bounded search (forced tokens, then short closing
 texts, depth first) needs nearly all of them, the row closes: its next token is that
-completion's, one a step, so the output ends complete instead of cut. Knows nothing of models
+completion's, one a step, so the output ends complete instead of cut; until then a step's run
+of parallel commits may not spend the room that completion needs. Knows nothing of models
 or runners beyond token ids.
 """
 
@@ -29,15 +30,20 @@ class RowConstraint:
         self.rejected = 0  # proposals turned away so far
         self.accepted = 0  # tokens taken so far
         self.closing = False  # this step's token is a completion's, not the model's choice
+        # Near the end: tokens a step may take and still leave room for the completion found
+        # (a run of parallel commits must not spend it in one step). None: not near the end.
+        self.room: int | None = None
         self.closed = 0  # steps it has closed in
 
     def allowed(self, left: int) -> bytes:
         """The tokens that may come next, one bit each (token 8i + j is bit j of byte i), with
         `left` positions left for the output (this one included; one more is kept for the stop
         token): stop tokens once it accepts, a completion's next token when closing."""
-        self.closing = False
+        self.closing, self.room = False, None
         if not self.done and left <= CLOSE_WITHIN:
             path = self.completion(left - 1)
+            if path is not None:
+                self.room = left - 1 - len(path) - MARGIN
             if path is not None and len(path) + MARGIN >= left - 1:
                 self.closing, self.closed = True, self.closed + 1
                 only = bytearray((self.vocab + 7) // 8)
@@ -75,9 +81,11 @@ class RowConstraint:
 
     def accept(self, proposals: list[int]) -> int:
         """Take the longest prefix of `proposals` the grammar allows, a stop token included
-        once the match is complete (it ends the output); returns its length."""
-        # Closing: only this step's first token is the completion's.
-        n = self.matcher.validate_tokens(proposals[:1] if self.closing else proposals)
+        once the match is complete (it ends the output); returns its length. Near the end at
+        most `room` of them, one when closing (the completion's)."""
+        if self.closing or self.room is not None:
+            proposals = proposals[: 1 if self.closing else max(1, self.room or 0)]
+        n = self.matcher.validate_tokens(proposals)
         if n and not self.matcher.consume_tokens(proposals[:n]):
             raise RuntimeError(f"grammar matcher failed: {self.matcher.get_error()}")
         if n < len(proposals) and proposals[n] in self.stop_ids and self.done:

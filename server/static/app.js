@@ -115,6 +115,10 @@ class Card {
         if (typeof data.num_masked === "number") this.numMasked = data.num_masked;
         if (typeof data.forward === "string") this.forward = data.forward;
         if (typeof data.positions === "number") this.positions = data.positions;
+        // A constrained row's proposals its grammar turned away this step.
+        if (typeof data.grammar_rejected === "number") {
+          this.grammarRejected = (this.grammarRejected || 0) + data.grammar_rejected;
+        }
         if (typeof data.draft === "string" && !this.textIsFinal) this.text = data.draft;
         else if (typeof data.text === "string" && !this.textIsFinal) this.text = data.text;
         this.length = Math.max(this.length, this.committedCount + (this.numMasked || 0));
@@ -354,6 +358,7 @@ function drawCard(card) {
   let fwd = card.forward === null ? "–" : `${card.forward.replace("_", " ")} (${card.positions} positions)`;
   if (card.uniform) fwd += ` · accepted ${card.accepted} / renoised ${card.renoised}`;
   else if (card.edits || card.remasks) fwd += ` · edits ${card.edits || 0} / remasks ${card.remasks || 0}`;
+  if (card.grammarRejected !== undefined) fwd += ` · grammar rejected ${card.grammarRejected}`;
   el.querySelector(".fwd").textContent = fwd;
   const prompt = el.querySelector(".prompt");
   if (prompt.textContent !== (card.prompt ?? "")) prompt.textContent = card.prompt ?? "";

@@ -532,3 +532,34 @@ def test_an_sdar_request_resolves_block_by_block(sdar_server: str, page: tuple) 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-sdar.png"), full_page=True)
     assert errors == [], f"console errors: {errors}"
+
+
+def test_a_constrained_request_shows_what_its_grammar_rejected(
+    dashboard_server: str, page: tuple
+) -> None:
+    """A structured-output request sent by another client appears on the watching page with
+    the proposals its grammar turned away counted in its header; its text is the JSON."""
+    page, errors = page
+    page.goto(dashboard_server + "/?watch")
+    page.wait_for_function(
+        "document.getElementById('watch-status').textContent === 'following every request'"
+    )
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+        "required": ["name", "ok"],
+    }
+    body = {"prompt": "A record:", "max_tokens": 48, "threshold": 0.5, "guided_json": schema}
+    r = httpx.post(f"{dashboard_server}/v1/completions", json=body, timeout=120)
+    r.raise_for_status()
+    text = r.json()["choices"][0]["text"]
+    assert json.loads(text)["ok"] in (True, False)
+    page.wait_for_function(
+        "document.querySelectorAll('.card[data-state=completed]').length >= 1", timeout=30_000
+    )
+    header = page.locator(".card").first.locator(".fwd").inner_text()
+    assert "grammar rejected" in header, header
+    assert page.locator(".card .text").first.inner_text() == text
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-structured.png"), full_page=True)
+    assert errors == [], f"console errors: {errors}"

@@ -1,8 +1,8 @@
 """The runner's side of structured output, shared by every family that constrains: the
 grammar's token mask for a batch's constrained rows (one tensor, one copy to the device), and
 what of a row's picked positions its grammar keeps: the run from its first masked position,
-cut where the grammar stops accepting. A runner applies the mask before its sampler and
-masks again what was not kept."""
+cut where the grammar stops accepting, the rest masked again in the row's canvas. A runner
+applies the masks before its sampler and `grammar_run` once the host has the proposals."""
 
 from __future__ import annotations
 
@@ -48,12 +48,26 @@ def first_masked(tokens: Sequence[int], mask_id: int) -> int:
 
 
 def grammar_run(
-    constraint: RowConstraint, picked: Sequence[int], tokens: Sequence[float]
-) -> tuple[set[int], int]:
-    """A constrained row's picked window columns (ascending, the first its first masked
-    position, always picked) and every column's proposal -> (the columns its grammar takes:
-    the contiguous run from the first, cut where the grammar stops accepting; the proposals
-    it turned away)."""
-    run = list(picked[: next((i for i, w in enumerate(picked) if w != picked[0] + i), len(picked))])
-    taken = constraint.accept([int(tokens[w]) for w in run])
-    return set(run[:taken]), len(run) - taken
+    constraint: RowConstraint,
+    picked: Sequence[float],
+    tokens: Sequence[float],
+    canvas: Tensor,
+    start: int,
+    mask_id: int,
+) -> tuple[list[bool], int] | None:
+    """A constrained row's window after its commit rule: `picked` flags each column (the first
+    picked one is its first masked position, always picked), `tokens` each column's proposal.
+    Its grammar takes the contiguous run of picks from the first, cut where it stops
+    accepting; the other picks are masked again in `canvas` (column c at position start + c)
+    -> (the columns kept, as flags; the proposals turned away), or None when the grammar
+    takes nothing (the row cannot go on)."""
+    cols = [c for c, flag in enumerate(picked) if flag]
+    run = cols[: next((i for i, c in enumerate(cols) if c != cols[0] + i), len(cols))]
+    taken = constraint.accept([int(tokens[c]) for c in run])
+    if not taken:
+        return None
+    undone = cols[taken:]  # past the run's valid part, and every pick out of the run
+    if undone:
+        canvas[torch.tensor(undone, device=canvas.device) + start] = mask_id
+    kept = set(run[:taken])
+    return [c in kept for c in range(len(picked))], len(run) - taken

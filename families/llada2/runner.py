@@ -116,23 +116,23 @@ class BlockRunner(BlockCausalRunner):
         # and always commits; `grammar_run` decides the rest once the host has the proposals.
         # Only what is shown is constrained: a block past max_tokens, or with no mask left (its
         # settling forward), goes by the commit rule alone.
-        shown = [
-            min(len(r.tokens), e - row.prompt_len)
-            for r, row, (_, _, e) in zip(requests, rows, spans)
-        ]
-        firsts_all = [first_masked(r.tokens, self.mask_id) for r in requests]
+        firsts = {
+            i: first_masked(r.tokens, self.mask_id)
+            for i, r in enumerate(requests)
+            if r.constraint is not None
+        }
         constrained = [
             i
-            for i, r in enumerate(requests)
-            if r.constraint is not None and firsts_all[i] < shown[i]
+            for i, g in firsts.items()
+            if g < min(len(requests[i].tokens), spans[i][2] - rows[i].prompt_len)
         ]
         if constrained:
             at = mask_frontiers(
                 logits,
                 constrained,
-                [firsts_all[i] + rows[i].prompt_len - spans[i][1] for i in constrained],
+                [firsts[i] + rows[i].prompt_len - spans[i][1] for i in constrained],
                 [requests[i].constraint for i in constrained],  # type: ignore[misc]
-                [requests[i].params.max_tokens - firsts_all[i] for i in constrained],
+                [requests[i].params.max_tokens - firsts[i] for i in constrained],
             )
         x0, p = sampling.joint_predict(
             logits,
@@ -165,6 +165,7 @@ class BlockRunner(BlockCausalRunner):
         fields = (step.commit, step.edit, step.tokens, block, p, settled, broken)
         host = torch.stack([t.double() for t in fields]).tolist()
         commit, edit, tokens, before, prob, settled, broken = host
+        ruled_rows = set(constrained)
         results: list[RowStep | RowError] = []
         for i, (r, row, (a, s, e)) in enumerate(zip(requests, rows, spans)):
             if broken[i][0]:
@@ -173,18 +174,23 @@ class BlockRunner(BlockCausalRunner):
             size = row.size
             row.canvas = row.canvas.clone()
             row.canvas[s:e] = step.tokens[i, :size]
-            undone: list[int] = []
+            undone = 0  # picks its grammar masked again
             extras: dict[str, int] = {}
-            if i in constrained:
-                picks = [j for j in range(size) if commit[i][j]]
-                taken, rejected = grammar_run(r.constraint, picks, tokens[i])
-                if not taken:
+            if i in ruled_rows:
+                picks = int(sum(commit[i][:size]))
+                ruled = grammar_run(
+                    r.constraint,  # type: ignore[arg-type]
+                    commit[i][:size],
+                    tokens[i],
+                    row.canvas,
+                    s,
+                    self.mask_id,
+                )
+                if ruled is None:
                     results.append(CONSTRAINT_UNSATISFIABLE)
                     continue
-                undone = [j for j in picks if j not in taken]
-                if undone:
-                    row.canvas[torch.tensor(undone, device=dev) + s] = self.mask_id
-                commit[i] = [j in taken for j in range(size)]
+                commit[i], rejected = ruled
+                undone = picks - sum(commit[i])
                 extras = {"grammar_rejected": rejected}
             # What the cache lacked before the block is final; the block is too once settled
             # (this forward saw its final tokens).
@@ -192,7 +198,7 @@ class BlockRunner(BlockCausalRunner):
             if kept:
                 row.cache.advance(kept)
             rounds = r.params.max_post_steps if r.params.editing_threshold is not None else 0
-            row.masks, row.masks_at = tokens[i][:size].count(self.mask_id) + len(undone), s
+            row.masks, row.masks_at = tokens[i][:size].count(self.mask_id) + undone, s
             final = bool(settled[i][0]) or (not row.masks and row.post + 1 > rounds)
             if final:
                 row.post = 0

@@ -261,11 +261,14 @@ class ModelRunner:
             base, size = r.current_block[0], lay.sizes[b]
             extras: dict[str, int] = {}
             if r.constraint is not None and lay.counts[b]:
-                kept, rejected = self._constrain(r, rows[b], committed[b][:size], tokens[b])
-                if not kept:
+                at = r.gen_start + base
+                ruled = grammar_run(
+                    r.constraint, committed[b][:size], tokens[b], rows[b].canvas, at, self.mask_id
+                )
+                if ruled is None:
                     results.append(CONSTRAINT_UNSATISFIABLE)
                     continue
-                committed[b] = [w in kept for w in range(size)]
+                committed[b], rejected = ruled
                 extras = {"grammar_rejected": rejected}
             commits = [
                 Commit(base + w, int(tokens[b][w]), conf[b][w], logprob[b][w])
@@ -289,20 +292,6 @@ class ModelRunner:
                 )
             )
         return results
-
-    def _constrain(
-        self, request: Request, row: _Row, committed: list[float], tokens: list[float]
-    ) -> tuple[set[int], int]:
-        """A constrained row's commits after its grammar: the run of picked window columns from
-        its first masked one, cut where the grammar stops accepting the proposals; picks past
-        the run (and out of it) are masked again. -> (kept columns, proposals rejected)."""
-        picked = [w for w, c in enumerate(committed) if c]
-        kept, rejected = grammar_run(request.constraint, picked, tokens)  # type: ignore[arg-type]
-        undone = [w for w in picked if w not in kept]
-        if undone:
-            at = request.gen_start + request.current_block[0]
-            row.canvas[torch.tensor(undone, device=self.device) + at] = self.mask_id
-        return kept, rejected
 
     def _layout(self, requests: list[Request], rows: list[_Row]) -> _Layout:
         """The batch's canvases (left-padded) and, per row, its current block as a window

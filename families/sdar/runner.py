@@ -141,17 +141,19 @@ class SDARRunner(BlockCausalRunner):
         # Structured output: a constrained row's first masked column takes its grammar's mask
         # and always commits; `grammar_run` decides the rest once the host has the proposals.
         # Only what is shown is constrained: a block past max_tokens goes by its rule alone.
-        constrained = [
-            j for j, r in enumerate(reqs) if r.constraint is not None and self.mask_id in r.tokens
-        ]
-        firsts = [first_masked(reqs[j].tokens, self.mask_id) for j in constrained]
+        firsts = {
+            j: first_masked(r.tokens, self.mask_id)
+            for j, r in enumerate(reqs)
+            if r.constraint is not None
+        }
+        constrained = [j for j, g in firsts.items() if g < len(reqs[j].tokens)]
         if constrained:
             at = mask_frontiers(
                 logits,
                 constrained,
-                [g + picked[j].prompt_len - picked[j].start for j, g in zip(constrained, firsts)],
+                [firsts[j] + picked[j].prompt_len - picked[j].start for j in constrained],
                 [reqs[j].constraint for j in constrained],  # type: ignore[misc]
-                [reqs[j].params.max_tokens - g for j, g in zip(constrained, firsts)],
+                [reqs[j].params.max_tokens - firsts[j] for j in constrained],
             )
         x0 = torch.full((len(index), width), self.pad_id, dtype=torch.long, device=dev)
         p = torch.zeros((len(index), width), dtype=torch.float32, device=dev)
@@ -192,6 +194,7 @@ class SDARRunner(BlockCausalRunner):
         # Everything the host needs from the step, [R, W] each, in one transfer.
         host = torch.stack([t.double() for t in (chosen, x0, p, broken)]).tolist()
         chosen_host, x0_host, prob, broken_host = host
+        ruled_rows = set(constrained)
         decided: dict[int, tuple[list[Commit], dict[str, int]] | RowError] = {}
         extras: dict[int, dict[str, int]] = {}
         for j, (i, r, row) in enumerate(zip(index, reqs, picked)):
@@ -201,16 +204,19 @@ class SDARRunner(BlockCausalRunner):
             s = row.start
             row.canvas = row.canvas.clone()
             row.canvas[s : s + row.size] = tokens[j, : row.size]
-            if j in constrained:
-                picks = [c for c in range(row.size) if chosen_host[j][c]]
-                kept, rejected = grammar_run(r.constraint, picks, x0_host[j])
-                if not kept:
+            if j in ruled_rows:
+                ruled = grammar_run(
+                    r.constraint,  # type: ignore[arg-type]
+                    chosen_host[j][: row.size],
+                    x0_host[j],
+                    row.canvas,
+                    s,
+                    self.mask_id,
+                )
+                if ruled is None:
                     decided[i] = CONSTRAINT_UNSATISFIABLE
                     continue
-                undone = [c for c in picks if c not in kept]
-                if undone:
-                    row.canvas[torch.tensor(undone, device=dev) + s] = self.mask_id
-                chosen_host[j] = [c in kept for c in range(row.size)]
+                chosen_host[j], rejected = ruled
                 extras[i] = {"grammar_rejected": rejected}
             row.step += 1
             row.masks = row.masks_left() - int(sum(chosen_host[j][: row.size]))

@@ -26,8 +26,9 @@ CACHE_ENTRIES = 256
 LIMITS = dict(max_grammar_size=500_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000)
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="marble-grammar")
 # Texts a match is most often completed with, in the order a closing search tries them: the
-# ones that end a string, an object, an array or a number first.
-CLOSERS = ('"', "}", "]", "0", "f", "n", "t", "a", ",", " ", "1", ":", "-", ".", ")", ">")
+# ones that end a string, an object or an array first, then the comma that ends a number
+# (before a digit, which would only lengthen it), then the shortest values.
+CLOSERS = ('"', "}", "]", ",", "0", "f", "n", "t", "a", " ", "1", ":", "-", ".", ")", ">")
 
 
 class ConstraintError(ValueError):

@@ -30,7 +30,16 @@ from marble.scheduler.step_result import Runner
 ENTRY_POINTS = "marble.families"
 # The fields every family reads.
 COMMON_FIELDS = frozenset(
-    ("max_tokens", "block_length", "threshold", "temperature", "seed", "stop", "ignore_eos")
+    (
+        "max_tokens",
+        "block_length",
+        "threshold",
+        "temperature",
+        "seed",
+        "stop",
+        "ignore_eos",
+        "skip_special_tokens",
+    )
 )
 
 

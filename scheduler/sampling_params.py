@@ -101,6 +101,8 @@ class SamplingParams:
     whole generated region as one block. `remasking` "sequential" (the block's first masks,
     in order) is read by one block-causal family; the others refuse it. `token_healing` moves a text
     prompt's trailing whitespace token into the canvas (see `marble.scheduler.healing`).
+    `skip_special_tokens` False keeps special tokens (other than the one that ends the text)
+    in the output text, as a tool-call parser needs them.
     `cache` picks the KV cache (CACHES).
 
     Uniform-state models read `steps` as their denoising steps per canvas and
@@ -132,6 +134,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
     token_healing: bool = False
     cache: str = "dual"
     entropy_bound: float = 0.1

@@ -43,7 +43,8 @@ def _advance_stable(m: ServedModel, request: Request, stable_len: int) -> bool:
 
 def decode(m: ServedModel, request: Request, ids: list[int]) -> str:
     """Completion text of generated ids, without the healed prompt text they start with."""
-    return unheal(m.tokenizer.decode(ids), request.heal_text)
+    text = m.tokenizer.decode(ids, request.params.skip_special_tokens)
+    return unheal(text, request.heal_text)
 
 
 def cut(request: Request) -> int:

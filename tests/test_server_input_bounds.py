@@ -168,6 +168,7 @@ def test_every_sampling_field_crosses_the_http_layer_by_its_name():
         "seed": 11,
         "stop": ["x"],
         "ignore_eos": True,
+        "skip_special_tokens": False,
         "token_healing": True,
         "cache": "dual",
         "entropy_bound": 0.25,

@@ -192,6 +192,11 @@ class TextTokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @cached_property
+    def added_tokens(self) -> frozenset[str]:
+        """The texts of the tokens added over the base vocabulary (each is one token)."""
+        return frozenset(t.content for t in self.tok.get_added_tokens_decoder().values())
+
+    @cached_property
     def token_texts(self) -> list[str]:
         """Every id's display string, computed once (token healing scans the vocabulary)."""
         return self.token_text(list(range(len(self))))
@@ -213,10 +218,12 @@ class TextTokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         template_kwargs: Mapping[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render with the checkpoint's jinja2 template, as transformers' apply_chat_template.
 
-        `template_kwargs` reach the template as variables (e.g. `{"enable_thinking": True}`).
+        `tools` are OpenAI's tool objects (the template's `tools` variable); `template_kwargs`
+        reach the template as variables (e.g. `{"enable_thinking": True}`).
         One naming a variable the renderer sets itself raises ReservedTemplateVariable; a failed
         render, whatever the template raised, ChatTemplateError."""
         template_kwargs = template_kwargs or {}
@@ -238,7 +245,7 @@ class TextTokenizer:
         ours = {
             "messages": messages,
             "add_generation_prompt": add_generation_prompt,
-            "tools": None,
+            "tools": tools,
             **{k: (v or "") for k, v in specials.items()},
         }
         # A variable would shadow a global the template calls (`namespace`, `raise_exception`);

@@ -16,6 +16,7 @@ from marble.server.errors import APIError
 from marble.server.lifecycle import Lifecycle
 from marble.server.protocol import SamplingBody
 from marble.server.request_record import RequestRecord
+from marble.structured.constraint import Constraint
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -63,9 +64,12 @@ class Admission:
         *,
         lossless: bool,
         draft_every: int | None = None,
+        constraint: Constraint | None = None,
     ) -> RequestRecord:
         """Queue one engine request per prompt and choice (`body.n`), all or none.
-        `lossless`: an OpenAI route, which reads every raw output (`record.outputs`)."""
+        `lossless`: an OpenAI route, which reads every raw output (`record.outputs`).
+        `constraint`: what the route requires of the output (a tool call), where the body's
+        own structured-output fields ask for nothing."""
         total = len(prompts) * body.n
         if total > self.settings.max_n:
             raise APIError(
@@ -76,7 +80,7 @@ class Admission:
             )
         try:
             params = body.sampling_params(engine.served(body.model).defaults)
-            constraint = body.constraint()
+            constraint = constraint or body.constraint()
         except InvalidParam as exc:
             raise invalid(exc) from exc
         model = body.model or self.lifecycle.model_name

@@ -64,7 +64,7 @@ def ignored(reason: str) -> Unsupported:
     return Unsupported("ignored", reason)
 
 
-_TOOLS = "tool calling is not implemented yet"
+_FUNCTIONS = "the deprecated `functions` form of tool calling is not implemented; send `tools`"
 _NO_USERS = "Marble keeps no per-user record"
 
 # Body fields of /v1/completions, /v1/diffusion/generate and /v1/chat/completions.
@@ -90,11 +90,8 @@ COMPLETIONS: Mapping[str, Unsupported] = {
 }
 # Body fields of /v1/chat/completions only.
 CHAT: Mapping[str, Unsupported] = {
-    "tools": refused(f"{_TOOLS}; send no tools (or an empty list)", _empty_list),
-    "tool_choice": refused(f'{_TOOLS}; only "none" is accepted', _none),
-    "functions": refused(f"{_TOOLS} (nor its deprecated form, functions)", _empty_list),
-    "function_call": refused(f'{_TOOLS} (nor its deprecated form); only "none" is accepted', _none),
-    "parallel_tool_calls": ignored("it only shapes tool calls, and Marble accepts no tools"),
+    "functions": refused(_FUNCTIONS, _empty_list),
+    "function_call": refused(f'{_FUNCTIONS} and `tool_choice`; only "none" is accepted', _none),
     "audio": refused("audio output is not supported: Marble generates text only"),
     "modalities": refused('Marble generates text only; only ["text"] is accepted', _text_only),
     "reasoning_effort": refused(
@@ -121,7 +118,7 @@ CHAT: Mapping[str, Unsupported] = {
 MESSAGE: Mapping[str, Unsupported] = {
     "refusal": refused("a refusal is not templated; send its text as `content`"),
     "audio": refused("audio is not supported: Marble serves text only"),
-    "function_call": refused(f"{_TOOLS} (nor its deprecated form, function_call)"),
+    "function_call": refused(f"{_FUNCTIONS} (and `tool_calls` for an earlier call)"),
 }
 # Fields of `stream_options`.
 STREAM_OPTIONS: Mapping[str, Unsupported] = {

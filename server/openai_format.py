@@ -23,6 +23,7 @@ from marble.scheduler.scheduler import DEADLINE_EXCEEDED
 from marble.server.draft import DraftRenderer
 from marble.server.errors import APIError
 from marble.server.request_record import RequestRecord
+from marble.structured.tools import ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,16 @@ class ChoiceState:
     draft: str | None = None
     last: StepOutput | None = None
     done: bool = False
+    calls_sent: int = 0  # tool calls already streamed
 
 
 class OpenAIResponse:
     """Consumes one record's raw outputs (`record.outputs`) and produces OpenAI shapes.
 
-    `on_failure` runs when a streamed choice fails or is aborted (the others are aborted)."""
+    `on_failure` runs when a streamed choice fails or is aborted (the others are aborted).
+    With `tools`, a chat choice's text is content up to its first call and calls from there
+    (`finish_reason` "tool_calls"); a stream sends each call whole once its text is stable,
+    and holds back text that could be the start of one."""
 
     def __init__(
         self,
@@ -61,6 +66,7 @@ class OpenAIResponse:
         logprobs: int | None = None,
         diffusing: bool = False,
         include_usage: bool = False,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.kind = kind
         self.record = record
@@ -73,6 +79,7 @@ class OpenAIResponse:
         self.logprobs = logprobs  # None: off; k: on, with k alternatives asked for
         self.diffusing = diffusing
         self.include_usage = include_usage
+        self.tools = tools  # read the text for calls (chat with tools, a choice but "none")
         self.n = n
         total = len(record.choices)
         self.states = [ChoiceState(i, i // n, (echo[i // n] if echo else "")) for i in range(total)]
@@ -93,6 +100,33 @@ class OpenAIResponse:
         delta = out.text[len(state.sent) :]
         state.sent = out.text
         return delta
+
+    def _tool_delta(self, state: ChoiceState, out: StepOutput) -> tuple[str, list[dict[str, Any]]]:
+        """(new content, new whole calls as deltas) since the last call. Content ends where
+        the first call starts; text that may still become a call's start is held back, and
+        sent as content at the end if no call came of it."""
+        assert self.tools is not None
+        text, start = out.text, self.tools.format.open
+        at = text.find(start)
+        if at >= 0:
+            content = text[:at]
+        elif out.finished:
+            content = text
+        else:
+            content = text[: len(text) - _partial_suffix(text, start)]
+        calls: list[dict[str, Any]] = []
+        if at >= 0:
+            _, parsed = self.tools.parse(text)
+            for call in parsed[state.calls_sent :]:
+                calls.append({"index": state.calls_sent, **call.to_json()})
+                state.calls_sent += 1
+            if out.finished and not state.calls_sent:
+                content = text  # no call after all: everything was content
+        if state.calls_sent and at >= 0:
+            content = content.rstrip()
+        new = content[len(state.sent) :] if content.startswith(state.sent) else ""
+        state.sent += new
+        return new, calls
 
     def _token_count(self, state: ChoiceState, out: StepOutput) -> int:
         """Completion tokens that the text sent so far covers."""
@@ -211,7 +245,13 @@ class OpenAIResponse:
             if self.logprobs is not None:
                 ids, lps, heal = self._new_logprobs(s, out)
                 logprobs = self._logprobs_json(s, ids, lps, len(s.echo), heal)
-            if self.kind == "chat":
+            if self.kind == "chat" and self.tools is not None:
+                content, calls = self.tools.parse(text)
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = [c.to_json() for c in calls]
+                    choice["finish_reason"] = _with_calls(out.finish_reason)
+            elif self.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = s.echo + text
@@ -240,7 +280,13 @@ class OpenAIResponse:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
     def _choice_chunk(
-        self, state: ChoiceState, text: str | None, finish: str | None, logprobs: Any, role: bool
+        self,
+        state: ChoiceState,
+        text: str | None,
+        finish: str | None,
+        logprobs: Any,
+        role: bool,
+        calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
@@ -248,6 +294,8 @@ class OpenAIResponse:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             return {
                 "index": state.index,
                 "delta": delta,
@@ -293,6 +341,15 @@ class OpenAIResponse:
                 if text == state.draft and finish is None and logprobs is None:
                     continue
                 state.draft = text
+            elif self.tools is not None and self.kind == "chat":
+                text, calls = self._tool_delta(state, out)
+                if state.calls_sent and finish is not None:
+                    finish = _with_calls(finish)
+                if not text and not calls and finish is None and logprobs is None:
+                    continue
+                chunk = self._choice_chunk(state, text, finish, logprobs, False, calls)
+                yield self._chunk([chunk])
+                continue
             else:
                 text = self._delta(state, out)
                 if not text and finish is None and logprobs is None:
@@ -301,3 +358,16 @@ class OpenAIResponse:
         if self.include_usage:
             yield self._chunk([], self.usage())
         yield "[DONE]"
+
+
+def _with_calls(finish_reason: str | None) -> str | None:
+    """A choice that ended by itself with calls ended to call them."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def _partial_suffix(text: str, mark: str) -> int:
+    """The length of the longest end of `text` that `mark` starts with."""
+    for size in range(min(len(mark) - 1, len(text)), 0, -1):
+        if mark.startswith(text[-size:]):
+            return size
+    return 0

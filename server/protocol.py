@@ -9,6 +9,7 @@ Knows nothing of the engine.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -41,11 +42,14 @@ from marble.server.openai_fields import (
     Unsupported,
 )
 from marble.server.structured_body import StructuredFields
+from marble.structured.tool_formats import Tool, ToolFormat
+from marble.structured.tools import ToolPlan
 
 MAX_N = 1024  # choices per request: the server's own limit (`max_n`) is at most this
 MAX_TOKEN_ID = 1 << 31  # ids beyond any vocabulary; the engine checks the model's own
 MAX_MESSAGES = 4096  # chat turns per request
 MAX_TEMPLATE_KWARGS = 64  # entries of `chat_template_kwargs`
+MAX_TOOLS = 128  # functions per request, as OpenAI allows
 
 
 def _unicode(text: str) -> str:
@@ -166,6 +170,7 @@ class SamplingBody(StructuredFields):
     top_k: Count | None = _sampling("top_k")
     cfg_scale: float | None = _sampling("cfg_scale")
     ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
     token_healing: bool | None = None
     cache: str | None = None
     entropy_bound: float | None = _sampling("entropy_bound")
@@ -284,6 +289,56 @@ class ToolCall(BaseModel):
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
+    def to_template(self) -> dict[str, Any]:
+        """The call with its arguments as an object, which templates write out (`tojson`) or
+        walk key by key; OpenAI sends them as JSON text."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ValueError(
+                f"tool call {self.id!r}: function.arguments must be a JSON object, as text"
+            )
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.function.name, "arguments": arguments},
+        }
+
+
+# A function's name, as OpenAI restricts it.
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments are decoded under their schema whenever constrained
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -312,7 +367,7 @@ class ChatMessage(BaseModel):
         if self.name:
             message["name"] = self.name
         if self.tool_calls:
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            message["tool_calls"] = [call.to_template() for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
@@ -329,11 +384,11 @@ class ChatCompletionRequest(SamplingBody):
         Annotated[dict[str, bool | int | float | Text | None], BeforeValidator(_template_kwargs)]
         | None
     ) = None
-    tools: ChatUnsupported = _unsupported(CHAT, "tools")
-    tool_choice: ChatUnsupported = _unsupported(CHAT, "tool_choice")
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS), FAIL_FAST] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: ChatUnsupported = _unsupported(CHAT, "functions")
     function_call: ChatUnsupported = _unsupported(CHAT, "function_call")
-    parallel_tool_calls: ChatUnsupported = _unsupported(CHAT, "parallel_tool_calls")
     audio: ChatUnsupported = _unsupported(CHAT, "audio")
     modalities: ChatUnsupported = _unsupported(CHAT, "modalities")
     reasoning_effort: ChatUnsupported = _unsupported(CHAT, "reasoning_effort")
@@ -351,15 +406,58 @@ class ChatCompletionRequest(SamplingBody):
 
     def sampling_fields(self) -> dict[str, Any]:
         """As for completions, but no token healing unless asked: a chat template's trailing
-        newline is how the model saw every assistant turn begin, not a cut in the text."""
+        newline is how the model saw every assistant turn begin, not a cut in the text. With
+        tools to call, special tokens stay in the text the calls are parsed from."""
         given = super().sampling_fields()
         if self.max_completion_tokens is not None:
             given["max_tokens"] = self.max_completion_tokens
         if self.token_healing is None:
             given["token_healing"] = False
+        if self.skip_special_tokens is None and self.tools and self.tool_choice != "none":
+            given["skip_special_tokens"] = False  # a call's marks may be special tokens
         return given
 
     def param_name(self, field: str | None) -> str | None:
         if field == "max_tokens" and self.max_completion_tokens is not None:
             return "max_completion_tokens"
         return field
+
+    def tool_plan(self, form: ToolFormat) -> ToolPlan | None:
+        """What the body asks of its tools, written in `form` (None: no tools); raises
+        InvalidParam for a choice the tools cannot meet."""
+        tools = [
+            Tool(
+                t.function.name,
+                t.function.description or "",
+                t.function.parameters if t.function.parameters is not None else _NO_ARGUMENTS,
+            )
+            for t in self.tools or []
+        ]
+        names = [t.name for t in tools]
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise InvalidParam("tools", f"the function {twice!r} is listed twice")
+        choice = self.tool_choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if not tools:
+            if choice not in (None, "none"):
+                raise InvalidParam("tool_choice", "tool_choice needs tools to choose from")
+            return None
+        if named is not None and named not in names:
+            raise InvalidParam("tool_choice", f"tool_choice names {named!r}, which is no tool")
+        if choice not in (None, "none", "auto") and self.constraint() is not None:
+            raise InvalidParam(
+                "tool_choice",
+                "a required tool call and a structured-output constraint cannot both shape "
+                "the output; send one of them",
+            )
+        return ToolPlan(
+            tools=tuple(tools),
+            choice="named" if named is not None else (choice or "auto"),  # type: ignore[arg-type]
+            named=named,
+            parallel=self.parallel_tool_calls is not False,
+            format=form,
+        )
+
+
+_NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}

@@ -33,6 +33,8 @@ BOOKKEEPING = (
     "marble.structured.constraint",
     "marble.structured.compiler",
     "marble.structured.row",
+    "marble.structured.tool_formats",
+    "marble.structured.tools",
     "marble.scheduler.request",
     "marble.scheduler.sampling_params",
     "marble.scheduler.scheduler",

@@ -184,18 +184,13 @@ async def test_neutral_values_and_ignored_fields_are_accepted(
 
 @pytest.mark.parametrize(
     "name,value",
-    [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "auto"),
-        ("functions", [{"name": "f"}]),
-        ("function_call", {"name": "f"}),
-    ],
+    [("functions", [{"name": "f"}]), ("function_call", {"name": "f"})],
 )
-async def test_tool_calling_is_refused_by_name(
+async def test_the_deprecated_functions_form_is_refused_by_name(
     client: httpx.AsyncClient, name: str, value: Any
 ) -> None:
     error = _refusal(await client.post(CHAT_ROUTE, json={**ROUTES[CHAT_ROUTE], name: value}))
-    assert error["param"] == name and "tool calling" in error["message"]
+    assert error["param"] == name and "send `tools`" in error["message"]
 
 
 async def test_best_of_is_refused_on_completions(client: httpx.AsyncClient) -> None:
@@ -219,7 +214,8 @@ async def test_the_schema_marks_refused_and_ignored_fields(client: httpx.AsyncCl
     schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
     chat = schemas["ChatCompletionRequest"]
     assert chat["additionalProperties"] is False
-    assert chat["properties"]["tools"]["x-marble-unsupported"] == "refused"
+    assert chat["properties"]["functions"]["x-marble-unsupported"] == "refused"
+    assert "x-marble-unsupported" not in chat["properties"]["tools"]
     assert chat["properties"]["store"]["x-marble-unsupported"] == "ignored"
     assert "stores" in chat["properties"]["store"]["description"]
     for name in ("CompletionRequest", "GenerateRequest"):

@@ -14,8 +14,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from marble.model.tokenizer import ChatTemplateError, ReservedTemplateVariable
-from marble.server.admission import Admission
+from marble.scheduler.sampling_params import InvalidParam
+from marble.server.admission import Admission, invalid
 from marble.server.async_engine import AsyncEngine
+from marble.server.chat_prompt import chat_prompt
 from marble.server.errors import APIError
 from marble.server.json_body import json_body, request_body
 from marble.server.lifecycle import Lifecycle
@@ -24,6 +26,7 @@ from marble.server.protocol import ChatCompletionRequest, CompletionRequest, Sam
 from marble.server.request_record import RequestRecord
 from marble.server.routes.deps import AdmissionDep, LifecycleDep, RequestIdDep, require_api_key
 from marble.server.sse import sse_response
+from marble.structured.tools import ToolPlan
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 T = TypeVar("T")
@@ -76,10 +79,11 @@ async def chat_completions(
     body: ChatBody, request: Request, admission: AdmissionDep, request_id: RequestIdDep
 ) -> Response:
     engine = admission.ready(body.model)
+    tokenizer = engine.served(body.model).tokenizer
     try:
-        messages = [m.to_template() for m in body.messages]
-        tokenizer = engine.served(body.model).tokenizer
-        prompt = tokenizer.render_chat(messages, template_kwargs=body.chat_template_kwargs)
+        prompt = chat_prompt(body, tokenizer)
+    except InvalidParam as exc:
+        raise invalid(exc) from exc
     except ReservedTemplateVariable as exc:
         raise APIError(400, str(exc), param="chat_template_kwargs", reason="invalid") from exc
     except ChatTemplateError as exc:
@@ -87,9 +91,11 @@ async def chat_completions(
         raise APIError(400, str(exc), param="messages", code=code, reason="invalid") from exc
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages", reason="invalid") from exc
-    record = await admission.admit(engine, request_id, body, [prompt], lossless=True)
+    record = await admission.admit(
+        engine, request_id, body, [prompt.text], lossless=True, constraint=prompt.constraint
+    )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    response = _openai("chat", admission, engine, record, body, logprobs)
+    response = _openai("chat", admission, engine, record, body, logprobs, tools=prompt.tools)
     return await _respond(admission, engine, request, record, response, body.stream)
 
 
@@ -101,6 +107,7 @@ def _openai(
     body: SamplingBody,
     logprobs: int | None,
     echo: list[str] | None = None,
+    tools: ToolPlan | None = None,
 ) -> OpenAIResponse:
     settings, draft = admission.settings, admission.lifecycle.drafts[record.model]
     return OpenAIResponse(
@@ -114,6 +121,7 @@ def _openai(
         logprobs=logprobs,
         diffusing=body.diffusing,
         include_usage=body.include_usage,
+        tools=tools if tools is not None and tools.parses else None,
     )
 
 

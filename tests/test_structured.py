@@ -1,6 +1,7 @@
-"""Structured output on the masked family (LLaDA, Dream, Marble's own): what a constrained row
-commits is always a valid prefix of its grammar, it ends on a complete match, its batch mates
-are untouched, and what it cannot honour is refused by name before anything runs."""
+"""Structured output on every family (the masked one: LLaDA, Dream, Marble's own; SDAR, LLaDA2
+and DiffusionGemma): what a constrained row commits (or, on a uniform-state canvas, fixes) is
+always a valid prefix of its grammar, it ends on a complete match, its batch mates are
+untouched, and what it cannot honour is refused by name before anything runs."""
 
 from __future__ import annotations
 
@@ -149,11 +150,73 @@ def test_what_a_constraint_cannot_honour_is_refused_by_name(embedded):
     assert err.value.param == "guided_regex"
 
 
-def test_families_without_a_constrained_rule_refuse_it_by_name():
+def test_a_family_without_a_constrained_rule_refuses_it_by_name(monkeypatch):
     engine = Engine.from_pretrained(REFERENCE / "diffusiongemma-tiny", progress=False)
+    monkeypatch.setattr(engine.first.family, "constrains", False)
     with pytest.raises(InvalidParam) as err:
         engine.make_request("x", engine.defaults.replace(max_tokens=8), constraint=SCHEMA)
     assert err.value.param == "response_format"
+
+
+@pytest.fixture(scope="module")
+def gemma() -> Engine:
+    return Engine.from_pretrained(REFERENCE / "diffusiongemma-tiny", progress=False)
+
+
+def _assert_fixed_prefixes(engine: Engine, constraint: Constraint, outs: list[StepOutput]):
+    """A uniform-state canvas commits nothing for good until it ends, so the check is on its
+    grammar prefix: every step's output up to the end of the prefix is a run a fresh matcher
+    takes whole, and no step changes a token an earlier step fixed."""
+    stops = engine.first.special.stop_ids
+    fixed: list[int] = []
+    for out in outs:
+        assert out.tokens[: len(fixed)] == fixed, "a fixed token changed"
+        if out.canvas_span is None or "grammar_prefix" not in out.extras:
+            continue
+        fixed = out.tokens[: out.canvas_span[0] + out.extras["grammar_prefix"]]
+        run = fixed[: next((i + 1 for i, t in enumerate(fixed) if t in stops), len(fixed))]
+        assert _fresh(engine, constraint).accept(run) == len(run)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize(
+    "constraint, check",
+    [
+        (
+            Constraint.choice(["yes", "no", "maybe"], "guided_choice"),
+            lambda t: t in {"yes", "no", "maybe"},
+        ),
+        (
+            Constraint("regex", r"\d{3}-\d{4}", "guided_regex"),
+            lambda t: len(t) == 8 and t[3] == "-",
+        ),
+        (SCHEMA, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
+    ],
+)
+def test_diffusiongemma_keeps_a_valid_prefix_and_ends_on_a_match(
+    gemma, temperature, constraint, check
+):
+    """Its canvases are 16 tokens: the schema's outputs run over several of them."""
+    for seed in range(2):
+        params = gemma.defaults.replace(max_tokens=64, temperature=temperature, seed=seed)
+        request = gemma.make_request("Answer:", params, constraint=constraint)
+        outs = _run(gemma, [request])[request.request_id]
+        _assert_fixed_prefixes(gemma, constraint, outs)
+        assert outs[-1].finish_reason == "stop" and check(outs[-1].text), outs[-1].text
+        counted = sum(out.extras.get("grammar_rejected", 0) for out in outs)
+        assert counted == request.constraint.rejected
+
+
+def test_a_constrained_diffusiongemma_row_leaves_its_batch_mates_bit_identical(gemma):
+    free = [gemma.defaults.replace(max_tokens=32, seed=s) for s in (4, 5)]
+    alone = [_run(gemma, [gemma.make_request("Once", p)]) for p in free]
+    alone_tokens = [list(outs.values())[0][-1].tokens for outs in alone]
+    mates = [gemma.make_request("Once", p) for p in free]
+    params = gemma.defaults.replace(max_tokens=64, seed=1)
+    constrained = gemma.make_request("A person:", params, constraint=SCHEMA)
+    outs = _run(gemma, [mates[0], constrained, mates[1]])
+    assert [outs[m.request_id][-1].tokens for m in mates] == alone_tokens
+    assert outs[constrained.request_id][-1].finish_reason == "stop"
 
 
 def test_llada2_edits_are_off_by_default_under_a_constraint_and_refused_when_asked():
@@ -225,7 +288,9 @@ def test_a_request_closes_its_match_within_its_canvas(embedded, monkeypatch):
     assert any(out.finish_reason == "length" for out in _tight_runs(embedded))
 
 
-@pytest.mark.parametrize("folder", ["llada2-tiny", "sdar-tiny", "llada-tiny"])
+@pytest.mark.parametrize(
+    "folder", ["llada2-tiny", "sdar-tiny", "llada-tiny", "diffusiongemma-tiny"]
+)
 def test_a_match_longer_than_the_canvas_ends_by_length_not_by_error(folder: str):
     """Before: once a constrained LLaDA2 row had filled every position, its block's settling
     forward looked for a masked position that was no longer there, and the request failed."""

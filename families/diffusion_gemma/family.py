@@ -32,6 +32,7 @@ class DiffusionGemmaFamily(Family):
     parts = Parts(MODEL_TYPE, DiffusionGemma, load_diffusion_gemma, UniformRunner)
     masked = False  # canvases start as noise: there is no mask token to keep out of prompts
     canvases = True
+    constrains = True  # a grammar prefix per canvas (grammar_prefix.py)
     required = {"steps": "this model needs steps (denoising steps per canvas)"}
     fields = COMMON_FIELDS | frozenset(
         ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold")

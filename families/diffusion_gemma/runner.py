@@ -14,12 +14,17 @@ One row's failure fails that row alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from marble.families.diffusion_gemma.compiled import CompiledDecode
+from marble.families.diffusion_gemma.grammar_prefix import (
+    candidates,
+    grammar_prefix,
+    write_prefix,
+)
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.compiled_forward import CompiledForward
@@ -29,6 +34,7 @@ from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import (
     ACCEPT,
+    CONSTRAINT_UNSATISFIABLE,
     DECODE,
     ENCODE,
     FINAL,
@@ -54,6 +60,7 @@ class _CanvasRow:
     committed: Tensor | None = None  # [L] bool: greedy refinement's sticky commits
     history: Tensor | None = None  # [S, L] the stop rule's argmax history
     remaining: int = 0  # denoising steps left in this canvas, counting this one
+    fixed: list[int] = field(default_factory=list)  # a constrained canvas's grammar prefix
 
     def saved(self) -> _CanvasRow:
         """A copy to roll back to: tensors are replaced, never written in place, and a step
@@ -197,6 +204,9 @@ class UniformRunner(CachedRowsRunner):
         flags = (final[:, None], broken[:, None])
         host = torch.stack([t.double().expand_as(canvas) for t in (*fields, *flags)]).tolist()
         finals, failed = ([bool(f[0]) for f in t] for t in host[-2:])
+        # Structured output: each constrained row's best tokens per position, read back once.
+        ruled = [b for b, r in enumerate(requests) if r.constraint is not None]
+        best = dict(zip(ruled, candidates(step.self_cond[ruled]).tolist())) if ruled else {}
         results: list[RowStep | RowError] = []
         for b, (request, row) in enumerate(zip(requests, rows)):
             if failed[b]:
@@ -205,6 +215,31 @@ class UniformRunner(CachedRowsRunner):
             now, before, moved, kept, fresh, ent = (t[b] for t in host[: len(fields)])
             base = request.current_block[0]
             limit = request.params.max_tokens  # positions past it are decoded but never shown
+            next_canvas = step.canvas[b]
+            grammar_extras = {}
+            if request.constraint is not None:
+                prefix = grammar_prefix(
+                    request.constraint,
+                    row.fixed,
+                    now,
+                    kept,
+                    best[b],
+                    step.self_cond[b],
+                    limit - base,
+                    finals[b],
+                )
+                if prefix is None:
+                    results.append(CONSTRAINT_UNSATISFIABLE)
+                    continue
+                n = len(prefix.fixed)
+                now = [*prefix.fixed, *now[n:]]
+                moved = [a != z for a, z in zip(now, before)]
+                kept = [1.0] * n + kept[n:]
+                finals[b] = finals[b] or prefix.done
+                row.fixed = prefix.fixed
+                next_canvas = write_prefix(next_canvas, prefix.fixed)
+                step.kept[b, :n] = True
+                grammar_extras = {"grammar_rejected": prefix.rejected, "grammar_prefix": n}
             changes = [
                 Change(
                     base + i,
@@ -217,18 +252,20 @@ class UniformRunner(CachedRowsRunner):
                 if moved[i] and base + i < limit
             ]
             accepted = int(sum(kept))
-            row.canvas, row.scaled = step.canvas[b], step.self_cond[b]
+            row.canvas, row.scaled = next_canvas, step.self_cond[b]
             row.committed = step.kept[b]
             row.remaining -= 1
             if finals[b]:
                 # The next canvas starts where this one ends: its tokens are encoded first.
-                row.pending, row.canvas, row.scaled = shown[b], None, None
+                row.pending = torch.tensor(now, dtype=canvas.dtype, device=dev)
+                row.canvas, row.scaled, row.fixed = None, None, []
             extras = {
                 "accepted": accepted,
                 "renoised": length - accepted,
                 "canvas_completed": finals[b],
                 # Accepted this step, whether or not its token changed.
                 "kept": [base + i for i in range(length) if kept[i] and base + i < limit],
+                **grammar_extras,
             }
             results.append(
                 RowStep(

@@ -44,7 +44,7 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> ChatPr
     try:
         constraint = plan.constraint(lambda marker: marker in tokenizer.added_tokens)
     except ValueError as exc:
-        raise InvalidParam("tool_choice", str(exc)) from exc
+        raise InvalidParam("tools", f"a required call cannot be decoded: {exc}") from exc
     return ChatPrompt(text, plan, constraint)
 
 

@@ -1,8 +1,8 @@
 """How a model writes a tool call, read from its chat template: the Hermes form (a JSON object
 `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>`, which Qwen-style
 templates such as Dream's, SDAR's and LLaDA2's teach) or Gemma's (`<|tool_call>call:name{...}
-<tool_call|>`, DiffusionGemma's). Each parses a model's text into calls; the Hermes form also
-builds the grammar that makes calls the only output. Knows nothing of tokenizers or HTTP.
+<tool_call|>`, DiffusionGemma's). Each parses a model's text into calls and builds the grammar
+that makes calls the only output. Knows nothing of tokenizers or HTTP.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from marble.structured.constraint import JSON_LAYOUT
+from marble.structured.gemma_grammar import GemmaGrammar
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,11 @@ class ToolFormat:
         """(the content before the first call, the well-formed calls of known tools)."""
         raise NotImplementedError
 
-    def grammar(
-        self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]
-    ) -> str | None:
-        """A Lark grammar whose matches are calls only (None: this form has none).
-        `special(text)`: whether `text` is one special token of the model's vocabulary, which
-        a grammar must name as such rather than spell."""
-        return None
+    def grammar(self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]) -> str:
+        """A Lark grammar whose matches are calls only. `special(text)`: whether `text` is
+        one special token of the model's vocabulary, which a grammar must name as such rather
+        than spell."""
+        raise NotImplementedError
 
     def describe(self, tools: list[Tool]) -> str:
         """The instructions for a template that does not render `tools` itself."""
@@ -70,9 +69,7 @@ class HermesFormat(ToolFormat):
                 calls.append(call)
         return text.split(self.open, 1)[0].strip(), calls
 
-    def grammar(
-        self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]
-    ) -> str | None:
+    def grammar(self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]) -> str:
         alternatives = [
             {
                 "type": "object",
@@ -117,12 +114,15 @@ class HermesFormat(ToolFormat):
 
 class GemmaFormat(ToolFormat):
     """`<|tool_call>call:name{key:value,...}<tool_call|>`, strings between `<|"|>` marks and
-    keys bare. Its calls are parsed; a grammar for them is not built (DiffusionGemma, the one
-    family that writes them, refuses constraints)."""
+    keys bare (`gemma_grammar.py` builds its grammar)."""
 
     name = "gemma"
     open = "<|tool_call>"
     close = "<tool_call|>"
+
+    def grammar(self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]) -> str:
+        """Its marks are always special tokens (the form is Gemma's vocabulary's own)."""
+        return GemmaGrammar().calls([(t.name, t.parameters) for t in tools], parallel)
 
     def parse(self, text: str, names: frozenset[str]) -> tuple[str, list[ParsedCall]]:
         calls = []

@@ -47,18 +47,13 @@ class ToolPlan:
 
     def constraint(self, special: Callable[[str], bool]) -> Constraint | None:
         """For "required" and a named function: a grammar whose matches are calls, one or
-        (with `parallel`) more, of the allowed tools."""
+        (with `parallel`) more, of the allowed tools; ValueError names a parameter schema the
+        model's call form cannot hold to."""
         if self.choice not in ("required", "named"):
             return None
         tools = [t for t in self.tools if self.named in (None, t.name)]
         grammar = self.format.grammar(tools, self.parallel and self.named is None, special)
-        if grammar is None:
-            raise ValueError(
-                f"tool_choice {self.choice!r} needs calls decoded under a grammar, which "
-                f"this model's tool-call form ({self.format.name}) has none of; "
-                'use "auto" or "none"'
-            )
-        return Constraint("grammar", grammar, "tool_choice")
+        return Constraint("grammar", grammar, "tools")
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCallOut]]:
         """(content, calls) of a finished text: no calls leaves the whole text as content; at

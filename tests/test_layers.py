@@ -35,6 +35,7 @@ BOOKKEEPING = (
     "marble.structured.row",
     "marble.structured.tool_formats",
     "marble.structured.tools",
+    "marble.structured.gemma_grammar",
     "marble.scheduler.request",
     "marble.scheduler.sampling_params",
     "marble.scheduler.scheduler",

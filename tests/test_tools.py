@@ -141,7 +141,7 @@ def test_the_required_grammar_admits_calls_only(name: str, special: bool):
     tokenizer = TextTokenizer(REFERENCE / name)
     assert ("<tool_call>" in tokenizer.added_tokens) is special
     constraint = _plan("required").constraint(lambda t: t in tokenizer.added_tokens)
-    assert constraint is not None and constraint.param == "tool_choice"
+    assert constraint is not None and constraint.param == "tools"
     llg = llguidance.LLTokenizer((REFERENCE / name / "tokenizer.json").read_text())
 
     def accepts(text: str) -> bool:
@@ -176,10 +176,12 @@ def _valid_call(call: Any) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("name", ["llada-tiny", "dream-tiny", "sdar-tiny", "llada2-tiny"])
+@pytest.mark.parametrize(
+    "name", ["llada-tiny", "dream-tiny", "sdar-tiny", "llada2-tiny", "diffusiongemma-tiny"]
+)
 async def test_a_required_call_round_trips_through_the_openai_client(name: str, tmp_path: Path):
     """llada-tiny's template ignores `tools` (Marble writes the instructions); the others
-    render them and their own call form."""
+    render them and their own call form (DiffusionGemma's is Gemma's)."""
     user = [{"role": "user", "content": "Weather in Oslo?"}]
     async with serving(widened(name, tmp_path)) as (_, client):
         api = AsyncOpenAI(base_url="http://marble/v1", api_key="unused", http_client=client)
@@ -293,24 +295,48 @@ async def test_tools_that_cannot_be_served_are_a_400_naming_their_field(
     assert str(r.json()["error"]["param"]).startswith(param)
 
 
-@pytest.mark.anyio
-async def test_diffusiongemma_renders_tools_and_refuses_a_required_call_by_name():
-    """Its calls are parsed ("auto"), but it decodes under no grammar, so a required call
-    is refused rather than left to chance."""
-    user = [{"role": "user", "content": "hi"}]
-    async with serving(REFERENCE / "diffusiongemma-tiny") as (_, client):
-        plain = await client.post("/v1/chat/completions", json={"messages": user, "max_tokens": 4})
-        auto = await client.post(
-            "/v1/chat/completions", json={"messages": user, "max_tokens": 4, "tools": TOOLS}
+def test_the_gemma_grammar_holds_arguments_to_their_schemas():
+    tokenizer = TextTokenizer(REFERENCE / "diffusiongemma-tiny")
+    optional = {
+        "type": "object",
+        "properties": {"x": {"type": "string"}, "y": {"type": "boolean"}, "z": {"type": "array"}},
+        "required": ["y"],
+    }
+    tools = (Tool("add", "", ADD), Tool("weather", "", WEATHER), Tool("opt", "", optional))
+    plan = ToolPlan(tools, "required", None, True, GemmaFormat())
+    constraint = plan.constraint(lambda t: t in tokenizer.added_tokens)
+    assert constraint is not None
+    llg = llguidance.LLTokenizer((REFERENCE / "diffusiongemma-tiny" / "tokenizer.json").read_text())
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(llg, constraint.grammar(), log_level=0)
+        ids = tokenizer.encode(text)
+        if matcher.validate_tokens(ids) < len(ids):
+            return False
+        return bool(matcher.consume_tokens(ids)) and matcher.is_accepting()
+
+    q = '<|"|>'
+    assert accepts(f"<|tool_call>call:weather{{city:{q}Oslo{q},days:2}}<tool_call|>")
+    assert accepts(
+        template_call("diffusiongemma-tiny")
+        .split("<|turn>model\n")[-1]
+        .split("<|tool_response>")[0]
+    )
+    assert accepts(
+        "<|tool_call>call:opt{y:true}<tool_call|><|tool_call>call:add{a:1,b:-2}<tool_call|>"
+    )
+    assert accepts(f"<|tool_call>call:opt{{x:{q}a{q},y:false,z:[{q}b{q}]}}<tool_call|>")
+    assert not accepts(f"<|tool_call>call:weather{{city:{q}Oslo{q},days:9}}<tool_call|>")
+    assert not accepts("<|tool_call>call:add{b:1,a:2}<tool_call|>")  # keys out of order
+    assert not accepts("<|tool_call>call:opt{,y:true}<tool_call|>")
+    assert not accepts(
+        f"<|tool_call>call:weather{{city:{q}Oslo, a long way{q},days:2}}<tool_call|>"
+    )
+    with pytest.raises(ValueError, match="pattern"):
+        pattern = {"type": "object", "properties": {"s": {"type": "string", "pattern": "a+"}}}
+        ToolPlan((Tool("p", "", pattern),), "required", None, True, GemmaFormat()).constraint(
+            lambda t: True
         )
-        required = await client.post(
-            "/v1/chat/completions",
-            json={"messages": user, "max_tokens": 4, "tools": TOOLS, "tool_choice": "required"},
-        )
-    assert plain.status_code == auto.status_code == 200, auto.text
-    assert auto.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
-    assert required.status_code == 400
-    assert required.json()["error"]["param"] == "tool_choice"
 
 
 def test_special_tokens_stay_in_the_text_when_asked():

@@ -120,6 +120,20 @@ MESSAGE: Mapping[str, Unsupported] = {
     "audio": refused("audio is not supported: Marble serves text only"),
     "function_call": refused(f"{_FUNCTIONS} (and `tool_calls` for an earlier call)"),
 }
+# Fields the openai client's own `.parse` and `.stream` helpers add to what they return, which
+# their users send back as history (`messages.append(completion.choices[0].message)`).
+RETURNED_MESSAGE: Mapping[str, Unsupported] = {
+    "parsed": ignored("the client's parse of `content`; the template reads `content` itself"),
+    "annotations": ignored("citations of a web search's sources; Marble searches nothing"),
+}
+STREAMED_TOOL_CALL: Mapping[str, Unsupported] = {
+    "index": ignored("a streamed call's place among the deltas; the list's order is the calls'"),
+}
+PARSED_FUNCTION: Mapping[str, Unsupported] = {
+    "parsed_arguments": ignored(
+        "the client's parse of `arguments`; the template reads `arguments` itself"
+    ),
+}
 # Fields of `stream_options`.
 STREAM_OPTIONS: Mapping[str, Unsupported] = {
     "include_obfuscation": ignored("Marble pads no stream chunks"),

@@ -37,8 +37,11 @@ from marble.server.openai_fields import (
     CHAT,
     COMPLETIONS,
     MESSAGE,
+    PARSED_FUNCTION,
+    RETURNED_MESSAGE,
     SHARED,
     STREAM_OPTIONS,
+    STREAMED_TOOL_CALL,
     Unsupported,
 )
 from marble.server.structured_body import StructuredFields
@@ -278,6 +281,7 @@ class ToolCallFunction(BaseModel):
 
     name: Text
     arguments: Text
+    parsed_arguments: Any = _unsupported(PARSED_FUNCTION, "parsed_arguments")
 
 
 class ToolCall(BaseModel):
@@ -288,6 +292,7 @@ class ToolCall(BaseModel):
     id: Text
     type: Literal["function"] = "function"
     function: ToolCallFunction
+    index: Any = _unsupported(STREAMED_TOOL_CALL, "index")
 
     def to_template(self) -> dict[str, Any]:
         """The call with its arguments as an object, which templates write out (`tojson`) or
@@ -351,6 +356,8 @@ class ChatMessage(BaseModel):
     refusal: MessageUnsupported = _unsupported(MESSAGE, "refusal")
     audio: MessageUnsupported = _unsupported(MESSAGE, "audio")
     function_call: MessageUnsupported = _unsupported(MESSAGE, "function_call")
+    parsed: Any = _unsupported(RETURNED_MESSAGE, "parsed")
+    annotations: Any = _unsupported(RETURNED_MESSAGE, "annotations")
 
     def to_template(self) -> dict[str, Any]:
         """The message as a chat template expects it (text parts joined)."""

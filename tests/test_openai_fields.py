@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 import pytest
 from openai.types import completion_create_params as completion_params
+from openai.types.chat import ParsedChatCompletionMessage
 from openai.types.chat import chat_completion_message_param as message_params
 from openai.types.chat import chat_completion_stream_options_param as stream_options_params
 from openai.types.chat import completion_create_params as chat_params
+from openai.types.chat.parsed_function_tool_call import ParsedFunction, ParsedFunctionToolCall
 from pydantic import BaseModel
 
 from marble.server import openai_fields
@@ -25,6 +27,8 @@ from marble.server.protocol import (
     CompletionRequest,
     GenerateRequest,
     StreamOptions,
+    ToolCall,
+    ToolCallFunction,
 )
 from tests.golden_cases import DG_CHECKPOINT
 from tests.server_helpers import serving
@@ -66,9 +70,22 @@ COVERAGE: list[tuple[set[str], type[BaseModel], list[Mapping[str, Unsupported]]]
         [openai_fields.SHARED, openai_fields.CHAT],
     ),
     (
-        _openai_fields(*typing.get_args(message_params.ChatCompletionMessageParam)),
+        # What a client sends, and what it got back and sends again as history.
+        _openai_fields(*typing.get_args(message_params.ChatCompletionMessageParam))
+        | set(ParsedChatCompletionMessage.model_fields),
         ChatMessage,
-        [openai_fields.MESSAGE],
+        [openai_fields.MESSAGE, openai_fields.RETURNED_MESSAGE],
+    ),
+    (
+        # What `.parse` and `.stream` return for a call, which goes back as history.
+        set(ParsedFunction.model_fields),
+        ToolCallFunction,
+        [openai_fields.PARSED_FUNCTION],
+    ),
+    (
+        set(ParsedFunctionToolCall.model_fields) | {"index"},  # `.stream` keeps the index
+        ToolCall,
+        [openai_fields.STREAMED_TOOL_CALL],
     ),
     (
         _openai_fields(stream_options_params.ChatCompletionStreamOptionsParam),

@@ -17,10 +17,16 @@ from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotCache, SlotStore
+from marble.model.prefix_cache import PrefixCache, chain
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.step_result import CachedRowsRunner, request_generator
+from marble.scheduler.step_result import (
+    CachedRowsRunner,
+    RowError,
+    RowStep,
+    request_generator,
+)
 
 
 class BlockCausalFamily(Family):
@@ -46,6 +52,23 @@ class BlockCausalFamily(Family):
         """The cache holds the prompt and every block but the last."""
         cached = len(request.prompt_ids) + decoded - request.params.block_length
         return m.model.cache_bytes(cached)
+
+    @classmethod
+    def share_prefixes(cls, runner: Any) -> PrefixCache:
+        """A finished block depends only on the tokens up to its end: exact to share."""
+        runner.prefix_cache = PrefixCache()
+        return runner.prefix_cache
+
+
+@dataclass
+class _SharedPrefix:
+    """A row's part in the prefix cache: the keys of its prompt's full blocks, how many of
+    them are in the cache (taken from it, or put there once final), and the prompt positions
+    it took from the cache, until a step has reported them."""
+
+    keys: list[bytes]
+    published: int
+    unreported: int
 
 
 @dataclass
@@ -79,6 +102,9 @@ class BlockCausalRunner(CachedRowsRunner):
         layers = len(model.layers)
         self.store = SlotStore(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
         self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
+        # Finished prompt blocks shared across requests (`BlockCausalFamily.share_prefixes`).
+        self.prefix_cache: PrefixCache | None = None
+        self._shared: dict[str, _SharedPrefix] = {}
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every window forward (prefill and denoise) compiled from now on."""
@@ -89,6 +115,32 @@ class BlockCausalRunner(CachedRowsRunner):
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         self.store.remove(request_id)
+        self._shared.pop(request_id, None)
+
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """The step; then each row that stepped puts its prompt blocks that became final into
+        the prefix cache, and its first step says how many prompt positions came from it."""
+        results = super().run(requests)
+        for request, result in zip(requests, results):
+            shared = self._shared.get(request.request_id)
+            if shared is not None and isinstance(result, RowStep):
+                self._share(request.request_id, shared, result)
+        return results
+
+    def _share(self, key: str, shared: _SharedPrefix, result: RowStep) -> None:
+        if shared.unreported >= 0:
+            result.extras["prompt_cached"] = shared.unreported
+            shared.unreported = -1
+        row = self.rows[key]
+        final = min(row.cache.length // row.size, len(shared.keys))
+        assert self.prefix_cache is not None
+        for b in range(shared.published, final):
+            if shared.keys[b] not in self.prefix_cache:
+                block = self.store.read(key, b * row.size, row.size)
+                self.prefix_cache.insert(shared.keys[b], block)
+        shared.published = final
+        if final == len(shared.keys):
+            del self._shared[key]  # nothing of its prompt is left to share
 
     @property
     def cache_bytes(self) -> int:
@@ -104,6 +156,13 @@ class BlockCausalRunner(CachedRowsRunner):
         canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         cache = self.store.add(request.request_id, total)
+        if self.prefix_cache is not None and request.params.prefix_cache:
+            keys = chain(prompt, size, len(prompt) // size)
+            found = self.prefix_cache.lookup(keys)
+            for b, block in enumerate(found):
+                self.store.write(request.request_id, b * size, block)
+            cache.advance(len(found) * size)
+            self._shared[request.request_id] = _SharedPrefix(keys, len(found), len(found) * size)
         return request_generator(request, self.device), cache, canvas
 
     def forward_windows(self, rows: list[Any], spans: list[tuple[int, int]]) -> Tensor:

@@ -4,8 +4,9 @@ absolute position p (a cache holds positions 0..length-1 with no gaps).
 
 A step writes its window's fresh keys and values into the rows' slots and attention reads the
 slots back as a view: nothing already cached is copied. Copies happen only where counted in
-`copied`: growth (geometric), refilling a finished row's slot with the last row, and a batch
-whose rows are not consecutive slots in order (an index gather). Knows nothing of weights or
+`copied`: growth (geometric), refilling a finished row's slot with the last row, a batch
+whose rows are not consecutive slots in order (an index gather), and blocks read out for a
+prefix cache or written in from one. Knows nothing of weights or
 attention rules.
 """
 
@@ -90,6 +91,21 @@ class SlotStore:
 
     def slot(self, key: str) -> int:
         return self.order.index(key)
+
+    def read(self, key: str, start: int, length: int) -> Tensor:
+        """A copy of a row's keys and values at positions [start, start + length):
+        [2 * layers, kv_heads, length, head_dim], keys first (a prefix cache's block)."""
+        slot, end = self.order.index(key), start + length
+        block = torch.stack([t[slot, :, start:end] for t in self.keys + self.values])
+        self.copied += block.nbytes
+        return block
+
+    def write(self, key: str, start: int, block: Tensor) -> None:
+        """Put `read`'s kind of block into a row's positions from `start` on."""
+        slot, end = self.order.index(key), start + block.shape[2]
+        for t, part in zip(self.keys + self.values, block):
+            t[slot, :, start:end].copy_(part)
+        self.copied += block.nbytes
 
     def batch(self, keys: list[str], lengths: list[int], widths: list[int], t: int) -> SlotBatch:
         """The slots of a step's rows (in this order): row i caches `lengths[i]` positions and

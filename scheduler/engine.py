@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from marble.model.device import default_kv_budget, resolve_device
+from marble.model.prefix_cache import PrefixCache, PrefixStats
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.request_builder import build_request
@@ -82,7 +83,44 @@ class EngineStats:
     forwards: dict[str, int] = field(default_factory=dict)  # rows by kind of forward
     positions: int = 0  # canvas positions computed this step, over all rows
     cache_bytes: int = 0  # KV cache the running requests hold after the step
+    # The prefix caches: totals since they were made, and what they hold after the step.
+    prefix: PrefixStats = field(default_factory=PrefixStats)
+    prefix_blocks: int = 0
+    prefix_bytes: int = 0
     canvases: list[int] = field(default_factory=list)  # canvases of each request finished now
+
+
+class PrefixCaches:
+    """The served models' prefix caches as the scheduler sees them: bytes held for no running
+    request, given up (least recently used first, model by model) when a request needs them."""
+
+    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+        self.models = models  # the engine's, as they are now
+
+    def _caches(self) -> list[PrefixCache]:
+        return [m.prefixes for m in self.models() if m.prefixes is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._caches())
+
+    def summary(self) -> dict[str, Any]:
+        """`EngineStats`' prefix fields: every cache's totals summed, and what they hold."""
+        caches = self._caches()
+        totals = PrefixStats()
+        for cache in caches:
+            for name in PrefixStats.__dataclass_fields__:
+                setattr(totals, name, getattr(totals, name) + getattr(cache.stats, name))
+        blocks = sum(len(c.blocks) for c in caches)
+        return {"prefix": totals, "prefix_blocks": blocks, "prefix_bytes": self.nbytes}
+
+    def evict(self, nbytes: float) -> int:
+        freed = 0
+        for cache in self._caches():
+            if freed >= nbytes:
+                break
+            freed += cache.evict(nbytes - freed)
+        return freed
 
 
 class Engine:
@@ -108,7 +146,9 @@ class Engine:
             config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(first.device)))
         self.scheduler = Scheduler(config)
         self.models: dict[str, ServedModel] = {first.name: first}
+        self.scheduler.shared_kv = PrefixCaches(lambda: self.models.values())
         self.first = first
+        self._share_prefixes(first)
         self.requests: dict[str, Request] = {}
         self.last_stats: EngineStats | None = None
 
@@ -117,7 +157,12 @@ class Engine:
         if served.name in self.models:
             raise ValueError(f"model name {served.name!r} is already served")
         self.models[served.name] = served
+        self._share_prefixes(served)
         self.scheduler.serve_models(len(self.models))
+
+    def _share_prefixes(self, served: ServedModel) -> None:
+        if self.scheduler.config.prefix_cache:
+            served.share_prefixes(self.scheduler.kv_budget)
 
     def rename(self, old: str, new: str) -> None:
         """Serve a model under another name (before any request names it), in its place."""
@@ -257,6 +302,7 @@ class Engine:
             positions=sum(o.positions for o in outputs),
             cache_bytes=sum(m.runner.cache_bytes for m in self.models.values()),
             canvases=canvases,
+            **self.scheduler.shared_kv.summary(),
         )
         return outputs
 

@@ -23,6 +23,7 @@ import torch
 
 from marble.model.checkpoint_config import model_type_of
 from marble.model.compiled_forward import CompiledForward
+from marble.model.prefix_cache import PrefixCache
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import Runner
@@ -39,6 +40,7 @@ COMMON_FIELDS = frozenset(
         "stop",
         "ignore_eos",
         "skip_special_tokens",
+        "prefix_cache",
     )
 )
 
@@ -122,6 +124,13 @@ class Family(ABC):
         if compile_forward is None:
             raise ValueError(f"the {cls.name} family has no compiled forward")
         return compile_forward(backend)
+
+    @classmethod
+    def share_prefixes(cls, runner: Runner) -> PrefixCache | None:
+        """Give the runner a prefix cache of finished prompt blocks shared across requests,
+        where that is exact (a block depends only on the tokens before its end) -> it; None
+        where it is not (a full-attention model's prompt attends to its canvas)."""
+        return None
 
     @classmethod
     def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:

@@ -102,7 +102,8 @@ class SamplingParams:
     in order) is read by one block-causal family; the others refuse it. `token_healing` moves a text
     prompt's trailing whitespace token into the canvas (see `marble.scheduler.healing`).
     `skip_special_tokens` False keeps special tokens (other than the one that ends the text)
-    in the output text, as a tool-call parser needs them.
+    in the output text, as a tool-call parser needs them. `prefix_cache` False keeps a
+    request out of the prefix cache: it neither takes blocks from it nor leaves any.
     `cache` picks the KV cache (CACHES).
 
     Uniform-state models read `steps` as their denoising steps per canvas and
@@ -135,6 +136,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    prefix_cache: bool = True
     token_healing: bool = False
     cache: str = "dual"
     entropy_bound: float = 0.1

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from marble.scheduler.request import Request, RequestStatus
 from marble.scheduler.sampling_params import InvalidParam
@@ -27,6 +28,31 @@ from marble.scheduler.sampling_params import InvalidParam
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at capacity; the caller should retry later."""
+
+
+class SharedKV(Protocol):
+    """KV bytes held for no running request (the prefix caches), given up on demand."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def evict(self, nbytes: float) -> int:
+        """Free at least `nbytes` where it can; returns the bytes freed."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """What the engine's step statistics report of it (`EngineStats` fields)."""
+        ...
+
+
+class NothingShared:
+    nbytes = 0
+
+    def evict(self, nbytes: float) -> int:
+        return 0
+
+    def summary(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,9 @@ class SchedulerConfig:
     # Batch slots long requests never take (None: one per 8 of max_batch_size, at least one
     # from a batch of 2): a short request then starts at once beside a batch of long ones.
     short_slots: int | None = None
+    # Keep finished prompt blocks for later requests where that is exact (`Family.
+    # share_prefixes`); they count once against max_kv_bytes and yield to requests.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 0 or self.max_batch_tokens < 1:
@@ -81,6 +110,7 @@ class Scheduler:
         self._num_waiting = 0
         self._arrival: dict[str, int] = {}  # waiting request id -> arrival order
         self._counter = itertools.count()
+        self.shared_kv: SharedKV = NothingShared()  # the engine's prefix caches
 
     def serve_models(self, count: int) -> None:
         """How many models share the waiting queue (each gets ceil(max_queue / count))."""
@@ -147,13 +177,15 @@ class Scheduler:
                 request.error_code = DEADLINE_EXCEEDED
                 self._finish_locked(request, RequestStatus.FINISHED_ERROR)
             budget = self.config.max_batch_tokens - sum(map(request_cost, self.running))
-            kv_free = self.kv_budget - self.kv_reserved
+            kv_free = self.kv_budget - self.kv_reserved - self.shared_kv.nbytes
             long_slots = self.config.max_batch_size - self.config.reserved_short
             long_running = sum(map(self.is_long, self.running))
             while len(self.running) < self.config.max_batch_size:
                 head = self._next_locked(long_running >= long_slots)
                 if head is None:
                     break
+                if head.kv_bytes > kv_free:  # kept blocks make room for a request
+                    kv_free += self.shared_kv.evict(head.kv_bytes - kv_free)
                 if request_cost(head) > budget or head.kv_bytes > kv_free:
                     break  # a large request waits rather than being overtaken forever
                 self._unqueue_locked(head)

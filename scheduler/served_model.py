@@ -19,6 +19,7 @@ import torch
 from marble.model.compiled_forward import CompiledForward
 from marble.model.default import CHECKPOINT_DIR
 from marble.model.device import resolve_dtype
+from marble.model.prefix_cache import PrefixCache
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.scheduler.family import Family, family_for_config, family_for_model
 from marble.scheduler.sampling_params import SamplingParams
@@ -44,6 +45,8 @@ class ServedModel:
     kv_bytes_per_token: int = field(init=False)  # per cached canvas position, where priced so
     compiled: CompiledForward | None = field(init=False)  # the compiled forward, if compiling
     grammars: GrammarCompiler = field(init=False)  # structured-output constraints, compiled
+    # Finished prompt blocks shared across its requests (`share_prefixes`); None: not shared.
+    prefixes: PrefixCache | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -62,6 +65,13 @@ class ServedModel:
             self.model.cfg.vocab_size,
             sorted(self.special.stop_ids),
         )
+
+    def share_prefixes(self, capacity: float) -> None:
+        """Keep finished prompt blocks for later requests where the family says that is
+        exact, at most `capacity` bytes of them."""
+        self.prefixes = self.family.share_prefixes(self.runner)
+        if self.prefixes is not None:
+            self.prefixes.capacity = capacity
 
     @property
     def device(self) -> torch.device:

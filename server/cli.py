@@ -131,6 +131,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "buckets, with CUDA graphs on a GPU (default: off; each bucket's first step compiles, "
         "tens of seconds on a CPU)",
     )
+    parser.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep finished prompt blocks of block-causal models (LLaDA2, SDAR) for later "
+        "requests that start with the same tokens, counted once against --kv-cache-bytes "
+        "(default: on; a request opts out with prefix_cache: false)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -138,6 +146,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     given["also_serve"] = args.also_serve
     given["public_ops"] = args.public_ops
     given["compile"] = args.compile
+    given["prefix_cache"] = args.prefix_cache
     return Settings(**{k: v for k, v in given.items() if v is not None})
 
 

@@ -41,6 +41,7 @@ def build_engine(settings: Settings) -> Engine:
         max_queue=settings.max_queue,
         max_batch_tokens=settings.max_batch_tokens,
         max_kv_bytes=settings.kv_cache_bytes,
+        prefix_cache=settings.prefix_cache,
     )
     device = resolve_device(settings.device)
     log.info("loading %s on %s", path, device)

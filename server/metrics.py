@@ -6,6 +6,7 @@ reports rejections, disconnects and dropped stream events. Knows nothing of HTTP
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -18,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from marble.model.prefix_cache import PrefixStats
 from marble.scheduler.engine import EngineStats, StepOutput
 from marble.scheduler.step_result import FORWARD_KINDS
 
@@ -158,6 +160,30 @@ class Metrics:
             "Bytes of KV cache the running requests hold.",
             registry=r,
         )
+        self.prefix_blocks = Counter(
+            "marble_prefix_cache_blocks",
+            "Block-causal models: full prompt blocks a new request found in the prefix cache "
+            "(result=hit, not computed) or not (result=miss), and blocks evicted to make room "
+            "(result=evicted).",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_tokens_saved = Counter(
+            "marble_prefix_cache_tokens_saved",
+            "Prompt positions taken from the prefix cache instead of computed.",
+            registry=r,
+        )
+        self.prefix_held_blocks = Gauge(
+            "marble_prefix_cache_held_blocks",
+            "Blocks the prefix caches hold now.",
+            registry=r,
+        )
+        self.prefix_held_bytes = Gauge(
+            "marble_prefix_cache_bytes",
+            "Bytes the prefix caches hold now (counted once against the KV budget).",
+            registry=r,
+        )
+        self._prefix_seen = PrefixStats()
         self.kv_cache_budget = Gauge(
             "marble_kv_cache_budget_bytes",
             "Bytes of KV cache the running requests may hold together (admission waits past it).",
@@ -223,6 +249,16 @@ class Metrics:
         for kind in FORWARD_KINDS:
             self.forwards.labels(kind)
 
+    def _observe_prefix(self, stats: EngineStats) -> None:
+        """The prefix caches' totals since the last step, and what they hold."""
+        now, seen = stats.prefix, self._prefix_seen
+        for result, field in (("hit", "hits"), ("miss", "misses"), ("evicted", "evicted")):
+            self.prefix_blocks.labels(result).inc(getattr(now, field) - getattr(seen, field))
+        self.prefix_tokens_saved.inc(now.tokens_saved - seen.tokens_saved)
+        self.prefix_held_blocks.set(stats.prefix_blocks)
+        self.prefix_held_bytes.set(stats.prefix_bytes)
+        self._prefix_seen = dataclasses.replace(now)
+
     # ------------------------------------------------------------------- engine thread
     def observe_step(
         self,
@@ -237,6 +273,7 @@ class Metrics:
             self.waiting.set(stats.num_waiting)
             self.batch_size.set(stats.batch_size)
             self.kv_cache_bytes.set(stats.cache_bytes)
+            self._observe_prefix(stats)
             if stats.batch_size:
                 self.steps.inc()
                 self.step_duration.observe(stats.step_seconds)
@@ -248,12 +285,13 @@ class Metrics:
                 self.canvases_per_request.observe(canvases)
         for out, timing in outputs:
             ran = out.step > 0 and not (out.finished and out.finish_reason in ("abort", "error"))
+            if ran:
+                self.grammar_rejections.inc(out.extras.get("grammar_rejected", 0))
             if ran and out.canvas_span is not None:
                 for label in ("accepted", "renoised"):
                     self.canvas_positions.labels(label).observe(out.extras.get(label, 0))
             elif ran:
                 self.tokens_per_forward.observe(len(out.committed))
-                self.grammar_rejections.inc(out.extras.get("grammar_rejected", 0))
                 for change in out.changes:
                     self.corrections.labels(change.op).inc()
             if timing is not None:

@@ -174,6 +174,7 @@ class SamplingBody(StructuredFields):
     cfg_scale: float | None = _sampling("cfg_scale")
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    prefix_cache: bool | None = None
     token_healing: bool | None = None
     cache: str | None = None
     entropy_bound: float | None = _sampling("entropy_bound")

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # the engine for tens of seconds compiling, for 5-40% more tokens/s after that on the tiny
     # models measured (benchmarks/compile.py).
     compile: bool = False
+    # Keep finished prompt blocks for later requests where that is exact (block-causal models:
+    # LLaDA2, SDAR); they count once against kv_cache_bytes and are evicted for requests.
+    prefix_cache: bool = SchedulerConfig.prefix_cache
     # Every core but one, left to the event loop and the sockets: on 2 cores, HTTP over
     # in-process tok/s (benchmarks/serve.py) was 1.67x at 1 client and 1.28x at 16 with two
     # torch threads, 1.06-1.07x and 1.02-1.03x with one (the 2-thread engine stalls whenever

@@ -169,6 +169,7 @@ def test_every_sampling_field_crosses_the_http_layer_by_its_name():
         "stop": ["x"],
         "ignore_eos": True,
         "skip_special_tokens": False,
+        "prefix_cache": False,
         "token_healing": True,
         "cache": "dual",
         "entropy_bound": 0.25,

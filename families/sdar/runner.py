@@ -87,7 +87,7 @@ class SDARRunner(BlockCausalRunner):
         phases = [self._phase(row) for row in rows]
         # Each row's window [a, e): the prompt's full blocks for a prefill, else its block.
         spans = [
-            (0, row.start) if phase == PREFILL else (row.start, row.start + row.size)
+            (row.cache.length, row.start) if phase == PREFILL else (row.start, row.start + row.size)
             for row, phase in zip(rows, phases)
         ]
         hidden = self.forward_windows(rows, spans)

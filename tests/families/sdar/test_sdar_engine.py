@@ -16,6 +16,7 @@ from marble.families.sdar.config import SDARDecodeSettings
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.family import family_for_config
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_defaults, load_served
 from marble.scheduler.step_result import ENCODE
 from tests.sdar_golden import EXACT, OVERWRITE, REFERENCE, SDAR_TINY
@@ -95,9 +96,14 @@ def assert_replayed(case: dict, outs: list[StepOutput]) -> None:
         assert final.completion_tokens == len(want) - 1  # the stop id itself is not text
 
 
+# A forward-by-forward replay takes upstream's prefill forward: a run whose prompt blocks came
+# from the prefix cache skips it (test_prefix_cache.py replays those on their final ids).
+UPSTREAM_FORWARDS = SchedulerConfig(prefix_cache=False)
+
+
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine.from_pretrained(SDAR_TINY, progress=False)
+    return Engine.from_pretrained(SDAR_TINY, progress=False, config=UPSTREAM_FORWARDS)
 
 
 def run(engine: Engine, requests: list[tuple[str, str | None, list[int] | str, SamplingParams]]):
@@ -161,7 +167,9 @@ def test_the_tiny_checkpoint_is_served_as_sdar_with_its_stop_ids(engine: Engine)
 @pytest.fixture(scope="module")
 def mixed() -> Engine:
     """One engine serving SDAR first and every other family beside it."""
-    eng = Engine.from_pretrained(SDAR_TINY, progress=False, name="sdar-tiny")
+    eng = Engine.from_pretrained(
+        SDAR_TINY, progress=False, name="sdar-tiny", config=UPSTREAM_FORWARDS
+    )
     for name in OTHERS:
         eng.add_model(load_served(REFERENCE / name, name, "cpu", torch.float32, progress=False))
     return eng

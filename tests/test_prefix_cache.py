@@ -1,0 +1,229 @@
+"""The prefix cache of finished prompt blocks (block-causal families: LLaDA2, SDAR): exact
+(the golden replays hold with every prompt block taken from it, and outputs equal the
+cache-off ones alone and batched), and correct under each hazard: a request whose prompt is a
+prefix of another's, two arrivals of one prompt in the same step, several models, a prompt
+block next to generated tokens, a request that opts out, a budget that needs its room back, a
+budget too small for one block, and a step that failed.
+
+"Equal" is compared on token ids, the engine's output: a block taken from the cache was
+computed in another request's window, whose shape may round differently from the window the
+request would have computed it in, so its floats are not promised bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+
+from marble.scheduler.engine import Engine, StepOutput
+from marble.scheduler.scheduler import SchedulerConfig
+from marble.scheduler.served_model import load_served
+from tests.conftest import REFERENCE
+from tests.families.sdar.test_sdar_engine import expected_ids, sdar_params
+from tests.golden_cases import (
+    LLADA2_CHECKPOINT,
+    assert_llada2_replayed,
+    llada2_cases,
+    llada2_params,
+)
+from tests.sdar_golden import EXACT, SDAR_TINY
+
+SYSTEM = "You are a careful assistant who answers briefly. " * 6
+FAMILIES = {"llada2-tiny": {"block_length": 8}, "sdar-tiny": {"block_length": 4, "steps": 4}}
+
+
+def engine_for(name: str, **config) -> Engine:
+    return Engine.from_pretrained(
+        REFERENCE / name, progress=False, config=SchedulerConfig(**config)
+    )
+
+
+def run(engine: Engine, requests: list[tuple[str | list[int], dict]]) -> list[list[StepOutput]]:
+    """Add (prompt, fields) requests at once and step until they end (bounded)."""
+    made = [
+        engine.make_request(p, engine.defaults.replace(**{"max_tokens": 16, "seed": i, **fields}))
+        for i, (p, fields) in enumerate(requests)
+    ]
+    outs: dict[str, list[StepOutput]] = {r.request_id: [] for r in made}
+    for r in made:
+        engine.add(r)
+    for _ in range(2000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    assert not engine.has_unfinished(), "requests were left waiting"
+    return [outs[r.request_id] for r in made]
+
+
+def tokens(outs: list[list[StepOutput]]) -> list[list[int]]:
+    return [o[-1].tokens for o in outs]
+
+
+# ---------------------------------------------------------------------------- exactness
+def test_llada2_replays_its_goldens_from_a_warm_cache():
+    engine = Engine.from_pretrained(LLADA2_CHECKPOINT, progress=False)
+    cases = llada2_cases()
+    requests = [(c["prompt_ids"], c) for c in cases]
+    for warm in (False, True):
+        made = [engine.make_request(p, llada2_params(engine.defaults, c)) for p, c in requests]
+        outs: dict[str, list[StepOutput]] = {r.request_id: [] for r in made}
+        for r in made:
+            engine.add(r)
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs[out.request_id].append(out)
+        for request, case in zip(made, cases):
+            assert_llada2_replayed(case, outs[request.request_id])
+        if warm:
+            firsts = [outs[r.request_id][0].extras["prompt_cached"] for r in made]
+            assert all(n > 0 for n in firsts if n is not None)
+    assert engine.first.prefixes is not None and engine.first.prefixes.stats.hits > 0
+
+
+def test_sdar_replays_its_goldens_final_ids_from_a_warm_cache():
+    engine = Engine.from_pretrained(SDAR_TINY, progress=False)
+    for _ in range(2):  # cold, then warm
+        made = [
+            engine.make_request(c["prompt_ids"], sdar_params(engine.defaults, c)) for c in EXACT
+        ]
+        last: dict[str, StepOutput] = {}
+        for r in made:
+            engine.add(r)
+        while engine.has_unfinished():
+            for out in engine.step():
+                last[out.request_id] = out
+        for request, case in zip(made, EXACT):
+            want = expected_ids(case)
+            assert last[request.request_id].tokens[: len(want)] == want, case["name"]
+    prefixes = engine.first.prefixes
+    assert prefixes is not None and prefixes.stats.tokens_saved > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_outputs_equal_the_cache_off_ones_alone_and_batched(name: str):
+    fields = FAMILIES[name]
+    prompts = [SYSTEM + q for q in ("Why is the sky blue?", "Name a fruit.", "Count to five.")]
+    off = engine_for(name, prefix_cache=False)
+    on = engine_for(name)
+    want = tokens(run(off, [(p, fields) for p in prompts]))
+    assert tokens(run(on, [(prompts[0], fields)])) == want[:1]  # alone, cold
+    assert tokens(run(on, [(p, fields) for p in prompts])) == want  # batched, warm
+    assert on.first.prefixes is not None and on.first.prefixes.stats.hits > 0
+
+
+# ------------------------------------------------------------------------------ hazards
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_prompt_that_is_a_prefix_of_another_shares_its_full_blocks(name: str):
+    fields = FAMILIES[name]
+    size = fields["block_length"]
+    engine = engine_for(name)
+    long_ids = engine.first.tokenizer.encode(SYSTEM + "And then some more words.")
+    short_ids = long_ids[: 3 * size]  # exactly three blocks: every one of them final
+    alone = tokens(run(engine_for(name, prefix_cache=False), [(long_ids, fields)]))
+    run(engine, [(short_ids, fields)])
+    first = run(engine, [(long_ids, fields)])
+    assert first[0][0].extras["prompt_cached"] == 3 * size
+    assert tokens(first) == alone
+    # The other way round: the short prompt finds its blocks among the long one's.
+    again = run(engine, [(long_ids[: 2 * size + 1], fields)])
+    assert again[0][0].extras["prompt_cached"] == 2 * size
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_prompt_arriving_twice_in_one_step_is_held_once(name: str):
+    fields = FAMILIES[name]
+    engine = engine_for(name)
+    outs = run(engine, [(SYSTEM, fields), (SYSTEM, fields)])
+    assert [o[0].extras["prompt_cached"] for o in outs] == [0, 0]  # neither was cached yet
+    prefixes = engine.first.prefixes
+    assert prefixes is not None
+    full = len(engine.first.tokenizer.encode(SYSTEM)) // fields["block_length"]
+    assert len(prefixes.blocks) == full
+    assert prefixes.nbytes == full * next(iter(prefixes.blocks.values())).nbytes
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_only_prompt_blocks_are_kept_never_a_generated_one(name: str):
+    """The row's cache runs on into generated blocks; the prompt's tail block holds generated
+    tokens too: neither is a prompt's block, so neither is kept."""
+    fields = FAMILIES[name]
+    engine = engine_for(name)
+    ids = engine.first.tokenizer.encode(SYSTEM)
+    run(engine, [(ids + ids[:1], {**fields, "max_tokens": 40})])
+    prefixes = engine.first.prefixes
+    assert prefixes is not None
+    assert len(prefixes.blocks) == (len(ids) + 1) // fields["block_length"]
+
+
+def test_models_never_share_blocks():
+    engine = Engine.from_pretrained(LLADA2_CHECKPOINT, progress=False, name="a")
+    engine.add_model(load_served(LLADA2_CHECKPOINT, "b", "cpu", "float32", progress=False))
+    fields = {"block_length": 8, "max_tokens": 8}
+    for model in ("a", "b"):
+        request = engine.make_request(SYSTEM, engine.defaults.replace(**fields), model=model)
+        engine.add(request)
+        first = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                first = first or out
+        assert first is not None and first.extras["prompt_cached"] == 0, model
+    a, b = engine.served("a").prefixes, engine.served("b").prefixes
+    assert a is not None and b is not None and a is not b
+    assert a.stats.hits == b.stats.hits == 0 and len(a.blocks) == len(b.blocks) > 0
+
+
+def test_a_request_that_opts_out_neither_takes_nor_leaves_blocks():
+    engine = engine_for("llada2-tiny")
+    fields = {**FAMILIES["llada2-tiny"], "prefix_cache": False}
+    outs = run(engine, [(SYSTEM, fields), (SYSTEM, fields)])
+    assert all("prompt_cached" not in o[0].extras for o in outs)
+    prefixes = engine.first.prefixes
+    assert prefixes is not None and not prefixes.blocks and prefixes.stats.misses == 0
+
+
+def test_kept_blocks_give_their_room_back_to_a_request():
+    """A budget the cache would fill: the next request is admitted by evicting blocks, not
+    left waiting behind them."""
+    probe = engine_for("llada2-tiny")
+    request = probe.make_request(SYSTEM, probe.defaults.replace(max_tokens=16, block_length=8))
+    need = request.kv_bytes
+    engine = engine_for("llada2-tiny", max_kv_bytes=need + need // 4)
+    fields = FAMILIES["llada2-tiny"]
+    run(engine, [(SYSTEM, fields)])
+    prefixes = engine.first.prefixes
+    assert prefixes is not None and prefixes.nbytes > need // 4  # more than the slack
+    other = "A wholly different prompt, so nothing of it is cached. " * 5
+    run(engine, [(other, fields)])  # run() fails if it is left waiting
+    assert prefixes.stats.evicted > 0
+
+
+def test_a_budget_too_small_for_one_block_keeps_nothing_and_serves_on():
+    engine = engine_for("llada2-tiny")
+    assert engine.first.prefixes is not None
+    engine.first.prefixes.capacity = 1  # below one block's bytes
+    fields = FAMILIES["llada2-tiny"]
+    outs = run(engine, [(SYSTEM, fields), (SYSTEM, fields)])
+    assert all(o[-1].finished for o in outs)
+    assert not engine.first.prefixes.blocks
+
+
+def test_a_failed_step_leaves_nothing_in_the_cache(monkeypatch):
+    """A row whose step failed is rolled back; nothing of what it computed is kept, and the
+    next request with its prompt computes its blocks itself."""
+    engine = engine_for("llada2-tiny")
+    runner = engine.first.runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(runner, "_step", broken)
+    (outs,) = run(engine, [(SYSTEM, FAMILIES["llada2-tiny"])])
+    assert outs[-1].finish_reason == "error"
+    assert engine.first.prefixes is not None and not engine.first.prefixes.blocks
+    monkeypatch.undo()
+    (outs,) = run(engine, [(SYSTEM, FAMILIES["llada2-tiny"])])
+    assert outs[0].extras["prompt_cached"] == 0 and outs[-1].finished
+
+
+def test_full_attention_models_share_nothing():
+    engine = Engine.from_pretrained(REFERENCE / "llada-tiny", progress=False)
+    assert engine.first.prefixes is None

@@ -126,8 +126,11 @@ def timed(method: Callable[..., Any], run: Run, per_step: dict[int, float], at: 
 
 def tokens_to_eos(request: Request, outs: list[StepOutput]) -> int:
     """Generated tokens committed, up to and with the first EOS (filled positions past it
-    are not committed tokens)."""
+    are not committed tokens). A uniform-state canvas commits nothing one token at a time:
+    its tokens are the final ones up to and with EOS."""
     end = request.eos_at if request.eos_at is not None else len(request.tokens)
+    if outs and outs[-1].canvas_span is not None:
+        return min(end + 1, len(request.tokens))
     return sum(1 for o in outs for c in o.committed if c.pos <= end)
 
 

@@ -11,6 +11,8 @@ request would have computed it in, so its floats are not promised bit for bit.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from marble.scheduler.engine import Engine, StepOutput
@@ -25,6 +27,7 @@ from tests.golden_cases import (
     llada2_params,
 )
 from tests.sdar_golden import EXACT, SDAR_TINY
+from tests.server_helpers import serving
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 6
 FAMILIES = {"llada2-tiny": {"block_length": 8}, "sdar-tiny": {"block_length": 4, "steps": 4}}
@@ -227,3 +230,29 @@ def test_a_failed_step_leaves_nothing_in_the_cache(monkeypatch):
 def test_full_attention_models_share_nothing():
     engine = Engine.from_pretrained(REFERENCE / "llada-tiny", progress=False)
     assert engine.first.prefixes is None
+
+
+@pytest.mark.anyio
+async def test_metrics_and_step_events_over_http():
+    body = {"prompt": SYSTEM, "max_tokens": 8, "block_length": 8}
+    async with serving(LLADA2_CHECKPOINT) as (_, client):
+        for _ in range(2):
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/completions", json={**body, "prefix_cache": False})
+        assert r.status_code == 200, r.text
+        events = (await client.post("/v1/diffusion/generate", json=body)).text
+        metrics = (await client.get("/metrics")).text
+    steps = [json.loads(line[6:]) for line in events.splitlines() if '"type":"step"' in line]
+    first_step = steps[0]
+    assert first_step["prompt_cached"] > 0
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("marble_prefix_cache")
+    }
+    assert values['marble_prefix_cache_blocks_total{result="hit"}'] > 0
+    assert values['marble_prefix_cache_blocks_total{result="miss"}'] > 0
+    assert values["marble_prefix_cache_tokens_saved_total"] > 0
+    assert values["marble_prefix_cache_held_blocks"] > 0
+    assert values["marble_prefix_cache_bytes"] > 0

@@ -115,6 +115,8 @@ class Card {
         if (typeof data.num_masked === "number") this.numMasked = data.num_masked;
         if (typeof data.forward === "string") this.forward = data.forward;
         if (typeof data.positions === "number") this.positions = data.positions;
+        // Prompt positions its first step took from the prefix cache (block-causal models).
+        if (typeof data.prompt_cached === "number") this.promptCached = data.prompt_cached;
         // A constrained row's proposals its grammar turned away this step.
         if (typeof data.grammar_rejected === "number") {
           this.grammarRejected = (this.grammarRejected || 0) + data.grammar_rejected;
@@ -359,6 +361,7 @@ function drawCard(card) {
   if (card.uniform) fwd += ` · accepted ${card.accepted} / renoised ${card.renoised}`;
   else if (card.edits || card.remasks) fwd += ` · edits ${card.edits || 0} / remasks ${card.remasks || 0}`;
   if (card.grammarRejected !== undefined) fwd += ` · grammar rejected ${card.grammarRejected}`;
+  if (card.promptCached) fwd += ` · prompt cached ${card.promptCached}`;
   el.querySelector(".fwd").textContent = fwd;
   const prompt = el.querySelector(".prompt");
   if (prompt.textContent !== (card.prompt ?? "")) prompt.textContent = card.prompt ?? "";

@@ -523,7 +523,9 @@ def test_an_sdar_request_resolves_block_by_block(sdar_server: str, page: tuple) 
     page.wait_for_function(
         "document.querySelector('.card').dataset.state === 'completed'", timeout=90_000
     )
-    expected = _completed(sdar_server, sent)
+    # The same request, computing its prompt as the page's did (not from the prefix cache the
+    # page's request filled).
+    expected = _completed(sdar_server, {**sent, "prefix_cache": False})
     frames = [f for f in page.evaluate("window.__frames") if f["state"] == "running"]
     assert len({f["step"] for f in frames}) >= 3, "the card did not show the steps"
     assert card.get_attribute("data-step") == str(expected["steps"])
@@ -531,6 +533,27 @@ def test_an_sdar_request_resolves_block_by_block(sdar_server: str, page: tuple) 
     assert card.locator(".text").evaluate("e => e.classList.contains('final')")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard-sdar.png"), full_page=True)
+    assert errors == [], f"console errors: {errors}"
+
+
+def test_a_prompt_from_the_prefix_cache_is_counted_in_the_card(
+    sdar_server: str, page: tuple
+) -> None:
+    """A request whose prompt blocks another request left in the prefix cache says, in its
+    card's header, how many prompt positions it took from there."""
+    page, errors = page
+    page.goto(sdar_server + "/?watch")
+    page.wait_for_function(
+        "document.getElementById('watch-status').textContent === 'following every request'"
+    )
+    body = {"prompt": "A shared system prompt, long enough for blocks. " * 2, "max_tokens": 8}
+    for _ in range(2):
+        _completed(sdar_server, body)
+    page.wait_for_function(
+        "document.querySelectorAll('.card[data-state=completed]').length >= 2", timeout=30_000
+    )
+    header = page.locator(".card").first.locator(".fwd").inner_text()
+    assert "prompt cached" in header, header
     assert errors == [], f"console errors: {errors}"
 
 

@@ -49,7 +49,7 @@ CALLS = ("forward", "forward_cached", "forward_slots", "decode", "encode")  # mo
 HEAD = "project"
 
 
-def _shaped(name: str, layers: int, hidden: int, vocab: int, canvas: int) -> torch.nn.Module:
+def shaped_model(name: str, layers: int, hidden: int, vocab: int, canvas: int) -> torch.nn.Module:
     """A random model of family `name` at the given widths, built from its tiny checkpoint's
     config (attention heads of 64)."""
     if name == "gemma":
@@ -87,7 +87,7 @@ def build(args: argparse.Namespace, name: str) -> tuple[Engine, SamplingParams]:
         return engine, params
     torch.set_num_threads(args.threads)
     vocab = args.vocab or VOCAB[name]
-    model = _shaped(name, args.layers, args.hidden, vocab, args.canvas)
+    model = shaped_model(name, args.layers, args.hidden, vocab, args.canvas)
     folder = {"llada2": "llada2-tiny", "sdar": "sdar-tiny", "gemma": "diffusiongemma-tiny"}[name]
     config = SchedulerConfig(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=8 << 30)
     engine = Engine(model, TextTokenizer(REFERENCE / folder), config)

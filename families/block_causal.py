@@ -7,6 +7,7 @@ Its models are `model/block_causal.py` stacks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Self
 
@@ -17,7 +18,7 @@ from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotCache, SlotStore
-from marble.model.prefix_cache import PrefixCache, chain
+from marble.model.prefix_cache import Block, PrefixCache
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -61,17 +62,6 @@ class BlockCausalFamily(Family):
 
 
 @dataclass
-class _SharedPrefix:
-    """A row's part in the prefix cache: the keys of its prompt's full blocks, how many of
-    them are in the cache (taken from it, or put there once final), and the prompt positions
-    it took from the cache, until a step has reported them."""
-
-    keys: list[bytes]
-    published: int
-    unreported: int
-
-
-@dataclass
 class BlockRow:
     """A block-causal runner's row: its generator, cache and canvas."""
 
@@ -104,7 +94,6 @@ class BlockCausalRunner(CachedRowsRunner):
         self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
         # Finished prompt blocks shared across requests (`BlockCausalFamily.share_prefixes`).
         self.prefix_cache: PrefixCache | None = None
-        self._shared: dict[str, _SharedPrefix] = {}
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every window forward (prefill and denoise) compiled from now on."""
@@ -115,32 +104,26 @@ class BlockCausalRunner(CachedRowsRunner):
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         self.store.remove(request_id)
-        self._shared.pop(request_id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.detach(request_id)
 
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """The step; then each row that stepped puts its prompt blocks that became final into
+        """The step; then each row that stepped leaves its prompt blocks that became final in
         the prefix cache, and its first step says how many prompt positions came from it."""
         results = super().run(requests)
-        for request, result in zip(requests, results):
-            shared = self._shared.get(request.request_id)
-            if shared is not None and isinstance(result, RowStep):
-                self._share(request.request_id, shared, result)
+        if self.prefix_cache is not None:
+            for request, result in zip(requests, results):
+                if isinstance(result, RowStep):
+                    key = request.request_id
+                    taken = self.prefix_cache.report(key)
+                    if taken is not None:
+                        result.extras["prompt_cached"] = taken
+                    length = self.rows[key].cache.length
+                    self.prefix_cache.publish(key, length, self._read(key))
         return results
 
-    def _share(self, key: str, shared: _SharedPrefix, result: RowStep) -> None:
-        if shared.unreported >= 0:
-            result.extras["prompt_cached"] = shared.unreported
-            shared.unreported = -1
-        row = self.rows[key]
-        final = min(row.cache.length // row.size, len(shared.keys))
-        assert self.prefix_cache is not None
-        for b in range(shared.published, final):
-            if shared.keys[b] not in self.prefix_cache:
-                block = self.store.read(key, b * row.size, row.size)
-                self.prefix_cache.insert(shared.keys[b], block)
-        shared.published = final
-        if final == len(shared.keys):
-            del self._shared[key]  # nothing of its prompt is left to share
+    def _read(self, key: str) -> Callable[[int, int], Block]:
+        return lambda start, length: (self.store.read(key, start, length),)
 
     @property
     def cache_bytes(self) -> int:
@@ -157,12 +140,12 @@ class BlockCausalRunner(CachedRowsRunner):
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         cache = self.store.add(request.request_id, total)
         if self.prefix_cache is not None and request.params.prefix_cache:
-            keys = chain(prompt, size, len(prompt) // size)
-            found = self.prefix_cache.lookup(keys)
-            for b, block in enumerate(found):
-                self.store.write(request.request_id, b * size, block)
-            cache.advance(len(found) * size)
-            self._shared[request.request_id] = _SharedPrefix(keys, len(found), len(found) * size)
+            key = request.request_id
+
+            def write(start: int, block: Block) -> None:
+                self.store.write(key, start, block[0])
+
+            cache.advance(self.prefix_cache.attach(key, prompt, size, write))
         return request_generator(request, self.device), cache, canvas
 
     def forward_windows(self, rows: list[Any], spans: list[tuple[int, int]]) -> Tensor:

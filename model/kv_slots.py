@@ -94,14 +94,14 @@ class SlotStore:
 
     def read(self, key: str, start: int, length: int) -> Tensor:
         """A copy of a row's keys and values at positions [start, start + length):
-        [2 * layers, kv_heads, length, head_dim], keys first (a prefix cache's block)."""
+        [2 * layers, kv_heads, length, head_dim], keys first (a prefix cache's block part)."""
         slot, end = self.order.index(key), start + length
         block = torch.stack([t[slot, :, start:end] for t in self.keys + self.values])
         self.copied += block.nbytes
         return block
 
     def write(self, key: str, start: int, block: Tensor) -> None:
-        """Put `read`'s kind of block into a row's positions from `start` on."""
+        """Put what `read` returns into a row's positions from `start` on."""
         slot, end = self.order.index(key), start + block.shape[2]
         for t, part in zip(self.keys + self.values, block):
             t[slot, :, start:end].copy_(part)

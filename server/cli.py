@@ -135,7 +135,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep finished prompt blocks of block-causal models (LLaDA2, SDAR) for later "
+        help="keep finished prompt blocks (LLaDA2, SDAR; DiffusionGemma's encoder) for later "
         "requests that start with the same tokens, counted once against --kv-cache-bytes "
         "(default: on; a request opts out with prefix_cache: false)",
     )

@@ -162,7 +162,7 @@ class Metrics:
         )
         self.prefix_blocks = Counter(
             "marble_prefix_cache_blocks",
-            "Block-causal models: full prompt blocks a new request found in the prefix cache "
+            "Full prompt blocks (LLaDA2, SDAR; DiffusionGemma's pages) a new request found in the prefix cache "
             "(result=hit, not computed) or not (result=miss), and blocks evicted to make room "
             "(result=evicted).",
             ["result"],

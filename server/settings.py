@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     # the engine for tens of seconds compiling, for 5-40% more tokens/s after that on the tiny
     # models measured (benchmarks/compile.py).
     compile: bool = False
-    # Keep finished prompt blocks for later requests where that is exact (block-causal models:
-    # LLaDA2, SDAR); they count once against kv_cache_bytes and are evicted for requests.
+    # Keep finished prompt blocks for later requests where that is exact (LLaDA2, SDAR and
+    # DiffusionGemma's encoder); they count once against kv_cache_bytes, evicted for requests.
     prefix_cache: bool = SchedulerConfig.prefix_cache
     # Every core but one, left to the event loop and the sockets: on 2 cores, HTTP over
     # in-process tok/s (benchmarks/serve.py) was 1.67x at 1 client and 1.28x at 16 with two

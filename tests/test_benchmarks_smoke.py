@@ -85,6 +85,13 @@ CASES = [
         None,
     ),
     (
+        "prefix_cache",
+        "prefix_cache.py",
+        ["--requests", "3", "--system-tokens", "64", "--layers", "1", "--hidden", "64"]
+        + ["--max-tokens", "8", "--block-length", "8", "--threads", "1"],
+        _missing_reference(),
+    ),
+    (
         "gpu",
         "gpu.py",
         ["--smoke"],  # tiny widths on the CPU; the full run needs a GPU

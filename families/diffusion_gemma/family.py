@@ -17,6 +17,7 @@ from marble.families.diffusion_gemma.config import (
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.families.diffusion_gemma.runner import UniformRunner
+from marble.model.prefix_cache import PrefixCache
 from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
@@ -63,6 +64,13 @@ class DiffusionGemmaFamily(Family):
     @classmethod
     def runner(cls, served: Served) -> Runner:
         return UniformRunner(served.model)
+
+    @classmethod
+    def share_prefixes(cls, runner: Runner) -> PrefixCache:
+        """Its encoder is causal: a prompt page, `canvas_length` tokens, is exact to share."""
+        assert isinstance(runner, UniformRunner)
+        runner.prefix_cache = PrefixCache()
+        return runner.prefix_cache
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:

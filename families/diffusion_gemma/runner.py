@@ -14,6 +14,7 @@ One row's failure fails that row alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -29,6 +30,7 @@ from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotBatch, SlotCache, SlotStore
+from marble.model.prefix_cache import Block, PrefixCache
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -99,6 +101,9 @@ class UniformRunner(CachedRowsRunner):
                 model.embed_tokens.weight.dtype,
             )
         self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
+        # The encoder is causal: a prompt page's keys and values depend only on the tokens up
+        # to its end, so pages are shared across requests (`DiffusionGemmaFamily`).
+        self.prefix_cache: PrefixCache | None = None
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every decoder forward compiled from now on (encoding stays eager)."""
@@ -112,12 +117,42 @@ class UniformRunner(CachedRowsRunner):
         # The prompt and every canvas (the last one's keys are a decode's scratch).
         tokens = len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
         caches = [store.add(request.request_id, tokens) for store in self.stores.values()]
-        self.rows[request.request_id] = _CanvasRow(generator, caches[0], prompt)
+        taken = 0
+        if self.prefix_cache is not None and request.params.prefix_cache:
+            key = request.request_id
+
+            def write(start: int, block: Block) -> None:
+                for store, part in zip(self.stores.values(), block):
+                    store.write(key, start, part)
+
+            taken = self.prefix_cache.attach(key, request.prompt_ids, length, write)
+            caches[0].advance(taken)
+        self.rows[request.request_id] = _CanvasRow(generator, caches[0], prompt[taken:])
 
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         for store in self.stores.values():
             store.remove(request_id)
+        if self.prefix_cache is not None:
+            self.prefix_cache.detach(request_id)
+
+    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
+        """The step; then each row that stepped leaves its prompt pages that its encoder
+        wrote in the prefix cache, and its first step says how many came from there."""
+        results = super().run(requests)
+        if self.prefix_cache is not None:
+            for request, result in zip(requests, results):
+                if isinstance(result, RowStep):
+                    key = request.request_id
+                    taken = self.prefix_cache.report(key)
+                    if taken is not None:
+                        result.extras["prompt_cached"] = taken
+                    length = self.rows[key].cache.length
+                    self.prefix_cache.publish(key, length, self._read(key))
+        return results
+
+    def _read(self, key: str) -> Callable[[int, int], Block]:
+        return lambda start, n: tuple(s.read(key, start, n) for s in self.stores.values())
 
     @property
     def cache_bytes(self) -> int:
@@ -374,10 +409,11 @@ class UniformRunner(CachedRowsRunner):
             return 0
         ids = row.pending[None]
         start = row.cache.length
-        positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
-        slots = self._slots([row.cache.key], [start], ids.shape[1])
-        self.model.encode_slots(ids, positions, slots)
-        row.cache.advance(ids.shape[1])
+        if ids.shape[1]:  # nothing left when the prefix cache held the whole prompt
+            positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
+            slots = self._slots([row.cache.key], [start], ids.shape[1])
+            self.model.encode_slots(ids, positions, slots)
+            row.cache.advance(ids.shape[1])
         cfg = self.model.cfg
         row.canvas = us.draw_uniform(
             [row.generator], cfg.canvas_length, cfg.vocab_size, self.device

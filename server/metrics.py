@@ -162,9 +162,9 @@ class Metrics:
         )
         self.prefix_blocks = Counter(
             "marble_prefix_cache_blocks",
-            "Full prompt blocks (LLaDA2, SDAR; DiffusionGemma's pages) a new request found in the prefix cache "
-            "(result=hit, not computed) or not (result=miss), and blocks evicted to make room "
-            "(result=evicted).",
+            "Full prompt blocks (LLaDA2, SDAR; DiffusionGemma's pages) a new request found in "
+            "the prefix cache (result=hit, not computed) or not (result=miss), and blocks "
+            "evicted to make room (result=evicted).",
             ["result"],
             registry=r,
         )

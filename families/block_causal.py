@@ -7,7 +7,6 @@ Its models are `model/block_causal.py` stacks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Self
 
@@ -22,12 +21,7 @@ from marble.model.prefix_cache import Block, PrefixCache
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.step_result import (
-    CachedRowsRunner,
-    RowError,
-    RowStep,
-    request_generator,
-)
+from marble.scheduler.step_result import CachedRowsRunner, request_generator
 
 
 class BlockCausalFamily(Family):
@@ -92,8 +86,6 @@ class BlockCausalRunner(CachedRowsRunner):
         layers = len(model.layers)
         self.store = SlotStore(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
         self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
-        # Finished prompt blocks shared across requests (`BlockCausalFamily.share_prefixes`).
-        self.prefix_cache: PrefixCache | None = None
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every window forward (prefill and denoise) compiled from now on."""
@@ -104,26 +96,9 @@ class BlockCausalRunner(CachedRowsRunner):
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         self.store.remove(request_id)
-        if self.prefix_cache is not None:
-            self.prefix_cache.detach(request_id)
 
-    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """The step; then each row that stepped leaves its prompt blocks that became final in
-        the prefix cache, and its first step says how many prompt positions came from it."""
-        results = super().run(requests)
-        if self.prefix_cache is not None:
-            for request, result in zip(requests, results):
-                if isinstance(result, RowStep):
-                    key = request.request_id
-                    taken = self.prefix_cache.report(key)
-                    if taken is not None:
-                        result.extras["prompt_cached"] = taken
-                    length = self.rows[key].cache.length
-                    self.prefix_cache.publish(key, length, self._read(key))
-        return results
-
-    def _read(self, key: str) -> Callable[[int, int], Block]:
-        return lambda start, length: (self.store.read(key, start, length),)
+    def read_prefix(self, key: str, start: int, length: int) -> Block:
+        return (self.store.read(key, start, length),)
 
     @property
     def cache_bytes(self) -> int:

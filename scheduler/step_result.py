@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from marble.model.prefix_cache import Block, PrefixCache
 from marble.scheduler.request import Request
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,14 @@ class CachedRowsRunner(ABC):
 
     def __init__(self) -> None:
         self.rows: dict[str, Any] = {}
+        # Finished prompt blocks shared across requests, where the family gives it one
+        # (`Family.share_prefixes`); a runner that takes one implements `read_prefix`.
+        self.prefix_cache: PrefixCache | None = None
 
     def remove(self, request_id: str) -> None:
         self.rows.pop(request_id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.detach(request_id)
 
     @property
     def cache_bytes(self) -> int:
@@ -165,8 +171,29 @@ class CachedRowsRunner(ABC):
 
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
         """Advance every request by one step; a failed batch retries each row alone from its
-        state before the step (`run_rows_isolated`)."""
-        return run_rows_isolated(requests, self._step, self.rows)
+        state before the step (`run_rows_isolated`). Then each row that stepped leaves its
+        prompt blocks that became final in the prefix cache, and its first step says how many
+        prompt positions it took from there (`prompt_cached`)."""
+        results = run_rows_isolated(requests, self._step, self.rows)
+        if self.prefix_cache is not None:
+            for request, result in zip(requests, results):
+                if isinstance(result, RowStep):
+                    self._share_prompt(request.request_id, result, self.prefix_cache)
+        return results
+
+    def _share_prompt(self, key: str, result: RowStep, cache: PrefixCache) -> None:
+        taken = cache.report(key)
+        if taken is not None:
+            result.extras["prompt_cached"] = taken
+
+        def read(start: int, length: int) -> Block:
+            return self.read_prefix(key, start, length)
+
+        cache.publish(key, self.rows[key].cache.length, read)
+
+    def read_prefix(self, key: str, start: int, length: int) -> Block:
+        """A copy of a row's keys and values at positions [start, start + length)."""
+        raise NotImplementedError
 
     @abstractmethod
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]: ...

@@ -14,7 +14,6 @@ One row's failure fails that row alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -30,7 +29,7 @@ from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotBatch, SlotCache, SlotStore
-from marble.model.prefix_cache import Block, PrefixCache
+from marble.model.prefix_cache import Block
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -101,9 +100,6 @@ class UniformRunner(CachedRowsRunner):
                 model.embed_tokens.weight.dtype,
             )
         self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
-        # The encoder is causal: a prompt page's keys and values depend only on the tokens up
-        # to its end, so pages are shared across requests (`DiffusionGemmaFamily`).
-        self.prefix_cache: PrefixCache | None = None
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every decoder forward compiled from now on (encoding stays eager)."""
@@ -133,26 +129,9 @@ class UniformRunner(CachedRowsRunner):
         super().remove(request_id)
         for store in self.stores.values():
             store.remove(request_id)
-        if self.prefix_cache is not None:
-            self.prefix_cache.detach(request_id)
 
-    def run(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """The step; then each row that stepped leaves its prompt pages that its encoder
-        wrote in the prefix cache, and its first step says how many came from there."""
-        results = super().run(requests)
-        if self.prefix_cache is not None:
-            for request, result in zip(requests, results):
-                if isinstance(result, RowStep):
-                    key = request.request_id
-                    taken = self.prefix_cache.report(key)
-                    if taken is not None:
-                        result.extras["prompt_cached"] = taken
-                    length = self.rows[key].cache.length
-                    self.prefix_cache.publish(key, length, self._read(key))
-        return results
-
-    def _read(self, key: str) -> Callable[[int, int], Block]:
-        return lambda start, n: tuple(s.read(key, start, n) for s in self.stores.values())
+    def read_prefix(self, key: str, start: int, length: int) -> Block:
+        return tuple(store.read(key, start, length) for store in self.stores.values())
 
     @property
     def cache_bytes(self) -> int:

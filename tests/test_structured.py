@@ -35,6 +35,18 @@ PERSON = {
 }
 SCHEMA = Constraint.json_schema(PERSON, "response_format")
 CPU = torch.device("cpu")
+# (a constraint, what its complete match looks like)
+MATCHES = [
+    (
+        Constraint.choice(["yes", "no", "maybe"], "guided_choice"),
+        lambda t: t in {"yes", "no", "maybe"},
+    ),
+    (
+        Constraint("regex", r"\d{3}-\d{4}", "guided_regex"),
+        lambda t: len(t) == 8 and t[3] == "-",
+    ),
+    (SCHEMA, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +101,7 @@ def test_embedded_model_ends_with_output_its_schema_accepts(embedded, threshold,
 @pytest.mark.parametrize("folder", ["llada-tiny", "dream-tiny", "sdar-tiny", "llada2-tiny"])
 @pytest.mark.parametrize(
     "constraint, check",
-    [
-        (
-            Constraint.choice(["yes", "no", "maybe"], "guided_choice"),
-            lambda t: t in {"yes", "no", "maybe"},
-        ),
-        (
-            Constraint("regex", r"\d{3}-\d{4}", "guided_regex"),
-            lambda t: len(t) == 8 and t[3] == "-",
-        ),
-        (SCHEMA, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
-    ],
+    MATCHES,
 )
 def test_reference_models_end_on_a_complete_match(folder: str, constraint, check):
     engine = Engine.from_pretrained(REFERENCE / folder, progress=False)
@@ -181,17 +183,7 @@ def _assert_fixed_prefixes(engine: Engine, constraint: Constraint, outs: list[St
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize(
     "constraint, check",
-    [
-        (
-            Constraint.choice(["yes", "no", "maybe"], "guided_choice"),
-            lambda t: t in {"yes", "no", "maybe"},
-        ),
-        (
-            Constraint("regex", r"\d{3}-\d{4}", "guided_regex"),
-            lambda t: len(t) == 8 and t[3] == "-",
-        ),
-        (SCHEMA, lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
-    ],
+    MATCHES,
 )
 def test_diffusiongemma_keeps_a_valid_prefix_and_ends_on_a_match(
     gemma, temperature, constraint, check

@@ -19,6 +19,7 @@ from openai import AsyncOpenAI
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.settlement import decode
+from marble.structured.constraint import Constraint
 from marble.structured.tool_formats import GemmaFormat, HermesFormat, Tool
 from marble.structured.tools import ToolPlan
 from tests.conftest import REFERENCE
@@ -79,6 +80,17 @@ def template_call(name: str) -> str:
         {"role": "assistant", "content": "", "tool_calls": [call]},
     ]
     return tokenizer.render_chat(messages, add_generation_prompt=False, tools=TOOLS)
+
+
+def matches(name: str, constraint: Constraint, text: str) -> bool:
+    """Whether `text`, tokenized by checkpoint `name`, is a complete match of `constraint`."""
+    tokenizer = TextTokenizer(REFERENCE / name)
+    llg = llguidance.LLTokenizer((REFERENCE / name / "tokenizer.json").read_text())
+    matcher = llguidance.LLMatcher(llg, constraint.grammar(), log_level=0)
+    ids = tokenizer.encode(text)
+    if matcher.validate_tokens(ids) < len(ids):
+        return False
+    return bool(matcher.consume_tokens(ids)) and matcher.is_accepting()
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -142,14 +154,9 @@ def test_the_required_grammar_admits_calls_only(name: str, special: bool):
     assert ("<tool_call>" in tokenizer.added_tokens) is special
     constraint = _plan("required").constraint(lambda t: t in tokenizer.added_tokens)
     assert constraint is not None and constraint.param == "tools"
-    llg = llguidance.LLTokenizer((REFERENCE / name / "tokenizer.json").read_text())
 
     def accepts(text: str) -> bool:
-        matcher = llguidance.LLMatcher(llg, constraint.grammar(), log_level=0)
-        ids = tokenizer.encode(text)
-        if matcher.validate_tokens(ids) < len(ids):
-            return False
-        return bool(matcher.consume_tokens(ids)) and matcher.is_accepting()
+        return matches(name, constraint, text)
 
     call = (
         '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo", "days": 2}}\n</tool_call>'
@@ -162,9 +169,7 @@ def test_the_required_grammar_admits_calls_only(name: str, special: bool):
     one = ToolPlan(_plan().tools, "required", None, False, HermesFormat())
     single = one.constraint(lambda t: t in tokenizer.added_tokens)
     assert single is not None
-    matcher = llguidance.LLMatcher(llg, single.grammar(), log_level=0)
-    ids = tokenizer.encode(call + "\n" + call)
-    assert matcher.validate_tokens(ids) < len(ids)
+    assert matches(name, single, call) and not matches(name, single, call + "\n" + call)
 
 
 # ---------------------------------------------------------------------------- over HTTP
@@ -306,14 +311,9 @@ def test_the_gemma_grammar_holds_arguments_to_their_schemas():
     plan = ToolPlan(tools, "required", None, True, GemmaFormat())
     constraint = plan.constraint(lambda t: t in tokenizer.added_tokens)
     assert constraint is not None
-    llg = llguidance.LLTokenizer((REFERENCE / "diffusiongemma-tiny" / "tokenizer.json").read_text())
 
     def accepts(text: str) -> bool:
-        matcher = llguidance.LLMatcher(llg, constraint.grammar(), log_level=0)
-        ids = tokenizer.encode(text)
-        if matcher.validate_tokens(ids) < len(ids):
-            return False
-        return bool(matcher.consume_tokens(ids)) and matcher.is_accepting()
+        return matches("diffusiongemma-tiny", constraint, text)
 
     q = '<|"|>'
     assert accepts(f"<|tool_call>call:weather{{city:{q}Oslo{q},days:2}}<tool_call|>")

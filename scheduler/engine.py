@@ -28,7 +28,15 @@ from marble.scheduler.sampling_params import InvalidParam, SamplingParams
 from marble.scheduler.scheduler import Scheduler, SchedulerConfig
 from marble.scheduler.served_model import ServedModel, load_served
 from marble.scheduler.settlement import completion_len, cut, held_text, settle
-from marble.scheduler.step_result import REMASK, Change, Commit, RowError, RowStep, Runner
+from marble.scheduler.step_result import (
+    CONSTRAINT_INCOMPLETE,
+    REMASK,
+    Change,
+    Commit,
+    RowError,
+    RowStep,
+    Runner,
+)
 from marble.structured.constraint import Constraint
 
 DEFAULT_NAME = "marble"  # the model name of an engine built without one
@@ -53,7 +61,9 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     error: str | None = None
-    error_code: str | None = None  # with finish_reason "error": e.g. "non_finite_logits"
+    # With finish_reason "error": e.g. "non_finite_logits"; with "length": "constraint_incomplete"
+    # (a structured-output match the canvas ran out before).
+    error_code: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     heal_text: str = ""  # token healing: the first token's leading text, left out of `text`
@@ -364,6 +374,11 @@ class Engine:
             stable = min(stable, request.current_block[0])
         text, status = self._settle(request, stable, done)
         m = self.served(request.model)
+        incomplete = (
+            status is RequestStatus.FINISHED_LENGTH
+            and request.constraint is not None
+            and not request.constraint.done
+        )
         return StepOutput(
             request_id=request.request_id,
             step=request.num_steps,
@@ -378,6 +393,7 @@ class Engine:
             block_completed=block_completed,
             finished=status is not None,
             finish_reason=None if status is None else status.value,
+            error_code=CONSTRAINT_INCOMPLETE if incomplete else None,
             prompt_tokens=request.prompt_tokens,
             completion_tokens=completion_len(request),
             heal_text=request.heal_text,

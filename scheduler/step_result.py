@@ -89,6 +89,8 @@ class RowError:
 NON_FINITE_LOGITS = RowError(
     "non_finite_logits", "the model produced non-finite logits (NaN or infinity)"
 )
+# A constrained request cut by its length before its match was complete (finish "length").
+CONSTRAINT_INCOMPLETE = "constraint_incomplete"
 CONSTRAINT_UNSATISFIABLE = RowError(
     "constraint_unsatisfiable",
     "no token the model can produce continues the structured output",

@@ -162,6 +162,7 @@ class NativeEvents:
         return {
             "text": out.text,
             "finish_reason": out.finish_reason,
+            **({"error_code": out.error_code} if out.error_code else {}),
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": out.completion_tokens,

@@ -241,6 +241,8 @@ class OpenAIResponse:
             assert out is not None
             text = out.text
             choice: dict[str, Any] = {"index": s.index, "finish_reason": out.finish_reason}
+            if out.error_code is not None:  # "length" under a constraint: its match was cut
+                choice["error_code"] = out.error_code
             logprobs = None
             if self.logprobs is not None:
                 ids, lps, heal = self._new_logprobs(s, out)
@@ -348,16 +350,25 @@ class OpenAIResponse:
                 if not text and not calls and finish is None and logprobs is None:
                     continue
                 chunk = self._choice_chunk(state, text, finish, logprobs, False, calls)
-                yield self._chunk([chunk])
+                yield self._chunk([_with_code(chunk, out)])
                 continue
             else:
                 text = self._delta(state, out)
                 if not text and finish is None and logprobs is None:
                     continue
-            yield self._chunk([self._choice_chunk(state, text, finish, logprobs, False)])
+            chunk = self._choice_chunk(state, text, finish, logprobs, False)
+            yield self._chunk([_with_code(chunk, out)])
         if self.include_usage:
             yield self._chunk([], self.usage())
         yield "[DONE]"
+
+
+def _with_code(choice: dict[str, Any], out: StepOutput) -> dict[str, Any]:
+    """A finished choice's code beside its finish reason, where it has one ("length" under a
+    constraint: "constraint_incomplete")."""
+    if out.finished and out.error_code is not None:
+        choice["error_code"] = out.error_code
+    return choice
 
 
 def _with_calls(finish_reason: str | None) -> str | None:

@@ -294,3 +294,6 @@ def test_a_match_longer_than_the_canvas_ends_by_length_not_by_error(folder: str)
     outs = _run(engine, [request])[request.request_id]
     _assert_valid_prefixes(engine, never_closes, outs)
     assert outs[-1].finish_reason == "length" and set(outs[-1].text) <= {"a"}
+    assert outs[-1].error_code == "constraint_incomplete"
+    free = engine.make_request("x", engine.defaults.replace(max_tokens=32, ignore_eos=True))
+    assert _run(engine, [free])[free.request_id][-1].error_code is None

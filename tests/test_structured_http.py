@@ -82,3 +82,15 @@ async def test_a_bad_constraint_is_a_400_naming_its_field(fields: dict, param: s
         r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8, **fields})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+async def test_a_match_cut_by_length_says_so_with_a_code():
+    body = {"prompt": "x", "max_tokens": 8, "guided_regex": "a{200}"}
+    async with serving(LLADA) as (_, client):
+        whole = (await client.post("/v1/completions", json=body)).json()["choices"][0]
+        streamed = await client.post("/v1/completions", json={**body, "stream": True})
+        free = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 8})
+    assert (whole["finish_reason"], whole["error_code"]) == ("length", "constraint_incomplete")
+    last = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[6:7] == "{"][-1]
+    assert last["choices"][0]["error_code"] == "constraint_incomplete"
+    assert "error_code" not in free.json()["choices"][0]

@@ -349,7 +349,7 @@ class OpenAIResponse:
                     finish = _with_calls(finish)
                 if not text and not calls and finish is None and logprobs is None:
                     continue
-                chunk = self._choice_chunk(state, text, finish, logprobs, False, calls)
+                chunk = self._choice_chunk(state, text or None, finish, logprobs, False, calls)
                 yield self._chunk([_with_code(chunk, out)])
                 continue
             else:

@@ -114,7 +114,10 @@ class EngineThread:
                 if out.finished:
                     self.timings.pop(out.request_id, None)
                 delivery.append((out, timing))
-            self.metrics.observe_step(self.engine.last_stats, start, now, delivery)
+            try:
+                self.metrics.observe_step(self.engine.last_stats, start, now, delivery)
+            except Exception:  # a metrics bug must not cost the outputs or the thread
+                log.exception("recording a step's metrics failed; its outputs go on")
             if delivery:
                 self._hand_over(delivery)
         log.info("engine thread stopped")

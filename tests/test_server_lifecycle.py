@@ -16,6 +16,7 @@ from marble.server import cli
 from marble.server import lifecycle as lifecycle_module
 from marble.server.app import create_app
 from marble.server.log_redaction import RedactSecrets
+from marble.server.metrics import Metrics
 from marble.server.settings import Settings
 from tests.server_helpers import serving, tiny_engine
 
@@ -168,3 +169,24 @@ def test_every_help_text_renders():
         done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "--kv-cache-bytes" in done.stdout
+
+
+@pytest.mark.anyio
+async def test_a_metrics_failure_loses_no_output(llada_tiny_path, monkeypatch):
+    """Before: an exception while recording a step's metrics ended the engine thread, and
+    every request in flight then, and after, waited forever."""
+    real, calls = Metrics.observe_step, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("metrics bug")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Metrics, "observe_step", failing)
+    req = {"prompt": "a", "max_tokens": 4, "steps": 4, "ignore_eos": True}
+    async with serving(llada_tiny_path) as (_, client):
+        for _ in range(2):
+            r = await asyncio.wait_for(client.post("/v1/completions", json=req), 30)
+            assert r.status_code == 200, r.text
+    assert len(calls) > 1

@@ -106,7 +106,12 @@ def checkpoint(name: str) -> str | None:
 
 
 def first_line(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+    """The reason a refusal gives, on one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # A message that introduces its detail on the next line ("regex parse error:") keeps it.
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def timed(method: Callable[..., Any], run: Run, per_step: dict[int, float], at: list[int]) -> Any:

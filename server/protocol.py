@@ -459,6 +459,12 @@ class ChatCompletionRequest(SamplingBody):
                 "a required tool call and a structured-output constraint cannot both shape "
                 "the output; send one of them",
             )
+        if self.stream and self.diffusing and choice != "none":
+            raise InvalidParam(
+                "diffusing",
+                "a diffusing stream sends whole drafts as content; tool calls are parsed from "
+                "stable text: stream with diffusing false (or tool_choice none)",
+            )
         return ToolPlan(
             tools=tuple(tools),
             choice="named" if named is not None else (choice or "auto"),  # type: ignore[arg-type]

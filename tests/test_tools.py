@@ -268,6 +268,7 @@ async def test_a_streamed_call_arrives_whole_and_matches_the_unstreamed_one(tmp_
             "tool_choice",
         ),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
+        ({"tools": TOOLS, "stream": True, "diffusing": True}, "diffusing"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
         ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools"),
         (

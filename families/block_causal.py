@@ -21,7 +21,7 @@ from marble.model.prefix_cache import Block, PrefixCache
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.step_result import CachedRowsRunner, request_generator
+from marble.scheduler.step_result import CachedRowsRunner, Runner, request_generator
 
 
 class BlockCausalFamily(Family):
@@ -49,8 +49,9 @@ class BlockCausalFamily(Family):
         return m.model.cache_bytes(cached)
 
     @classmethod
-    def share_prefixes(cls, runner: Any) -> PrefixCache:
+    def share_prefixes(cls, runner: Runner) -> PrefixCache:
         """A finished block depends only on the tokens up to its end: exact to share."""
+        assert isinstance(runner, BlockCausalRunner)
         runner.prefix_cache = PrefixCache()
         return runner.prefix_cache
 

@@ -36,6 +36,9 @@ M = TypeVar("M", bound=BaseModel)
 # prompts, 4096 chat messages with their content parts); parsing a million of them took the
 # GIL for a second, which no worker thread hides.
 MAX_CONTAINERS = 1 << 14
+# Levels of nesting in one body. The deepest of JSONSchemaBench's 160 real-world schemas nests
+# 13; a body nested some 400 deep parsed, then broke the parser process's pickling (a 500).
+MAX_DEPTH = 100
 INLINE_BYTES = 16 * 1024  # smaller bodies cost microseconds: parsed where they arrive
 # Measured with benchmarks/hostile_bodies.py (four 3-4 MB invalid bodies at once): parsed in
 # one worker thread, /health's p99 was 40-70 ms (a million numbers hold the lock for 50 ms at
@@ -89,10 +92,25 @@ def parse_body(model: type[M], raw: bytes, is_json: bool = True) -> M:
         raise refuse(NOT_JSON) from exc
     if not isinstance(value, dict):
         raise refuse(not_an_object(value))
+    if nesting(value) > MAX_DEPTH:
+        raise refuse(f"the request body nests arrays and objects more than {MAX_DEPTH} deep")
     try:
         return model.model_validate(value)
     except ValidationError as exc:
         raise invalid_body(exc) from None
+
+
+def nesting(value: object) -> int:
+    """How deep arrays and objects nest in a parsed body (without recursing: it is bounded by
+    the containers counted before parsing, not by the interpreter's stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _parse_apart(model: type[M], raw: bytes, is_json: bool) -> M | tuple[str, str | None]:

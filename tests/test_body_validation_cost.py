@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from marble.server.json_body import MAX_CONTAINERS, containers
+from marble.server.json_body import MAX_CONTAINERS, MAX_DEPTH, containers, nesting
 from marble.server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.server_helpers import serving
 
@@ -136,3 +136,23 @@ async def test_a_body_that_is_not_an_object_is_named_not_quoted(llada_tiny_path)
         deep = b"[" * 100_000 + b"]" * 100_000
         r = await client.post("/v1/completions", content=deep, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["param"] is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("levels", [60, 400])
+async def test_a_deeply_nested_body_is_a_400_and_the_server_serves_on(llada_tiny_path, levels):
+    """Before: a schema nested 400 deep (a body over 16 KiB, parsed in the parser process)
+    parsed, then broke the pickling that brings it back: a 500. 60 levels: a small body,
+    parsed in the server's own process."""
+    schema = '{"type":"object","properties":{"k":' * levels + '{"type":"integer"}'
+    schema += '},"required":["k"]}' * levels
+    body = '{"prompt":"a","max_tokens":2,"guided_json":' + schema + "}"
+    async with serving(llada_tiny_path) as (_, client):
+        r = await client.post(
+            "/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400, r.text
+        assert f"more than {MAX_DEPTH} deep" in r.json()["error"]["message"]
+        ok = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert ok.status_code == 200
+    assert nesting(json.loads(body)) > MAX_DEPTH

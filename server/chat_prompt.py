@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from marble.model.tokenizer import TextTokenizer
+from marble.model.tokenizer import ChatTemplateError, TextTokenizer
 from marble.scheduler.sampling_params import InvalidParam
 from marble.server.protocol import ChatCompletionRequest
 from marble.structured.constraint import Constraint
@@ -33,8 +33,13 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> ChatPr
     if plan is None:
         return ChatPrompt(tokenizer.render_chat(messages, template_kwargs=kwargs), None, None)
     listed = [_tool_json(t.name, t.description, t.parameters) for t in plan.tools]
-    text = tokenizer.render_chat(messages, template_kwargs=kwargs, tools=listed)
-    if text == tokenizer.render_chat(messages, template_kwargs=kwargs):
+    bare = tokenizer.render_chat(messages, template_kwargs=kwargs)
+    try:
+        text = tokenizer.render_chat(messages, template_kwargs=kwargs, tools=listed)
+    except ChatTemplateError as exc:  # it renders the messages, so the tools broke it
+        message = f"this model's chat template cannot render them: {exc}"
+        raise InvalidParam("tools", message) from exc
+    if text == bare:
         form = HermesFormat()
         plan = body.tool_plan(form)
         assert plan is not None

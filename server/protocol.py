@@ -325,6 +325,13 @@ class FunctionDefinition(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # arguments are decoded under their schema whenever constrained
 
+    @model_validator(mode="after")
+    def _arguments_are_an_object(self) -> FunctionDefinition:
+        kind = (self.parameters or {}).get("type", "object")
+        if kind != "object":
+            raise ValueError(f"parameters describes the arguments, an object: not type {kind!r}")
+        return self
+
 
 class ToolDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid")

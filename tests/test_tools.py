@@ -268,6 +268,17 @@ async def test_a_streamed_call_arrives_whole_and_matches_the_unstreamed_one(tmp_
             "tool_choice",
         ),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ]
+            },
+            "tools",
+        ),
         ({"tools": TOOLS, "stream": True, "diffusing": True}, "diffusing"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
         ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools"),
@@ -353,3 +364,14 @@ def test_special_tokens_stay_in_the_text_when_asked():
         texts[keep] = decode(served, request, ids)
     assert texts[False] == "abcd"
     assert texts[True] == "ab" + served.tokenizer.decode([special], False) + "cd"
+
+
+@pytest.mark.anyio
+async def test_tools_a_template_cannot_render_are_a_400_naming_tools():
+    """DiffusionGemma's template walks a tool's properties as a mapping: where they are not
+    one, the template fails on the tools, not on the messages."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": "x"}}}]
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "tools": tools}
+    async with serving(REFERENCE / "diffusiongemma-tiny") as (_, client):
+        r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -19,6 +20,7 @@ from openai import AsyncOpenAI
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.settlement import decode
+from marble.server.openai_format import ChoiceState, OpenAIResponse
 from marble.structured.constraint import Constraint
 from marble.structured.tool_formats import GemmaFormat, HermesFormat, Tool
 from marble.structured.tools import ToolPlan
@@ -375,3 +377,39 @@ async def test_tools_a_template_cannot_render_are_a_400_naming_tools():
     async with serving(REFERENCE / "diffusiongemma-tiny") as (_, client):
         r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+
+
+def _stream_of(texts: list[str]) -> list[tuple[str, list[dict]]]:
+    """What a streamed chat choice sends for a run of stable texts (the last one final)."""
+    response = OpenAIResponse.__new__(OpenAIResponse)
+    response.tools = _plan()
+    state = ChoiceState(0, 0)
+    sent = []
+    for i, text in enumerate(texts):
+        out = SimpleNamespace(text=text, finished=i == len(texts) - 1)
+        sent.append(response._tool_delta(state, out))  # type: ignore[arg-type]
+    return sent
+
+
+def test_a_stream_holds_back_what_may_start_a_call_and_sends_each_call_once():
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    sent = _stream_of(
+        [
+            "Sure",
+            "Sure, let me <tool",
+            f"Sure, let me {call[:30]}",
+            f"Sure, let me {call}",
+            f"Sure, let me {call}\n",
+        ]
+    )
+    assert [text for text, _ in sent] == ["Sure", ", let me ", "", "", ""]
+    calls = [c for _, cs in sent for c in cs]
+    assert len(calls) == 1 and calls[0]["index"] == 0
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert [bool(cs) for _, cs in sent] == [False, False, False, True, False]
+
+
+def test_held_back_text_that_never_became_a_call_is_sent_as_content():
+    sent = _stream_of(["x <tool", "x <tool_call> is not json", "x <tool_call> is not json."])
+    assert "".join(text for text, _ in sent) == "x <tool_call> is not json."
+    assert not any(cs for _, cs in sent)

@@ -262,3 +262,22 @@ async def test_metrics_and_step_events_over_http():
     assert values["marble_prefix_cache_tokens_saved_total"] > 0
     assert values["marble_prefix_cache_held_blocks"] > 0
     assert values["marble_prefix_cache_bytes"] > 0
+
+
+def test_an_aborted_request_leaves_no_part_behind_and_drain_waits_on_no_block():
+    """Aborted after its first step (it took its prompt blocks from the cache): it is gone
+    with no record left in the cache; after every request ends the engine has nothing
+    unfinished (drain's condition) while the cache keeps its blocks for later requests."""
+    engine = engine_for("llada2-tiny")
+    fields = FAMILIES["llada2-tiny"]
+    run(engine, [(SYSTEM, fields)])
+    prefixes = engine.first.prefixes
+    assert prefixes is not None and prefixes.blocks
+    request = engine.make_request(SYSTEM, engine.defaults.replace(max_tokens=16, **fields))
+    engine.add(request)
+    engine.step()  # admitted, its row took the cached blocks, its first forward ran
+    engine.abort(request.request_id)
+    while engine.has_unfinished():
+        engine.step()
+    assert not prefixes._rows and not engine.first.runner.rows
+    assert engine.scheduler.kv_reserved == 0 and prefixes.nbytes > 0

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+from same_work import scheduler_config
 
 from marble.model.default import CHECKPOINT_DIR
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.scheduler import SchedulerConfig
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 PROMPT = "def fibonacci(n):\n    "
@@ -60,7 +60,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    config = SchedulerConfig(max_batch_size=max(batches))
+    config = scheduler_config(max_batch_size=max(batches))
     print(
         f"backend {args.backend}, torch threads {torch.get_num_threads()}, max_tokens "
         f"{args.max_tokens}, greedy, EOS ignored"

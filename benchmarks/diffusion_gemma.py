@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from same_work import scheduler_config
 
 from marble.families.diffusion_gemma.config import DiffusionGemmaConfig
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
-from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_defaults
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "reference" / "diffusiongemma-tiny"
@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = random_model(args.layers, args.hidden, args.vocab, args.canvas)
-    engine = Engine(model, TextTokenizer(TINY), SchedulerConfig(max_batch_size=64))
+    engine = Engine(model, TextTokenizer(TINY), scheduler_config(max_batch_size=64))
     real = load_defaults(TINY).replace(
         steps=48, max_tokens=args.canvas, block_length=args.canvas, ignore_eos=True
     )

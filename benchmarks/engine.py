@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from same_work import scheduler_config
 
 from marble.model.default import CHECKPOINT_DIR
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.scheduler import SchedulerConfig
 
 PROMPT = "def fibonacci(n):\n    "
 PAIR_EVERY = 2  # full-batch steps per timed (step, bare forward) pair: keeps the run short
@@ -124,7 +124,7 @@ def main() -> None:
     engine = Engine.from_pretrained(
         args.model,
         device=args.device,
-        config=SchedulerConfig(max_batch_size=max(batches)),
+        config=scheduler_config(max_batch_size=max(batches)),
         progress=False,
     )
     # Every field explicit: the checkpoint's serving defaults do not apply here.

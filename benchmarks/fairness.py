@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from same_work import scheduler_config
 
 from marble.scheduler.engine import Engine
 from marble.scheduler.request import Request
@@ -144,14 +145,14 @@ def long_versus_short(dg: ServedModel, repeats: int, cap: float) -> None:
     def short(engine: Engine) -> Request:
         return engine.make_request("What is the capital of France?", dg.defaults.replace(seed=1))
 
-    probe = engine_of(dg, SchedulerConfig())
+    probe = engine_of(dg, scheduler_config())
     alone = median_of(probe, short, repeats, cap)
     worst = probe.make_request(prompt, maximal).max_forwards
     print(f"\n### A short request beside 16 maximal-work requests ({worst} forwards each)\n")
     print(f"| short request (DiffusionGemma defaults) {HEADER}")
     row("alone", alone, alone, cap)
     for label, slots in (("beside 16 long, long may take every slot (before)", 0), ("", None)):
-        probe = engine_of(dg, SchedulerConfig(max_batch_size=16, short_slots=slots))
+        probe = engine_of(dg, scheduler_config(max_batch_size=16, short_slots=slots))
         label = label or f"beside 16 long, {probe.scheduler.config.reserved_short} slots kept short"
         for _ in range(16):
             probe.add(probe.make_request(prompt, maximal))
@@ -169,13 +170,13 @@ def across_models(flooded: ServedModel, other: ServedModel, repeats: int, cap: f
         params = other.defaults.replace(seed=1)  # the same steps wherever it runs
         return engine.make_request("What is the capital of France?", params, model=name)
 
-    probe = engine_of(flooded, SchedulerConfig(max_batch_size=16), other)
+    probe = engine_of(flooded, scheduler_config(max_batch_size=16), other)
     alone = median_of(probe, request_to_other, repeats, cap)
     print(f"\n### A request to one model while {clients} clients flood another\n")
     print(f"| request to {other.name} ({flooded.name} flooded) {HEADER}")
     row("alone", alone, alone, cap)
     for label, scheduler in (("one FIFO queue (before)", OneQueue), ("fewest running first", None)):
-        probe = engine_of(flooded, SchedulerConfig(max_batch_size=16), other)
+        probe = engine_of(flooded, scheduler_config(max_batch_size=16), other)
         if scheduler is not None:
             probe.scheduler = scheduler(probe.scheduler.config)
             probe.scheduler.serve_models(len(probe.models))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from same_work import scheduler_config
 from torch import nn
 
 from marble.families.diffusion_gemma.config import DiffusionGemmaConfig
@@ -47,7 +48,6 @@ from marble.families.sdar.model import SDAR
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_defaults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -519,7 +519,7 @@ def run_shape(
     engine = Engine(
         model,
         tokenizer,
-        SchedulerConfig(max_batch_size=max(batches), max_batch_tokens=1 << 22),
+        scheduler_config(max_batch_size=max(batches), max_batch_tokens=1 << 22),
     )
     if hasattr(engine.runner, "vocab_limit"):
         # The borrowed tokenizer is small: score every id as the real vocabulary would.
@@ -655,7 +655,9 @@ def transformers_side_by_side(args: argparse.Namespace, device: str, deadline: f
                 hf.generate(prompt.expand(batch, -1), **generation)
             sync(cuda)
             hf_rate = batch * args.gen / (time.perf_counter() - start)
-            engine = Engine(ours, TextTokenizer(shape.tokenizer), SchedulerConfig(max_batch_size=8))
+            engine = Engine(
+                ours, TextTokenizer(shape.tokenizer), scheduler_config(max_batch_size=8)
+            )
             for i in range(batch):
                 engine.add(engine.make_request(PROMPT, params.replace(seed=i)))
             sync(cuda)

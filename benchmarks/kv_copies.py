@@ -78,8 +78,9 @@ def _wider(raw: dict, args: argparse.Namespace) -> dict:
 
 def build(family: str, args: argparse.Namespace):  # noqa: ANN201
     """An engine over a random model of `family` at the requested widths."""
+    from same_work import scheduler_config
+
     from marble.scheduler.engine import Engine
-    from marble.scheduler.scheduler import SchedulerConfig
 
     tiny = Engine.from_pretrained(TINY[family], progress=False)
     raw = json.loads((TINY[family] / "config.json").read_text())
@@ -117,7 +118,7 @@ def build(family: str, args: argparse.Namespace):  # noqa: ANN201
             if p.dim() >= 2:
                 p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5)
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    config = SchedulerConfig(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=16 << 30)
+    config = scheduler_config(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=16 << 30)
     return Engine(model.eval(), tiny.tokenizer, config, tiny.defaults)
 
 

@@ -33,13 +33,13 @@ from pathlib import Path
 import httpx
 import torch
 from local_server import local_server
+from same_work import SERVER_ENV, scheduler_config
 
 from marble.families.masked.config import preset
 from marble.families.masked.model import Denoiser
 from marble.model.default import CHECKPOINT_DIR
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.scheduler import SchedulerConfig
 from marble.server.settings import default_torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ async def run_http(base: str, body: dict, clients: int, per_client: int) -> Resu
 def server(model: Path, port: int, threads: int, max_batch: int, device: str):
     flags = ["--model", str(model), "--log-level", "warning", "--torch-threads", str(threads)]
     flags += ["--max-batch-size", str(max_batch), "--device", device, "--dtype", "float32"]
-    return local_server(flags, port=port)
+    return local_server(flags, port=port, env=SERVER_ENV)
 
 
 def main() -> None:
@@ -289,7 +289,7 @@ def main() -> None:
         engine = Engine.from_pretrained(
             model,
             device=args.device,
-            config=SchedulerConfig(max_batch_size=max(clients)),
+            config=scheduler_config(max_batch_size=max(clients)),
             progress=False,
         )
         print(

@@ -32,6 +32,7 @@ import torch
 from cache import engine_for
 from diffusion_gemma import random_init
 from diffusion_gemma import random_model as gemma_model
+from same_work import scheduler_config
 
 from marble.families.llada2.config import LLaDA2Config
 from marble.families.llada2.model import LLaDA2
@@ -40,7 +41,6 @@ from marble.families.sdar.model import SDAR
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.scheduler import SchedulerConfig
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MODELS = ("llada-vocab", "llada2", "sdar", "gemma")
@@ -89,7 +89,7 @@ def build(args: argparse.Namespace, name: str) -> tuple[Engine, SamplingParams]:
     vocab = args.vocab or VOCAB[name]
     model = shaped_model(name, args.layers, args.hidden, vocab, args.canvas)
     folder = {"llada2": "llada2-tiny", "sdar": "sdar-tiny", "gemma": "diffusiongemma-tiny"}[name]
-    config = SchedulerConfig(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=8 << 30)
+    config = scheduler_config(max_batch_size=64, max_batch_tokens=1 << 20, max_kv_bytes=8 << 30)
     engine = Engine(model, TextTokenizer(REFERENCE / folder), config)
     if hasattr(engine.runner, "vocab_limit"):
         # The tiny tokenizer is small; score every id as the real vocabulary would.

@@ -16,6 +16,7 @@ import json
 
 import pytest
 
+from marble.families.diffusion_gemma.runner import PROMPT_PAGE
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_served
@@ -31,12 +32,14 @@ from tests.sdar_golden import EXACT, SDAR_TINY
 from tests.server_helpers import serving
 
 SYSTEM = "You are a careful assistant who answers briefly. " * 6
-# A block-causal model's blocks; DiffusionGemma's prompt pages are its canvas length.
+# Each family's request fields, and its prefix-cache block: a block-causal model's block, a
+# page of DiffusionGemma's encoder.
 FAMILIES = {
     "llada2-tiny": {"block_length": 8},
     "sdar-tiny": {"block_length": 4, "steps": 4},
     "diffusiongemma-tiny": {"block_length": 16},
 }
+BLOCK = {"llada2-tiny": 8, "sdar-tiny": 4, "diffusiongemma-tiny": PROMPT_PAGE}
 
 
 def engine_for(name: str, **config) -> Engine:
@@ -123,7 +126,7 @@ def test_outputs_equal_the_cache_off_ones_alone_and_batched(name: str):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_prompt_that_is_a_prefix_of_another_shares_its_full_blocks(name: str):
     fields = FAMILIES[name]
-    size = fields["block_length"]
+    size = BLOCK[name]
     engine = engine_for(name)
     long_ids = engine.first.tokenizer.encode(SYSTEM + "And then some more words.")
     short_ids = long_ids[: 3 * size]  # exactly three blocks: every one of them final
@@ -145,7 +148,7 @@ def test_one_prompt_arriving_twice_in_one_step_is_held_once(name: str):
     assert [o[0].extras["prompt_cached"] for o in outs] == [0, 0]  # neither was cached yet
     prefixes = engine.first.prefixes
     assert prefixes is not None
-    full = len(engine.first.tokenizer.encode(SYSTEM)) // fields["block_length"]
+    full = len(engine.first.tokenizer.encode(SYSTEM)) // BLOCK[name]
     assert len(prefixes.blocks) == full
     assert prefixes.nbytes == full * sum(p.nbytes for p in next(iter(prefixes.blocks.values())))
 
@@ -160,7 +163,7 @@ def test_only_prompt_blocks_are_kept_never_a_generated_one(name: str):
     run(engine, [(ids + ids[:1], {**fields, "max_tokens": 40})])
     prefixes = engine.first.prefixes
     assert prefixes is not None
-    assert len(prefixes.blocks) == (len(ids) + 1) // fields["block_length"]
+    assert len(prefixes.blocks) == (len(ids) + 1) // BLOCK[name]
 
 
 def test_models_never_share_blocks():

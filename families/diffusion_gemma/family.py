@@ -67,7 +67,7 @@ class DiffusionGemmaFamily(Family):
 
     @classmethod
     def share_prefixes(cls, runner: Runner) -> PrefixCache:
-        """Its encoder is causal: a prompt page, `canvas_length` tokens, is exact to share."""
+        """Its encoder is causal: a prompt page (`runner.PROMPT_PAGE`) is exact to share."""
         assert isinstance(runner, UniformRunner)
         runner.prefix_cache = PrefixCache()
         return runner.prefix_cache

@@ -49,6 +49,9 @@ from marble.scheduler.step_result import (
 )
 
 REFINE_THRESHOLD = 0.95  # greedy refinement commits above this confidence (the pipeline's)
+# Prompt positions per prefix-cache block. The encoder is causal, so any page is exact to
+# share; pages much smaller than a real canvas (256) share most of a common prompt.
+PROMPT_PAGE = 32
 
 
 @dataclass
@@ -121,7 +124,7 @@ class UniformRunner(CachedRowsRunner):
                 for store, part in zip(self.stores.values(), block):
                     store.write(key, start, part)
 
-            taken = self.prefix_cache.attach(key, request.prompt_ids, length, write)
+            taken = self.prefix_cache.attach(key, request.prompt_ids, PROMPT_PAGE, write)
             caches[0].advance(taken)
         self.rows[request.request_id] = _CanvasRow(generator, caches[0], prompt[taken:])
 

@@ -554,6 +554,8 @@ def test_a_prompt_from_the_prefix_cache_is_counted_in_the_card(
     )
     header = page.locator(".card").first.locator(".fwd").inner_text()
     assert "prompt cached" in header, header
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-prefix-cache.png"), full_page=True)
     assert errors == [], f"console errors: {errors}"
 
 

@@ -67,6 +67,7 @@ class OpenAIResponse:
         diffusing: bool = False,
         include_usage: bool = False,
         tools: ToolPlan | None = None,
+        skip_special_tokens: bool = True,
     ) -> None:
         self.kind = kind
         self.record = record
@@ -80,6 +81,7 @@ class OpenAIResponse:
         self.diffusing = diffusing
         self.include_usage = include_usage
         self.tools = tools  # read the text for calls (chat with tools, a choice but "none")
+        self.skip_special_tokens = skip_special_tokens  # as the engine decoded the text
         self.n = n
         total = len(record.choices)
         self.states = [ChoiceState(i, i // n, (echo[i // n] if echo else "")) for i in range(total)]
@@ -136,12 +138,13 @@ class OpenAIResponse:
         # A stop string may cut the text inside the token run: keep the tokens that reach it.
         # Lengths count the healed prompt text, which `out.text` leaves out.
         target = len(out.heal_text) + len(out.text)
-        if len(self.tokenizer.decode(out.tokens[:n])) <= target:
+        skip = self.skip_special_tokens
+        if len(self.tokenizer.decode(out.tokens[:n], skip)) <= target:
             return n
         lo, hi = 0, n
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(self.tokenizer.decode(out.tokens[:mid])) >= target:
+            if len(self.tokenizer.decode(out.tokens[:mid], skip)) >= target:
                 hi = mid
             else:
                 lo = mid + 1

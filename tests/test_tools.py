@@ -413,3 +413,26 @@ def test_held_back_text_that_never_became_a_call_is_sent_as_content():
     sent = _stream_of(["x <tool", "x <tool_call> is not json", "x <tool_call> is not json."])
     assert "".join(text for text, _ in sent) == "x <tool_call> is not json."
     assert not any(cs for _, cs in sent)
+
+
+def test_logprob_tokens_cut_at_a_stop_string_count_kept_special_tokens():
+    """With special tokens kept in the text (tools), the tokens a stop-cut text covers are
+    counted on text decoded the same way: before, a special token's text was left out of the
+    count and every token, the stop string's included, was counted."""
+    tokenizer = TextTokenizer(REFERENCE / "llada-tiny")
+    special = tokenizer.special.eos
+    assert special is not None
+    ids = [*tokenizer.encode("ab"), special, *tokenizer.encode("cd STOP and more")]
+    kept = tokenizer.decode(ids, False)
+    response = OpenAIResponse.__new__(OpenAIResponse)
+    response.tokenizer, response.skip_special_tokens = tokenizer, False
+    out = SimpleNamespace(
+        tokens=ids,
+        completion_tokens=len(ids),
+        finished=True,
+        heal_text="",
+        text=kept[: kept.index("STOP")],
+    )
+    counted = response._token_count(ChoiceState(0, 0), out)  # type: ignore[arg-type]
+    covered = tokenizer.decode(ids[:counted], False)
+    assert covered.startswith(out.text) and "STOP" not in covered

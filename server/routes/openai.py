@@ -122,6 +122,9 @@ def _openai(
         diffusing=body.diffusing,
         include_usage=body.include_usage,
         tools=tools if tools is not None and tools.parses else None,
+        skip_special_tokens=body.sampling_params(
+            engine.served(body.model).defaults
+        ).skip_special_tokens,
     )
 
 

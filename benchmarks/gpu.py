@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prefix_cache import run as prefix_run
 from same_work import scheduler_config
 from torch import nn
 
@@ -550,10 +551,41 @@ def run_shape(
             drain(engine)
             continue
         print_row(row, layers, peak)
-    del engine, model, timer
+    del engine, timer
+    prefix_cache_row(model, tokenizer, params, args.smoke, deadline)
+    del model
     gc.collect()  # the timer's wrappers and the model refer to each other
     if cuda:
         torch.cuda.empty_cache()
+
+
+def prefix_cache_row(
+    model: nn.Module, tokenizer: TextTokenizer, params: SamplingParams, smoke: bool, deadline: float
+) -> None:
+    """The prefix cache at this shape: 8 requests sharing a long prompt (1,024 tokens; 64 in
+    smoke) and each its own tail, one arriving a step, one block or canvas each, with the
+    cache off and then on: time to first step and the positions first steps computed."""
+    shared = [PROMPT[i % len(PROMPT)] for i in range(64 if smoke else 1024)]
+    prompts = [[*shared, PROMPT[i], PROMPT[-1 - i]] for i in range(8)]
+    one_block = params.replace(max_tokens=params.block_length or params.max_tokens)
+    results = {}
+    for on in (False, True):
+        if time.perf_counter() > deadline:
+            print("   prefix cache: skipped, this shape's share of --budget-s is spent")
+            return
+        config = scheduler_config(max_batch_size=8, max_batch_tokens=1 << 22, prefix_cache=on)
+        engine = Engine(model, tokenizer, config)
+        if on and engine.first.prefixes is None:
+            print("   prefix cache: none (a full-attention prompt attends to its canvas)")
+            return
+        results[on] = prefix_run(engine, prompts, one_block)
+    off, hit = results[False], results[True]
+    first = [statistics.median(r.first_step_s) * 1e3 for r in (off, hit)]
+    print(
+        f"   prefix cache, 8 requests sharing {len(shared)} prompt tokens: time to first step "
+        f"p50 {first[0]:.0f} -> {first[1]:.0f} ms ({first[1] / first[0]:.2f}x), first-step "
+        f"positions {off.first_step_positions} -> {hit.first_step_positions}"
+    )
 
 
 # -------------------------------------------------------------------------- side checks

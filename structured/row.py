@@ -6,7 +6,8 @@ Finishing within the canvas: a diffusion request knows how many positions its ou
 When a completion of the match found by a bounded search (forced tokens, then short closing
 texts, depth first) needs nearly all of them, the row closes: its next token is that
 completion's, one a step, so the output ends complete instead of cut; until then a step's run
-of parallel commits may not spend the room that completion needs. Knows nothing of models
+of parallel commits may not spend the room that completion needs. A complete match that could
+go on ends with a stop token while one still fits. Knows nothing of models
 or runners beyond token ids.
 """
 
@@ -40,6 +41,15 @@ class RowConstraint:
         `left` positions left for the output (this one included; one more is kept for the stop
         token): stop tokens once it accepts, a completion's next token when closing."""
         self.closing, self.room = False, None
+        if self.done and left <= MARGIN + 1:
+            # A complete match that could go on (a number's digits, more array items) ends
+            # while a stop token still fits, rather than running on into the canvas's end.
+            self.closing, self.closed = True, self.closed + 1
+            only = bytearray((self.vocab + 7) // 8)
+            for token in self.stop_ids:
+                if token < self.vocab:
+                    only[token // 8] |= 1 << (token % 8)
+            return bytes(only)
         if not self.done and left <= CLOSE_WITHIN:
             path = self.completion(left - 1)
             if path is not None:

@@ -297,3 +297,18 @@ def test_a_match_longer_than_the_canvas_ends_by_length_not_by_error(folder: str)
     assert outs[-1].error_code == "constraint_incomplete"
     free = engine.make_request("x", engine.defaults.replace(max_tokens=32, ignore_eos=True))
     assert _run(engine, [free])[free.request_id][-1].error_code is None
+
+
+def test_a_complete_match_that_could_go_on_ends_while_a_stop_fits():
+    """LLaDA2's random model extends a complete number digit by digit and never writes EOS:
+    before, it ran into the canvas's end (`length`) with valid text; the row now ends it."""
+    engine = Engine.from_pretrained(REFERENCE / "llada2-tiny", progress=False)
+    digits = Constraint("regex", "[0-9]+", "guided_regex")
+    for seed in range(2):
+        request = engine.make_request(
+            "x", engine.defaults.replace(max_tokens=32, seed=seed), constraint=digits
+        )
+        outs = _run(engine, [request])[request.request_id]
+        _assert_valid_prefixes(engine, digits, outs)
+        assert outs[-1].finish_reason == "stop" and outs[-1].text.isdigit()
+        assert outs[-1].error_code is None

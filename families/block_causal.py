@@ -17,14 +17,15 @@ from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotCache, SlotStore
-from marble.model.prefix_cache import Block, PrefixCache
+from marble.model.prefix_cache import Block
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.step_result import CachedRowsRunner, Runner, request_generator
+from marble.scheduler.step_result import CachedRowsRunner, request_generator
 
 
 class BlockCausalFamily(Family):
+    shares_prefixes = True  # a finished block depends only on the tokens up to its end
     required = {"block_length": "this model denoises in blocks: give block_length"}
 
     @classmethod
@@ -47,13 +48,6 @@ class BlockCausalFamily(Family):
         """The cache holds the prompt and every block but the last."""
         cached = len(request.prompt_ids) + decoded - request.params.block_length
         return m.model.cache_bytes(cached)
-
-    @classmethod
-    def share_prefixes(cls, runner: Runner) -> PrefixCache:
-        """A finished block depends only on the tokens up to its end: exact to share."""
-        assert isinstance(runner, BlockCausalRunner)
-        runner.prefix_cache = PrefixCache()
-        return runner.prefix_cache
 
 
 @dataclass

@@ -23,7 +23,6 @@ import torch
 
 from marble.model.checkpoint_config import model_type_of
 from marble.model.compiled_forward import CompiledForward
-from marble.model.prefix_cache import PrefixCache
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import Runner
@@ -94,6 +93,10 @@ class Family(ABC):
     required: ClassVar[dict[str, str]] = {}
     # Its runner decodes under a structured-output constraint (`Request.constraint`).
     constrains: ClassVar[bool] = False
+    # A prompt position's keys and values depend only on the tokens up to its block's end, so
+    # its runner (a `CachedRowsRunner`) shares finished prompt blocks across requests; not so
+    # where a full-attention prompt attends to its canvas.
+    shares_prefixes: ClassVar[bool] = False
 
     @classmethod
     def load(cls, path: Path, device: str, dtype: torch.dtype, progress: bool) -> torch.nn.Module:
@@ -124,13 +127,6 @@ class Family(ABC):
         if compile_forward is None:
             raise ValueError(f"the {cls.name} family has no compiled forward")
         return compile_forward(backend)
-
-    @classmethod
-    def share_prefixes(cls, runner: Runner) -> PrefixCache | None:
-        """Give the runner a prefix cache of finished prompt blocks shared across requests,
-        where that is exact (a block depends only on the tokens before its end) -> it; None
-        where it is not (a full-attention model's prompt attends to its canvas)."""
-        return None
 
     @classmethod
     def kv_bytes_per_token(cls, model: torch.nn.Module) -> int:

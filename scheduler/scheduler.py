@@ -70,7 +70,7 @@ class SchedulerConfig:
     # from a batch of 2): a short request then starts at once beside a batch of long ones.
     short_slots: int | None = None
     # Keep finished prompt blocks for later requests where that is exact (`Family.
-    # share_prefixes`); they count once against max_kv_bytes and yield to requests.
+    # shares_prefixes`); they count once against max_kv_bytes and yield to requests.
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:

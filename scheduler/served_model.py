@@ -23,7 +23,7 @@ from marble.model.prefix_cache import PrefixCache
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.scheduler.family import Family, family_for_config, family_for_model
 from marble.scheduler.sampling_params import SamplingParams
-from marble.scheduler.step_result import Runner
+from marble.scheduler.step_result import CachedRowsRunner, Runner
 from marble.structured.compiler import GrammarCompiler
 
 
@@ -69,9 +69,9 @@ class ServedModel:
     def share_prefixes(self, capacity: float) -> None:
         """Keep finished prompt blocks for later requests where the family says that is
         exact, at most `capacity` bytes of them."""
-        self.prefixes = self.family.share_prefixes(self.runner)
-        if self.prefixes is not None:
-            self.prefixes.capacity = capacity
+        if self.family.shares_prefixes:
+            assert isinstance(self.runner, CachedRowsRunner)
+            self.prefixes = self.runner.prefix_cache = PrefixCache(capacity)
 
     @property
     def device(self) -> torch.device:

@@ -159,7 +159,7 @@ class CachedRowsRunner(ABC):
     def __init__(self) -> None:
         self.rows: dict[str, Any] = {}
         # Finished prompt blocks shared across requests, where the family gives it one
-        # (`Family.share_prefixes`); a runner that takes one implements `read_prefix`.
+        # (`Family.shares_prefixes`); a runner that takes one implements `read_prefix`.
         self.prefix_cache: PrefixCache | None = None
 
     def remove(self, request_id: str) -> None:

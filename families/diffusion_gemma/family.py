@@ -17,7 +17,6 @@ from marble.families.diffusion_gemma.config import (
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.families.diffusion_gemma.runner import UniformRunner
-from marble.model.prefix_cache import PrefixCache
 from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
@@ -34,6 +33,7 @@ class DiffusionGemmaFamily(Family):
     masked = False  # canvases start as noise: there is no mask token to keep out of prompts
     canvases = True
     constrains = True  # a grammar prefix per canvas (grammar_prefix.py)
+    shares_prefixes = True  # its encoder is causal: prompt pages (`runner.PROMPT_PAGE`)
     required = {"steps": "this model needs steps (denoising steps per canvas)"}
     fields = COMMON_FIELDS | frozenset(
         ("steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
@@ -64,13 +64,6 @@ class DiffusionGemmaFamily(Family):
     @classmethod
     def runner(cls, served: Served) -> Runner:
         return UniformRunner(served.model)
-
-    @classmethod
-    def share_prefixes(cls, runner: Runner) -> PrefixCache:
-        """Its encoder is causal: a prompt page (`runner.PROMPT_PAGE`) is exact to share."""
-        assert isinstance(runner, UniformRunner)
-        runner.prefix_cache = PrefixCache()
-        return runner.prefix_cache
 
     @classmethod
     def check(cls, m: Served, params: SamplingParams, suffix: str | list[int] | None) -> None:

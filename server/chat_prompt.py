@@ -6,6 +6,7 @@ form the plan then parses. Knows nothing of the engine.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,9 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> ChatPr
         message = f"this model's chat template cannot render them: {exc}"
         raise InvalidParam("tools", message) from exc
     if text == bare:
-        form = HermesFormat()
-        plan = body.tool_plan(form)
-        assert plan is not None
+        plan = dataclasses.replace(plan, format=HermesFormat())
         text = tokenizer.render_chat(
-            _instructed(messages, form.describe(list(plan.tools))), template_kwargs=kwargs
+            _instructed(messages, plan.format.describe(list(plan.tools))), template_kwargs=kwargs
         )
     try:
         constraint = plan.constraint(lambda marker: marker in tokenizer.added_tokens)

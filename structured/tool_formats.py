@@ -39,9 +39,18 @@ class ToolFormat:
 
     name = ""
     open = ""
+    close = ""
+    body = ""  # a regex for what stands between the marks (its groups go to `_call`)
 
     def parse(self, text: str, names: frozenset[str]) -> tuple[str, list[ParsedCall]]:
         """(the content before the first call, the well-formed calls of known tools)."""
+        pattern = re.escape(self.open) + self.body + re.escape(self.close)
+        calls = [self._call(match, names) for match in re.finditer(pattern, text, re.DOTALL)]
+        content = text.split(self.open, 1)[0].strip()
+        return content, [call for call in calls if call is not None]
+
+    def _call(self, match: re.Match[str], names: frozenset[str]) -> ParsedCall | None:
+        """The call one match holds, or None where it is malformed or of an unknown tool."""
         raise NotImplementedError
 
     def grammar(self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]) -> str:
@@ -59,15 +68,10 @@ class HermesFormat(ToolFormat):
     name = "hermes"
     open = "<tool_call>"
     close = "</tool_call>"
+    body = r"\s*(.*?)\s*"
 
-    def parse(self, text: str, names: frozenset[str]) -> tuple[str, list[ParsedCall]]:
-        calls = []
-        pattern = re.escape(self.open) + r"\s*(.*?)\s*" + re.escape(self.close)
-        for match in re.finditer(pattern, text, re.DOTALL):
-            call = _json_call(match.group(1), names)
-            if call is not None:
-                calls.append(call)
-        return text.split(self.open, 1)[0].strip(), calls
+    def _call(self, match: re.Match[str], names: frozenset[str]) -> ParsedCall | None:
+        return _json_call(match.group(1), names)
 
     def grammar(self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]) -> str:
         alternatives = [
@@ -119,23 +123,21 @@ class GemmaFormat(ToolFormat):
     name = "gemma"
     open = "<|tool_call>"
     close = "<tool_call|>"
+    body = r"call:([\w.-]+)(\{.*?\})"
 
     def grammar(self, tools: list[Tool], parallel: bool, special: Callable[[str], bool]) -> str:
         """Its marks are always special tokens (the form is Gemma's vocabulary's own)."""
         return GemmaGrammar().calls([(t.name, t.parameters) for t in tools], parallel)
 
-    def parse(self, text: str, names: frozenset[str]) -> tuple[str, list[ParsedCall]]:
-        calls = []
-        pattern = re.escape(self.open) + r"call:([\w.-]+)(\{.*?\})" + re.escape(self.close)
-        for match in re.finditer(pattern, text, re.DOTALL):
-            name, body = match.group(1), match.group(2)
-            try:
-                arguments, end = _GemmaValue(body).object(0)
-            except ValueError:
-                continue
-            if end == len(body) and name in names:
-                calls.append(ParsedCall(name, json.dumps(arguments, ensure_ascii=False)))
-        return text.split(self.open, 1)[0].strip(), calls
+    def _call(self, match: re.Match[str], names: frozenset[str]) -> ParsedCall | None:
+        name, body = match.group(1), match.group(2)
+        try:
+            arguments, end = _GemmaValue(body).object(0)
+        except ValueError:
+            return None
+        if end != len(body) or name not in names:
+            return None
+        return ParsedCall(name, json.dumps(arguments, ensure_ascii=False))
 
 
 def format_for_template(template: str) -> ToolFormat:

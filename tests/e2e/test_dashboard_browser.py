@@ -152,6 +152,14 @@ def _open(page: object, url: str) -> None:
     page.wait_for_function("document.body.dataset.defaults === 'loaded'")
 
 
+def _watch(page: object, url: str) -> None:
+    """Load the page following every request, and wait until it follows them."""
+    page.goto(url + "/?watch")
+    page.wait_for_function(
+        "document.getElementById('watch-status').textContent === 'following every request'"
+    )
+
+
 def _form(page: object) -> dict:
     """What the form shows, as strings and booleans."""
     shown = {name: page.input_value(f"#{name}") for name in NUMBER_FIELDS}
@@ -260,10 +268,7 @@ def test_idle_page_says_what_will_appear(dashboard_server: str, page: tuple) -> 
 def test_watch_all_keeps_up_with_16_concurrent_requests(dashboard_server: str, page: tuple) -> None:
     page, errors = page
     n = 16
-    page.goto(dashboard_server + "/?watch")
-    page.wait_for_function(
-        "document.getElementById('watch-status').textContent === 'following every request'"
-    )
+    _watch(page, dashboard_server)
     # The page's longest gap between animation frames while the burst streams in.
     page.evaluate(
         """
@@ -542,10 +547,7 @@ def test_a_prompt_from_the_prefix_cache_is_counted_in_the_card(
     """A request whose prompt blocks another request left in the prefix cache says, in its
     card's header, how many prompt positions it took from there."""
     page, errors = page
-    page.goto(sdar_server + "/?watch")
-    page.wait_for_function(
-        "document.getElementById('watch-status').textContent === 'following every request'"
-    )
+    _watch(page, sdar_server)
     body = {"prompt": "A shared system prompt, long enough for blocks. " * 2, "max_tokens": 8}
     for _ in range(2):
         _completed(sdar_server, body)
@@ -565,10 +567,7 @@ def test_a_constrained_request_shows_what_its_grammar_rejected(
     """A structured-output request sent by another client appears on the watching page with
     the proposals its grammar turned away counted in its header; its text is the JSON."""
     page, errors = page
-    page.goto(dashboard_server + "/?watch")
-    page.wait_for_function(
-        "document.getElementById('watch-status').textContent === 'following every request'"
-    )
+    _watch(page, dashboard_server)
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},

@@ -244,8 +244,7 @@ class OpenAIResponse:
             assert out is not None
             text = out.text
             choice: dict[str, Any] = {"index": s.index, "finish_reason": out.finish_reason}
-            if out.error_code is not None:  # "length" under a constraint: its match was cut
-                choice["error_code"] = out.error_code
+            _with_code(choice, out)
             logprobs = None
             if self.logprobs is not None:
                 ids, lps, heal = self._new_logprobs(s, out)
@@ -339,6 +338,8 @@ class OpenAIResponse:
                 if ids:
                     offset = len(state.echo) + len(state.sent)
                     logprobs = self._logprobs_json(state, ids, lps, offset, heal)
+            calls: list[dict[str, Any]] = []
+            text: str | None
             if self.diffusing:
                 text = out.text if out.finished else self.draft.render(out.tokens, out.heal_text)
                 if self.kind == "completion":
@@ -352,14 +353,12 @@ class OpenAIResponse:
                     finish = _with_calls(finish)
                 if not text and not calls and finish is None and logprobs is None:
                     continue
-                chunk = self._choice_chunk(state, text or None, finish, logprobs, False, calls)
-                yield self._chunk([_with_code(chunk, out)])
-                continue
+                text = text or None  # a delta of calls alone carries no content
             else:
                 text = self._delta(state, out)
                 if not text and finish is None and logprobs is None:
                     continue
-            chunk = self._choice_chunk(state, text, finish, logprobs, False)
+            chunk = self._choice_chunk(state, text, finish, logprobs, False, calls)
             yield self._chunk([_with_code(chunk, out)])
         if self.include_usage:
             yield self._chunk([], self.usage())

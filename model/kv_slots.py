@@ -4,32 +4,55 @@ absolute position p (a cache holds positions 0..length-1 with no gaps).
 
 A step writes its window's fresh keys and values into the rows' slots and attention reads the
 slots back as a view: nothing already cached is copied. Copies happen only where counted in
-`copied`: growth (geometric), refilling a finished row's slot with the last row, a batch
-whose rows are not consecutive slots in order (an index gather), and blocks read out for a
-prefix cache or written in from one. Knows nothing of weights or
-attention rules.
+`copied`: growth (geometric; with a fixed capacity, exact at every add and remove), refilling
+a finished row's slot with the last row, a batch whose rows are not consecutive slots in order
+(an index gather), and blocks read out for a prefix cache or written in from one (or a masked
+row's block-start keys and values). Knows nothing of weights or attention rules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 
+def capacity_class(tokens: int) -> int:
+    """The capacity of the fixed-capacity store a row of `tokens` positions goes to: the
+    smallest 2^k or 3 * 2^(k-1) (at least 16) that holds them, so a slot wastes under a third
+    of itself and rows of similar lengths share a store."""
+    size = 16
+    while size < tokens:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
+    return size
+
+
 class SlotStore:
-    """Slots for the running rows of one model, allocated on first use and grown geometrically;
-    column `capacity` of every slot is a sink for the writes of window padding."""
+    """Slots for the running rows of one model, allocated on first use; column `capacity` of
+    every slot is a sink for the writes of window padding.
+
+    Without a `capacity` it grows geometrically, in slots and positions, as rows arrive. With
+    one (the class of `capacity_class`), every slot has that capacity and the store holds
+    exactly its rows' slots: it grows and shrinks by a copy at each add and remove, so its
+    bytes are what admission reserved for those rows."""
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int | None = None,
     ) -> None:
         self.shape = (layers, kv_heads, head_dim)
         self.device, self.dtype = device, dtype
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.order: list[str] = []  # slot i holds the row of request order[i]
+        self.fixed = capacity  # every slot's positions, when fixed
         self.capacity = 0  # positions each slot holds
         self.copied = 0  # bytes of stored keys and values copied so far (see module doc)
 
@@ -66,12 +89,24 @@ class SlotStore:
         self.order.pop()
         if not self.order:
             self.keys, self.values, self.capacity = [], [], 0
+        elif self.fixed is not None:
+            self._allocate(len(self.order), self.fixed)
 
     def _reserve(self, slots: int, tokens: int) -> None:
+        if self.fixed is not None:
+            if tokens > self.fixed:
+                raise ValueError(f"a row of {tokens} positions in slots of {self.fixed}")
+            if slots > self.slots:
+                self._allocate(slots, self.fixed)
+            return
         if slots <= self.slots and tokens <= self.capacity:
             return
         new_slots = max(slots, 2 * self.slots if slots > self.slots else self.slots)
         new_cap = max(tokens, 2 * self.capacity if tokens > self.capacity else self.capacity)
+        self._allocate(new_slots, new_cap)
+
+    def _allocate(self, new_slots: int, new_cap: int) -> None:
+        """Storage of `new_slots` slots of `new_cap` positions, the rows' kept ones copied."""
         layers, heads, dim = self.shape
         shape = (new_slots, heads, new_cap + 1, dim)
         fresh = [
@@ -100,12 +135,24 @@ class SlotStore:
         self.copied += block.nbytes
         return block
 
-    def write(self, key: str, start: int, block: Tensor) -> None:
-        """Put what `read` returns into a row's positions from `start` on."""
-        slot, end = self.order.index(key), start + block.shape[2]
-        for t, part in zip(self.keys + self.values, block):
-            t[slot, :, start:end].copy_(part)
-        self.copied += block.nbytes
+    def write(self, key: str, start: int, block: Sequence[Tensor]) -> None:
+        """Put what `read` returns (or any 2 * layers parts [kv_heads, length, head_dim], keys
+        first) into a row's positions from `start` on."""
+        slot = self.order.index(key)
+        for t, part in zip(self.keys + self.values, block, strict=True):
+            t[slot, :, start : start + part.shape[1]].copy_(part)
+            self.copied += part.nbytes
+
+    def span(self, keys: list[str]) -> tuple[int, int]:
+        """The fewest consecutive slots holding every row of `keys`: (first, count)."""
+        slots = [self.order.index(k) for k in keys]
+        return min(slots), max(slots) - min(slots) + 1
+
+    def view(self, first: int, count: int, columns: int) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's keys and values of slots [first, first + count), positions
+        [0, columns): views of the storage (writes through them land in it)."""
+        rows, cols = slice(first, first + count), slice(0, columns)
+        return [(k[rows, :, cols], v[rows, :, cols]) for k, v in zip(self.keys, self.values)]
 
     def batch(self, keys: list[str], lengths: list[int], widths: list[int], t: int) -> SlotBatch:
         """The slots of a step's rows (in this order): row i caches `lengths[i]` positions and

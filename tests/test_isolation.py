@@ -70,7 +70,7 @@ class _Raises(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, trigger: int) -> None:
         super().__init__()
         self.inner, self.cfg, self.trigger = model, model.cfg, trigger
-        self.project = model.project
+        self.project, self.layers = model.project, model.layers
 
     def forward(self, input_ids, *args, **kwargs):
         if bool((input_ids == self.trigger).any()):

@@ -1,6 +1,7 @@
 """KV cache invariants: a cached forward on an unchanged canvas is the full forward; memory
-is a budget known at admission, queued when it does not fit now, refused when it never can,
-freed on finish and abort; the gauge is what the running requests hold."""
+is a budget known at admission (a request's slots), held exactly while it runs, queued when it
+does not fit now, refused when it never can, freed on finish and abort; the gauge is what the
+running requests hold."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from marble.families.masked.config import preset
 from marble.families.masked.model import Denoiser
+from marble.model.kv_slots import capacity_class
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from marble.server.metrics import Metrics
@@ -45,17 +47,31 @@ def _held(engine: Engine) -> int:
     return sum(r.kv_bytes for r in engine.scheduler.running)
 
 
+def _slot(request) -> int:
+    """Positions of one of a request's slots: its canvas's capacity class and a sink column."""
+    return capacity_class(request.canvas_len) + 1
+
+
+def test_capacity_classes_are_the_smallest_of_two_per_octave():
+    sizes = [capacity_class(n) for n in range(1, 200)]
+    assert sorted(set(sizes)) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert all(n <= capacity_class(n) < max(16, 1.5 * n) + 1 for n in range(1, 5000))
+
+
 def test_finish_and_abort_give_the_cache_back(llada_dir):
     engine = tiny_engine(llada_dir)
     a = engine.make_request("hello there", CACHED)
+    a2 = engine.make_request("hello here", CACHED)  # a's class: the same store
     b = engine.make_request("a longer prompt than the other one", CACHED)
     plain = engine.make_request("no cache", CACHED.replace(cache="none"))
-    assert a.kv_bytes == a.canvas_len * engine.first.kv_bytes_per_token > 0 and plain.kv_bytes == 0
-    _run_some(engine, 2, a, b, plain)
-    assert engine.runner.cache_bytes == a.kv_bytes + b.kv_bytes == _held(engine)
-    engine.abort(a.request_id)
+    assert capacity_class(a.canvas_len) == capacity_class(a2.canvas_len)
+    assert capacity_class(a.canvas_len) != capacity_class(b.canvas_len)
+    assert a.kv_bytes == _slot(a) * engine.first.kv_bytes_per_token > 0 and plain.kv_bytes == 0
+    _run_some(engine, 2, a, a2, b, plain)
+    assert engine.runner.cache_bytes == a.kv_bytes + a2.kv_bytes + b.kv_bytes == _held(engine)
+    engine.abort(a.request_id)  # the first slot of its store: a2 moves into it
     engine.step()
-    assert engine.runner.cache_bytes == b.kv_bytes == _held(engine)
+    assert engine.runner.cache_bytes == a2.kv_bytes + b.kv_bytes == _held(engine)
     while engine.has_unfinished():
         engine.step()
     assert engine.runner.cache_bytes == 0 and not engine.runner.rows
@@ -65,7 +81,7 @@ def test_the_kv_gauge_is_what_running_requests_hold(llada_dir):
     engine = tiny_engine(llada_dir)
     metrics = Metrics()
     cfg_request = engine.make_request("guided", CACHED.replace(cfg_scale=1.0))
-    assert cfg_request.kv_bytes == 2 * cfg_request.canvas_len * engine.first.kv_bytes_per_token
+    assert cfg_request.kv_bytes == 2 * _slot(cfg_request) * engine.first.kv_bytes_per_token
     _run_some(engine, 1, cfg_request, engine.make_request("plain", CACHED))
     metrics.observe_step(engine.last_stats, 0.0, 0.0, [])
     text = metrics.render()[0].decode()
@@ -135,3 +151,30 @@ def test_rows_in_every_phase_share_steps_and_each_gets_what_it_gets_alone(llada_
     assert kinds == {"full", "prefix_cached", "dual_cached"}
     for i in range(len(jobs)):
         assert together[i] == run([i])[i], jobs[i][0]
+
+
+def test_a_row_whose_slot_moves_goes_on_as_it_would_alone(llada_dir):
+    """Aborting the first row of a store moves the last into its slot and shrinks the store:
+    the moved row's kept keys and values go with it."""
+
+    def trace(engine: Engine, request) -> list:
+        steps = []
+        while engine.has_unfinished():
+            steps += [(o.forward, o.tokens) for o in engine.step() if o.request_id == request]
+        return steps
+
+    engine = tiny_engine(llada_dir)
+    first = engine.add(engine.make_request("hello there", CACHED))
+    moved = engine.add(engine.make_request("hello here", CACHED.replace(cache="prefix")))
+    early = [(o.forward, o.tokens) for o in engine.step() if o.request_id == moved.request_id]
+    early += [(o.forward, o.tokens) for o in engine.step() if o.request_id == moved.request_id]
+    (store,) = engine.runner.stores.values()
+    assert store.order.index(f"{moved.request_id}\x000") == 1
+    engine.abort(first.request_id)
+    later = trace(engine, moved.request_id)
+    assert store.slots == 0 or store.order == [f"{moved.request_id}\x000"]
+
+    alone = tiny_engine(llada_dir)
+    again = alone.add(alone.make_request("hello here", CACHED.replace(cache="prefix")))
+    assert early + later == trace(alone, again.request_id)
+    assert {kind for kind, _ in later} >= {"prefix_cached"}

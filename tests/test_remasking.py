@@ -32,6 +32,7 @@ class FrontierModel(nn.Module):
     def __init__(self, cfg, script: list[int], prompt_len: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layers = nn.ModuleList()  # no keys or values to keep
         self.anchor = nn.Parameter(torch.zeros(1))
         self.script = torch.tensor(script)
         self.prompt_len = prompt_len

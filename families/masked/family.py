@@ -14,6 +14,7 @@ from marble.families.masked.loader import load_model
 from marble.families.masked.model import Denoiser
 from marble.families.masked.runner import ModelRunner
 from marble.model.checkpoint_config import model_type_of
+from marble.model.kv_slots import capacity_class
 from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import InvalidParam, SamplingParams
@@ -70,7 +71,8 @@ class MaskedFamily(Family):
         if request.params.cache == "none":
             return 0
         copies = 2 if request.params.cfg_scale > 0 else 1  # CFG's unconditional copy has its own
-        return copies * request.canvas_len * m.kv_bytes_per_token
+        # Its slots: the canvas's capacity class, and the sink column (runner.py's stores).
+        return copies * (capacity_class(request.canvas_len) + 1) * m.kv_bytes_per_token
 
     @classmethod
     def max_forwards(cls, request: Request, decoded: int) -> int:

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from marble.families.masked.compiled import CompiledCached
 from marble.families.masked.model import Denoiser, KeyValues
 from marble.model.compiled_forward import CompiledForward
+from marble.model.kv_slots import SlotStore, capacity_class
 from marble.model.sampling import (
     Confidence,
     HostKnobs,
@@ -77,16 +78,8 @@ class _Row:
     canvas: Tensor  # [L] prompt + generated region + suffix
     generator: torch.Generator
     first_allowed: Tensor | None = None  # [V] bool: token healing's first-token constraint
-    # Per forward unit (the canvas, then CFG's unconditional copy): each layer's keys and values
-    # [Hkv, L, Dh] from the block-start forward of `cache_block`.
-    cache: list[list[KeyValues]] | None = None
+    # The block whose block-start forward's keys and values the row's slots hold (-1: none).
     cache_block: int = -1
-
-    @property
-    def cache_bytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(t.nbytes for unit in self.cache for kv in unit for t in kv)
 
 
 @dataclass
@@ -132,6 +125,15 @@ def _constrained(requests: list[Request], lay: _Layout) -> list[int]:
     return [b for b, r in enumerate(requests) if r.constraint is not None and lay.counts[b]]
 
 
+def _unit_key(request_id: str, uncond: bool) -> str:
+    """A forward unit's slot: the row's canvas, or CFG's unconditional copy of it."""
+    return f"{request_id}\x00{int(uncond)}"
+
+
+def _row_of(unit_key: str) -> str:
+    return unit_key.rsplit("\x00", 1)[0]
+
+
 class ModelRunner:
     def __init__(self, model: Denoiser, mask_id: int, pad_id: int, vocab_limit: int) -> None:
         self.model = model
@@ -148,6 +150,10 @@ class ModelRunner:
         self._scores: Tensor | None = None
         self._timesteps: dict[int, list[float]] = {}
         self._compiled: CompiledCached | None = None  # the cached forward, once compiled
+        # A caching row's keys and values: one slot per forward unit (`_unit_key`), [Hkv, L, Dh]
+        # per layer from its block-start forward, read in place by its cached steps; a store
+        # per capacity class, each holding exactly its rows' slots (what admission reserved).
+        self.stores: dict[int, SlotStore] = {}
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every cached forward (prefix and dual) compiled from now on."""
@@ -163,21 +169,36 @@ class ModelRunner:
             allowed = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool, device=self.device)
             allowed[request.heal_ids] = True
         self.rows[request.request_id] = _Row(canvas, generator, allowed)
+        if request.params.cache != "none":
+            for uncond in (False, True)[: 1 + (request.params.cfg_scale > 0)]:
+                self._store(len(canvas)).add(_unit_key(request.request_id, uncond), len(canvas))
+
+    def _store(self, length: int) -> SlotStore:
+        """The store of the capacity class of canvases of `length` positions."""
+        capacity = capacity_class(length)
+        if capacity not in self.stores:
+            cfg = self.model.cfg
+            shape = (len(self.model.layers), cfg.n_kv_heads, cfg.head_dim)
+            self.stores[capacity] = SlotStore(*shape, self.device, self.dtype, capacity)
+        return self.stores[capacity]
 
     def remove(self, request_id: str) -> None:
-        self.rows.pop(request_id, None)
+        row = self.rows.pop(request_id, None)
+        if row is not None:
+            for uncond in (False, True):
+                self._store(len(row.canvas)).remove(_unit_key(request_id, uncond))
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of keys and values the running rows hold now."""
-        return sum(row.cache_bytes for row in self.rows.values())
+        """Bytes of key and value storage held now for the running rows."""
+        return sum(store.nbytes for store in self.stores.values())
 
     def forward_kind(self, request: Request) -> str:
         """The forward `request` takes next: full unless it caches and its cache is this
         block's."""
         row = self.rows[request.request_id]
         mode = request.params.cache
-        if mode == "none" or row.cache is None or row.cache_block != request.block_index:
+        if mode == "none" or row.cache_block != request.block_index:
             return FULL
         return PREFIX_CACHED if mode == "prefix" else DUAL_CACHED
 
@@ -643,24 +664,14 @@ class ModelRunner:
         mask = None if not any(pads) else attention
         hidden = self.model(ids, mask, positions, gather=gather, keep=keep, project=False)
         if keep is not None:
-            alone = len(units) == 1 and pads[0] == 0
             for i, (b, uncond) in enumerate(units):
                 if not caching[i]:
                     continue
                 off = pads[i]
-                # A view of a shared batch tensor would keep all of it alive: copy the row out.
-                layers = [
-                    (k[i, :, off:], v[i, :, off:])
-                    if alone
-                    else (k[i, :, off:].clone(), v[i, :, off:].clone())
-                    for k, v in keep
-                ]
-                row = rows[b]
-                if not uncond:
-                    row.cache, row.cache_block = [layers], requests[b].block_index
-                else:
-                    assert row.cache is not None
-                    row.cache.append(layers)
+                parts = [k[i, :, off:] for k, _ in keep] + [v[i, :, off:] for _, v in keep]
+                store = self._store(len(rows[b].canvas))
+                store.write(_unit_key(requests[b].request_id, uncond), 0, parts)
+                rows[b].cache_block = requests[b].block_index
         return list(hidden.unbind(0)), [len(x) for x in seqs]
 
     def _cached(
@@ -672,10 +683,11 @@ class ModelRunner:
         starts: list[int],
         cols: Tensor,
     ) -> tuple[list[Tensor], list[int]]:
-        """One forward over the query positions of `units` against their caches: the current
-        block onward (prefix) or the block alone (dual). For a model whose logits are shifted
-        (Dream scores position p with the output at p - 1), the queries start one earlier."""
-        dev = self.device
+        """The hidden states of `units` at their window columns `cols` from forwards over
+        their query positions against the keys and values their slots hold, one forward per
+        store: the current block onward (prefix) or the block alone (dual). For a model whose
+        logits are shifted (Dream scores position p with the output at p - 1), the queries
+        start one earlier."""
         shift = 1 if self.model.cfg.shift_logits else 0
         spans = []
         for b, _ in units:
@@ -687,49 +699,68 @@ class ModelRunner:
                 else r.gen_start + r.current_block[1]
             )
             spans.append((q0, q1))
-        caches = [rows[b].cache[1 if uncond else 0] for b, uncond in units]  # type: ignore[index]
-        keys = [len(rows[b].canvas) for b, _ in units]
-        q_len = max(q1 - q0 for q0, q1 in spans)
-        ids = torch.full((len(units), q_len), self.pad_id, dtype=torch.long, device=dev)
-        positions = torch.zeros((len(units), q_len), dtype=torch.long, device=dev)
-        if len(units) == 1:
-            # Alone: the row's own cache is the scratch (every query slot is rewritten before
-            # it is read, at every cached step), so nothing is copied.
-            slots_end, key_mask = keys[0], None
-            layers = [(k[None], v[None]) for k, v in caches[0]]
-        else:
-            # Together: one padded copy; padded queries write to a spare slot no one reads.
-            slots_end = max(keys)
-            key_mask = (
-                torch.arange(slots_end + 1, device=dev)[None, :]
-                < torch.tensor(keys, device=dev)[:, None]
+        by_store: dict[int, list[int]] = {}
+        for i, (b, _) in enumerate(units):
+            by_store.setdefault(capacity_class(len(rows[b].canvas)), []).append(i)
+        hidden: dict[int, Tensor] = {}
+        for capacity, index in by_store.items():
+            picked = [units[i] for i in index]
+            out = self._cached_in(
+                self.stores[capacity], requests, picked, [spans[i] for i in index], cols
             )
-            layers = []
-            for layer in range(len(caches[0])):
-                k0, v0 = caches[0][layer]
-                shape = (len(units), k0.shape[0], slots_end + 1, k0.shape[2])
-                k_all, v_all = k0.new_zeros(shape), v0.new_zeros(shape)
-                for i, cache in enumerate(caches):
-                    k, v = cache[layer]
-                    k_all[i, :, : k.shape[1]] = k
-                    v_all[i, :, : v.shape[1]] = v
-                layers.append((k_all, v_all))
-        slots = torch.full((len(units), q_len), slots_end, dtype=torch.long, device=dev)
+            hidden.update(zip(index, out))
+        return [hidden[i] for i in range(len(units))], [q1 - q0 for q0, q1 in spans]
+
+    def _cached_in(
+        self,
+        store: SlotStore,
+        requests: list[Request],
+        units: list[tuple[int, bool]],
+        spans: list[tuple[int, int]],
+        cols: Tensor,
+    ) -> list[Tensor]:
+        """One cached forward over the query spans [q0, q1) of `units`, whose slots are in
+        `store`. The slots are read and written in place (every query slot is rewritten before
+        it is read, at every cached step), so nothing kept is copied. The forward spans the
+        fewest consecutive slots holding the units; a slot in that span without a unit this
+        step (its row takes a full forward, or is not stepping) rides along as padding, whose
+        queries write only a column no row reads."""
+        dev = self.device
+        keys = [_unit_key(requests[b].request_id, uncond) for b, uncond in units]
+        first, count = store.span(keys)
+        held = store.order[first : first + count]
+        lengths = [len(self.rows[_row_of(key)].canvas) for key in held]
+        if count == 1:  # alone, no padding: exactly its keys
+            columns, key_mask = lengths[0], None
+        else:
+            columns = max(lengths) + 1  # the last column is past every row's keys
+            key_mask = (
+                torch.arange(columns, device=dev)[None, :]
+                < torch.tensor(lengths, device=dev)[:, None]
+            )
+        q_len = max(q1 - q0 for q0, q1 in spans)
+        ids = torch.full((count, q_len), self.pad_id, dtype=torch.long, device=dev)
+        positions = torch.zeros((count, q_len), dtype=torch.long, device=dev)
+        slots = torch.full((count, q_len), columns - 1, dtype=torch.long, device=dev)
+        gather = torch.zeros((count, cols.shape[1]), dtype=torch.long, device=dev)
+        at = [held.index(key) for key in keys]
         for i, ((b, uncond), (q0, q1)) in enumerate(zip(units, spans)):
-            canvas = self._unit_ids(requests[b], rows[b], uncond)
-            ids[i, : q1 - q0] = canvas[q0:q1]
+            canvas = self._unit_ids(requests[b], self.rows[requests[b].request_id], uncond)
             span = torch.arange(q0, q1, device=dev)
-            positions[i, : q1 - q0] = span
-            slots[i, : q1 - q0] = span
-        # Window column c is query row c: the queries start at the block (one earlier, shifted).
-        gather = torch.stack([cols[b] for b, _ in units])
+            ids[at[i], : q1 - q0] = canvas[q0:q1]
+            positions[at[i], : q1 - q0] = span
+            slots[at[i], : q1 - q0] = span
+            # Window column c is query row c: the queries start at the block (one earlier,
+            # shifted).
+            gather[at[i]] = cols[b]
+        layers = store.view(first, count, columns)
         if self._compiled is None:
             hidden = self.model.forward_cached(
                 ids, positions, layers, slots, key_mask, gather, project=False
             )
         else:
             hidden = self._compiled(ids, positions, layers, slots, key_mask, gather)
-        return list(hidden.unbind(0)), [q1 - q0 for q0, q1 in spans]
+        return [hidden[a] for a in at]
 
     def _counts(self, requests: list[Request], masked_now: Tensor) -> Tensor:
         """Tokens each count-rule row commits this step [B] (ignored for threshold rows), from

@@ -1,9 +1,12 @@
 """Bytes of cached keys and values copied per engine step, and the step's time, per family
-(LLaDA2, SDAR, DiffusionGemma) on random models built from the tiny reference configs at wider
-shapes, `--batch` rows with `--prompt`-token prompts in steady state (past every prefill).
+(LLaDA2, SDAR, DiffusionGemma, and the masked family: LLaDA with the dual cache) on random
+models built from the tiny reference configs at wider shapes, `--batch` rows with
+`--prompt`-token prompts in steady state (past every prefill; the masked rows between block
+starts).
 
 Copies are counted by a torch dispatch mode: the output bytes of copying ops (cat, stack, pad,
-gather, copy_, clone) shaped like keys or values [B, Hkv, S, Dh] with S longer than one window,
+gather, copy_, clone) shaped like keys or values ([B, Hkv, S, Dh], or one row's [Hkv, S, Dh]) with
+S longer than one window,
 so it measures any version of the code. Each measurement runs in a fresh process; `--before
 DIR` alternates it with the same measurement on another tree (DIR holds a `marble` package, e.g.
 an export of HEAD), `--repeats` times, and prints both (fastest step of each) and their ratios.
@@ -31,6 +34,7 @@ TINY = {
     "llada2": REFERENCE / "llada2-tiny",
     "sdar": REFERENCE / "sdar-tiny",
     "diffusion_gemma": REFERENCE / "diffusiongemma-tiny",
+    "masked": REFERENCE / "llada-tiny",
 }
 COPIES = {"cat", "stack", "copy_", "constant_pad_nd", "index", "index_select", "clone", "_to_copy"}
 # Ops whose input is the K/V-shaped one (a GQA repeat writes [B, Hq, S, Dh]).
@@ -51,10 +55,11 @@ class KVCopies(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name in COPIES | FROM_INPUT:
             t = args[0] if name in FROM_INPUT else out
+            # 3-D: one row's [Hkv, S, Dh]; 5-D: a GQA repeat [B, Hkv, rep, S, Dh].
+            heads = {3: 0, 4: 1, 5: 1}.get(t.dim()) if isinstance(t, torch.Tensor) else None
             if (
-                isinstance(t, torch.Tensor)
-                and t.dim() in (4, 5)  # 5-D: a GQA repeat [B, Hkv, rep, S, Dh]
-                and (t.shape[1], t.shape[-1]) in self.shapes
+                heads is not None
+                and (t.shape[heads], t.shape[-1]) in self.shapes
                 and t.shape[-2] > self.window
             ):
                 written = out if name == "repeat_interleave" else t
@@ -91,6 +96,23 @@ def build(family: str, args: argparse.Namespace):  # noqa: ANN201
         raw = _wider(raw, args)
         raw.update(intermediate_size=2 * args.hidden, rotary_dim=args.hidden // args.heads // 2)
         model = LLaDA2(LLaDA2Config.from_json_dict(raw))
+    elif family == "masked":
+        import dataclasses
+
+        from marble.families.masked.model import Denoiser
+
+        cfg = tiny.model.cfg
+        model = Denoiser(
+            dataclasses.replace(
+                cfg,
+                d_model=args.hidden,
+                n_layers=args.layers,
+                n_heads=args.heads,
+                n_kv_heads=args.kv_heads,
+                mlp_hidden=2 * args.hidden,
+                max_seq_len=8192,
+            )
+        )
     elif family == "sdar":
         from marble.families.sdar.config import SDARConfig
         from marble.families.sdar.model import SDAR
@@ -125,7 +147,11 @@ def build(family: str, args: argparse.Namespace):  # noqa: ANN201
 def kv_shapes(model: torch.nn.Module) -> set[tuple[int, int]]:
     shapes = set()
     for m in model.modules():
-        for heads, dim in (("n_kv", "head_dim"), ("num_key_value_heads", "head_dim")):
+        for heads, dim in (
+            ("n_kv", "head_dim"),
+            ("num_key_value_heads", "head_dim"),
+            ("n_kv_heads", "head_dim"),
+        ):
             if hasattr(m, heads) and hasattr(m, dim) and isinstance(getattr(m, heads), int):
                 shapes.add((getattr(m, heads), getattr(m, dim)))
     if hasattr(model, "kv_heads"):
@@ -138,13 +164,19 @@ def measure(family: str, args: argparse.Namespace) -> dict[str, float]:
     params = engine.defaults.replace(
         max_tokens=args.gen, block_length=args.block, ignore_eos=True, temperature=0.9
     )
+    if family == "masked":
+        # Fixed steps, one token each: every row starts its blocks in the same step, so a
+        # measured step past the warmup is a cached one for all of them.
+        params = params.replace(cache="dual", threshold=None, steps=args.gen)
     if family == "diffusion_gemma":
         # The most steps a canvas may take, and no early stop: the measured steps all decode.
         params = params.replace(steps=3 * args.block, confidence_threshold=0.0)
     vocab = min(len(engine.tokenizer), 400)
+    mask = engine.first.special.mask  # a masked family refuses it in a prompt
     for i in range(args.batch):
         g = torch.Generator().manual_seed(i)
         prompt = torch.randint(10, vocab, (args.prompt,), generator=g).tolist()
+        prompt = [t + 1 if t == mask else t for t in prompt]
         engine.add(engine.make_request(prompt, params.replace(seed=i)))
     for _ in range(args.warmup):
         engine.step()
@@ -184,7 +216,7 @@ def _measure_in(tree: str | None, family: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default="llada2,sdar,diffusion_gemma")
+    parser.add_argument("--families", default="llada2,sdar,diffusion_gemma,masked")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=256)

@@ -16,7 +16,7 @@ from torch import Tensor
 from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotCache, SlotStore
+from marble.model.kv_slots import SlotCache, SlotStores, capacity_class
 from marble.model.prefix_cache import Block
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
@@ -45,9 +45,9 @@ class BlockCausalFamily(Family):
 
     @classmethod
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
-        """The cache holds the prompt and every block but the last."""
-        cached = len(request.prompt_ids) + decoded - request.params.block_length
-        return m.model.cache_bytes(cached)
+        """Its slot: the prompt and every block (the last one's keys are a step's scratch),
+        in the slot's capacity class, and the sink column (`kv_slots.SlotStores`)."""
+        return m.model.cache_bytes(capacity_class(len(request.prompt_ids) + decoded) + 1)
 
 
 @dataclass
@@ -79,25 +79,26 @@ class BlockCausalRunner(CachedRowsRunner):
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         layers = len(model.layers)
-        self.store = SlotStore(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
+        self.stores = SlotStores(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
         self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every window forward (prefill and denoise) compiled from now on."""
         context = self.model.cfg.max_position_embeddings
         self._compiled = CompiledSlots(self.model, backend, context)
+        self.stores.round_slots()  # few storage shapes, each a compile
         return self._compiled.forward
 
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
-        self.store.remove(request_id)
+        self.stores.remove(request_id)
 
     def read_prefix(self, key: str, start: int, length: int) -> Block:
-        return (self.store.read(key, start, length),)
+        return (self.stores.read(key, start, length),)
 
     @property
     def cache_bytes(self) -> int:
-        return self.store.nbytes
+        return self.stores.nbytes
 
     def new_row_state(self, request: Request) -> tuple[torch.Generator, SlotCache, Tensor]:
         """A new row's generator, empty cache and canvas: the prompt, then masks through the
@@ -108,12 +109,12 @@ class BlockCausalRunner(CachedRowsRunner):
         total = -(-(len(prompt) + request.params.max_tokens) // size) * size
         canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        cache = self.store.add(request.request_id, total)
+        cache = self.stores.add(request.request_id, total)
         if self.prefix_cache is not None and request.params.prefix_cache:
             key = request.request_id
 
             def write(start: int, block: Block) -> None:
-                self.store.write(key, start, block[0])
+                self.stores.write(key, start, block[0])
 
             cache.advance(self.prefix_cache.attach(key, prompt, size, write))
         return request_generator(request, self.device), cache, canvas
@@ -126,25 +127,33 @@ class BlockCausalRunner(CachedRowsRunner):
         dev = self.device
         if any(a != row.cache.length for row, (a, _) in zip(rows, spans)):
             raise ValueError("a window must start where its row's cache ends")
-        # In slot order, so that a step over every running row reads the store as a view.
-        order = sorted(range(len(rows)), key=lambda i: self.store.slot(rows[i].cache.key))
-        rows, spans = [rows[i] for i in order], [spans[i] for i in order]
         longest = max(e - a for a, e in spans)
+        slots = self.stores.batch(
+            [row.cache.key for row in rows],
+            [a for a, _ in spans],
+            [e - a for a, e in spans],
+            longest,
+        )
+        # In the stores' order (store by store, slot by slot): a step over a store's every
+        # running row reads it as a view.
+        order = slots.order
+        rows, spans = [rows[i] for i in order], [spans[i] for i in order]
         n = len(rows)
         ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=dev)
         positions = torch.zeros((n, longest), dtype=torch.long, device=dev)
         for i, (row, (a, e)) in enumerate(zip(rows, spans)):
             ids[i, : e - a] = row.canvas[a:e]
             positions[i, : e - a] = torch.arange(a, e, device=dev)
-        slots = self.store.batch(
-            [row.cache.key for row in rows],
-            [a for a, _ in spans],
-            [e - a for a, e in spans],
-            longest,
-        )
         sizes = torch.tensor([row.size for row in rows], device=dev)
-        forward = self.model.forward_slots if self._compiled is None else self._compiled
-        hidden = forward(ids, positions, slots, sizes)
+        if self._compiled is None:
+            hidden = self.model.forward_slots(ids, positions, slots, sizes)
+        else:  # one compiled forward per store: each sees one storage's shapes
+            hidden = torch.cat(
+                [
+                    self._compiled(ids[part], positions[part], batch, sizes[part])
+                    for part, batch in slots.parts
+                ]
+            )
         if order == sorted(order):
             return hidden
         back = torch.tensor(sorted(range(n), key=order.__getitem__), device=dev)

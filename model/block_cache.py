@@ -12,6 +12,7 @@ nothing of weights, attention rules, sampling or requests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,17 @@ class LayerKV:
     def join(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """These keys/values followed by a window's fresh k/v [B, Hkv, T, Dh] (copies both)."""
         return torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
+
+    def attend(
+        self,
+        attend: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor,
+    ) -> Tensor:
+        """`attend(q, keys, values, bias)` over these keys/values and the window's."""
+        return attend(q, *self.join(k, v), bias)
 
 
 @dataclass

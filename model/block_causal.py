@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from marble.model.block_cache import BlockCache, LayerKV
-from marble.model.kv_slots import SlotBatch, SlotLayer
+from marble.model.kv_slots import SlotGroups, SlotGroupsLayer
 from marble.model.layers import rotary_tables
 
 
@@ -76,14 +76,18 @@ class PreNormLayer(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        past: LayerKV | SlotLayer | None,
-        bias: Tensor,
+        past: LayerKV | SlotGroupsLayer | None,
+        bias: Tensor | list[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
+        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v); over
+        slots, `bias` is one per store's part of the rows."""
         attention = self.attn()
         q, k, v = attention.project(self.input_layernorm(x), rope)
-        keys, values = (k, v) if past is None else past.join(k, v)
-        x = x + attention.attend(q, keys, values, bias)
+        if past is None:
+            out = attention.attend(q, k, v, bias)
+        else:
+            out = past.attend(attention.attend, q, k, v, bias)
+        x = x + out
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
@@ -153,16 +157,20 @@ class BlockCausalStack(nn.Module):
 
     @torch.no_grad()
     def forward_slots(
-        self, ids: Tensor, positions: Tensor, slots: SlotBatch, block_length: Tensor
+        self, ids: Tensor, positions: Tensor, slots: SlotGroups, block_length: Tensor
     ) -> Tensor:
-        """`forward` for windows kept in a `SlotStore`: each row's window [B, T] (positions
-        following its cache) is written into its slot, attention reads the slots in place
-        -> final-normed hidden [B, T, H]. The caller advances a row's length over what is final."""
+        """`forward` for windows kept in slot stores: each row's window [B, T] (positions
+        following its cache; rows in `slots.order`) is written into its slot, attention reads
+        the slots in place, store by store -> final-normed hidden [B, T, H]. The caller
+        advances a row's length over what is final."""
         x = self.embed(ids)
-        bias = slot_bias(positions, block_length, slots.end, slots.read, x.dtype)
+        biases = [
+            slot_bias(positions[rows], block_length[rows], batch.end, batch.read, x.dtype)
+            for rows, batch in slots.parts
+        ]
         rope = rotary_tables(positions, self.rotary_dim, self.rope_theta)
         for i, layer in enumerate(self.layers):
-            x, _, _ = layer(x, rope, slots.layer(i), bias)
+            x, _, _ = layer(x, rope, slots.layer(i), biases)
         return self.norm(x)
 
     def project(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:

@@ -10,12 +10,10 @@ from torch import Tensor
 
 from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_forward import LENGTH_FLOOR, CompiledForward, bucket, pad_to, shape_bound
-from marble.model.kv_slots import SlotBatch
+from marble.model.kv_slots import SlotBatch, SlotGroups, capacity_classes
 from marble.model.padded_slots import mark_static, pad_slots, slot_key
 
 MAX_BATCH = 64  # the batch the recompile bound is stated for (rows past it only add buckets)
-# Storage shapes the bound allows for: the store's slots and capacity grow geometrically.
-STORAGES = 8
 
 
 class CompiledSlots:
@@ -24,8 +22,15 @@ class CompiledSlots:
     def __init__(self, model: BlockCausalStack, backend: str, context: int) -> None:
         self.model = model
         device = model.lm_head.weight.device
-        bound = shape_bound(MAX_BATCH, (context, context + 1), variants=2 * STORAGES)
-        self.forward = CompiledForward(model.forward_slots, device, backend, bound)
+        # A forward reads one store: its capacity class, and its slots (a power of two).
+        storages = capacity_classes(context) * bucket(MAX_BATCH).bit_length()
+        bound = shape_bound(MAX_BATCH, (context, context + 1), variants=2 * storages)
+        self.forward = CompiledForward(self._forward, device, backend, bound)
+
+    def _forward(
+        self, ids: Tensor, positions: Tensor, slots: SlotBatch, block_length: Tensor
+    ) -> Tensor:
+        return self.model.forward_slots(ids, positions, SlotGroups.whole(slots), block_length)
 
     def __call__(
         self, ids: Tensor, positions: Tensor, slots: SlotBatch, block_length: Tensor

@@ -12,7 +12,7 @@ row's block-start keys and values). Knows nothing of weights or attention rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,6 +29,14 @@ def capacity_class(tokens: int) -> int:
     return size
 
 
+def capacity_classes(tokens: int) -> int:
+    """How many capacity classes hold at most `tokens` positions' rows."""
+    count, size = 1, 16
+    while size < tokens:
+        size, count = capacity_class(size + 1), count + 1
+    return count
+
+
 class SlotStore:
     """Slots for the running rows of one model, allocated on first use; column `capacity` of
     every slot is a sink for the writes of window padding.
@@ -36,7 +44,8 @@ class SlotStore:
     Without a `capacity` it grows geometrically, in slots and positions, as rows arrive. With
     one (the class of `capacity_class`), every slot has that capacity and the store holds
     exactly its rows' slots: it grows and shrinks by a copy at each add and remove, so its
-    bytes are what admission reserved for those rows."""
+    bytes are what admission reserved for those rows. `round_slots` rounds that slot count up
+    to a power of two, for a compiled forward, which compiles once per storage shape."""
 
     def __init__(
         self,
@@ -53,6 +62,7 @@ class SlotStore:
         self.values: list[Tensor] = []
         self.order: list[str] = []  # slot i holds the row of request order[i]
         self.fixed = capacity  # every slot's positions, when fixed
+        self.round_slots = False
         self.capacity = 0  # positions each slot holds
         self.copied = 0  # bytes of stored keys and values copied so far (see module doc)
 
@@ -89,15 +99,18 @@ class SlotStore:
         self.order.pop()
         if not self.order:
             self.keys, self.values, self.capacity = [], [], 0
-        elif self.fixed is not None:
-            self._allocate(len(self.order), self.fixed)
+        elif self.fixed is not None and self._slots_for(len(self.order)) != self.slots:
+            self._allocate(self._slots_for(len(self.order)), self.fixed)
+
+    def _slots_for(self, rows: int) -> int:
+        return 1 << (rows - 1).bit_length() if self.round_slots else rows
 
     def _reserve(self, slots: int, tokens: int) -> None:
         if self.fixed is not None:
             if tokens > self.fixed:
                 raise ValueError(f"a row of {tokens} positions in slots of {self.fixed}")
             if slots > self.slots:
-                self._allocate(slots, self.fixed)
+                self._allocate(self._slots_for(slots), self.fixed)
             return
         if slots <= self.slots and tokens <= self.capacity:
             return
@@ -239,3 +252,126 @@ class SlotLayer:
 
     def join(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.batch.join(self.layer, k, v)
+
+
+class SlotStores:
+    """One model's rows in fixed-capacity `SlotStore`s, one per capacity class: the bytes held
+    are the sum of the rows' slots (what admission reserved), whatever their mix of lengths,
+    where one store would give every slot the longest row's capacity."""
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.shape = (layers, kv_heads, head_dim)
+        self.device, self.dtype = device, dtype
+        self.stores: dict[int, SlotStore] = {}  # by capacity
+        self._of: dict[str, SlotStore] = {}  # each row's store
+        self._round_slots = False
+
+    def round_slots(self) -> None:
+        """Round every store's slot count up to a power of two from now on (`SlotStore`)."""
+        self._round_slots = True
+        for store in self.stores.values():
+            store.round_slots = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(store.nbytes for store in self.stores.values())
+
+    @property
+    def copied(self) -> int:
+        return sum(store.copied for store in self.stores.values())
+
+    def add(self, key: str, tokens: int) -> SlotCache:
+        """A slot for a new row that will cache at most `tokens` positions, in the store of
+        their capacity class."""
+        capacity = capacity_class(tokens)
+        if capacity not in self.stores:
+            store = SlotStore(*self.shape, self.device, self.dtype, capacity)
+            store.round_slots = self._round_slots
+            self.stores[capacity] = store
+        cache = self.stores[capacity].add(key, tokens)
+        self._of[key] = self.stores[capacity]
+        return cache
+
+    def remove(self, key: str) -> None:
+        store = self._of.pop(key, None)
+        if store is not None:
+            store.remove(key)
+
+    def store(self, key: str) -> SlotStore:
+        """The store holding row `key`."""
+        return self._of[key]
+
+    def place(self, key: str) -> tuple[int, int]:
+        """Where row `key` is: its store's capacity, its slot there (the order of `batch`)."""
+        store = self._of[key]
+        return store.capacity, store.slot(key)
+
+    def read(self, key: str, start: int, length: int) -> Tensor:
+        return self._of[key].read(key, start, length)
+
+    def write(self, key: str, start: int, block: Sequence[Tensor]) -> None:
+        self._of[key].write(key, start, block)
+
+    def batch(self, keys: list[str], lengths: list[int], widths: list[int], t: int) -> SlotGroups:
+        """`SlotStore.batch` over rows in any stores: the rows ordered by store, then slot (so
+        a step over a store's every row reads it as a view), one `SlotBatch` per store."""
+        place = {k: self.place(k) for k in keys}
+        order = sorted(range(len(keys)), key=lambda i: place[keys[i]])
+        parts: list[tuple[slice, SlotBatch]] = []
+        start = 0
+        while start < len(order):
+            store = self._of[keys[order[start]]]
+            stop = start
+            while stop < len(order) and self._of[keys[order[stop]]] is store:
+                stop += 1
+            rows = order[start:stop]
+            batch = store.batch(
+                [keys[i] for i in rows], [lengths[i] for i in rows], [widths[i] for i in rows], t
+            )
+            parts.append((slice(start, stop), batch))
+            start = stop
+        return SlotGroups(order, parts)
+
+
+@dataclass
+class SlotGroups:
+    """One step's rows across a model's stores: batch row r is the caller's row `order[r]`,
+    and each part is the rows (a slice of the batch) of one store with their `SlotBatch`."""
+
+    order: list[int]
+    parts: list[tuple[slice, SlotBatch]]
+
+    @classmethod
+    def whole(cls, batch: SlotBatch) -> SlotGroups:
+        """A batch of one store's rows, in its own order."""
+        return cls(list(range(len(batch.index))), [(slice(None), batch)])
+
+    def layer(self, layer: int) -> SlotGroupsLayer:
+        return SlotGroupsLayer(self, layer)
+
+
+@dataclass
+class SlotGroupsLayer:
+    """One layer of a `SlotGroups`, what a decoder layer attends through: each store's rows
+    attend over their own slots (`biases` per part), the outputs joined in batch order."""
+
+    groups: SlotGroups
+    layer: int
+
+    def attend(
+        self,
+        attend: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        biases: list[Tensor],
+    ) -> Tensor:
+        """`attend(q, keys, values, bias)` per part, for the part's rows of q and of the
+        window's fresh k/v (written into their slots first)."""
+        outs = []
+        for (rows, batch), bias in zip(self.groups.parts, biases, strict=True):
+            keys, values = batch.join(self.layer, k[rows], v[rows])
+            outs.append(attend(q[rows], keys, values, bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -25,7 +25,7 @@ from marble.families.masked.compiled import CompiledCached
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import LENGTH_FLOOR, bucket, shape_bound
 from marble.model.default import CHECKPOINT_DIR
-from marble.model.kv_slots import SlotBatch, SlotStore
+from marble.model.kv_slots import SlotBatch, SlotGroups, SlotStore
 from marble.model.tokenizer import TextTokenizer
 from marble.scheduler.engine import Engine
 from marble.scheduler.family import family_for_config
@@ -116,7 +116,7 @@ def test_block_causal_slot_forward_matches_eager(family: str) -> None:
     for key, n in lengths.items():
         cache = store.add(key, 40)
         ids = torch.randint(0, 200, (1, n))
-        batch = store.batch([key], [0], [n], n)
+        batch = SlotGroups.whole(store.batch([key], [0], [n], n))
         model.forward_slots(ids, torch.arange(n)[None], batch, torch.tensor([4]))
         cache.advance(n)
     before = _graphs()
@@ -126,7 +126,10 @@ def test_block_causal_slot_forward_matches_eager(family: str) -> None:
         positions = torch.tensor(starts)[:, None] + torch.arange(width)
         sizes = torch.full((len(keys),), 4)
         eager = model.forward_slots(
-            ids, positions, store.batch(keys, starts, [width] * len(keys), width), sizes
+            ids,
+            positions,
+            SlotGroups.whole(store.batch(keys, starts, [width] * len(keys), width)),
+            sizes,
         )
         batch = store.batch(keys, starts, [width] * len(keys), width)
         _close(compiled(ids, positions, batch, sizes), eager)
@@ -140,9 +143,14 @@ def test_diffusion_gemma_decode_matches_eager() -> None:
     stores = UniformRunner(model).stores  # one per layer kind, as the runner keeps them
     length, vocab = model.cfg.canvas_length, model.cfg.vocab_size
 
-    def slots(keys: list[str], starts: list[int], width: int) -> dict[bool, SlotBatch]:
+    def slots(keys: list[str], starts: list[int], width: int) -> dict[bool, SlotGroups]:
         widths = [width] * len(keys)
         return {kind: s.batch(keys, starts, widths, width) for kind, s in stores.items()}
+
+    def one_store(groups: dict[bool, SlotGroups]) -> dict[bool, SlotBatch]:
+        """Each kind's one part: what a compiled forward reads."""
+        assert all(len(g.parts) == 1 for g in groups.values())
+        return {kind: g.parts[0][1] for kind, g in groups.items()}
 
     torch.manual_seed(0)
     lengths = {"a": 5, "b": 30}  # the second outgrows the sliding window
@@ -160,7 +168,8 @@ def test_diffusion_gemma_decode_matches_eager() -> None:
         cond = torch.randn(len(keys), length, vocab) if conditioned else None
         mask = torch.tensor([True, False][: len(keys)]) if conditioned else None
         eager = model.decode(canvas, positions, slots(keys, starts, length), cond, mask)
-        _close(compiled(canvas, positions, slots(keys, starts, length), cond, mask), eager)
+        batches = one_store(slots(keys, starts, length))  # both rows in one store
+        _close(compiled(canvas, positions, batches, cond, mask), eager)
     assert compiled.forward.compiles == 2 == _graphs() - before
 
 

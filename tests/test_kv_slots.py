@@ -99,12 +99,13 @@ def test_a_steady_step_copies_no_cached_keys_or_values(engine: Engine):
     with counter:
         engine.step()
     assert counter.bytes == 0
-    stores = getattr(engine.runner, "stores", {None: getattr(engine.runner, "store", None)})
-    copied = [store.copied for store in stores.values()]
+    stores = engine.runner.stores
+    stores = stores.values() if isinstance(stores, dict) else [stores]
+    copied = [store.copied for store in stores]
     for _ in range(2):
         engine.step()
     # Nor does a store move anything while the same rows run.
-    assert [store.copied for store in stores.values()] == copied
+    assert [store.copied for store in stores] == copied
     while engine.has_unfinished():
         engine.step()
     assert engine.runner.cache_bytes == 0 and not engine.runner.rows
@@ -144,3 +145,28 @@ def test_a_row_that_raises_after_writing_its_slot_fails_alone(
     for i in range(len(PROMPTS)):
         assert final[i].finish_reason == "length" and final[i].tokens == expected[i]
     assert engine.runner.cache_bytes == 0
+
+
+def test_rows_of_mixed_lengths_hold_what_they_reserved_and_decode_as_alone(engine: Engine):
+    """A short row beside a long one: one store would give every slot the long row's width
+    (5.7x what SDAR's rows reserved here, before the stores by capacity class). Each store
+    holds exactly its rows' slots, step after step, and each row decodes as it does alone."""
+    prompts = [[7, 11, 13, 17, 19], *PROMPTS[:1], [5, 40, 7, 11, 13, 23] * 12]
+    expected = [_alone(engine, p, _params(engine, i)) for i, p in enumerate(prompts)]
+    ids = _add_all(engine, prompts)
+    final, stores = {}, set()
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[ids.index(out.request_id)] = out.tokens
+        held = sum(r.kv_bytes for r in engine.scheduler.running)
+        assert engine.runner.cache_bytes == held
+        stores.add(sum(bool(s.slots) for s in _stores(engine)))
+    assert max(stores) >= 2  # the rows did span stores
+    assert [final[i] for i in range(len(prompts))] == expected
+
+
+def _stores(engine: Engine) -> list:
+    stores = engine.runner.stores
+    kinds = stores.values() if isinstance(stores, dict) else [stores]
+    return [s for kind in kinds for s in kind.stores.values()]

@@ -1,7 +1,7 @@
-"""DiffusionGemma's compiled decoder forward: `decode` (a canvas over the rows' slots, one
-`SlotBatch` per layer kind) over padded buckets of batch and slot columns read, with and
-without self-conditioning (two graphs a bucket). Padding (`pad_slots`) changes no real row's
-numbers beyond kernel rounding. Knows nothing of requests or sampling.
+"""DiffusionGemma's compiled decoder forward: `decode` (a canvas over the rows' slots in one
+store of each layer kind, a `SlotBatch` per kind) over padded buckets of batch and slot columns
+read, with and without self-conditioning (two graphs a bucket). Padding (`pad_slots`) changes
+no real row's numbers beyond kernel rounding. Knows nothing of requests or sampling.
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from torch import Tensor
 
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.compiled_forward import CompiledForward, bucket, pad_to, shape_bound
-from marble.model.kv_slots import SlotBatch
+from marble.model.kv_slots import SlotBatch, SlotGroups, capacity_classes
 from marble.model.padded_slots import mark_static, pad_slots, slot_key
 
 MAX_BATCH = 64  # the batch the recompile bound is stated for (rows past it only add buckets)
-# Storage shapes the bound allows for: the stores' slots and capacity grow geometrically.
-STORAGES = 8
 
 
 class CompiledDecode:
@@ -26,8 +24,21 @@ class CompiledDecode:
         self.model = model
         device = model.embed_tokens.weight.device
         context = model.cfg.max_position_embeddings
-        bound = shape_bound(MAX_BATCH, (context,), variants=2 * 2 * STORAGES)
-        self.forward = CompiledForward(model.decode, device, backend, bound)
+        # A forward reads one store per kind: its capacity class, its slots (a power of two).
+        storages = capacity_classes(context) * bucket(MAX_BATCH).bit_length()
+        bound = shape_bound(MAX_BATCH, (context,), variants=2 * 2 * storages)
+        self.forward = CompiledForward(self._decode, device, backend, bound)
+
+    def _decode(
+        self,
+        canvas: Tensor,
+        positions: Tensor,
+        slots: dict[bool, SlotBatch],
+        self_cond: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        groups = {sliding: SlotGroups.whole(batch) for sliding, batch in slots.items()}
+        return self.model.decode(canvas, positions, groups, self_cond, mask)
 
     def __call__(
         self,

@@ -17,6 +17,7 @@ from marble.families.diffusion_gemma.config import (
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.families.diffusion_gemma.runner import UniformRunner
+from marble.model.kv_slots import capacity_class
 from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
@@ -95,9 +96,13 @@ class DiffusionGemmaFamily(Family):
 
     @classmethod
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
-        """The cache holds the prompt and every canvas but the last, which is never encoded."""
-        tokens = len(request.prompt_ids) + decoded - m.model.cfg.canvas_length
-        return m.model.cache_bytes(tokens)
+        """Its slots: the prompt and every canvas (the last one's keys are a decode's scratch)
+        in every layer, in the slots' capacity class, and the sink column
+        (`kv_slots.SlotStores`, one per layer kind)."""
+        positions = capacity_class(len(request.prompt_ids) + decoded) + 1
+        itemsize = m.model.embed_tokens.weight.itemsize
+        widths = [layer.self_attn.n_kv * layer.self_attn.head_dim for layer in m.model.layers]
+        return 2 * positions * sum(widths) * itemsize
 
     @classmethod
     def max_forwards(cls, request: Request, decoded: int) -> int:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from marble.families.diffusion_gemma.config import SLIDING, DiffusionGemmaConfig
 from marble.model.block_cache import BlockCache, LayerKV
 from marble.model.experts import GroupedExperts
-from marble.model.kv_slots import SlotBatch, SlotLayer
+from marble.model.kv_slots import SlotGroups, SlotGroupsLayer
 from marble.model.layers import GatedMLP, apply_rotary
 
 
@@ -162,14 +162,15 @@ class DecoderLayer(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        past: LayerKV | SlotLayer,
-        allowed: Tensor,
+        past: LayerKV | SlotGroupsLayer,
+        allowed: Tensor | list[Tensor],
         encoder: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v)."""
+        """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v); over
+        slots, `allowed` is one per store's part of the rows."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), *rope)
-        keys, values = past.join(k, v)
-        x = x + self.post_attention_layernorm(self.self_attn.attend(q, keys, values, allowed))
+        out = past.attend(self.self_attn.attend, q, k, v, allowed)
+        x = x + self.post_attention_layernorm(out)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.router(flat)
@@ -273,7 +274,7 @@ class DiffusionGemma(nn.Module):
         self,
         canvas: Tensor,
         positions: Tensor,
-        cache: BlockCache | dict[bool, SlotBatch],
+        cache: BlockCache | dict[bool, SlotGroups],
         self_cond_logits: Tensor | None = None,
         self_cond_mask: Tensor | None = None,
         hidden_states: list[Tensor] | None = None,
@@ -308,8 +309,8 @@ class DiffusionGemma(nn.Module):
         return self.head(x)
 
     def _decode_keys(
-        self, cache: BlockCache | dict[bool, SlotBatch], b: int, length: int
-    ) -> list[tuple[LayerKV | SlotLayer, Tensor]]:
+        self, cache: BlockCache | dict[bool, SlotGroups], b: int, length: int
+    ) -> list[tuple[LayerKV | SlotGroupsLayer, Tensor | list[Tensor]]]:
         """Per layer, what a canvas [B, L] attends over: the past and which keys it may read
         (bool [B, 1, L, S + L]): every cached key a layer keeps (a sliding layer the last
         window - 1) and the whole canvas."""
@@ -320,16 +321,21 @@ class DiffusionGemma(nn.Module):
                 key_valid = torch.cat((cache.layer_valid(i), canvas_valid), dim=1)
                 out.append((kv, key_valid[:, None, None, :].expand(b, 1, length, -1)))
             return out
-        masks = {}
-        for sliding, slots in cache.items():
-            key = torch.arange(slots.read, device=slots.end.device)[None, :]
-            allowed = key < slots.end[:, None]  # the cache, then the canvas
-            if sliding:
-                allowed &= key >= slots.end[:, None] - length - (self.cfg.sliding_window - 1)
-            masks[sliding] = allowed[:, None, None, :].expand(b, 1, length, -1)
+        masks: dict[bool, list[Tensor]] = {}
+        for sliding, groups in cache.items():
+            masks[sliding] = []
+            for _, slots in groups.parts:
+                key = torch.arange(slots.read, device=slots.end.device)[None, :]
+                allowed = key < slots.end[:, None]  # the cache, then the canvas
+                if sliding:
+                    allowed &= key >= slots.end[:, None] - length - (self.cfg.sliding_window - 1)
+                rows = len(slots.index)
+                masks[sliding].append(allowed[:, None, None, :].expand(rows, 1, length, -1))
         return [(past, masks[layer.sliding]) for layer, past in self._slot_layers(cache)]
 
-    def _slot_layers(self, slots: dict[bool, SlotBatch]) -> list[tuple[DecoderLayer, SlotLayer]]:
+    def _slot_layers(
+        self, slots: dict[bool, SlotGroups]
+    ) -> list[tuple[DecoderLayer, SlotGroupsLayer]]:
         """Each layer with its layer in the store of its kind."""
         seen = {True: 0, False: 0}
         out = []
@@ -339,20 +345,24 @@ class DiffusionGemma(nn.Module):
         return out
 
     @torch.no_grad()
-    def encode_slots(self, ids: Tensor, positions: Tensor, slots: dict[bool, SlotBatch]) -> Tensor:
+    def encode_slots(
+        self, ids: Tensor, positions: Tensor, slots: dict[bool, SlotGroups]
+    ) -> Tensor:
         """`encode` into slots (`cache[sliding]` per layer kind) that hold absolute positions
         0.. in order: ids [B, T] at positions [B, T] that follow each row's cache are written
         after it -> hidden [B, T, H]. The caller advances the rows' lengths."""
         ropes = self._ropes(positions)
         x = self._embed(ids)
-        query = positions[:, :, None]
-        masks = {}
-        for sliding, batch in slots.items():
-            key = torch.arange(batch.read, device=ids.device)[None, None, :]
-            allowed = (key <= query) & (key < batch.end[:, None, None])
-            if sliding:
-                allowed &= key > query - self.cfg.sliding_window
-            masks[sliding] = allowed[:, None]
+        masks: dict[bool, list[Tensor]] = {}
+        for sliding, groups in slots.items():
+            masks[sliding] = []
+            for rows, batch in groups.parts:
+                query = positions[rows][:, :, None]
+                key = torch.arange(batch.read, device=ids.device)[None, None, :]
+                allowed = (key <= query) & (key < batch.end[:, None, None])
+                if sliding:
+                    allowed &= key > query - self.cfg.sliding_window
+                masks[sliding].append(allowed[:, None])
         for layer, past in self._slot_layers(slots):
             x, _, _ = layer(x, ropes[layer.sliding], past, masks[layer.sliding], True)
         return self.norm(x)

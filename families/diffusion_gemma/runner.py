@@ -28,7 +28,7 @@ from marble.families.diffusion_gemma.grammar_prefix import (
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotBatch, SlotCache, SlotStore
+from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores
 from marble.model.prefix_cache import Block
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
@@ -92,10 +92,10 @@ class UniformRunner(CachedRowsRunner):
         self.model = model
         self.device = model.embed_tokens.weight.device
         # One store per layer kind (sliding, full): their keys differ in heads and width.
-        self.stores: dict[bool, SlotStore] = {}
+        self.stores: dict[bool, SlotStores] = {}
         for sliding in sorted({layer.sliding for layer in model.layers}):
             kind = [layer.self_attn for layer in model.layers if layer.sliding == sliding]
-            self.stores[sliding] = SlotStore(
+            self.stores[sliding] = SlotStores(
                 len(kind),
                 kind[0].n_kv,
                 kind[0].head_dim,
@@ -107,6 +107,8 @@ class UniformRunner(CachedRowsRunner):
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every decoder forward compiled from now on (encoding stays eager)."""
         self._compiled = CompiledDecode(self.model, backend)
+        for stores in self.stores.values():
+            stores.round_slots()  # few storage shapes, each a compile
         return self._compiled.forward
 
     def add(self, request: Request) -> None:
@@ -140,16 +142,43 @@ class UniformRunner(CachedRowsRunner):
     def cache_bytes(self) -> int:
         return sum(store.nbytes for store in self.stores.values())
 
-    def _slots(self, keys: list[str], lengths: list[int], width: int) -> dict[bool, SlotBatch]:
+    def _slots(self, keys: list[str], lengths: list[int], width: int) -> dict[bool, SlotGroups]:
         """Every store's batch for rows `keys` writing `width` positions after their caches."""
         widths = [width] * len(keys)
         return {k: s.batch(keys, lengths, widths, width) for k, s in self.stores.items()}
 
+    def _compiled_decode(
+        self,
+        canvas: Tensor,
+        positions: Tensor,
+        cache: dict[bool, SlotGroups],
+        self_cond: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """`decode` compiled, one forward per store (each sees one storage's shapes); the rows
+        are in the stores' order, every layer kind's parts alike."""
+        assert self._compiled is not None
+        kinds = list(cache)
+        out = []
+        for parts in zip(*(cache[kind].parts for kind in kinds)):
+            rows = parts[0][0]
+            out.append(
+                self._compiled(
+                    canvas[rows],
+                    positions[rows],
+                    {kind: batch for kind, (_, batch) in zip(kinds, parts)},
+                    None if self_cond is None else self_cond[rows],
+                    None if mask is None else mask[rows],
+                )
+            )
+        return torch.cat(out)
+
     def _step(self, requests: list[Request]) -> list[RowStep | RowError]:
-        """The step in slot order, so that a step over every running row reads the stores
-        as views; results back in request order."""
-        store = next(iter(self.stores.values()))
-        order = sorted(range(len(requests)), key=lambda i: store.slot(requests[i].request_id))
+        """The step in the stores' order (store by store, slot by slot: every layer kind's
+        alike), so that a step over a store's every row reads it as a view; results back in
+        request order."""
+        stores = next(iter(self.stores.values()))
+        order = sorted(range(len(requests)), key=lambda i: stores.place(requests[i].request_id))
         results = self._step_in_order([requests[i] for i in order])
         back = sorted(range(len(order)), key=order.__getitem__)
         return [results[i] for i in back]
@@ -174,8 +203,10 @@ class UniformRunner(CachedRowsRunner):
         if any(row.scaled is not None for row in rows):
             self_cond = _stacked(rows, length, vocab, dev)
             mask = torch.tensor([r.scaled is not None for r in rows], device=dev)
-        decode = self.model.decode if self._compiled is None else self._compiled
-        raw = decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
+        if self._compiled is None:
+            raw = self.model.decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
+        else:
+            raw = self._compiled_decode(canvas, positions, cache, self_cond, mask)
 
         greedy = [b for b, p in enumerate(params) if p.temperature == 0]
         sampled = [b for b, p in enumerate(params) if p.temperature > 0]

@@ -100,6 +100,13 @@ class BlockCausalRunner(CachedRowsRunner):
     def cache_bytes(self) -> int:
         return self.stores.nbytes
 
+    @property
+    def spare_kv_bytes(self) -> int:
+        return self.stores.spare_bytes
+
+    def release_kv(self, nbytes: float) -> int:
+        return self.stores.release(nbytes)
+
     def new_row_state(self, request: Request) -> tuple[torch.Generator, SlotCache, Tensor]:
         """A new row's generator, empty cache and canvas: the prompt, then masks through the
         end of the last block it reaches."""

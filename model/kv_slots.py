@@ -4,10 +4,11 @@ absolute position p (a cache holds positions 0..length-1 with no gaps).
 
 A step writes its window's fresh keys and values into the rows' slots and attention reads the
 slots back as a view: nothing already cached is copied. Copies happen only where counted in
-`copied`: growth (geometric; with a fixed capacity, exact at every add and remove), refilling
-a finished row's slot with the last row, a batch whose rows are not consecutive slots in order
-(an index gather), and blocks read out for a prefix cache or written in from one (or a masked
-row's block-start keys and values). Knows nothing of weights or attention rules.
+`copied`: growing a store (by the slots a new row needs) or releasing its spare slots,
+refilling a finished row's slot with the last row, a batch whose rows are not consecutive
+slots in order (an index gather), and blocks read out for a prefix cache or written in from
+one (or a masked row's block-start keys and values). Knows nothing of weights or attention
+rules.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ def capacity_classes(tokens: int) -> int:
 
 
 class SlotStore:
-    """Slots for the running rows of one model, allocated on first use; column `capacity` of
-    every slot is a sink for the writes of window padding.
+    """Slots of `capacity` positions for the running rows of one model's capacity class
+    (`capacity_class`), allocated on first use; column `capacity` of every slot is a sink for
+    the writes of window padding.
 
-    Without a `capacity` it grows geometrically, in slots and positions, as rows arrive. With
-    one (the class of `capacity_class`), every slot has that capacity and the store holds
-    exactly its rows' slots: it grows and shrinks by a copy at each add and remove, so its
-    bytes are what admission reserved for those rows. `round_slots` rounds that slot count up
-    to a power of two, for a compiled forward, which compiles once per storage shape."""
+    A new row takes a spare slot, or the store grows by the slots it needs (a copy); a row that
+    leaves leaves its slot spare, taken by the next row or given up by `release` (a copy), so
+    the store holds its rows' slots (what admission reserved for them) and its spare ones.
+    `round_slots` keeps the slot count a power of two, for a compiled forward, which compiles
+    once per storage shape."""
 
     def __init__(
         self,
@@ -54,16 +56,15 @@ class SlotStore:
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
-        capacity: int | None = None,
+        capacity: int,
     ) -> None:
         self.shape = (layers, kv_heads, head_dim)
         self.device, self.dtype = device, dtype
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
         self.order: list[str] = []  # slot i holds the row of request order[i]
-        self.fixed = capacity  # every slot's positions, when fixed
+        self.capacity = capacity  # positions each slot holds
         self.round_slots = False
-        self.capacity = 0  # positions each slot holds
         self.copied = 0  # bytes of stored keys and values copied so far (see module doc)
 
     @property
@@ -75,11 +76,19 @@ class SlotStore:
         """Bytes of storage held now (0 once no row is running)."""
         return sum(t.nbytes for t in self.keys + self.values)
 
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of the slots no row holds."""
+        return self.nbytes // self.slots * (self.slots - len(self.order)) if self.slots else 0
+
     def add(self, key: str, tokens: int) -> SlotCache:
         """A slot for a new row that will cache at most `tokens` positions."""
         if key in self.order:
             raise ValueError(f"row {key!r} already holds a slot")
-        self._reserve(len(self.order) + 1, tokens)
+        if tokens > self.capacity:
+            raise ValueError(f"a row of {tokens} positions in slots of {self.capacity}")
+        if len(self.order) == self.slots:
+            self._allocate(self._slots_for(len(self.order) + 1))
         slot = len(self.order)
         for t in self.keys + self.values:
             t[slot].zero_()  # a finite start: masked keys still meet the values (0 * NaN)
@@ -87,7 +96,8 @@ class SlotStore:
         return SlotCache(self, key)
 
     def remove(self, key: str) -> None:
-        """Free a row's slot: the last row moves into it so running rows stay slots 0..n-1."""
+        """Free a row's slot: the last row moves into it so running rows stay slots 0..n-1,
+        and the last slot is spare (the storage goes once no row is left)."""
         if key not in self.order:
             return
         slot, last = self.order.index(key), len(self.order) - 1
@@ -98,44 +108,36 @@ class SlotStore:
             self.order[slot] = self.order[last]
         self.order.pop()
         if not self.order:
-            self.keys, self.values, self.capacity = [], [], 0
-        elif self.fixed is not None and self._slots_for(len(self.order)) != self.slots:
-            self._allocate(self._slots_for(len(self.order)), self.fixed)
+            self.keys, self.values = [], []
+
+    def release(self) -> int:
+        """Give up the spare slots (past a power of two with `round_slots`); returns the bytes
+        freed."""
+        before, slots = self.nbytes, self._slots_for(len(self.order))
+        if slots < self.slots:
+            self._allocate(slots)
+        return before - self.nbytes
 
     def _slots_for(self, rows: int) -> int:
-        return 1 << (rows - 1).bit_length() if self.round_slots else rows
+        return 1 << (rows - 1).bit_length() if self.round_slots and rows else rows
 
-    def _reserve(self, slots: int, tokens: int) -> None:
-        if self.fixed is not None:
-            if tokens > self.fixed:
-                raise ValueError(f"a row of {tokens} positions in slots of {self.fixed}")
-            if slots > self.slots:
-                self._allocate(self._slots_for(slots), self.fixed)
-            return
-        if slots <= self.slots and tokens <= self.capacity:
-            return
-        new_slots = max(slots, 2 * self.slots if slots > self.slots else self.slots)
-        new_cap = max(tokens, 2 * self.capacity if tokens > self.capacity else self.capacity)
-        self._allocate(new_slots, new_cap)
-
-    def _allocate(self, new_slots: int, new_cap: int) -> None:
-        """Storage of `new_slots` slots of `new_cap` positions, the rows' kept ones copied."""
+    def _allocate(self, slots: int) -> None:
+        """Storage of `slots` slots, the rows' keys and values copied."""
         layers, heads, dim = self.shape
-        shape = (new_slots, heads, new_cap + 1, dim)
+        shape = (slots, heads, self.capacity + 1, dim)
         fresh = [
             torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2 * layers)
         ]
-        n, cap = len(self.order), self.capacity
+        n = len(self.order)
         for new, old in zip(fresh, self.keys + self.values):
-            new[:n, :, :cap].copy_(old[:n, :, :cap])
-            self.copied += old[:n, :, :cap].nbytes
+            new[:n].copy_(old[:n])
+            self.copied += old[:n].nbytes
         if self.device.type == "cuda":
             # A CUDA graph replays reads and writes of these very buffers instead of copying
             # them into its own inputs (a compiled forward recompiles once per growth).
             for t in fresh:
                 torch._dynamo.mark_static_address(t)
         self.keys, self.values = fresh[:layers], fresh[layers:]
-        self.capacity = new_cap
 
     def slot(self, key: str) -> int:
         return self.order.index(key)
@@ -202,10 +204,6 @@ class SlotCache:
     key: str
     length: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return 0  # the store's bytes are counted once, by the runner
-
     def copy_refs(self) -> SlotCache:
         return replace(self)
 
@@ -255,9 +253,10 @@ class SlotLayer:
 
 
 class SlotStores:
-    """One model's rows in fixed-capacity `SlotStore`s, one per capacity class: the bytes held
-    are the sum of the rows' slots (what admission reserved), whatever their mix of lengths,
-    where one store would give every slot the longest row's capacity."""
+    """One model's rows in `SlotStore`s, one per capacity class: the bytes held are the rows'
+    slots (what admission reserved), whatever their mix of lengths, and spare slots (given up
+    on demand, `release`); one store for every length would give each slot the longest row's
+    capacity."""
 
     def __init__(
         self, layers: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
@@ -281,6 +280,20 @@ class SlotStores:
     @property
     def copied(self) -> int:
         return sum(store.copied for store in self.stores.values())
+
+    @property
+    def spare_bytes(self) -> int:
+        return sum(store.spare_bytes for store in self.stores.values())
+
+    def release(self, nbytes: float) -> int:
+        """Give up spare slots, store by store, until `nbytes` are freed (or none is left);
+        returns the bytes freed."""
+        freed = 0
+        for store in self.stores.values():
+            if freed >= nbytes:
+                break
+            freed += store.release()
+        return freed
 
     def add(self, key: str, tokens: int) -> SlotCache:
         """A slot for a new row that will cache at most `tokens` positions, in the store of

@@ -92,7 +92,7 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)
     forwards: dict[str, int] = field(default_factory=dict)  # rows by kind of forward
     positions: int = 0  # canvas positions computed this step, over all rows
-    cache_bytes: int = 0  # KV cache the running requests hold after the step
+    cache_bytes: int = 0  # KV storage held after the step: running rows' slots, spare ones
     # The prefix caches: totals since they were made, and what they hold after the step.
     prefix: PrefixStats = field(default_factory=PrefixStats)
     prefix_blocks: int = 0
@@ -100,9 +100,10 @@ class EngineStats:
     canvases: list[int] = field(default_factory=list)  # canvases of each request finished now
 
 
-class PrefixCaches:
-    """The served models' prefix caches as the scheduler sees them: bytes held for no running
-    request, given up (least recently used first, model by model) when a request needs them."""
+class HeldKV:
+    """KV bytes the served models hold for no running request, as the scheduler sees them:
+    their slot stores' spare slots and their prefix caches' blocks, given up (spare slots
+    first, then blocks least recently used first, model by model) when a request needs them."""
 
     def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
         self.models = models  # the engine's, as they are now
@@ -111,8 +112,12 @@ class PrefixCaches:
         return [m.prefixes for m in self.models() if m.prefixes is not None]
 
     @property
-    def nbytes(self) -> int:
+    def prefix_bytes(self) -> int:
         return sum(c.nbytes for c in self._caches())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.runner.spare_kv_bytes for m in self.models()) + self.prefix_bytes
 
     def summary(self) -> dict[str, Any]:
         """`EngineStats`' prefix fields: every cache's totals summed, and what they hold."""
@@ -122,10 +127,14 @@ class PrefixCaches:
             for name in PrefixStats.__dataclass_fields__:
                 setattr(totals, name, getattr(totals, name) + getattr(cache.stats, name))
         blocks = sum(len(c.blocks) for c in caches)
-        return {"prefix": totals, "prefix_blocks": blocks, "prefix_bytes": self.nbytes}
+        return {"prefix": totals, "prefix_blocks": blocks, "prefix_bytes": self.prefix_bytes}
 
     def evict(self, nbytes: float) -> int:
         freed = 0
+        for model in self.models():
+            if freed >= nbytes:
+                break
+            freed += model.runner.release_kv(nbytes - freed)
         for cache in self._caches():
             if freed >= nbytes:
                 break
@@ -156,7 +165,7 @@ class Engine:
             config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(first.device)))
         self.scheduler = Scheduler(config)
         self.models: dict[str, ServedModel] = {first.name: first}
-        self.scheduler.shared_kv = PrefixCaches(lambda: self.models.values())
+        self.scheduler.shared_kv = HeldKV(lambda: self.models.values())
         self.first = first
         self._share_prefixes(first)
         self.requests: dict[str, Request] = {}

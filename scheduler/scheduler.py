@@ -31,7 +31,8 @@ class QueueFullError(RuntimeError):
 
 
 class SharedKV(Protocol):
-    """KV bytes held for no running request (the prefix caches), given up on demand."""
+    """KV bytes held for no running request (spare slots, prefix caches), given up on
+    demand."""
 
     @property
     def nbytes(self) -> int: ...
@@ -110,7 +111,7 @@ class Scheduler:
         self._num_waiting = 0
         self._arrival: dict[str, int] = {}  # waiting request id -> arrival order
         self._counter = itertools.count()
-        self.shared_kv: SharedKV = NothingShared()  # the engine's prefix caches
+        self.shared_kv: SharedKV = NothingShared()  # the engine's spare slots, prefix caches
 
     def serve_models(self, count: int) -> None:
         """How many models share the waiting queue (each gets ceil(max_queue / count))."""
@@ -167,6 +168,7 @@ class Scheduler:
         now = time.monotonic()
         with self._lock:
             every = [r for queue in self.waiting.values() for r in queue] + self.running
+            ran = set(map(id, self.running))
             aborted = [r for r in every if r.request_id in self._aborts]
             self._aborts.clear()
             for request in aborted:
@@ -177,7 +179,9 @@ class Scheduler:
                 request.error_code = DEADLINE_EXCEEDED
                 self._finish_locked(request, RequestStatus.FINISHED_ERROR)
             budget = self.config.max_batch_tokens - sum(map(request_cost, self.running))
-            kv_free = self.kv_budget - self.kv_reserved - self.shared_kv.nbytes
+            # The requests ended now hold their KV until the runners drop them after this call.
+            dropping = sum(r.kv_bytes for r in aborted + expired if id(r) in ran)
+            kv_free = self.kv_budget - self.kv_reserved - self.shared_kv.nbytes - dropping
             long_slots = self.config.max_batch_size - self.config.reserved_short
             long_running = sum(map(self.is_long, self.running))
             while len(self.running) < self.config.max_batch_size:

@@ -47,7 +47,19 @@ class Runner(Protocol):
         ...
 
     @property
-    def cache_bytes(self) -> int: ...
+    def cache_bytes(self) -> int:
+        """Bytes of KV storage held now: the running rows' slots and spare ones."""
+        ...
+
+    @property
+    def spare_kv_bytes(self) -> int:
+        """Bytes of KV storage no running row holds."""
+        ...
+
+    def release_kv(self, nbytes: float) -> int:
+        """Give up spare KV storage until `nbytes` are freed (or none is left); returns the
+        bytes freed."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -166,10 +178,6 @@ class CachedRowsRunner(ABC):
         self.rows.pop(request_id, None)
         if self.prefix_cache is not None:
             self.prefix_cache.detach(request_id)
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(row.cache.nbytes for row in self.rows.values())
 
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
         """Advance every request by one step; a failed batch retries each row alone from its

@@ -157,7 +157,7 @@ class Metrics:
         )
         self.kv_cache_bytes = Gauge(
             "marble_kv_cache_bytes",
-            "Bytes of KV cache the running requests hold.",
+            "Bytes of KV storage held: the running requests' slots and spare ones.",
             registry=r,
         )
         self.prefix_blocks = Counter(

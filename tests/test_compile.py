@@ -110,7 +110,8 @@ def test_block_causal_slot_forward_matches_eager(family: str) -> None:
     model, _ = _cut(family)
     compiled = CompiledSlots(model, BACKEND, model.cfg.max_position_embeddings)
     cpu = torch.device("cpu")
-    store = SlotStore(len(model.layers), model.kv_heads, model.head_dim, cpu, torch.float32)
+    shape = (len(model.layers), model.kv_heads, model.head_dim)
+    store = SlotStore(*shape, cpu, torch.float32, capacity=64)
     torch.manual_seed(0)
     lengths = {"a": 5, "b": 9, "c": 12}  # cached positions per row, written eagerly first
     for key, n in lengths.items():

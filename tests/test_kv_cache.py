@@ -69,9 +69,14 @@ def test_finish_and_abort_give_the_cache_back(llada_dir):
     assert a.kv_bytes == _slot(a) * engine.first.kv_bytes_per_token > 0 and plain.kv_bytes == 0
     _run_some(engine, 2, a, a2, b, plain)
     assert engine.runner.cache_bytes == a.kv_bytes + a2.kv_bytes + b.kv_bytes == _held(engine)
+    assert engine.runner.spare_kv_bytes == 0
     engine.abort(a.request_id)  # the first slot of its store: a2 moves into it
     engine.step()
-    assert engine.runner.cache_bytes == a2.kv_bytes + b.kv_bytes == _held(engine)
+    assert _held(engine) == a2.kv_bytes + b.kv_bytes
+    assert engine.runner.spare_kv_bytes == a.kv_bytes  # its slot, left for the next request
+    assert engine.runner.cache_bytes == _held(engine) + a.kv_bytes
+    assert engine.runner.release_kv(1) == a.kv_bytes and engine.runner.spare_kv_bytes == 0
+    assert engine.runner.cache_bytes == _held(engine)
     while engine.has_unfinished():
         engine.step()
     assert engine.runner.cache_bytes == 0 and not engine.runner.rows
@@ -168,13 +173,40 @@ def test_a_row_whose_slot_moves_goes_on_as_it_would_alone(llada_dir):
     moved = engine.add(engine.make_request("hello here", CACHED.replace(cache="prefix")))
     early = [(o.forward, o.tokens) for o in engine.step() if o.request_id == moved.request_id]
     early += [(o.forward, o.tokens) for o in engine.step() if o.request_id == moved.request_id]
-    (store,) = engine.runner.stores.values()
+    (store,) = engine.runner.stores.stores.values()
     assert store.order.index(f"{moved.request_id}\x000") == 1
     engine.abort(first.request_id)
+    early += [(o.forward, o.tokens) for o in engine.step() if o.request_id == moved.request_id]
+    assert store.order == [f"{moved.request_id}\x000"] and engine.runner.release_kv(1) > 0
     later = trace(engine, moved.request_id)
-    assert store.slots == 0 or store.order == [f"{moved.request_id}\x000"]
 
     alone = tiny_engine(llada_dir)
     again = alone.add(alone.make_request("hello here", CACHED.replace(cache="prefix")))
     assert early + later == trace(alone, again.request_id)
     assert {kind for kind, _ in later} >= {"prefix_cached"}
+
+
+def test_a_spare_slot_counts_against_the_budget_and_yields_to_a_request(llada_dir):
+    """An aborted row leaves its slot spare: the budget counts it, and a request of another
+    class that needs the room gets it at once, while the spare slot's store still runs."""
+    probe = tiny_engine(llada_dir)
+    short = probe.make_request("hello there", CACHED)
+    long = probe.make_request("a longer prompt than the other one", CACHED)
+    assert capacity_class(short.canvas_len) != capacity_class(long.canvas_len)
+    engine = tiny_engine(llada_dir, max_kv_bytes=short.kv_bytes + long.kv_bytes)
+    first = engine.make_request("hello there", CACHED)
+    second = engine.make_request("hello here", CACHED)
+    _run_some(engine, 1, first, second)
+    waiting = engine.make_request("a longer prompt than the other one", CACHED)
+    _run_some(engine, 1, waiting)
+    assert engine.scheduler.num_waiting == 1  # two short slots leave no room for it
+    engine.abort(first.request_id)
+    engine.step()  # its slot is the runner's until the step's end: no room yet
+    assert engine.scheduler.num_waiting == 1
+    assert engine.runner.spare_kv_bytes == first.kv_bytes
+    assert engine.runner.cache_bytes <= engine.scheduler.kv_budget
+    engine.step()
+    running = {r.request_id for r in engine.scheduler.running}
+    assert running == {second.request_id, waiting.request_id}
+    assert engine.runner.spare_kv_bytes == 0  # given up for it
+    assert engine.runner.cache_bytes == _held(engine) <= engine.scheduler.kv_budget

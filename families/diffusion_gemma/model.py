@@ -345,9 +345,7 @@ class DiffusionGemma(nn.Module):
         return out
 
     @torch.no_grad()
-    def encode_slots(
-        self, ids: Tensor, positions: Tensor, slots: dict[bool, SlotGroups]
-    ) -> Tensor:
+    def encode_slots(self, ids: Tensor, positions: Tensor, slots: dict[bool, SlotGroups]) -> Tensor:
         """`encode` into slots (`cache[sliding]` per layer kind) that hold absolute positions
         0.. in order: ids [B, T] at positions [B, T] that follow each row's cache are written
         after it -> hidden [B, T, H]. The caller advances the rows' lengths."""

@@ -142,6 +142,16 @@ class UniformRunner(CachedRowsRunner):
     def cache_bytes(self) -> int:
         return sum(store.nbytes for store in self.stores.values())
 
+    @property
+    def spare_kv_bytes(self) -> int:
+        return sum(store.spare_bytes for store in self.stores.values())
+
+    def release_kv(self, nbytes: float) -> int:
+        """Every layer kind's spare slots alike (their stores hold the rows in one order)."""
+        if self.spare_kv_bytes == 0:
+            return 0
+        return sum(store.release(float("inf")) for store in self.stores.values())
+
     def _slots(self, keys: list[str], lengths: list[int], width: int) -> dict[bool, SlotGroups]:
         """Every store's batch for rows `keys` writing `width` positions after their caches."""
         widths = [width] * len(keys)

@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from marble.families.masked.compiled import CompiledCached
 from marble.families.masked.model import Denoiser, KeyValues
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotStore, capacity_class
+from marble.model.kv_slots import SlotStore, SlotStores
 from marble.model.sampling import (
     Confidence,
     HostKnobs,
@@ -153,7 +153,9 @@ class ModelRunner:
         # A caching row's keys and values: one slot per forward unit (`_unit_key`), [Hkv, L, Dh]
         # per layer from its block-start forward, read in place by its cached steps; a store
         # per capacity class, each holding exactly its rows' slots (what admission reserved).
-        self.stores: dict[int, SlotStore] = {}
+        cfg = model.cfg
+        shape = (len(model.layers), cfg.n_kv_heads, cfg.head_dim)
+        self.stores = SlotStores(*shape, self.device, self.dtype)
 
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every cached forward (prefix and dual) compiled from now on."""
@@ -171,27 +173,24 @@ class ModelRunner:
         self.rows[request.request_id] = _Row(canvas, generator, allowed)
         if request.params.cache != "none":
             for uncond in (False, True)[: 1 + (request.params.cfg_scale > 0)]:
-                self._store(len(canvas)).add(_unit_key(request.request_id, uncond), len(canvas))
-
-    def _store(self, length: int) -> SlotStore:
-        """The store of the capacity class of canvases of `length` positions."""
-        capacity = capacity_class(length)
-        if capacity not in self.stores:
-            cfg = self.model.cfg
-            shape = (len(self.model.layers), cfg.n_kv_heads, cfg.head_dim)
-            self.stores[capacity] = SlotStore(*shape, self.device, self.dtype, capacity)
-        return self.stores[capacity]
+                self.stores.add(_unit_key(request.request_id, uncond), len(canvas))
 
     def remove(self, request_id: str) -> None:
-        row = self.rows.pop(request_id, None)
-        if row is not None:
-            for uncond in (False, True):
-                self._store(len(row.canvas)).remove(_unit_key(request_id, uncond))
+        self.rows.pop(request_id, None)
+        for uncond in (False, True):
+            self.stores.remove(_unit_key(request_id, uncond))
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of key and value storage held now for the running rows."""
-        return sum(store.nbytes for store in self.stores.values())
+        """Bytes of key and value storage held now: the running rows' slots and spare ones."""
+        return self.stores.nbytes
+
+    @property
+    def spare_kv_bytes(self) -> int:
+        return self.stores.spare_bytes
+
+    def release_kv(self, nbytes: float) -> int:
+        return self.stores.release(nbytes)
 
     def forward_kind(self, request: Request) -> str:
         """The forward `request` takes next: full unless it caches and its cache is this
@@ -669,8 +668,7 @@ class ModelRunner:
                     continue
                 off = pads[i]
                 parts = [k[i, :, off:] for k, _ in keep] + [v[i, :, off:] for _, v in keep]
-                store = self._store(len(rows[b].canvas))
-                store.write(_unit_key(requests[b].request_id, uncond), 0, parts)
+                self.stores.write(_unit_key(requests[b].request_id, uncond), 0, parts)
                 rows[b].cache_block = requests[b].block_index
         return list(hidden.unbind(0)), [len(x) for x in seqs]
 
@@ -699,15 +697,14 @@ class ModelRunner:
                 else r.gen_start + r.current_block[1]
             )
             spans.append((q0, q1))
-        by_store: dict[int, list[int]] = {}
-        for i, (b, _) in enumerate(units):
-            by_store.setdefault(capacity_class(len(rows[b].canvas)), []).append(i)
+        by_store: dict[int, tuple[SlotStore, list[int]]] = {}
+        for i, (b, uncond) in enumerate(units):
+            store = self.stores.store(_unit_key(requests[b].request_id, uncond))
+            by_store.setdefault(store.capacity, (store, []))[1].append(i)
         hidden: dict[int, Tensor] = {}
-        for capacity, index in by_store.items():
+        for store, index in by_store.values():
             picked = [units[i] for i in index]
-            out = self._cached_in(
-                self.stores[capacity], requests, picked, [spans[i] for i in index], cols
-            )
+            out = self._cached_in(store, requests, picked, [spans[i] for i in index], cols)
             hidden.update(zip(index, out))
         return [hidden[i] for i in range(len(units))], [q1 - q0 for q0, q1 in spans]
 

@@ -1,15 +1,15 @@
 """Bytes of cached keys and values copied per engine step, and the step's time, per family
 (LLaDA2, SDAR, DiffusionGemma, and the masked family: LLaDA with the dual cache) on random
 models built from the tiny reference configs at wider shapes, `--batch` rows with
-`--prompt`-token prompts in steady state (past every prefill; the masked rows between block
-starts).
+`--prompt`-token prompts (`--mixed`: a spread of lengths up to it, rows in several slot
+stores) in steady state (past every prefill; the masked rows between block starts).
 
 Copies are counted by a torch dispatch mode: the output bytes of copying ops (cat, stack, pad,
-gather, copy_, clone) shaped like keys or values ([B, Hkv, S, Dh], or one row's [Hkv, S, Dh]) with
-S longer than one window,
-so it measures any version of the code. Each measurement runs in a fresh process; `--before
-DIR` alternates it with the same measurement on another tree (DIR holds a `marble` package, e.g.
-an export of HEAD), `--repeats` times, and prints both (fastest step of each) and their ratios.
+gather, copy_, clone) shaped like keys or values ([B, Hkv, S, Dh], or one row's [Hkv, S, Dh])
+with S longer than one window, so it measures any version of the code. Each measurement runs
+in a fresh process; `--before DIR` alternates it with the same measurement on another tree (DIR
+holds a `marble` package, e.g. an export of HEAD), `--repeats` times, and prints both (fastest
+step of each) and their ratios.
 
     python benchmarks/kv_copies.py
     python benchmarks/kv_copies.py --before /tmp/before_h3pkg --batch 8
@@ -175,7 +175,9 @@ def measure(family: str, args: argparse.Namespace) -> dict[str, float]:
     mask = engine.first.special.mask  # a masked family refuses it in a prompt
     for i in range(args.batch):
         g = torch.Generator().manual_seed(i)
-        prompt = torch.randint(10, vocab, (args.prompt,), generator=g).tolist()
+        # --mixed: row i's prompt is (i + 1) / batch of --prompt, a spread of lengths.
+        length = args.prompt * (i + 1) // args.batch if args.mixed else args.prompt
+        prompt = torch.randint(10, vocab, (length,), generator=g).tolist()
         prompt = [t + 1 if t == mask else t for t in prompt]
         engine.add(engine.make_request(prompt, params.replace(seed=i)))
     for _ in range(args.warmup):
@@ -220,6 +222,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--gen", type=int, default=256)
+    parser.add_argument(
+        "--mixed", action="store_true", help="prompts from --prompt / batch up to --prompt"
+    )
     parser.add_argument("--block", type=int, default=32, help="block length / DG canvas")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256)
@@ -250,7 +255,8 @@ def main() -> None:
                 old = _measure_in(args.before, family)
                 before[family] = min(before.get(family, old), old, key=lambda m: m["ms"])
     print(
-        f"batch {args.batch}, prompt {args.prompt}, block/canvas {args.block}, "
+        f"batch {args.batch}, prompt {args.prompt}{' (mixed)' * args.mixed}, "
+        f"block/canvas {args.block}, "
         f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads over "
         f"{args.kv_heads} KV heads; {args.device} {args.dtype}, {args.threads} threads"
     )

@@ -21,12 +21,12 @@ from torch import Tensor
 
 
 def capacity_class(tokens: int) -> int:
-    """The capacity of the fixed-capacity store a row of `tokens` positions goes to: the
-    smallest 2^k or 3 * 2^(k-1) (at least 16) that holds them, so a slot wastes under a third
-    of itself and rows of similar lengths share a store."""
+    """The capacity of the store a row of `tokens` positions goes to: the smallest 2^k, 1.25,
+    1.5 or 1.75 x 2^k (at least 16) that holds them, so a slot wastes at most a fifth of itself
+    and rows of similar lengths share a store."""
     size = 16
     while size < tokens:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
+        size += (1 << (size.bit_length() - 1)) // 4
     return size
 
 

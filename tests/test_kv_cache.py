@@ -52,10 +52,27 @@ def _slot(request) -> int:
     return capacity_class(request.canvas_len) + 1
 
 
-def test_capacity_classes_are_the_smallest_of_two_per_octave():
+def test_capacity_classes_are_the_smallest_of_four_per_octave():
     sizes = [capacity_class(n) for n in range(1, 200)]
-    assert sorted(set(sizes)) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
-    assert all(n <= capacity_class(n) < max(16, 1.5 * n) + 1 for n in range(1, 5000))
+    assert sorted(set(sizes)) == [
+        16,
+        20,
+        24,
+        28,
+        32,
+        40,
+        48,
+        56,
+        64,
+        80,
+        96,
+        112,
+        128,
+        160,
+        192,
+        224,
+    ]
+    assert all(n <= capacity_class(n) < max(16, 1.25 * n) + 1 for n in range(1, 5000))
 
 
 def test_finish_and_abort_give_the_cache_back(llada_dir):

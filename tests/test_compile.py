@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 from marble.families.diffusion_gemma.compiled import CompiledDecode
 from marble.families.diffusion_gemma.runner import UniformRunner
 from marble.families.masked.compiled import CompiledCached
+from marble.families.masked.model import CachedPart
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import LENGTH_FLOOR, bucket, shape_bound
 from marble.model.default import CHECKPOINT_DIR
@@ -99,8 +100,10 @@ def test_masked_cached_forward_matches_eager() -> None:
         mask[0, -3:] = False
         gather = torch.arange(8).expand(b, 8)
         copies = [(k.clone(), v.clone()) for k, v in cache]  # eager writes its queries in place
-        eager = model.forward_cached(ids, positions, copies, positions, mask, gather, False)
-        _close(compiled(ids, positions, cache, positions, mask, gather), eager)
+        eager_part = CachedPart(slice(None), copies, mask)
+        eager = model.forward_cached(ids, positions, [eager_part], positions, gather, False)
+        part = CachedPart(slice(None), cache, mask)
+        _close(compiled(ids, positions, part, positions, gather), eager)
     assert compiled.forward.compiles == 2 == _graphs() - before
 
 

@@ -57,7 +57,7 @@ class ScriptedModel(nn.Module):
     ):
         return self._script(position_ids.gather(1, gather))
 
-    def forward_cached(self, ids, position_ids, cache, slots, key_mask, gather, project=True):
+    def forward_cached(self, ids, position_ids, parts, slots, gather, project=True):
         return self._script(position_ids.gather(1, gather))
 
     def project(self, hidden, out=None):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from marble.families.masked.config import preset
-from marble.families.masked.model import Denoiser
+from marble.families.masked.model import CachedPart, Denoiser
 from marble.model.kv_slots import capacity_class
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
@@ -32,7 +32,8 @@ def test_cached_forward_on_an_unchanged_canvas_is_the_full_forward(shift: bool):
             cache = [(k.clone(), v.clone()) for k, v in keep]
             span = torch.arange(q0, q1).expand(2, -1)
             gather = torch.arange(q1 - q0).expand(2, -1)
-            out = model.forward_cached(ids[:, q0:q1], span, cache, span, None, gather)
+            part = CachedPart(slice(None), cache)
+            out = model.forward_cached(ids[:, q0:q1], span, [part], span, gather)
             assert (out - full[:, q0:q1]).abs().max() < 1e-4
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from marble.families.masked.model import Denoiser, KeyValues
+from marble.families.masked.model import CachedPart, Denoiser
 from marble.model.compiled_forward import LENGTH_FLOOR, CompiledForward, bucket, pad_to, shape_bound
 
 MAX_BATCH = 64  # the batch the recompile bound is stated for (rows past it only add buckets)
 
 
 class CompiledCached:
-    """Call as `Denoiser.forward_cached(..., project=False)`: hidden states [B, W, D]."""
+    """Call as `Denoiser.forward_cached(..., project=False)` over one part (one store's rows,
+    every row of the batch): hidden states [B, W, D]."""
 
     def __init__(self, model: Denoiser, backend: str) -> None:
         self.model = model
@@ -37,21 +38,19 @@ class CompiledCached:
         key_mask: Tensor,
         gather: Tensor,
     ) -> Tensor:
-        cache = list(zip(keys, values, strict=True))
-        return self.model.forward_cached(
-            ids, positions, cache, slots, key_mask, gather, project=False
-        )
+        part = CachedPart(slice(None), list(zip(keys, values, strict=True)), key_mask)
+        return self.model.forward_cached(ids, positions, [part], slots, gather, project=False)
 
     def __call__(
         self,
         ids: Tensor,
         positions: Tensor,
-        cache: list[KeyValues],
+        part: CachedPart,
         slots: Tensor,
-        key_mask: Tensor | None,
         gather: Tensor,
     ) -> Tensor:
         b, q = ids.shape
+        cache, key_mask = part.layers, part.key_mask
         heads, k_len, dim = cache[0][0].shape[1:]
         bb, qb = bucket(b), bucket(q, LENGTH_FLOOR)
         kb = bucket(k_len + 1, LENGTH_FLOOR)  # at least one spare slot past every real key

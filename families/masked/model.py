@@ -8,11 +8,14 @@ vocabularies.
 Two kinds of forward: `forward` runs every position (and can hand back each layer's keys and
 values, RoPE applied, to serve as a KV cache); `forward_cached` runs only some query positions
 against such keys and values, writing the queries' fresh keys and values over theirs first
-(Fast-dLLM's prefix and dual cache are the two choices of query range). Knows nothing about
+(Fast-dLLM's prefix and dual cache are the two choices of query range), each part of its rows
+over its own store's (`CachedPart`). Knows nothing about
 masks-as-tokens, sampling or requests.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,16 @@ from marble.model.layers import GatedMLP, RMSNorm, apply_rotary, rotary_tables
 
 # One layer's keys (RoPE applied at their positions) and values, [B, Hkv, K, Dh] each.
 KeyValues = tuple[Tensor, Tensor]
+
+
+@dataclass
+class CachedPart:
+    """Some rows of a cached forward (a slice of its batch) and the keys and values they read,
+    one store's: each layer's [n, Hkv, K, Dh], and key_mask [n, K] (True = a key) or None."""
+
+    rows: slice
+    layers: list[KeyValues]
+    key_mask: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -41,35 +54,53 @@ class Attention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         attn_mask: Tensor | None,
-        cached: KeyValues | None = None,
+        cached: list[tuple[slice, KeyValues, Tensor | None]] | None = None,
         slots: Tensor | None = None,
         keep: list[KeyValues] | None = None,
     ) -> Tensor:
         """x [B, Q, D], attn_mask bool [B, 1, 1, K] (True = attend) or None -> [B, Q, D].
 
-        Without `cached` the queries are the keys. With it, the queries' fresh keys and values
-        are written into `cached` [B, Hkv, K, Dh] at `slots` [B, Q] (in place: a scratch copy)
-        and every query attends over all K. `keep` collects this layer's keys and values."""
+        Without `cached` the queries are the keys. With it, per part (rows, (keys, values)
+        [n, Hkv, K, Dh], mask [n, 1, 1, K] or None) the rows' fresh keys and values are written
+        into the part's at `slots` [B, Q] (in place: a scratch copy) and its queries attend over
+        all its K. `keep` collects this layer's keys and values."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cached is not None:
-            assert slots is not None
-            index = slots[:, None, :, None].expand(-1, self.n_kv_heads, -1, self.head_dim)
-            if torch.compiler.is_compiling():
-                # Same values, no input mutated: a CUDA graph skips a graph that writes one.
-                k, v = cached[0].scatter(2, index, k), cached[1].scatter(2, index, v)
-            else:
-                k = cached[0].scatter_(2, index, k)
-                v = cached[1].scatter_(2, index, v)
         if keep is not None:
             keep.append((k, v))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        if cached is None:
+            out = self._attend(q, k, v, attn_mask)
+        else:
+            assert slots is not None
+            outs = [self._attend_cached(q, k, v, slots, part) for part in cached]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        gqa = self.n_heads != self.n_kv_heads
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+
+    def _attend_cached(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        slots: Tensor,
+        part: tuple[slice, KeyValues, Tensor | None],
+    ) -> Tensor:
+        """A part's queries over its keys and values, the rows' fresh ones written in first."""
+        rows, (keys, values), mask = part
+        index = slots[rows, None, :, None].expand(-1, self.n_kv_heads, -1, self.head_dim)
+        if torch.compiler.is_compiling():
+            # Same values, no input mutated: a CUDA graph skips a graph that writes one.
+            keys, values = keys.scatter(2, index, k[rows]), values.scatter(2, index, v[rows])
+        else:
+            keys = keys.scatter_(2, index, k[rows])
+            values = values.scatter_(2, index, v[rows])
+        return self._attend(q[rows], keys, values, mask)
 
 
 class Block(nn.Module):
@@ -85,7 +116,7 @@ class Block(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         attn_mask: Tensor | None,
-        cached: KeyValues | None = None,
+        cached: list[tuple[slice, KeyValues, Tensor | None]] | None = None,
         slots: Tensor | None = None,
         keep: list[KeyValues] | None = None,
     ) -> Tensor:
@@ -180,9 +211,8 @@ class Denoiser(nn.Module):
         self,
         input_ids: Tensor,
         position_ids: Tensor,
-        cache: list[KeyValues],
+        parts: list[CachedPart],
         slots: Tensor,
-        key_mask: Tensor | None,
         gather: Tensor,
         project: bool = True,
     ) -> Tensor:
@@ -190,13 +220,14 @@ class Denoiser(nn.Module):
         rows `gather` [B, W] (no alignment shift: the caller picks the rows), or the hidden
         states there [B, W, D] with `project=False`.
 
-        `cache` holds each layer's keys and values [B, Hkv, K, Dh], overwritten in place at
-        `slots` [B, Q] by the queries' own; key_mask [B, K] (True = a key) or None."""
+        Each part's rows attend over its keys and values, overwritten in place at `slots`
+        [B, Q] (columns of the row's part) by the queries' own."""
         rope = rotary_tables(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        masks = [None if p.key_mask is None else p.key_mask[:, None, None, :] for p in parts]
         x = self.embed(input_ids)
-        for layer, cached in zip(self.layers, cache):
-            x = layer(x, rope, attn_mask, cached, slots)
+        for i, layer in enumerate(self.layers):
+            cached = [(p.rows, p.layers[i], mask) for p, mask in zip(parts, masks)]
+            x = layer(x, rope, None, cached, slots)
         x = self.norm(x)
         x = x.gather(1, gather[..., None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(x) if project else x

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from marble.families.masked.compiled import CompiledCached
-from marble.families.masked.model import Denoiser, KeyValues
+from marble.families.masked.model import CachedPart, Denoiser, KeyValues
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotStore, SlotStores
 from marble.model.sampling import (
@@ -681,11 +681,11 @@ class ModelRunner:
         starts: list[int],
         cols: Tensor,
     ) -> tuple[list[Tensor], list[int]]:
-        """The hidden states of `units` at their window columns `cols` from forwards over
-        their query positions against the keys and values their slots hold, one forward per
-        store: the current block onward (prefix) or the block alone (dual). For a model whose
-        logits are shifted (Dream scores position p with the output at p - 1), the queries
-        start one earlier."""
+        """The hidden states of `units` at their window columns `cols` from one forward over
+        their query positions against the keys and values their slots hold, each store's rows
+        a part (`_part`): the current block onward (prefix) or the block alone (dual). For a
+        model whose logits are shifted (Dream scores position p with the output at p - 1), the
+        queries start one earlier."""
         shift = 1 if self.model.cfg.shift_logits else 0
         spans = []
         for b, _ in units:
@@ -701,48 +701,28 @@ class ModelRunner:
         for i, (b, uncond) in enumerate(units):
             store = self.stores.store(_unit_key(requests[b].request_id, uncond))
             by_store.setdefault(store.capacity, (store, []))[1].append(i)
-        hidden: dict[int, Tensor] = {}
-        for store, index in by_store.values():
-            picked = [units[i] for i in index]
-            out = self._cached_in(store, requests, picked, [spans[i] for i in index], cols)
-            hidden.update(zip(index, out))
-        return [hidden[i] for i in range(len(units))], [q1 - q0 for q0, q1 in spans]
-
-    def _cached_in(
-        self,
-        store: SlotStore,
-        requests: list[Request],
-        units: list[tuple[int, bool]],
-        spans: list[tuple[int, int]],
-        cols: Tensor,
-    ) -> list[Tensor]:
-        """One cached forward over the query spans [q0, q1) of `units`, whose slots are in
-        `store`. The slots are read and written in place (every query slot is rewritten before
-        it is read, at every cached step), so nothing kept is copied. The forward spans the
-        fewest consecutive slots holding the units; a slot in that span without a unit this
-        step (its row takes a full forward, or is not stepping) rides along as padding, whose
-        queries write only a column no row reads."""
-        dev = self.device
-        keys = [_unit_key(requests[b].request_id, uncond) for b, uncond in units]
-        first, count = store.span(keys)
-        held = store.order[first : first + count]
-        lengths = [len(self.rows[_row_of(key)].canvas) for key in held]
-        if count == 1:  # alone, no padding: exactly its keys
-            columns, key_mask = lengths[0], None
-        else:
-            columns = max(lengths) + 1  # the last column is past every row's keys
-            key_mask = (
-                torch.arange(columns, device=dev)[None, :]
-                < torch.tensor(lengths, device=dev)[:, None]
-            )
         q_len = max(q1 - q0 for q0, q1 in spans)
-        ids = torch.full((count, q_len), self.pad_id, dtype=torch.long, device=dev)
-        positions = torch.zeros((count, q_len), dtype=torch.long, device=dev)
-        slots = torch.full((count, q_len), columns - 1, dtype=torch.long, device=dev)
-        gather = torch.zeros((count, cols.shape[1]), dtype=torch.long, device=dev)
-        at = [held.index(key) for key in keys]
+        parts, pads, at = [], [], [0] * len(units)
+        for store, index in by_store.values():
+            keys = [_unit_key(requests[units[i][0]].request_id, units[i][1]) for i in index]
+            start = parts[-1].rows.stop if parts else 0
+            full = all(spans[i][1] - spans[i][0] == q_len for i in index)
+            part, pad = self._part(store, keys, start, full)
+            pads.append(pad)
+            first, _ = store.span(keys)
+            for i, key in zip(index, keys):
+                at[i] = start + store.slot(key) - first
+            parts.append(part)
+        dev = self.device
+        total = parts[-1].rows.stop
+        ids = torch.full((total, q_len), self.pad_id, dtype=torch.long, device=dev)
+        positions = torch.zeros((total, q_len), dtype=torch.long, device=dev)
+        slots = torch.zeros((total, q_len), dtype=torch.long, device=dev)
+        for part, pad in zip(parts, pads):
+            slots[part.rows] = pad
+        gather = torch.zeros((total, cols.shape[1]), dtype=torch.long, device=dev)
         for i, ((b, uncond), (q0, q1)) in enumerate(zip(units, spans)):
-            canvas = self._unit_ids(requests[b], self.rows[requests[b].request_id], uncond)
+            canvas = self._unit_ids(requests[b], rows[b], uncond)
             span = torch.arange(q0, q1, device=dev)
             ids[at[i], : q1 - q0] = canvas[q0:q1]
             positions[at[i], : q1 - q0] = span
@@ -750,14 +730,39 @@ class ModelRunner:
             # Window column c is query row c: the queries start at the block (one earlier,
             # shifted).
             gather[at[i]] = cols[b]
-        layers = store.view(first, count, columns)
         if self._compiled is None:
-            hidden = self.model.forward_cached(
-                ids, positions, layers, slots, key_mask, gather, project=False
+            hidden = self.model.forward_cached(ids, positions, parts, slots, gather, project=False)
+        else:  # one compiled forward per store: each sees one part's shapes
+            hidden = torch.cat(
+                [
+                    self._compiled(ids[p.rows], positions[p.rows], p, slots[p.rows], gather[p.rows])
+                    for p in parts
+                ]
             )
+        return [hidden[a] for a in at], [q1 - q0 for q0, q1 in spans]
+
+    def _part(
+        self, store: SlotStore, keys: list[str], start: int, full: bool
+    ) -> tuple[CachedPart, int]:
+        """A cached forward's rows from `start` on for the units `keys` of `store` (`full`:
+        their queries fill the forward's width): the fewest consecutive slots holding them,
+        read and written in place (every query slot is rewritten before it is read, at every
+        cached step), so nothing kept is copied. A slot in that span without a unit this step
+        (its row takes a full forward, or is not stepping) rides along as padding; padding
+        queries write only the column returned, which no row reads."""
+        first, count = store.span(keys)
+        held = store.order[first : first + count]
+        lengths = [len(self.rows[_row_of(key)].canvas) for key in held]
+        if count == 1 and full:  # no padding: exactly its keys
+            columns, key_mask = lengths[0], None
         else:
-            hidden = self._compiled(ids, positions, layers, slots, key_mask, gather)
-        return [hidden[a] for a in at]
+            columns = max(lengths) + 1  # the last column is past every row's keys
+            key_mask = (
+                torch.arange(columns, device=self.device)[None, :]
+                < torch.tensor(lengths, device=self.device)[:, None]
+            )
+        layers = store.view(first, count, columns)
+        return CachedPart(slice(start, start + count), layers, key_mask), columns - 1
 
     def _counts(self, requests: list[Request], masked_now: Tensor) -> Tensor:
         """Tokens each count-rule row commits this step [B] (ignored for threshold rows), from

@@ -16,7 +16,7 @@ from torch import Tensor
 from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotCache, SlotStores, capacity_class
+from marble.model.kv_slots import HeldInStores, SlotCache, SlotStores, capacity_class
 from marble.model.prefix_cache import Block
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
@@ -66,7 +66,7 @@ class BlockRow:
         return replace(self, cache=self.cache.copy_refs())
 
 
-class BlockCausalRunner(CachedRowsRunner):
+class BlockCausalRunner(CachedRowsRunner, HeldInStores):
     """A block-causal family's runner, less its step (`_step`, over `self.rows`)."""
 
     def __init__(self, model: BlockCausalStack, mask_id: int, pad_id: int, vocab_limit: int):
@@ -95,17 +95,6 @@ class BlockCausalRunner(CachedRowsRunner):
 
     def read_prefix(self, key: str, start: int, length: int) -> Block:
         return (self.stores.read(key, start, length),)
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.stores.nbytes
-
-    @property
-    def spare_kv_bytes(self) -> int:
-        return self.stores.spare_bytes
-
-    def release_kv(self, nbytes: float) -> int:
-        return self.stores.release(nbytes)
 
     def new_row_state(self, request: Request) -> tuple[torch.Generator, SlotCache, Tensor]:
         """A new row's generator, empty cache and canvas: the prompt, then masks through the

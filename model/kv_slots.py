@@ -348,6 +348,24 @@ class SlotStores:
         return SlotGroups(order, parts)
 
 
+class HeldInStores:
+    """The KV accounting of a runner whose rows' keys and values live in `self.stores`."""
+
+    stores: SlotStores
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of KV storage held now: the running rows' slots and spare ones."""
+        return self.stores.nbytes
+
+    @property
+    def spare_kv_bytes(self) -> int:
+        return self.stores.spare_bytes
+
+    def release_kv(self, nbytes: float) -> int:
+        return self.stores.release(nbytes)
+
+
 @dataclass
 class SlotGroups:
     """One step's rows across a model's stores: batch row r is the caller's row `order[r]`,

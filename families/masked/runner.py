@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from marble.families.masked.compiled import CompiledCached
 from marble.families.masked.model import CachedPart, Denoiser, KeyValues
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotStore, SlotStores
+from marble.model.kv_slots import HeldInStores, SlotStore, SlotStores
 from marble.model.sampling import (
     Confidence,
     HostKnobs,
@@ -134,7 +134,7 @@ def _row_of(unit_key: str) -> str:
     return unit_key.rsplit("\x00", 1)[0]
 
 
-class ModelRunner:
+class ModelRunner(HeldInStores):
     def __init__(self, model: Denoiser, mask_id: int, pad_id: int, vocab_limit: int) -> None:
         self.model = model
         self.mask_id = mask_id
@@ -179,18 +179,6 @@ class ModelRunner:
         self.rows.pop(request_id, None)
         for uncond in (False, True):
             self.stores.remove(_unit_key(request_id, uncond))
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of key and value storage held now: the running rows' slots and spare ones."""
-        return self.stores.nbytes
-
-    @property
-    def spare_kv_bytes(self) -> int:
-        return self.stores.spare_bytes
-
-    def release_kv(self, nbytes: float) -> int:
-        return self.stores.release(nbytes)
 
     def forward_kind(self, request: Request) -> str:
         """The forward `request` takes next: full unless it caches and its cache is this

@@ -5,7 +5,9 @@ previous response ending) and its body within `body_timeout_s` of its headers: b
 are absolute, so a byte every few seconds does not extend them. At most `max_connections` are
 kept: one more closes the oldest idle connection (no request in progress) or, when none is
 idle, is answered 503 and closed, so descriptors never run out and `accept()` never fails.
-Knows nothing of the application.
+Only a health probe (`GET` or `HEAD` of one of `probe_paths`) still gets through a full table,
+on one of PROBE_ROOM connections kept aside, so an orchestrator does not restart a replica
+whose connections are all busy streaming. Knows nothing of the application but those paths.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ LISTEN_QUEUE = 2048
 # Descriptors set aside beside the connections: checkpoint and tokenizer files, logs, the
 # engine's threads, and the accept-and-refuse path (see ACCEPT_BURST).
 RESERVE = 4 * ACCEPT_BURST + 64
+# Connections past the cap that may wait for their request line, to be served if it is a
+# probe's (then closed) and refused otherwise: a few probers at once, within RESERVE.
+PROBE_ROOM = 8
 
 C = TypeVar("C")
 
@@ -48,6 +53,7 @@ class ConnectionLimits:
     body_timeout_s: float
     max_connections: int
     retry_after_s: int = 1
+    probe_paths: tuple[str, ...] = ("/health", "/live")
 
 
 def widen_listen_queue(sockets: list[socket.socket]) -> None:
@@ -154,6 +160,7 @@ def connection_guarded(base: type[asyncio.Protocol], limits: ConnectionLimits) -
     """`base` (a uvicorn HTTP protocol) with the deadlines and the cap; one class per server,
     whose connections share one table."""
     table: ConnectionTable[Any] = ConnectionTable(limits.max_connections)
+    probes: set[Any] = set()  # connections past the cap waiting to show they are probes
     refusal = raw_error(
         503,
         "the server is at its connection limit; retry shortly",
@@ -180,14 +187,18 @@ def connection_guarded(base: type[asyncio.Protocol], limits: ConnectionLimits) -
         _waiting = "headers"  # "headers", "body", or "" while a request is being answered
         _waiting_for: object = None  # the request cycle whose body is awaited
         _partial = False  # some bytes of the next request have arrived
+        _probe: bytes | None = None  # past the cap: what arrived before its request line
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             victim = table.admit(self)
+            if victim is self and len(probes) < PROBE_ROOM:
+                probes.add(self)
+                self._probe = b""
+                self._await("headers", None, limits.header_timeout_s)
+                return
             if victim is self:
-                log.warning("at the connection cap (%d): answered a new one 503", table.limit)
-                self.transport.write(refusal)
-                self.transport.close()
+                self._refuse()
                 return
             if victim is not None:
                 log.info("at the connection cap (%d): closed the oldest idle one", table.limit)
@@ -197,6 +208,16 @@ def connection_guarded(base: type[asyncio.Protocol], limits: ConnectionLimits) -
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
                 return  # refused or timed out: what comes now is never answered
+            if self._probe is not None:
+                data = self._probe + data
+                line, found, _ = data.partition(b"\r\n")
+                if not found and len(data) < 8192:
+                    self._probe = data
+                    return
+                if not self._is_probe(line):
+                    self._refuse()
+                    return
+                self._probe = None
             if self._waiting == "headers":
                 self._partial = True
             super().data_received(data)
@@ -204,12 +225,29 @@ def connection_guarded(base: type[asyncio.Protocol], limits: ConnectionLimits) -
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self in probes:  # its room is for the next probe
+                self._close(None)
+                return
             self._follow()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel()
             table.remove(self)
+            probes.discard(self)
             super().connection_lost(exc)
+
+        @staticmethod
+        def _is_probe(line: bytes) -> bool:
+            method, _, rest = line.decode("latin-1").partition(" ")
+            path = rest.partition(" ")[0].partition("?")[0]
+            return method in ("GET", "HEAD") and path in limits.probe_paths
+
+        def _refuse(self) -> None:
+            log.warning("at the connection cap (%d): answered a new one 503", table.limit)
+            probes.discard(self)
+            self._cancel()
+            self.transport.write(refusal)
+            self.transport.close()
 
         def _follow(self) -> None:
             """Arm the deadline that fits what the connection is waiting for now."""
@@ -249,6 +287,7 @@ def connection_guarded(base: type[asyncio.Protocol], limits: ConnectionLimits) -
         def _close(self, response: bytes | None) -> None:
             self._cancel()
             table.remove(self)
+            probes.discard(self)
             if not self.transport.is_closing():
                 if response is not None:
                     self.transport.write(response)

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from marble.server.connection_guard import (
+    PROBE_ROOM,
     RESERVE,
     ConnectionLimits,
     ConnectionTable,
@@ -230,3 +231,35 @@ async def test_a_keep_alive_connection_gets_a_fresh_header_deadline_per_request(
                 response += chunk
             assert status_and_body(response)[0] == 200
         client.close()
+
+
+async def test_a_health_probe_gets_through_when_every_connection_is_busy():
+    """A full table of busy connections (streams) must not fail the orchestrator's probe:
+    a probe's request line is let through on a connection kept aside, closed after its
+    answer; anything else there is refused, and past PROBE_ROOM waiting ones, at once."""
+    async with guarded_server(max_connections=1) as (port, server, hold):
+        loop = asyncio.get_running_loop()
+        busy = await connect(port)
+        await loop.sock_sendall(busy, b"GET /hold HTTP/1.1\r\nHost: m\r\n\r\n")
+        while not server.server_state.tasks:
+            await asyncio.sleep(0.01)
+        for probe in (b"GET /health HTTP/1.1", b"HEAD /live?x=1 HTTP/1.1"):
+            client = await connect(port)
+            await loop.sock_sendall(client, probe[:6])  # the request line in two pieces
+            await asyncio.sleep(0.05)
+            await loop.sock_sendall(client, probe[6:] + b"\r\nHost: m\r\n\r\n")
+            status, headers, _ = status_and_body(await read_until_closed(client, 10))
+            assert status == 200  # and then closed: read_until_closed returned
+            client.close()
+        client = await connect(port)
+        await loop.sock_sendall(client, b"POST /health HTTP/1.1\r\nHost: m\r\n\r\n")
+        assert status_and_body(await read_until_closed(client, 10))[0] == 503
+        client.close()
+        waiting = [await connect(port) for _ in range(PROBE_ROOM)]
+        while len(server.server_state.connections) < 1 + PROBE_ROOM:
+            await asyncio.sleep(0.01)
+        late = await connect(port)  # the room is full of silent ones: refused at once
+        assert status_and_body(await read_until_closed(late, 10))[0] == 503
+        hold.set()  # the busy request ends, so the server can stop
+        for s in (*waiting, late, busy):
+            s.close()

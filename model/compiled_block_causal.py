@@ -10,8 +10,8 @@ from torch import Tensor
 
 from marble.model.block_causal import BlockCausalStack
 from marble.model.compiled_forward import LENGTH_FLOOR, CompiledForward, bucket, pad_to, shape_bound
-from marble.model.kv_slots import SlotBatch, SlotGroups, capacity_classes
-from marble.model.padded_slots import mark_static, pad_slots, slot_key
+from marble.model.kv_slots import SlotBatch, SlotGroups
+from marble.model.padded_slots import mark_static, pad_slots, slot_key, storage_shapes
 
 MAX_BATCH = 64  # the batch the recompile bound is stated for (rows past it only add buckets)
 
@@ -22,8 +22,7 @@ class CompiledSlots:
     def __init__(self, model: BlockCausalStack, backend: str, context: int) -> None:
         self.model = model
         device = model.lm_head.weight.device
-        # A forward reads one store: its capacity class, and its slots (a power of two).
-        storages = capacity_classes(context) * bucket(MAX_BATCH).bit_length()
+        storages = storage_shapes(context, MAX_BATCH)  # a forward reads one store
         bound = shape_bound(MAX_BATCH, (context, context + 1), variants=2 * storages)
         self.forward = CompiledForward(self._forward, device, backend, bound)
 

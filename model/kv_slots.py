@@ -30,14 +30,6 @@ def capacity_class(tokens: int) -> int:
     return size
 
 
-def capacity_classes(tokens: int) -> int:
-    """How many capacity classes hold at most `tokens` positions' rows."""
-    count, size = 1, 16
-    while size < tokens:
-        size, count = capacity_class(size + 1), count + 1
-    return count
-
-
 class SlotStore:
     """Slots of `capacity` positions for the running rows of one model's capacity class
     (`capacity_class`), allocated on first use; column `capacity` of every slot is a sink for
@@ -236,20 +228,6 @@ class SlotBatch:
             return keys[rows, :, : self.read], values[rows, :, : self.read]
         read = slice(None), slice(None), slice(0, self.read)
         return keys[read].index_select(0, self.index), values[read].index_select(0, self.index)
-
-    def layer(self, layer: int) -> SlotLayer:
-        return SlotLayer(self, layer)
-
-
-@dataclass
-class SlotLayer:
-    """One layer of a `SlotBatch`, what a decoder layer reads its past through."""
-
-    batch: SlotBatch
-    layer: int
-
-    def join(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.batch.join(self.layer, k, v)
 
 
 class SlotStores:

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from marble.model.compiled_forward import LENGTH_FLOOR, bucket, pad_to
-from marble.model.kv_slots import SlotBatch
+from marble.model.kv_slots import SlotBatch, capacity_class
 
 
 def pad_slots(slots: SlotBatch, rows: int, width: int) -> SlotBatch:
@@ -45,6 +45,15 @@ def pad_slots(slots: SlotBatch, rows: int, width: int) -> SlotBatch:
         read=min(bucket(slots.read, LENGTH_FLOOR), sink + 1),
         view=view,
     )
+
+
+def storage_shapes(context: int, max_rows: int) -> int:
+    """The storage shapes a compiled forward over one store can meet: a capacity class up to
+    the context's, times a power-of-two slot count up to `max_rows`'s (`round_slots`)."""
+    classes, size = 1, 16
+    while size < context:
+        size, classes = capacity_class(size + 1), classes + 1
+    return classes * bucket(max_rows).bit_length()
 
 
 def slot_key(slots: SlotBatch) -> tuple[int, bool, tuple[int, ...]]:

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.compiled_forward import CompiledForward, bucket, pad_to, shape_bound
-from marble.model.kv_slots import SlotBatch, SlotGroups, capacity_classes
-from marble.model.padded_slots import mark_static, pad_slots, slot_key
+from marble.model.kv_slots import SlotBatch, SlotGroups
+from marble.model.padded_slots import mark_static, pad_slots, slot_key, storage_shapes
 
 MAX_BATCH = 64  # the batch the recompile bound is stated for (rows past it only add buckets)
 
@@ -24,8 +24,7 @@ class CompiledDecode:
         self.model = model
         device = model.embed_tokens.weight.device
         context = model.cfg.max_position_embeddings
-        # A forward reads one store per kind: its capacity class, its slots (a power of two).
-        storages = capacity_classes(context) * bucket(MAX_BATCH).bit_length()
+        storages = storage_shapes(context, MAX_BATCH)  # a forward reads one store per kind
         bound = shape_bound(MAX_BATCH, (context,), variants=2 * 2 * storages)
         self.forward = CompiledForward(self._decode, device, backend, bound)
 

@@ -148,8 +148,6 @@ class UniformRunner(CachedRowsRunner):
 
     def release_kv(self, nbytes: float) -> int:
         """Every layer kind's spare slots alike (their stores hold the rows in one order)."""
-        if self.spare_kv_bytes == 0:
-            return 0
         return sum(store.release(float("inf")) for store in self.stores.values())
 
     def _slots(self, keys: list[str], lengths: list[int], width: int) -> dict[bool, SlotGroups]:

@@ -695,12 +695,11 @@ class ModelRunner(HeldInStores):
             keys = [_unit_key(requests[units[i][0]].request_id, units[i][1]) for i in index]
             start = parts[-1].rows.stop if parts else 0
             full = all(spans[i][1] - spans[i][0] == q_len for i in index)
-            part, pad = self._part(store, keys, start, full)
-            pads.append(pad)
-            first, _ = store.span(keys)
+            part, pad, held = self._part(store, keys, start, full)
             for i, key in zip(index, keys):
-                at[i] = start + store.slot(key) - first
+                at[i] = start + held.index(key)
             parts.append(part)
+            pads.append(pad)
         dev = self.device
         total = parts[-1].rows.stop
         ids = torch.full((total, q_len), self.pad_id, dtype=torch.long, device=dev)
@@ -731,9 +730,10 @@ class ModelRunner(HeldInStores):
 
     def _part(
         self, store: SlotStore, keys: list[str], start: int, full: bool
-    ) -> tuple[CachedPart, int]:
+    ) -> tuple[CachedPart, int, list[str]]:
         """A cached forward's rows from `start` on for the units `keys` of `store` (`full`:
-        their queries fill the forward's width): the fewest consecutive slots holding them,
+        their queries fill the forward's width), and the units its rows hold in order: the
+        fewest consecutive slots holding them,
         read and written in place (every query slot is rewritten before it is read, at every
         cached step), so nothing kept is copied. A slot in that span without a unit this step
         (its row takes a full forward, or is not stepping) rides along as padding; padding
@@ -750,7 +750,7 @@ class ModelRunner(HeldInStores):
                 < torch.tensor(lengths, device=self.device)[:, None]
             )
         layers = store.view(first, count, columns)
-        return CachedPart(slice(start, start + count), layers, key_mask), columns - 1
+        return CachedPart(slice(start, start + count), layers, key_mask), columns - 1, held
 
     def _counts(self, requests: list[Request], masked_now: Tensor) -> Tensor:
         """Tokens each count-rule row commits this step [B] (ignored for threshold rows), from

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from marble.model.block_causal import BlockCausalStack
+from marble.model.cascade import SharedKeys
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import HeldInStores, SlotCache, SlotStores, capacity_class
-from marble.model.prefix_cache import Block
+from marble.model.prefix_cache import Block, Segment
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -46,8 +47,21 @@ class BlockCausalFamily(Family):
     @classmethod
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
         """Its slot: the prompt and every block (the last one's keys are a step's scratch),
-        in the slot's capacity class, and the sink column (`kv_slots.SlotStores`)."""
-        return m.model.cache_bytes(capacity_class(len(request.prompt_ids) + decoded) + 1)
+        in the slot's capacity class, and the sink column (`kv_slots.SlotStores`); less, once
+        admitted, what it reads from the prefix cache (`BlockCausalRunner.claim_prefix`)."""
+        return slot_bytes(m.model, len(request.prompt_ids) + decoded)
+
+
+def slot_bytes(model: BlockCausalStack, positions: int) -> int:
+    """The bytes of a slot that holds `positions` (its capacity class and the sink column)."""
+    return model.cache_bytes(capacity_class(positions) + 1)
+
+
+def canvas_length(request: Request) -> int:
+    """The prompt, then every position through the end of the last block it reaches."""
+    size = request.params.block_length
+    assert size is not None  # the family refuses a block-causal request without one
+    return -(-(len(request.prompt_ids) + request.params.max_tokens) // size) * size
 
 
 @dataclass
@@ -80,6 +94,8 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
         self.device, self.dtype = weight.device, weight.dtype
         layers = len(model.layers)
         self.stores = SlotStores(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
+        # Each row's prompt blocks read in place from the prefix cache, before its slot.
+        self.shared: dict[str, list[Segment]] = {}
         self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:
@@ -92,26 +108,45 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         self.stores.remove(request_id)
+        self.shared.pop(request_id, None)
 
     def read_prefix(self, key: str, start: int, length: int) -> Block:
-        return (self.stores.read(key, start, length),)
+        return (self.stores.read(key, start - self.rows[key].cache.start, length),)
+
+    def prefix_size(self, request: Request) -> int:
+        assert request.params.block_length is not None
+        return request.params.block_length
+
+    def claim_prefix(self, request: Request) -> int:
+        """Read in place, the claimed blocks need no room in the row's slot; a compiled
+        forward takes a copy (its shapes do not vary with what rows share)."""
+        taken = self.claim_positions(request)
+        if self._compiled is not None:
+            return 0
+        total = canvas_length(request)
+        return slot_bytes(self.model, total) - slot_bytes(self.model, total - taken)
 
     def new_row_state(self, request: Request) -> tuple[torch.Generator, SlotCache, Tensor]:
-        """A new row's generator, empty cache and canvas: the prompt, then masks through the
-        end of the last block it reaches."""
-        size = request.params.block_length
-        assert size is not None  # the family refuses a block-causal request without one
-        prompt = request.prompt_ids
-        total = -(-(len(prompt) + request.params.max_tokens) // size) * size
+        """A new row's generator, cache and canvas: the prompt, then masks through the end of
+        the last block it reaches. Its prompt blocks in the prefix cache are final at once:
+        read where they are (a slot for the positions after them) or, compiled, copied."""
+        key, prompt = request.request_id, request.prompt_ids
+        total = canvas_length(request)
         canvas = torch.full((total,), self.mask_id, dtype=torch.long, device=self.device)
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        cache = self.stores.add(request.request_id, total)
-        if self.prefix_cache is not None and request.params.prefix_cache:
-            key = request.request_id
+        if self.prefix_cache is None or not request.params.prefix_cache:
+            cache = self.stores.add(key, total)
+        elif self._compiled is None:
+            taken = self.claim_positions(request)
+            self.shared[key] = self.prefix_cache.segments(key)
+            cache = self.stores.add(key, total - taken, start=taken)
+        else:
+            cache = self.stores.add(key, total)
 
             def write(start: int, block: Block) -> None:
                 self.stores.write(key, start, block[0])
 
+            size = self.prefix_size(request)
             cache.advance(self.prefix_cache.attach(key, prompt, size, write))
         return request_generator(request, self.device), cache, canvas
 
@@ -126,7 +161,7 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
         longest = max(e - a for a, e in spans)
         slots = self.stores.batch(
             [row.cache.key for row in rows],
-            [a for a, _ in spans],
+            [a - row.cache.start for row, (a, _) in zip(rows, spans)],
             [e - a for a, e in spans],
             longest,
         )
@@ -142,7 +177,9 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
             positions[i, : e - a] = torch.arange(a, e, device=dev)
         sizes = torch.tensor([row.size for row in rows], device=dev)
         if self._compiled is None:
-            hidden = self.model.forward_slots(ids, positions, slots, sizes)
+            starts = torch.tensor([row.cache.start for row in rows], device=dev)
+            shared = self._shared_keys([row.cache.key for row in rows])
+            hidden = self.model.forward_slots(ids, positions, slots, sizes, starts, shared)
         else:  # one compiled forward per store: each sees one storage's shapes
             hidden = torch.cat(
                 [
@@ -154,3 +191,19 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
             return hidden
         back = torch.tensor(sorted(range(n), key=order.__getitem__), device=dev)
         return hidden[back]
+
+    def _shared_keys(self, keys: list[str]) -> list[SharedKeys]:
+        """What the step's rows (batch rows, in order) read from the prefix cache: one
+        `SharedKeys` per run segment, with every row that reads it."""
+        readers: dict[Segment, list[int]] = {}
+        for r, key in enumerate(keys):
+            for segment in self.shared.get(key, ()):
+                readers.setdefault(segment, []).append(r)
+        layers = len(self.model.layers)
+        shared = []
+        for segment, rows in readers.items():
+            (parts,) = segment.parts()  # [2 * layers, Hkv, length, D], keys first
+            kv = [parts[i : i + 1] for i in range(2 * layers)]
+            index = torch.tensor(rows, device=self.device)
+            shared.append(SharedKeys(index, kv[:layers], kv[layers:]))
+        return shared

@@ -12,11 +12,12 @@ nothing of weights, attention rules, sampling or requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from marble.model.kv_slots import Attends
 
 
 @dataclass
@@ -37,14 +38,14 @@ class LayerKV:
 
     def attend(
         self,
-        attend: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+        attention: Attends,
         q: Tensor,
         k: Tensor,
         v: Tensor,
         bias: Tensor,
     ) -> Tensor:
-        """`attend(q, keys, values, bias)` over these keys/values and the window's."""
-        return attend(q, *self.join(k, v), bias)
+        """`attention.attend(q, keys, values, bias)` over these keys/values and the window's."""
+        return attention.attend(q, *self.join(k, v), bias)
 
 
 @dataclass

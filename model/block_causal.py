@@ -10,9 +10,11 @@ sampling, tokenizers or requests.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.cascade import CascadeLayer, SharedKeys
 from marble.model.kv_slots import SlotGroups, SlotGroupsLayer
 from marble.model.layers import rotary_tables
 
@@ -43,21 +45,47 @@ def block_causal_bias(
 
 
 def slot_bias(
-    positions: Tensor, block_length: Tensor, end: Tensor, read: int, dtype: torch.dtype
+    positions: Tensor,
+    block_length: Tensor,
+    end: Tensor,
+    read: int,
+    dtype: torch.dtype,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """`block_causal_bias` over slots that hold absolute positions 0..read-1, cache then
-    window (positions [B, T], block_length [B], end [B] each row's readable positions)
-    -> additive bias [B, 1, T, read]."""
+    """`block_causal_bias` over slots whose columns 0..read-1 hold absolute positions from
+    `start` [B] on (None: 0), cache then window (positions [B, T], block_length [B], end [B]
+    each row's readable columns) -> additive bias [B, 1, T, read]."""
     b, _ = positions.shape
     size = block_length.view(b, 1)
-    keys = torch.arange(read, device=positions.device)
+    columns = torch.arange(read, device=positions.device)
+    keys = columns[None, :] if start is None else start[:, None] + columns
     query_block = torch.div(positions, size, rounding_mode="floor")  # [B, T]
-    key_block = torch.div(keys[None, :], size, rounding_mode="floor")  # [B, S]
+    key_block = torch.div(keys, size, rounding_mode="floor")  # [B, S]
     allowed = (key_block[:, None, :] <= query_block[:, :, None]) & (
-        keys[None, None, :] < end[:, None, None]
+        columns[None, None, :] < end[:, None, None]
     )
     bias = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class BlockAttention(nn.Module):
+    """A block-causal layer's softmax attention: subclasses build their projections under
+    their checkpoint's names, set `n_heads` and `n_kv`, and define `project` and `output`
+    (heads joined and projected), which attention over keys in several places shares
+    (`model/cascade.py`)."""
+
+    n_heads: int
+    n_kv: int
+
+    def output(self, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, S, D], additive bias [B, 1, T, S] -> [B, T, H]."""
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv
+        )
+        return self.output(out)
 
 
 class PreNormLayer(nn.Module):
@@ -76,7 +104,7 @@ class PreNormLayer(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        past: LayerKV | SlotGroupsLayer | None,
+        past: LayerKV | SlotGroupsLayer | CascadeLayer | None,
         bias: Tensor | list[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v); over
@@ -86,7 +114,7 @@ class PreNormLayer(nn.Module):
         if past is None:
             out = attention.attend(q, k, v, bias)
         else:
-            out = past.attend(attention.attend, q, k, v, bias)
+            out = past.attend(attention, q, k, v, bias)
         x = x + out
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -157,20 +185,36 @@ class BlockCausalStack(nn.Module):
 
     @torch.no_grad()
     def forward_slots(
-        self, ids: Tensor, positions: Tensor, slots: SlotGroups, block_length: Tensor
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        slots: SlotGroups,
+        block_length: Tensor,
+        start: Tensor | None = None,
+        shared: list[SharedKeys] | None = None,
     ) -> Tensor:
         """`forward` for windows kept in slot stores: each row's window [B, T] (positions
         following its cache; rows in `slots.order`) is written into its slot, attention reads
-        the slots in place, store by store -> final-normed hidden [B, T, H]. The caller
-        advances a row's length over what is final."""
+        the slots in place, store by store -> final-normed hidden [B, T, H]. A row's slot
+        holds its positions from `start` [B] on (None: 0), what comes before in `shared`
+        (finished prompt blocks, read in place beside the slots). The caller advances a
+        row's length over what is final."""
         x = self.embed(ids)
         biases = [
-            slot_bias(positions[rows], block_length[rows], batch.end, batch.read, x.dtype)
+            slot_bias(
+                positions[rows],
+                block_length[rows],
+                batch.end,
+                batch.read,
+                x.dtype,
+                None if start is None else start[rows],
+            )
             for rows, batch in slots.parts
         ]
         rope = rotary_tables(positions, self.rotary_dim, self.rope_theta)
         for i, layer in enumerate(self.layers):
-            x, _, _ = layer(x, rope, slots.layer(i), biases)
+            past = CascadeLayer(slots, shared, i) if shared else slots.layer(i)
+            x, _, _ = layer(x, rope, past, biases)
         return self.norm(x)
 
     def project(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:

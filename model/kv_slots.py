@@ -13,11 +13,18 @@ rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+class Attends(Protocol):
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """q [B, Hq, T, D] over k/v [B, Hkv, S, D], a mask or bias per row -> [B, T, H]."""
+        ...
 
 
 def capacity_class(tokens: int) -> int:
@@ -73,8 +80,9 @@ class SlotStore:
         """Bytes of the slots no row holds."""
         return self.nbytes // self.slots * (self.slots - len(self.order)) if self.slots else 0
 
-    def add(self, key: str, tokens: int) -> SlotCache:
-        """A slot for a new row that will cache at most `tokens` positions."""
+    def add(self, key: str, tokens: int, start: int = 0) -> SlotCache:
+        """A slot for a new row that will cache at most `tokens` positions, from absolute
+        position `start` on (those before it are held elsewhere)."""
         if key in self.order:
             raise ValueError(f"row {key!r} already holds a slot")
         if tokens > self.capacity:
@@ -85,7 +93,7 @@ class SlotStore:
         for t in self.keys + self.values:
             t[slot].zero_()  # a finite start: masked keys still meet the values (0 * NaN)
         self.order.append(key)
-        return SlotCache(self, key)
+        return SlotCache(self, key, start, start)
 
     def remove(self, key: str) -> None:
         """Free a row's slot: the last row moves into it so running rows stay slots 0..n-1,
@@ -135,7 +143,7 @@ class SlotStore:
         return self.order.index(key)
 
     def read(self, key: str, start: int, length: int) -> Tensor:
-        """A copy of a row's keys and values at positions [start, start + length):
+        """A copy of a row's keys and values in columns [start, start + length) of its slot:
         [2 * layers, kv_heads, length, head_dim], keys first (a prefix cache's block part)."""
         slot, end = self.order.index(key), start + length
         block = torch.stack([t[slot, :, start:end] for t in self.keys + self.values])
@@ -144,7 +152,7 @@ class SlotStore:
 
     def write(self, key: str, start: int, block: Sequence[Tensor]) -> None:
         """Put what `read` returns (or any 2 * layers parts [kv_heads, length, head_dim], keys
-        first) into a row's positions from `start` on."""
+        first) into a row's slot from column `start` on."""
         slot = self.order.index(key)
         for t, part in zip(self.keys + self.values, block, strict=True):
             t[slot, :, start : start + part.shape[1]].copy_(part)
@@ -162,7 +170,7 @@ class SlotStore:
         return [(k[rows, :, cols], v[rows, :, cols]) for k, v in zip(self.keys, self.values)]
 
     def batch(self, keys: list[str], lengths: list[int], widths: list[int], t: int) -> SlotBatch:
-        """The slots of a step's rows (in this order): row i caches `lengths[i]` positions and
+        """The slots of a step's rows (in this order): row i holds `lengths[i]` columns and
         writes a window of `widths[i]` real positions (right-padded to `t`) after them."""
         slots = [self.order.index(k) for k in keys]
         read = max(n + w for n, w in zip(lengths, widths))
@@ -189,12 +197,14 @@ class SlotStore:
 
 @dataclass
 class SlotCache:
-    """A row's handle on its slot: how many positions are final. Rolling a row back is
-    restoring its handle (a step writes only past `length`)."""
+    """A row's handle on its slot: how many positions are final (the slot's column c holding
+    position `start` + c). Rolling a row back is restoring its handle (a step writes only past
+    `length`)."""
 
     store: SlotStore
     key: str
     length: int = 0
+    start: int = 0
 
     def copy_refs(self) -> SlotCache:
         return replace(self)
@@ -273,15 +283,15 @@ class SlotStores:
             freed += store.release()
         return freed
 
-    def add(self, key: str, tokens: int) -> SlotCache:
-        """A slot for a new row that will cache at most `tokens` positions, in the store of
-        their capacity class."""
+    def add(self, key: str, tokens: int, start: int = 0) -> SlotCache:
+        """A slot for a new row that will cache at most `tokens` positions from `start` on,
+        in the store of their capacity class."""
         capacity = capacity_class(tokens)
         if capacity not in self.stores:
             store = SlotStore(*self.shape, self.device, self.dtype, capacity)
             store.round_slots = self._round_slots
             self.stores[capacity] = store
-        cache = self.stores[capacity].add(key, tokens)
+        cache = self.stores[capacity].add(key, tokens, start)
         self._of[key] = self.stores[capacity]
         return cache
 
@@ -371,16 +381,16 @@ class SlotGroupsLayer:
 
     def attend(
         self,
-        attend: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+        attention: Attends,
         q: Tensor,
         k: Tensor,
         v: Tensor,
         biases: list[Tensor],
     ) -> Tensor:
-        """`attend(q, keys, values, bias)` per part, for the part's rows of q and of the
-        window's fresh k/v (written into their slots first)."""
+        """`attention.attend(q, keys, values, bias)` per part, for the part's rows of q and of
+        the window's fresh k/v (written into their slots first)."""
         outs = []
         for (rows, batch), bias in zip(self.groups.parts, biases, strict=True):
             keys, values = batch.join(self.layer, k[rows], v[rows])
-            outs.append(attend(q[rows], keys, values, bias))
+            outs.append(attention.attend(q[rows], keys, values, bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -4,10 +4,12 @@ causal encoder), a block computed for one request is the same block for every re
 prompt starts with the same tokens.
 
 Blocks are keyed by a hash chain over the token ids from position 0 through the block (and the
-block size), held least recently used first, and evicted from that end when their bytes are
-wanted (`evict`) or past `capacity`. A new row takes the cached run of its prompt's blocks
-(`attach`: copied into its own storage, so it computes only what follows); once more of its
-prompt blocks are final it leaves them for later rows (`publish`). Only a prompt's full blocks
+block size). They are held in runs: the blocks one row left in the cache at once, stored
+together, following a cut of the run they extend (a tree of runs). A new row claims the runs
+of its prompt's cached blocks (`claim`: pinned until it ends) and reads them where they are
+(`segments`) or takes a copy (`attach`); once more of its prompt blocks are final it leaves
+them as a new run (`publish`). A run no row and no other run reads is evicted least recently
+used first when its bytes are wanted (`evict`) or past `capacity`. Only a prompt's full blocks
 are ever kept: never one holding generated tokens. Knows nothing of requests or attention.
 """
 
@@ -16,12 +18,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
-# One block's keys and values, in whatever parts the runner keeps them (layer kinds of
-# different widths are separate tensors); positions run along dimension 2 of each part.
+# Keys and values of consecutive positions, in whatever parts the runner keeps them (layer
+# kinds of different widths are separate tensors); positions run along dimension 2 of each.
 Block = tuple[Tensor, ...]
 
 
@@ -35,16 +37,54 @@ class PrefixStats:
     evicted: int = 0  # blocks dropped to make room
 
 
+@dataclass(eq=False, repr=False)
+class Run:
+    """Blocks left in the cache together: positions [start, start + length) of every prompt
+    that starts with `parent`'s first `start - parent.start` positions and then these."""
+
+    parent: Run | None
+    start: int
+    keys: list[bytes]
+    block: Block
+    users: int = 0  # rows reading it and runs that extend it: it is not evicted while any
+
+    @property
+    def length(self) -> int:
+        return self.block[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.block)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A row's read of a run: its first `length` positions, at absolute `start`."""
+
+    run: Run
+    length: int
+
+    @property
+    def start(self) -> int:
+        return self.run.start
+
+    def parts(self) -> Block:
+        """The segment's keys and values: views of the run's storage."""
+        return tuple(part[:, :, : self.length] for part in self.run.block)
+
+
 @dataclass
 class _Row:
     """A row's part: the keys of its prompt's full blocks, how many of them are in the cache
-    (taken from it, or left there once final), and the prompt positions it took, until its
-    first step has reported them (-1 after)."""
+    (claimed from it, or left there once final), what it reads there (its last run pinned),
+    and the prompt positions it took, until its first step has reported them (-1 after)."""
 
     keys: list[bytes]
     size: int
     published: int
-    unreported: int
+    path: list[Segment] = field(default_factory=list)
+    unreported: int = 0
+    counted: bool = False  # its hits and misses are in the stats
 
 
 def chain(tokens: Sequence[int], size: int, blocks: int) -> list[bytes]:
@@ -60,90 +100,142 @@ def chain(tokens: Sequence[int], size: int, blocks: int) -> list[bytes]:
     return keys
 
 
-def _nbytes(block: Block) -> int:
-    return sum(part.nbytes for part in block)
-
-
 class PrefixCache:
-    """One model's finished prompt blocks (key -> block) and its rows' parts in them."""
+    """One model's kept runs, its blocks (key -> run and block index) and its rows' parts."""
 
     def __init__(self, capacity: float = float("inf")) -> None:
         self.capacity = capacity  # bytes held at most
-        self.blocks: OrderedDict[bytes, Block] = OrderedDict()
+        self.runs: OrderedDict[Run, None] = OrderedDict()  # least recently used first
+        self.blocks: dict[bytes, tuple[Run, int]] = {}
         self.nbytes = 0
         self.stats = PrefixStats()
         self._rows: dict[str, _Row] = {}
 
     # ------------------------------------------------------------------------- rows
+    def claim(self, row: str, prompt: Sequence[int], size: int) -> int:
+        """The positions of the cached run of a new row's full prompt blocks from the first:
+        pinned for the row until `detach` (a second claim returns the first's)."""
+        part = self._rows.get(row)
+        if part is None:
+            keys = chain(prompt, size, len(prompt) // size)
+            path = self._lookup(keys)
+            part = self._rows[row] = _Row(keys, size, 0, path)
+            part.published = sum(s.length for s in path) // size
+            if path:
+                path[-1].run.users += 1
+        return part.published * part.size
+
+    def segments(self, row: str) -> list[Segment]:
+        """The claimed positions, in order, as reads of the runs holding them; from now on
+        they count as the row's hits (`report`)."""
+        part = self._rows[row]
+        if not part.counted:
+            part.counted = True
+            taken = part.published * part.size
+            self.stats.hits += part.published
+            self.stats.misses += len(part.keys) - part.published
+            self.stats.tokens_saved += taken
+            part.unreported = taken
+        return list(part.path)
+
     def attach(
         self, row: str, prompt: Sequence[int], size: int, write: Callable[[int, Block], None]
     ) -> int:
-        """A new row's prompt: the cached run of its full blocks from the first is written
-        into its storage (`write(start, block)`); returns the positions so filled."""
-        keys = chain(prompt, size, len(prompt) // size)
-        found = self.lookup(keys)
-        for b, block in enumerate(found):
-            write(b * size, block)
-        self._rows[row] = _Row(keys, size, len(found), len(found) * size)
-        return len(found) * size
+        """`claim`, then the claimed positions written into the row's own storage (`write(
+        start, parts)`) and the runs let go; returns the positions so filled."""
+        taken = self.claim(row, prompt, size)
+        for segment in self.segments(row):
+            write(segment.start, segment.parts())
+        self._unpin(self._rows[row])
+        return taken
 
     def publish(self, row: str, final: int, read: Callable[[int, int], Block]) -> None:
         """The row's first `final` positions are final now: its prompt blocks among them that
-        the cache lacks are read (`read(start, length)`, a copy) and kept."""
+        the cache lacks are read (`read(start, length)`, a copy) and kept as one run."""
         part = self._rows.get(row)
         if part is None:
             return
         done = min(final // part.size, len(part.keys))
-        for b in range(part.published, done):
-            if part.keys[b] not in self.blocks:
-                self.insert(part.keys[b], read(b * part.size, part.size))
+        # A block's key names every block before it, and a run is kept while another extends
+        # it: the blocks the cache lacks are the ones after the last it holds.
+        first = part.published
+        while first < done and part.keys[first] in self.blocks:
+            first += 1
+        # Blocks after one the cache dropped (or could not keep) have nothing to extend.
+        parent = self.blocks.get(part.keys[first - 1]) if first else None
+        if first < done and (parent is not None or first == 0):
+            block = read(first * part.size, (done - first) * part.size)
+            run = Run(
+                parent[0] if parent else None, first * part.size, part.keys[first:done], block
+            )
+            self._insert(run)
         part.published = max(part.published, done)
 
     def report(self, row: str) -> int | None:
         """The prompt positions the row took from the cache, once (its first step's); None
         after that, and for a row that took no part."""
         part = self._rows.get(row)
-        if part is None or part.unreported < 0:
+        if part is None or not part.counted or part.unreported < 0:
             return None
         taken, part.unreported = part.unreported, -1
         return taken
 
     def detach(self, row: str) -> None:
-        self._rows.pop(row, None)
+        part = self._rows.pop(row, None)
+        if part is not None:
+            self._unpin(part)
 
-    # ------------------------------------------------------------------------ blocks
-    def lookup(self, keys: list[bytes]) -> list[Block]:
-        """The cached blocks of the longest run of `keys` from the first (each now most
-        recently used); the rest count as misses."""
-        found = []
+    def _unpin(self, part: _Row) -> None:
+        if part.path:
+            part.path[-1].run.users -= 1
+            part.path = []
+
+    # ------------------------------------------------------------------------- runs
+    def _lookup(self, keys: list[bytes]) -> list[Segment]:
+        """The runs holding the longest run of `keys` from the first, as segments (each run
+        now most recently used, its ancestors before it)."""
+        path: list[Segment] = []
         for key in keys:
-            block = self.blocks.get(key)
-            if block is None:
+            found = self.blocks.get(key)
+            if found is None:
                 break
-            self.blocks.move_to_end(key)
-            found.append(block)
-        self.stats.hits += len(found)
-        self.stats.misses += len(keys) - len(found)
-        self.stats.tokens_saved += sum(b[0].shape[2] for b in found)
-        return found
+            run, index = found
+            length = (index + 1) * (run.length // len(run.keys))
+            if path and path[-1].run is run:
+                path[-1] = Segment(run, length)
+            else:
+                path.append(Segment(run, length))
+        for segment in path:
+            self.runs.move_to_end(segment.run)
+        return path
 
-    def insert(self, key: bytes, block: Block) -> None:
-        """Keep a finished block (a copy the cache owns), evicting the least recently used to
-        stay within `capacity`; a block larger than that is not kept."""
-        size = _nbytes(block)
-        if key in self.blocks or size > self.capacity:
+    def _insert(self, run: Run) -> None:
+        """Keep a run (a copy the cache owns), evicting least recently used runs to stay
+        within `capacity`; a run that does not fit is not kept."""
+        self.evict(self.nbytes + run.nbytes - self.capacity)
+        if self.nbytes + run.nbytes > self.capacity:
             return
-        self.evict(self.nbytes + size - self.capacity)
-        self.blocks[key] = block
-        self.nbytes += size
+        if run.parent is not None:
+            run.parent.users += 1
+        self.runs[run] = None
+        for index, key in enumerate(run.keys):
+            self.blocks[key] = (run, index)
+        self.nbytes += run.nbytes
 
     def evict(self, nbytes: float) -> int:
-        """Drop least recently used blocks until `nbytes` are freed (or none is left);
-        returns the bytes freed."""
+        """Drop runs no row or run reads, least recently used first, until `nbytes` are freed
+        (or none is left to drop); returns the bytes freed."""
         freed = 0
-        while freed < nbytes and self.blocks:
-            _, block = self.blocks.popitem(last=False)
-            freed += _nbytes(block)
-            self.stats.evicted += 1
+        while freed < nbytes:
+            run = next((r for r in self.runs if r.users == 0), None)
+            if run is None:
+                break
+            del self.runs[run]
+            for key in run.keys:
+                del self.blocks[key]
+            if run.parent is not None:
+                run.parent.users -= 1
+            freed += run.nbytes
+            self.stats.evicted += len(run.keys)
         self.nbytes -= freed
         return freed

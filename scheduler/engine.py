@@ -105,8 +105,13 @@ class HeldKV:
     their slot stores' spare slots and their prefix caches' blocks, given up (spare slots
     first, then blocks least recently used first, model by model) when a request needs them."""
 
-    def __init__(self, models: Callable[[], Iterable[ServedModel]]) -> None:
+    def __init__(
+        self,
+        models: Callable[[], Iterable[ServedModel]],
+        served: Callable[[str | None], ServedModel],
+    ) -> None:
         self.models = models  # the engine's, as they are now
+        self.served = served  # the one a request runs on
 
     def _caches(self) -> list[PrefixCache]:
         return [m.prefixes for m in self.models() if m.prefixes is not None]
@@ -128,6 +133,12 @@ class HeldKV:
                 setattr(totals, name, getattr(totals, name) + getattr(cache.stats, name))
         blocks = sum(len(c.blocks) for c in caches)
         return {"prefix": totals, "prefix_blocks": blocks, "prefix_bytes": self.prefix_bytes}
+
+    def claim(self, request: Request) -> int:
+        return self.served(request.model).claim_kv(request)
+
+    def unclaim(self, request: Request) -> None:
+        self.served(request.model).unclaim(request)
 
     def evict(self, nbytes: float) -> int:
         freed = 0
@@ -165,7 +176,7 @@ class Engine:
             config = dataclasses.replace(config, max_kv_bytes=default_kv_budget(str(first.device)))
         self.scheduler = Scheduler(config)
         self.models: dict[str, ServedModel] = {first.name: first}
-        self.scheduler.shared_kv = HeldKV(lambda: self.models.values())
+        self.scheduler.shared_kv = HeldKV(lambda: self.models.values(), self.served)
         self.first = first
         self._share_prefixes(first)
         self.requests: dict[str, Request] = {}

@@ -41,6 +41,13 @@ class SharedKV(Protocol):
         """Free at least `nbytes` where it can; returns the bytes freed."""
         ...
 
+    def claim(self, request: Request) -> int:
+        """The KV bytes a request being admitted needs: its `kv_bytes`, less what it reads
+        of what is held (pinned for it from now on, `unclaim` if it waits after all)."""
+        ...
+
+    def unclaim(self, request: Request) -> None: ...
+
     def summary(self) -> dict[str, Any]:
         """What the engine's step statistics report of it (`EngineStats` fields)."""
         ...
@@ -51,6 +58,12 @@ class NothingShared:
 
     def evict(self, nbytes: float) -> int:
         return 0
+
+    def claim(self, request: Request) -> int:
+        return request.kv_bytes
+
+    def unclaim(self, request: Request) -> None:
+        pass
 
     def summary(self) -> dict[str, Any]:
         return {}
@@ -188,13 +201,16 @@ class Scheduler:
                 head = self._next_locked(long_running >= long_slots)
                 if head is None:
                     break
-                if head.kv_bytes > kv_free:  # kept blocks make room for a request
-                    kv_free += self.shared_kv.evict(head.kv_bytes - kv_free)
-                if request_cost(head) > budget or head.kv_bytes > kv_free:
+                need = self.shared_kv.claim(head)
+                if need > kv_free:  # kept blocks make room for a request
+                    kv_free += self.shared_kv.evict(need - kv_free)
+                if request_cost(head) > budget or need > kv_free:
+                    self.shared_kv.unclaim(head)
                     break  # a large request waits rather than being overtaken forever
                 self._unqueue_locked(head)
+                head.kv_bytes = need
                 budget -= request_cost(head)
-                kv_free -= head.kv_bytes
+                kv_free -= need
                 long_running += self.is_long(head)
                 head.status = RequestStatus.RUNNING
                 self.running.append(head)

@@ -22,6 +22,7 @@ from marble.model.device import resolve_dtype
 from marble.model.prefix_cache import PrefixCache
 from marble.model.tokenizer import SpecialIds, TextTokenizer
 from marble.scheduler.family import Family, family_for_config, family_for_model
+from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.step_result import CachedRowsRunner, Runner
 from marble.structured.compiler import GrammarCompiler
@@ -72,6 +73,19 @@ class ServedModel:
         if self.family.shares_prefixes:
             assert isinstance(self.runner, CachedRowsRunner)
             self.prefixes = self.runner.prefix_cache = PrefixCache(capacity)
+
+    def claim_kv(self, request: Request) -> int:
+        """The KV bytes the request's row holds if admitted now: its `kv_bytes`, less what it
+        reads from the prefix cache, claimed for it until its row ends (`unclaim` if it is
+        not admitted after all)."""
+        if self.prefixes is None:
+            return request.kv_bytes
+        assert isinstance(self.runner, CachedRowsRunner)
+        return request.kv_bytes - self.runner.claim_prefix(request)
+
+    def unclaim(self, request: Request) -> None:
+        if self.prefixes is not None:
+            self.prefixes.detach(request.request_id)
 
     @property
     def device(self) -> torch.device:

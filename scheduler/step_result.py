@@ -179,6 +179,24 @@ class CachedRowsRunner(ABC):
         if self.prefix_cache is not None:
             self.prefix_cache.detach(request_id)
 
+    def prefix_size(self, request: Request) -> int:
+        """The positions of the request's prefix-cache blocks."""
+        raise NotImplementedError
+
+    def claim_prefix(self, request: Request) -> int:
+        """Pin the request's cached prompt blocks until its row ends (it is being admitted);
+        returns the KV bytes its row will not hold thanks to them (here none: it takes a
+        copy)."""
+        self.claim_positions(request)
+        return 0
+
+    def claim_positions(self, request: Request) -> int:
+        """`PrefixCache.claim` of the request's prompt: the positions it takes from there."""
+        if self.prefix_cache is None or not request.params.prefix_cache:
+            return 0
+        size = self.prefix_size(request)
+        return self.prefix_cache.claim(request.request_id, request.prompt_ids, size)
+
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
         """Advance every request by one step; a failed batch retries each row alone from its
         state before the step (`run_rows_isolated`). Then each row that stepped leaves its

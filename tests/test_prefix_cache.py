@@ -1,14 +1,16 @@
 """The prefix cache of finished prompt blocks (block-causal LLaDA2 and SDAR, and DiffusionGemma's
-causal encoder): exact
-(the golden replays hold with every prompt block taken from it, and outputs equal the
-cache-off ones alone and batched), and correct under each hazard: a request whose prompt is a
+causal encoder): exact (the golden replays hold with every prompt block taken from it, and
+outputs equal the cache-off ones alone and batched); held once (a block-causal row reads the
+blocks in place and reserves only the slot after them, a run a row reads is never evicted, a
+request left waiting pins nothing); and correct under each hazard: a request whose prompt is a
 prefix of another's, two arrivals of one prompt in the same step, several models, a prompt
 block next to generated tokens, a request that opts out, a budget that needs its room back, a
 budget too small for one block, and a step that failed.
 
 "Equal" is compared on token ids, the engine's output: a block taken from the cache was
 computed in another request's window, whose shape may round differently from the window the
-request would have computed it in, so its floats are not promised bit for bit."""
+request would have computed it in, and read in place its attention is merged from two
+softmaxes, so floats are not promised bit for bit."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import json
 
 import pytest
 
+from marble.families.block_causal import canvas_length, slot_bytes
 from marble.families.diffusion_gemma.runner import PROMPT_PAGE
+from marble.model.kv_slots import capacity_class
 from marble.scheduler.engine import Engine, StepOutput
+from marble.scheduler.request import Request
 from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_served
 from tests.conftest import REFERENCE
@@ -122,6 +127,129 @@ def test_outputs_equal_the_cache_off_ones_alone_and_batched(name: str):
     assert on.first.prefixes is not None and on.first.prefixes.stats.hits > 0
 
 
+# ------------------------------------------------------------------------- held once
+BLOCK_CAUSAL = ["llada2-tiny", "sdar-tiny"]
+
+
+def warm(engine: Engine, name: str) -> None:
+    """Leave SYSTEM's blocks in the engine's cache."""
+    run(engine, [(SYSTEM + " Warm up.", FAMILIES[name])])
+
+
+def own_bytes(engine: Engine, request: Request) -> int:
+    """The bytes of the slot a block-causal request needs beside the engine's cache now."""
+    m = engine.first
+    assert m.prefixes is not None and request.params.block_length is not None
+    taken = m.prefixes.claim(request.request_id, request.prompt_ids, request.params.block_length)
+    m.prefixes.detach(request.request_id)
+    return slot_bytes(m.model, canvas_length(request) - taken)
+
+
+@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+def test_a_row_reads_cached_blocks_where_they_are(name: str):
+    """A block-causal row's cached prompt blocks stay in the cache: its slot holds only the
+    positions after them, and its admitted KV is that slot's bytes."""
+    engine = engine_for(name)
+    warm(engine, name)
+    request = engine.make_request(
+        SYSTEM + " Name a fruit.", engine.defaults.replace(max_tokens=16, **FAMILIES[name])
+    )
+    full = request.kv_bytes
+    engine.add(request)
+    engine.step()
+    runner, key = engine.first.runner, request.request_id
+    cache = runner.rows[key].cache
+    assert cache.start > 0 and runner.shared[key]  # its prompt blocks read from the cache
+    total = len(runner.rows[key].canvas)
+    assert cache.store.capacity == capacity_class(total - cache.start) < capacity_class(total)
+    assert request.kv_bytes == slot_bytes(runner.model, total - cache.start) < full
+    assert engine.scheduler.kv_reserved == request.kv_bytes
+
+
+@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+def test_shared_blocks_count_once_so_more_requests_run_at_once(name: str):
+    """A budget that holds the cached prompt once and four rows' own positions, but not two
+    rows that each hold the prompt: all four run at once."""
+    fields = FAMILIES[name]
+    probe = engine_for(name)
+    warm(probe, name)
+    prefixes = probe.first.prefixes
+    assert prefixes is not None
+    questions = [f" Question {i}: what is {i} plus {i}?" for i in range(4)]
+    requests = [
+        probe.make_request(SYSTEM + q, probe.defaults.replace(max_tokens=16, **fields))
+        for q in questions
+    ]
+    full = max(r.kv_bytes for r in requests)
+    own = max(own_bytes(probe, r) for r in requests)
+    budget = prefixes.nbytes + 4 * own
+    assert budget < 2 * full  # two full slots would not fit
+    engine = engine_for(name, max_kv_bytes=budget)
+    warm(engine, name)
+    made = [
+        engine.make_request(SYSTEM + q, engine.defaults.replace(max_tokens=16, **fields))
+        for q in questions
+    ]
+    for r in made:
+        engine.add(r)
+    engine.step()
+    assert engine.scheduler.num_running == 4
+    while engine.has_unfinished():
+        engine.step()
+    assert all(r.is_finished() for r in made)
+
+
+@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+def test_a_run_a_row_reads_is_never_evicted(name: str):
+    engine = engine_for(name)
+    warm(engine, name)
+    prefixes = engine.first.prefixes
+    assert prefixes is not None
+    request = engine.make_request(
+        SYSTEM + " Count to five.", engine.defaults.replace(max_tokens=16, **FAMILIES[name])
+    )
+    engine.add(request)
+    engine.step()
+    read = {segment.run for segment in engine.first.runner.shared[request.request_id]}
+    prefixes.evict(float("inf"))  # the blocks the row left itself go: nothing reads them
+    assert read and read <= set(prefixes.runs)
+    assert prefixes.nbytes == sum(run.nbytes for run in read)
+    while engine.has_unfinished():
+        engine.step()
+    assert prefixes.evict(float("inf")) > 0 and not prefixes.runs
+
+
+def test_a_request_left_waiting_pins_nothing():
+    """A request the budget keeps waiting claimed the run it would read while the scheduler
+    weighed it, and let go of it: the run can still be evicted for others."""
+    name = "llada2-tiny"
+    fields = FAMILIES[name]
+    probe = engine_for(name)
+    warm(probe, name)
+    assert probe.first.prefixes is not None
+    long = probe.make_request(
+        "Something else entirely. " * 8,
+        probe.defaults.replace(max_tokens=64, prefix_cache=False, **fields),
+    )
+    waiting = probe.make_request(SYSTEM, probe.defaults.replace(max_tokens=64, **fields))
+    # Room for the long request and the cached blocks, one byte short of the waiting one.
+    budget = long.kv_bytes + probe.first.prefixes.nbytes + own_bytes(probe, waiting) - 1
+    engine = engine_for(name, max_kv_bytes=budget)
+    warm(engine, name)
+    prefixes = engine.first.prefixes
+    assert prefixes is not None and prefixes.runs
+    engine.add(engine.make_request(long.prompt_ids, long.params))
+    engine.step()
+    waiting = engine.make_request(SYSTEM, waiting.params)
+    engine.add(waiting)
+    engine.step()
+    assert engine.scheduler.num_waiting == 1  # it did not fit beside the long one
+    assert all(run.users == 0 for run in prefixes.runs)
+    engine.abort(waiting.request_id)
+    while engine.has_unfinished():
+        engine.step()
+
+
 # ------------------------------------------------------------------------------ hazards
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_prompt_that_is_a_prefix_of_another_shares_its_full_blocks(name: str):
@@ -150,7 +278,8 @@ def test_one_prompt_arriving_twice_in_one_step_is_held_once(name: str):
     assert prefixes is not None
     full = len(engine.first.tokenizer.encode(SYSTEM)) // BLOCK[name]
     assert len(prefixes.blocks) == full
-    assert prefixes.nbytes == full * sum(p.nbytes for p in next(iter(prefixes.blocks.values())))
+    (kept,) = prefixes.runs  # the second arrival left nothing: the first had left it all
+    assert len(kept.keys) == full and prefixes.nbytes == kept.nbytes
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -169,7 +169,7 @@ class DecoderLayer(nn.Module):
         """x [B, T, H] over past k/v [B, Hkv, S, D] -> (x [B, T, H], fresh k, fresh v); over
         slots, `allowed` is one per store's part of the rows."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), *rope)
-        out = past.attend(self.self_attn.attend, q, k, v, allowed)
+        out = past.attend(self.self_attn, q, k, v, allowed)
         x = x + self.post_attention_layernorm(out)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])

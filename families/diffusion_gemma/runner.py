@@ -135,6 +135,9 @@ class UniformRunner(CachedRowsRunner):
         for store in self.stores.values():
             store.remove(request_id)
 
+    def prefix_size(self, request: Request) -> int:
+        return PROMPT_PAGE
+
     def read_prefix(self, key: str, start: int, length: int) -> Block:
         return tuple(store.read(key, start, length) for store in self.stores.values())
 

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.families.llada2.config import LLaDA2Config
-from marble.model.block_causal import BlockCausalStack, PreNormLayer
+from marble.model.block_causal import BlockAttention, BlockCausalStack, PreNormLayer
 from marble.model.experts import ListedExperts
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 
 
-class Attention(nn.Module):
+class Attention(BlockAttention):
     def __init__(self, cfg: LLaDA2Config) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
@@ -50,11 +50,7 @@ class Attention(nn.Module):
         k = self._rotate(self.key_layernorm(k), rope)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, S, D], additive bias [B, 1, T, S] -> [B, T, H]."""
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv
-        )
+    def output(self, out: Tensor) -> Tensor:
         b, _, t, _ = out.shape
         return self.dense(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -11,15 +11,14 @@ caller projects. Knows nothing of sampling, tokenizers or requests.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marble.families.sdar.config import SDARConfig
-from marble.model.block_causal import BlockCausalStack, PreNormLayer
+from marble.model.block_causal import BlockAttention, BlockCausalStack, PreNormLayer
 from marble.model.layers import GatedMLP, RMSNorm, apply_rotary
 
 
-class Attention(nn.Module):
+class Attention(BlockAttention):
     def __init__(self, cfg: SDARConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
@@ -43,11 +42,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope), v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """q [B, Hq, T, D], k/v [B, Hkv, S, D], additive bias [B, 1, T, S] -> [B, T, H]."""
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, enable_gqa=self.n_heads != self.n_kv
-        )
+    def output(self, out: Tensor) -> Tensor:
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -1,0 +1,120 @@
+"""Attention over keys held in several places, read where they are (cascade attention): each
+row's own slot, and the shared prefix runs it reads from a prefix cache. Each part's softmax is
+computed apart with its log-sum-exp and the parts are merged exactly (up to rounding); the rows
+that read one run have their queries stacked into one attention over it, so a shared prefix is
+read once per step, not once per row.
+
+Knows nothing of how the keys got there: `SharedKeys` are views handed in by the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from marble.model.kv_slots import SlotGroups
+
+
+def attention_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Softmax attention q [B, Hq, T, D] over k/v [B, Hkv, S, D] (Hq a multiple of Hkv, query
+    head h reading key head h // (Hq / Hkv)), additive bias [B, 1, T, S] or None ->
+    (out [B, Hq, T, D] in q's dtype, log-sum-exp of the scaled scores [B, Hq, T] float32).
+    On CPU the flash kernel `scaled_dot_product_attention` runs (its `out` bit for bit);
+    elsewhere `scores_lse`."""
+    repeat = q.shape[1] // k.shape[1]
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+    if q.device.type != "cpu":
+        return scores_lse(q, k, v, bias)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias
+    )
+    return out, lse
+
+
+def scores_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`attention_lse` with as many key heads as query heads, the scores in float32 (no fused
+    kernel returns the log-sum-exp on every device)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())
+    return out.to(q.dtype), lse
+
+
+@dataclass
+class SharedKeys:
+    """Keys and values that several rows of a step read, every one of them visible to every
+    query of those rows (finished prompt blocks before the rows' windows)."""
+
+    rows: Tensor  # [G] the batch rows that read them
+    keys: list[Tensor]  # per layer [1, Hkv, S, D]
+    values: list[Tensor]
+
+
+def merge(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Two attentions of the same queries over disjoint keys -> the attention over both:
+    float32 out [.., T, D] and its log-sum-exp [.., T]."""
+    both = torch.logaddexp(lse, part_lse)
+    mixed = (
+        out * torch.exp(lse - both)[..., None]
+        + part.float() * torch.exp(part_lse - both)[..., None]
+    )
+    return mixed, both
+
+
+class Projects(Protocol):
+    def output(self, out: Tensor) -> Tensor:
+        """Attention's out [B, Hq, T, D] -> the layer's [B, T, H] (heads joined, projected)."""
+        ...
+
+
+@dataclass
+class CascadeLayer:
+    """One layer of a step whose rows read their slots (`groups`) and shared keys: what a
+    block-causal layer attends through (`attend`, as `SlotGroupsLayer`'s)."""
+
+    groups: SlotGroups
+    shared: list[SharedKeys]
+    layer: int
+
+    def attend(
+        self,
+        attention: Projects,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        biases: list[Tensor],
+    ) -> Tensor:
+        """q [B, Hq, T, D] and the window's fresh k/v (written into the slots first) ->
+        `attention.output` of the attention over them all."""
+        outs, lses = [], []
+        for (rows, batch), bias in zip(self.groups.parts, biases, strict=True):
+            keys, values = batch.join(self.layer, k[rows], v[rows])
+            out, lse = attention_lse(q[rows], keys, values, bias)
+            outs.append(out)
+            lses.append(lse)
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses)
+        b, heads, t, dim = q.shape
+        for shared in self.shared:
+            keys, values = shared.keys[self.layer], shared.values[self.layer]
+            g, kv = len(shared.rows), keys.shape[1]
+            # The rows' queries as one long sequence per key head: the keys are read once.
+            stacked = (
+                q[shared.rows]
+                .reshape(g, kv, heads // kv, t, dim)
+                .transpose(0, 1)
+                .reshape(1, kv, g * heads // kv * t, dim)
+            )
+            part, part_lse = attention_lse(stacked, keys, values, None)
+            part = part.view(kv, g, heads // kv, t, dim).transpose(0, 1).reshape(g, heads, t, dim)
+            part_lse = part_lse.view(kv, g, heads // kv, t).transpose(0, 1).reshape(g, heads, t)
+            mixed, both = merge(out[shared.rows], lse[shared.rows], part, part_lse)
+            out[shared.rows] = mixed
+            lse[shared.rows] = both
+        return attention.output(out.to(q.dtype))

@@ -413,3 +413,31 @@ def test_an_aborted_request_leaves_no_part_behind_and_drain_waits_on_no_block():
         engine.step()
     assert not prefixes._rows and not engine.first.runner.rows
     assert engine.scheduler.kv_reserved == 0 and prefixes.nbytes > 0
+
+
+@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+def test_a_tree_of_shared_prompts_decodes_as_with_the_cache_off(name: str):
+    """Prompts that share blocks and part ways mid-run, one extending another, read runs of
+    two and three segments in place, batched with rows that read none."""
+    fields, size = FAMILIES[name], BLOCK[name]
+    engine = engine_for(name)
+    base = engine.first.tokenizer.encode(SYSTEM)[: 6 * size]
+    other = engine.first.tokenizer.encode("Another preface entirely, for a branch. " * 4)
+    first = base + other[:3]
+    waves = [
+        [first, base[: 2 * size] + other[: 3 * size + 1]],  # a root run, and a branch of it
+        [
+            base[: 2 * size] + other[: 3 * size] + base[: 2 * size + 2],  # two segments
+            first + other[: size + 1],  # extends the first: its blocks and one more
+            other[: 2 * size + 3],  # shares nothing
+            base[: 4 * size + 1],  # part of the root run only
+        ],
+    ]
+    waves.append([waves[1][1] + base[: size + 1], waves[1][0]])  # three segments, and again
+    off = engine_for(name, prefix_cache=False)
+    for wave in waves:
+        requests = [(ids, fields) for ids in wave]
+        assert tokens(run(engine, requests)) == tokens(run(off, requests))
+    prefixes = engine.first.prefixes
+    assert prefixes is not None and prefixes.stats.hits > 0
+    assert any(run.parent is not None and run.parent.parent is not None for run in prefixes.runs)

@@ -1,13 +1,15 @@
 """The prefix cache on chat traffic that shares a long system prompt: 32 chat requests, each
 the same system prompt (at least 1,500 tokens) and its own question, arriving one per engine
 step on an SDAR-shaped model (block-causal, random weights at `--hidden` x `--layers`, context
-4,096), with the cache off and on, in one run. Prints time to first step (p50, p99), total
-tokens/s, the positions each request's first step computed (where its prompt is computed,
-whatever the family's forward), and the most KV bytes held at once
+4,096; `--family gemma`: DiffusionGemma-shaped, a causal encoder with sliding layers of 1,024
+and canvases of `--block-length`), with the cache off and on, in one run. Prints time to first
+step (p50, p99), total tokens/s, the positions each request's first step computed (where its
+prompt is computed, whatever the family's forward), and the most KV bytes held at once
 (the rows' slots plus the cache's blocks), then on / off as ratios.
 
     python benchmarks/prefix_cache.py
     python benchmarks/prefix_cache.py --layers 8 --hidden 512 --requests 16
+    python benchmarks/prefix_cache.py --family gemma --layers 6
 """
 
 from __future__ import annotations
@@ -83,19 +85,23 @@ def p99(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=("sdar", "gemma"), default="sdar")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--system-tokens", type=int, default=1536)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--block-length", type=int, default=16)
+    parser.add_argument(
+        "--block-length", type=int, default=16, help="SDAR's block, DiffusionGemma's canvas"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tokenizer = TextTokenizer(REFERENCE / "sdar-tiny")
-    model = shaped_model("sdar", args.layers, args.hidden, len(tokenizer), 0)
+    gemma = args.family == "gemma"
+    tokenizer = TextTokenizer(REFERENCE / ("diffusiongemma-tiny" if gemma else "sdar-tiny"))
+    model = shaped_model(args.family, args.layers, args.hidden, len(tokenizer), args.block_length)
     system = system_prompt(tokenizer, args.system_tokens)
     prompts = [
         tokenizer.render_chat(
@@ -108,16 +114,18 @@ def main() -> None:
     ]
     params = SamplingParams(
         max_tokens=args.max_tokens,
-        block_length=args.block_length,
+        block_length=None if gemma else args.block_length,
         steps=args.block_length // 2,
         ignore_eos=True,
         seed=0,
     )
     print(
-        f"SDAR-shaped: {args.layers} layers x {args.hidden}, vocabulary {len(tokenizer)}, "
+        f"{'DiffusionGemma' if gemma else 'SDAR'}-shaped: {args.layers} layers x {args.hidden}, "
+        f"vocabulary {len(tokenizer)}, "
         f"{args.requests} chat requests, system prompt {len(tokenizer.encode(system))} tokens, "
         f"prompts {len(tokenizer.encode(prompts[0]))} tokens, max_tokens {args.max_tokens}, "
-        f"blocks of {args.block_length}, {torch.get_num_threads()} torch threads"
+        f"{'canvases' if gemma else 'blocks'} of {args.block_length}, "
+        f"{torch.get_num_threads()} torch threads"
     )
     results = {}
     for on in (False, True):

@@ -76,6 +76,7 @@ class BlockAttention(nn.Module):
 
     n_heads: int
     n_kv: int
+    scale = None  # of the scores: head_dim ** -0.5
 
     def output(self, out: Tensor) -> Tensor:
         raise NotImplementedError

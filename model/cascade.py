@@ -18,27 +18,32 @@ from torch import Tensor
 from marble.model.kv_slots import SlotGroups
 
 
-def attention_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def attention_lse(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
     """Softmax attention q [B, Hq, T, D] over k/v [B, Hkv, S, D] (Hq a multiple of Hkv, query
-    head h reading key head h // (Hq / Hkv)), additive bias [B, 1, T, S] or None ->
-    (out [B, Hq, T, D] in q's dtype, log-sum-exp of the scaled scores [B, Hq, T] float32).
-    On CPU the flash kernel `scaled_dot_product_attention` runs (its `out` bit for bit);
-    elsewhere `scores_lse`."""
+    head h reading key head h // (Hq / Hkv)), additive bias [B, 1, T, S] or None, scores
+    scaled by `scale` (None: D ** -0.5) -> (out [B, Hq, T, D] in q's dtype, log-sum-exp of
+    the scaled scores [B, Hq, T] float32). On CPU the flash kernel
+    `scaled_dot_product_attention` runs (its `out` bit for bit); elsewhere `scores_lse`."""
     repeat = q.shape[1] // k.shape[1]
     if repeat > 1:
         k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
     if q.device.type != "cpu":
-        return scores_lse(q, k, v, bias)
+        return scores_lse(q, k, v, bias, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=bias
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
     )
     return out, lse
 
 
-def scores_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def scores_lse(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
     """`attention_lse` with as many key heads as query heads, the scores in float32 (no fused
     kernel returns the log-sum-exp on every device)."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.float()
     lse = torch.logsumexp(scores, dim=-1)
@@ -48,12 +53,20 @@ def scores_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> tuple[Te
 
 @dataclass
 class SharedKeys:
-    """Keys and values that several rows of a step read, every one of them visible to every
-    query of those rows (finished prompt blocks before the rows' windows)."""
+    """Keys and values that several rows of a step read (finished prompt blocks before the
+    rows' windows): every one visible to every query of those rows, or as `mask` says."""
 
     rows: Tensor  # [G] the batch rows that read them
     keys: list[Tensor]  # per layer [1, Hkv, S, D]
     values: list[Tensor]
+    mask: Tensor | None = None  # bool [G, T, S]: which keys each row's query reads
+
+
+def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True: read) as an additive bias; a finite fill, not -inf, so a query that
+    reads no key gets a harmless average instead of NaN."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def merge(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,6 +81,8 @@ def merge(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tuple[Ten
 
 
 class Projects(Protocol):
+    scale: float | None  # of the scores (None: head_dim ** -0.5)
+
     def output(self, out: Tensor) -> Tensor:
         """Attention's out [B, Hq, T, D] -> the layer's [B, T, H] (heads joined, projected)."""
         ...
@@ -91,11 +106,15 @@ class CascadeLayer:
         biases: list[Tensor],
     ) -> Tensor:
         """q [B, Hq, T, D] and the window's fresh k/v (written into the slots first) ->
-        `attention.output` of the attention over them all."""
+        `attention.output` of the attention over them all; `biases` per store part, additive
+        or bool masks."""
         outs, lses = [], []
+        scale = attention.scale
         for (rows, batch), bias in zip(self.groups.parts, biases, strict=True):
             keys, values = batch.join(self.layer, k[rows], v[rows])
-            out, lse = attention_lse(q[rows], keys, values, bias)
+            if bias.dtype == torch.bool:
+                bias = additive(bias, q.dtype)
+            out, lse = attention_lse(q[rows], keys, values, bias, scale)
             outs.append(out)
             lses.append(lse)
         out = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
@@ -111,7 +130,11 @@ class CascadeLayer:
                 .transpose(0, 1)
                 .reshape(1, kv, g * heads // kv * t, dim)
             )
-            part, part_lse = attention_lse(stacked, keys, values, None)
+            bias = None
+            if shared.mask is not None:  # each row's mask for each of its query heads
+                mask = shared.mask[:, None].expand(g, heads // kv, t, -1)
+                bias = additive(mask.reshape(1, 1, g * heads // kv * t, -1), q.dtype)
+            part, part_lse = attention_lse(stacked, keys, values, bias, scale)
             part = part.view(kv, g, heads // kv, t, dim).transpose(0, 1).reshape(g, heads, t, dim)
             part_lse = part_lse.view(kv, g, heads // kv, t).transpose(0, 1).reshape(g, heads, t)
             mixed, both = merge(out[shared.rows], lse[shared.rows], part, part_lse)

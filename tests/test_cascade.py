@@ -4,6 +4,7 @@ float32 rounding; the flash kernel's part is the plain attention's bit for bit."
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +17,9 @@ HEADS, KV, DIM = 4, 2, 16
 
 class Heads:
     """An attention module's output projection that only joins heads."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        self.scale = scale
 
     def output(self, out: Tensor) -> Tensor:
         b, _, t, _ = out.shape
@@ -34,9 +38,12 @@ def test_the_flash_part_is_plain_attention_and_the_scores_part_agrees():
     assert (out2 - out).abs().max() < 1e-5 and (lse2 - lse).abs().max() < 1e-5
 
 
-def test_rows_reading_shared_runs_attend_as_over_the_joined_keys():
+@pytest.mark.parametrize("scale", [None, 1.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_reading_shared_runs_attend_as_over_the_joined_keys(scale, masked):
     """Four rows in two slot stores; rows 0, 1 and 3 read one shared run (row 3 its first 6
-    positions only, a second segment), row 2 reads nothing."""
+    positions only, a second segment), row 2 reads nothing; with `masked`, each row's queries
+    read only some of the run's keys (as a sliding window would)."""
     torch.manual_seed(1)
     stores = SlotStores(1, KV, DIM, torch.device("cpu"), torch.float32)
     own = [5, 3, 8, 2]  # cached positions each row holds in its slot
@@ -44,14 +51,16 @@ def test_rows_reading_shared_runs_attend_as_over_the_joined_keys():
         stores.add(f"r{i}", n + 4 if i != 2 else 40)
         stores.write(f"r{i}", 0, (torch.randn(KV, n, DIM), torch.randn(KV, n, DIM)))
     run_k, run_v = torch.randn(1, KV, 10, DIM), torch.randn(1, KV, 10, DIM)
+    t = 4
+    masks = torch.rand(4, t, 10) < 0.7 if masked else torch.ones(4, t, 10, dtype=torch.bool)
+    masks[..., -1] = True  # every query reads a key of the run
     shared = [
-        SharedKeys(torch.tensor([0, 1]), [run_k], [run_v]),
-        SharedKeys(torch.tensor([3]), [run_k[:, :, :6]], [run_v[:, :, :6]]),
+        SharedKeys(torch.tensor([0, 1]), [run_k], [run_v], masks[[0, 1]] if masked else None),
+        SharedKeys(torch.tensor([3]), [run_k[:, :, :6]], [run_v[:, :, :6]], masks[[3], :, :6]),
     ]
     keys = [f"r{i}" for i in range(4)]
     groups = stores.batch(keys, own, [4] * 4, 4)
     assert groups.order == [0, 1, 3, 2]  # row 2 is alone in a larger store
-    t = 4
     q = torch.randn(4, HEADS, t, DIM)
     k, v = torch.randn(4, KV, t, DIM), torch.randn(4, KV, t, DIM)
     # Each row reads its slot's columns up to its end (cache, then window), no further.
@@ -64,10 +73,13 @@ def test_rows_reading_shared_runs_attend_as_over_the_joined_keys():
     # Batch rows follow the stores' order: shared rows are given in it.
     order = groups.order
     by_batch = [
-        SharedKeys(torch.tensor([order.index(r) for r in s.rows.tolist()]), s.keys, s.values)
+        SharedKeys(
+            torch.tensor([order.index(r) for r in s.rows.tolist()]), s.keys, s.values, s.mask
+        )
         for s in shared
     ]
-    got = CascadeLayer(groups, by_batch, 0).attend(Heads(), q[order], k[order], v[order], biases)
+    heads = Heads(scale)
+    got = CascadeLayer(groups, by_batch, 0).attend(heads, q[order], k[order], v[order], biases)
     for b, r in enumerate(order):
         store = stores.store(keys[r])
         slot = store.slot(keys[r])
@@ -76,5 +88,9 @@ def test_rows_reading_shared_runs_attend_as_over_the_joined_keys():
         reads = [s for s in shared if r in s.rows.tolist()]
         all_k = torch.cat([s.keys[0] for s in reads] + [mine_k], dim=2)
         all_v = torch.cat([s.values[0] for s in reads] + [mine_v], dim=2)
-        want = F.scaled_dot_product_attention(q[r : r + 1], all_k, all_v, enable_gqa=True)
-        assert (got[b] - Heads().output(want)[0]).abs().max() < 1e-5, r
+        read = [masks[r, :, : s.keys[0].shape[2]] for s in reads]
+        read = torch.cat(read + [torch.ones(t, own[r] + t, dtype=torch.bool)], dim=1)
+        want = F.scaled_dot_product_attention(
+            q[r : r + 1], all_k, all_v, attn_mask=read, scale=scale, enable_gqa=True
+        )
+        assert (got[b] - heads.output(want)[0]).abs().max() < 1e-5, r

@@ -109,8 +109,8 @@ def test_non_finite_logits_fail_that_row_alone():
     alone = [list(engine.generate(p, params))[-1].tokens for p in healthy]
     decode = engine.model.decode
 
-    def broken_decode(canvas, positions, *args):
-        logits = decode(canvas, positions, *args)
+    def broken_decode(canvas, positions, *args, **kwargs):
+        logits = decode(canvas, positions, *args, **kwargs)
         starts = positions[:, :1, None] % engine.model.cfg.canvas_length
         return logits.masked_fill(starts == 6, float("nan"))
 

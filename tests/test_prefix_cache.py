@@ -1,11 +1,11 @@
 """The prefix cache of finished prompt blocks (block-causal LLaDA2 and SDAR, and DiffusionGemma's
 causal encoder): exact (the golden replays hold with every prompt block taken from it, and
-outputs equal the cache-off ones alone and batched); held once (a block-causal row reads the
-blocks in place and reserves only the slot after them, a run a row reads is never evicted, a
-request left waiting pins nothing); and correct under each hazard: a request whose prompt is a
-prefix of another's, two arrivals of one prompt in the same step, several models, a prompt
-block next to generated tokens, a request that opts out, a budget that needs its room back, a
-budget too small for one block, and a step that failed.
+outputs equal the cache-off ones alone and batched, a tree of shared prompts included); held
+once (a row reads the blocks in place and reserves only the slot after them, a run a row
+reads is never evicted, a request left waiting pins nothing); and correct under each hazard: a
+request whose prompt is a prefix of another's, two arrivals of one prompt in the same step,
+several models, a prompt block next to generated tokens, a request that opts out, a budget
+that needs its room back, a budget too small for one block, and a step that failed.
 
 "Equal" is compared on token ids, the engine's output: a block taken from the cache was
 computed in another request's window, whose shape may round differently from the window the
@@ -18,11 +18,9 @@ import json
 
 import pytest
 
-from marble.families.block_causal import canvas_length, slot_bytes
 from marble.families.diffusion_gemma.runner import PROMPT_PAGE
-from marble.model.kv_slots import capacity_class
 from marble.scheduler.engine import Engine, StepOutput
-from marble.scheduler.request import Request
+from marble.scheduler.sampling_params import SamplingParams
 from marble.scheduler.scheduler import SchedulerConfig
 from marble.scheduler.served_model import load_served
 from tests.conftest import REFERENCE
@@ -128,27 +126,25 @@ def test_outputs_equal_the_cache_off_ones_alone_and_batched(name: str):
 
 
 # ------------------------------------------------------------------------- held once
-BLOCK_CAUSAL = ["llada2-tiny", "sdar-tiny"]
-
-
 def warm(engine: Engine, name: str) -> None:
     """Leave SYSTEM's blocks in the engine's cache."""
     run(engine, [(SYSTEM + " Warm up.", FAMILIES[name])])
 
 
-def own_bytes(engine: Engine, request: Request) -> int:
-    """The bytes of the slot a block-causal request needs beside the engine's cache now."""
-    m = engine.first
-    assert m.prefixes is not None and request.params.block_length is not None
-    taken = m.prefixes.claim(request.request_id, request.prompt_ids, request.params.block_length)
-    m.prefixes.detach(request.request_id)
-    return slot_bytes(m.model, canvas_length(request) - taken)
+def admitted(engine: Engine, prompt: str, params: SamplingParams) -> int:
+    """The KV bytes the engine admits a request with now (it steps once, then is aborted)."""
+    request = engine.add(engine.make_request(prompt, params))
+    engine.step()
+    engine.abort(request.request_id)
+    while engine.has_unfinished():
+        engine.step()
+    return request.kv_bytes
 
 
-@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_row_reads_cached_blocks_where_they_are(name: str):
-    """A block-causal row's cached prompt blocks stay in the cache: its slot holds only the
-    positions after them, and its admitted KV is that slot's bytes."""
+    """A row's cached prompt blocks stay in the cache: its slots hold only the positions
+    after them, and it is admitted with those slots' bytes, what the stores then hold."""
     engine = engine_for(name)
     warm(engine, name)
     request = engine.make_request(
@@ -158,15 +154,12 @@ def test_a_row_reads_cached_blocks_where_they_are(name: str):
     engine.add(request)
     engine.step()
     runner, key = engine.first.runner, request.request_id
-    cache = runner.rows[key].cache
-    assert cache.start > 0 and runner.shared[key]  # its prompt blocks read from the cache
-    total = len(runner.rows[key].canvas)
-    assert cache.store.capacity == capacity_class(total - cache.start) < capacity_class(total)
-    assert request.kv_bytes == slot_bytes(runner.model, total - cache.start) < full
-    assert engine.scheduler.kv_reserved == request.kv_bytes
+    assert runner.rows[key].cache.start > 0 and runner.shared[key]  # read from the cache
+    held = runner.cache_bytes - runner.spare_kv_bytes  # the warm-up left its slot spare
+    assert held == request.kv_bytes == engine.scheduler.kv_reserved < full
 
 
-@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_shared_blocks_count_once_so_more_requests_run_at_once(name: str):
     """A budget that holds the cached prompt once and four rows' own positions, but not two
     rows that each hold the prompt: all four run at once."""
@@ -175,23 +168,15 @@ def test_shared_blocks_count_once_so_more_requests_run_at_once(name: str):
     warm(probe, name)
     prefixes = probe.first.prefixes
     assert prefixes is not None
-    questions = [f" Question {i}: what is {i} plus {i}?" for i in range(4)]
-    requests = [
-        probe.make_request(SYSTEM + q, probe.defaults.replace(max_tokens=16, **fields))
-        for q in questions
-    ]
-    full = max(r.kv_bytes for r in requests)
-    own = max(own_bytes(probe, r) for r in requests)
-    budget = prefixes.nbytes + 4 * own
+    cached = prefixes.nbytes
+    params = probe.defaults.replace(max_tokens=16, **fields)
+    prompts = [SYSTEM + f" Question {i}: what is {i} plus {i}?" for i in range(4)]
+    full = max(probe.make_request(p, params).kv_bytes for p in prompts)
+    budget = cached + 4 * max(admitted(probe, p, params) for p in prompts)
     assert budget < 2 * full  # two full slots would not fit
     engine = engine_for(name, max_kv_bytes=budget)
     warm(engine, name)
-    made = [
-        engine.make_request(SYSTEM + q, engine.defaults.replace(max_tokens=16, **fields))
-        for q in questions
-    ]
-    for r in made:
-        engine.add(r)
+    made = [engine.add(engine.make_request(p, params)) for p in prompts]
     engine.step()
     assert engine.scheduler.num_running == 4
     while engine.has_unfinished():
@@ -199,7 +184,7 @@ def test_shared_blocks_count_once_so_more_requests_run_at_once(name: str):
     assert all(r.is_finished() for r in made)
 
 
-@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_run_a_row_reads_is_never_evicted(name: str):
     engine = engine_for(name)
     warm(engine, name)
@@ -227,21 +212,21 @@ def test_a_request_left_waiting_pins_nothing():
     probe = engine_for(name)
     warm(probe, name)
     assert probe.first.prefixes is not None
+    cached = probe.first.prefixes.nbytes
     long = probe.make_request(
         "Something else entirely. " * 8,
         probe.defaults.replace(max_tokens=64, prefix_cache=False, **fields),
     )
-    waiting = probe.make_request(SYSTEM, probe.defaults.replace(max_tokens=64, **fields))
+    params = probe.defaults.replace(max_tokens=64, **fields)
     # Room for the long request and the cached blocks, one byte short of the waiting one.
-    budget = long.kv_bytes + probe.first.prefixes.nbytes + own_bytes(probe, waiting) - 1
+    budget = long.kv_bytes + cached + admitted(probe, SYSTEM, params) - 1
     engine = engine_for(name, max_kv_bytes=budget)
     warm(engine, name)
     prefixes = engine.first.prefixes
     assert prefixes is not None and prefixes.runs
     engine.add(engine.make_request(long.prompt_ids, long.params))
     engine.step()
-    waiting = engine.make_request(SYSTEM, waiting.params)
-    engine.add(waiting)
+    waiting = engine.add(engine.make_request(SYSTEM, params))
     engine.step()
     assert engine.scheduler.num_waiting == 1  # it did not fit beside the long one
     assert all(run.users == 0 for run in prefixes.runs)
@@ -415,7 +400,7 @@ def test_an_aborted_request_leaves_no_part_behind_and_drain_waits_on_no_block():
     assert engine.scheduler.kv_reserved == 0 and prefixes.nbytes > 0
 
 
-@pytest.mark.parametrize("name", BLOCK_CAUSAL)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_a_tree_of_shared_prompts_decodes_as_with_the_cache_off(name: str):
     """Prompts that share blocks and part ways mid-run, one extending another, read runs of
     two and three segments in place, batched with rows that read none."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from marble.families.diffusion_gemma.config import SLIDING, DiffusionGemmaConfig
 from marble.model.block_cache import BlockCache, LayerKV
+from marble.model.cascade import CascadeLayer, SharedKeys, additive
 from marble.model.experts import GroupedExperts
 from marble.model.kv_slots import SlotGroups, SlotGroupsLayer
 from marble.model.layers import GatedMLP, apply_rotary
@@ -100,15 +101,21 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(raw_k), cos, sin)
         return q, k, self.v_norm(raw_v)
 
+    scale = 1.0  # of the scores (q and k are normed)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, S, D], allowed bool [B, 1, T, S] -> [B, T, H]."""
         # A finite fill, not -inf: a pad query that sees no key gets a harmless average
         # instead of NaN, which would reach real rows through 0 * NaN in later layers.
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(q.dtype).min)
+        bias = additive(allowed, q.dtype)
         # Query heads share their KV head in the kernel: repeating k/v would copy every key.
         gqa = self.n_heads != self.n_kv
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=gqa
+        )
+        return self.output(out)
+
+    def output(self, out: Tensor) -> Tensor:
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -278,12 +285,14 @@ class DiffusionGemma(nn.Module):
         self_cond_logits: Tensor | None = None,
         self_cond_mask: Tensor | None = None,
         hidden_states: list[Tensor] | None = None,
+        shared: dict[bool, list[SharedKeys]] | None = None,
     ) -> Tensor:
         """Bidirectional pass of canvas [B, L] at positions [B, L] over the cache -> [B, L, V].
 
         self_cond_logits [B, L, V] are the previous step's logits (None: first step);
         self_cond_mask [B] False turns it off per row. The cache is read, never written (slots,
-        `cache[sliding]` per layer kind, take the canvas's keys as scratch past each row's end).
+        `cache[sliding]` per layer kind, take the canvas's keys as scratch past each row's end;
+        `shared[sliding]` the prompt pages before the slots, read in place, `shared_keys`).
         `hidden_states`, if given, collects the input, each layer's output and the final norm."""
         b, length = canvas.shape
         e = self._embed(canvas)
@@ -298,7 +307,7 @@ class DiffusionGemma(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)
         ropes = self._ropes(positions)
-        keys = self._decode_keys(cache, b, length)
+        keys = self._decode_keys(cache, b, length, shared)
         for i, (layer, (past, allowed)) in enumerate(zip(self.layers, keys)):
             x, _, _ = layer(x, ropes[layer.sliding], past, allowed, False)
             if hidden_states is not None and i < len(self.layers) - 1:
@@ -309,8 +318,12 @@ class DiffusionGemma(nn.Module):
         return self.head(x)
 
     def _decode_keys(
-        self, cache: BlockCache | dict[bool, SlotGroups], b: int, length: int
-    ) -> list[tuple[LayerKV | SlotGroupsLayer, Tensor | list[Tensor]]]:
+        self,
+        cache: BlockCache | dict[bool, SlotGroups],
+        b: int,
+        length: int,
+        shared: dict[bool, list[SharedKeys]] | None,
+    ) -> list[tuple[LayerKV | SlotGroupsLayer | CascadeLayer, Tensor | list[Tensor]]]:
         """Per layer, what a canvas [B, L] attends over: the past and which keys it may read
         (bool [B, 1, L, S + L]): every cached key a layer keeps (a sliding layer the last
         window - 1) and the whole canvas."""
@@ -331,24 +344,50 @@ class DiffusionGemma(nn.Module):
                     allowed &= key >= slots.end[:, None] - length - (self.cfg.sliding_window - 1)
                 rows = len(slots.index)
                 masks[sliding].append(allowed[:, None, None, :].expand(rows, 1, length, -1))
-        return [(past, masks[layer.sliding]) for layer, past in self._slot_layers(cache)]
+        layers = self._slot_layers(cache, shared)
+        return [(past, masks[layer.sliding]) for layer, past in layers]
 
     def _slot_layers(
-        self, slots: dict[bool, SlotGroups]
-    ) -> list[tuple[DecoderLayer, SlotGroupsLayer]]:
-        """Each layer with its layer in the store of its kind."""
+        self, slots: dict[bool, SlotGroups], shared: dict[bool, list[SharedKeys]] | None
+    ) -> list[tuple[DecoderLayer, SlotGroupsLayer | CascadeLayer]]:
+        """Each layer with its layer in the store of its kind (and the shared keys of it)."""
         seen = {True: 0, False: 0}
-        out = []
+        out: list[tuple[DecoderLayer, SlotGroupsLayer | CascadeLayer]] = []
         for layer in self.layers:
-            out.append((layer, slots[layer.sliding].layer(seen[layer.sliding])))
-            seen[layer.sliding] += 1
+            kind, index = layer.sliding, seen[layer.sliding]
+            if shared and shared[kind]:
+                out.append((layer, CascadeLayer(slots[kind], shared[kind], index)))
+            else:
+                out.append((layer, slots[kind].layer(index)))
+            seen[kind] += 1
         return out
 
+    def shared_mask(self, queries: Tensor, start: int, length: int, encoder: bool) -> Tensor:
+        """Which keys of a shared run at absolute positions [start, start + length) the
+        sliding layers' queries at positions `queries` [G, T] read: bool [G, T, length]. The
+        encoder's causal query reads the last `sliding_window` positions through its own; a
+        canvas (which follows its row's cache) reads the cache's last `sliding_window - 1`,
+        whatever the query. Full layers read the whole run."""
+        key = torch.arange(start, start + length, device=queries.device)[None, None, :]
+        if encoder:
+            return key > queries[:, :, None] - self.cfg.sliding_window
+        first = queries[:, :1, None] - (self.cfg.sliding_window - 1)
+        return (key >= first).expand(-1, queries.shape[1], -1)
+
     @torch.no_grad()
-    def encode_slots(self, ids: Tensor, positions: Tensor, slots: dict[bool, SlotGroups]) -> Tensor:
-        """`encode` into slots (`cache[sliding]` per layer kind) that hold absolute positions
-        0.. in order: ids [B, T] at positions [B, T] that follow each row's cache are written
-        after it -> hidden [B, T, H]. The caller advances the rows' lengths."""
+    def encode_slots(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        slots: dict[bool, SlotGroups],
+        start: Tensor | None = None,
+        shared: dict[bool, list[SharedKeys]] | None = None,
+    ) -> Tensor:
+        """`encode` into slots (`cache[sliding]` per layer kind) whose columns hold absolute
+        positions from `start` [B] on (None: 0), in order: ids [B, T] at positions [B, T] that
+        follow each row's cache are written after it, reading `shared[sliding]` (the prompt
+        pages before the slots) in place -> hidden [B, T, H]. The caller advances the rows'
+        lengths."""
         ropes = self._ropes(positions)
         x = self._embed(ids)
         masks: dict[bool, list[Tensor]] = {}
@@ -356,11 +395,12 @@ class DiffusionGemma(nn.Module):
             masks[sliding] = []
             for rows, batch in groups.parts:
                 query = positions[rows][:, :, None]
-                key = torch.arange(batch.read, device=ids.device)[None, None, :]
-                allowed = (key <= query) & (key < batch.end[:, None, None])
+                column = torch.arange(batch.read, device=ids.device)[None, None, :]
+                key = column if start is None else column + start[rows][:, None, None]
+                allowed = (key <= query) & (column < batch.end[:, None, None])
                 if sliding:
                     allowed &= key > query - self.cfg.sliding_window
                 masks[sliding].append(allowed[:, None])
-        for layer, past in self._slot_layers(slots):
+        for layer, past in self._slot_layers(slots, shared):
             x, _, _ = layer(x, ropes[layer.sliding], past, masks[layer.sliding], True)
         return self.norm(x)

@@ -27,9 +27,10 @@ from marble.families.diffusion_gemma.grammar_prefix import (
 )
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
+from marble.model.cascade import SharedKeys
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores
-from marble.model.prefix_cache import Block
+from marble.model.prefix_cache import Block, Segment
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -102,6 +103,8 @@ class UniformRunner(CachedRowsRunner):
                 self.device,
                 model.embed_tokens.weight.dtype,
             )
+        # Each row's prompt pages read in place from the prefix cache, before its slots.
+        self.shared: dict[str, list[Segment]] = {}
         self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:
@@ -112,15 +115,21 @@ class UniformRunner(CachedRowsRunner):
         return self._compiled.forward
 
     def add(self, request: Request) -> None:
+        """A new row: its slots, and its prompt pages in the prefix cache final at once (read
+        where they are, its slots holding the positions after them, or, compiled, copied)."""
+        key = request.request_id
         generator = request_generator(request, self.device)
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-        length = self.model.cfg.canvas_length
-        # The prompt and every canvas (the last one's keys are a decode's scratch).
-        tokens = len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
-        caches = [store.add(request.request_id, tokens) for store in self.stores.values()]
+        tokens = canvas_tokens(request, self.model.cfg.canvas_length)
         taken = 0
-        if self.prefix_cache is not None and request.params.prefix_cache:
-            key = request.request_id
+        if self.prefix_cache is None or not request.params.prefix_cache:
+            caches = [store.add(key, tokens) for store in self.stores.values()]
+        elif self._compiled is None:
+            taken = self.claim_positions(request)
+            self.shared[key] = self.prefix_cache.segments(key)
+            caches = [store.add(key, tokens - taken, taken) for store in self.stores.values()]
+        else:
+            caches = [store.add(key, tokens) for store in self.stores.values()]
 
             def write(start: int, block: Block) -> None:
                 for store, part in zip(self.stores.values(), block):
@@ -128,18 +137,55 @@ class UniformRunner(CachedRowsRunner):
 
             taken = self.prefix_cache.attach(key, request.prompt_ids, PROMPT_PAGE, write)
             caches[0].advance(taken)
-        self.rows[request.request_id] = _CanvasRow(generator, caches[0], prompt[taken:])
+        self.rows[key] = _CanvasRow(generator, caches[0], prompt[taken:])
 
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         for store in self.stores.values():
             store.remove(request_id)
+        self.shared.pop(request_id, None)
 
     def prefix_size(self, request: Request) -> int:
         return PROMPT_PAGE
 
+    def claim_prefix(self, request: Request) -> int:
+        """Read in place, the claimed pages need no room in the row's slots; a compiled
+        decode takes a copy (its shapes do not vary with what rows share)."""
+        taken = self.claim_positions(request)
+        if self._compiled is not None:
+            return 0
+        tokens = canvas_tokens(request, self.model.cfg.canvas_length)
+        return self._slot_bytes(tokens) - self._slot_bytes(tokens - taken)
+
+    def _slot_bytes(self, tokens: int) -> int:
+        return sum(stores.slot_bytes(tokens) for stores in self.stores.values())
+
     def read_prefix(self, key: str, start: int, length: int) -> Block:
-        return tuple(store.read(key, start, length) for store in self.stores.values())
+        column = start - self.rows[key].cache.start
+        return tuple(store.read(key, column, length) for store in self.stores.values())
+
+    def _shared_keys(
+        self, keys: list[str], positions: Tensor, encoder: bool
+    ) -> dict[bool, list[SharedKeys]]:
+        """What the rows `keys` (batch rows, in order; their queries at `positions` [B, T])
+        read from the prefix cache, per layer kind: one `SharedKeys` per run segment with
+        every row that reads it, a sliding kind's masked to its window."""
+        readers: dict[Segment, list[int]] = {}
+        for r, key in enumerate(keys):
+            for segment in self.shared.get(key, ()):
+                readers.setdefault(segment, []).append(r)
+        shared: dict[bool, list[SharedKeys]] = {kind: [] for kind in self.stores}
+        for segment, rows in readers.items():
+            index = torch.tensor(rows, device=self.device)
+            for (sliding, stores), parts in zip(self.stores.items(), segment.parts()):
+                layers = stores.shape[0]
+                kv = [parts[i : i + 1] for i in range(2 * layers)]  # keys first
+                mask = None
+                if sliding:
+                    queries = positions[index]
+                    mask = self.model.shared_mask(queries, segment.start, segment.length, encoder)
+                shared[sliding].append(SharedKeys(index, kv[:layers], kv[layers:], mask))
+        return shared
 
     @property
     def cache_bytes(self) -> int:
@@ -153,10 +199,13 @@ class UniformRunner(CachedRowsRunner):
         """Every layer kind's spare slots alike (their stores hold the rows in one order)."""
         return sum(store.release(float("inf")) for store in self.stores.values())
 
-    def _slots(self, keys: list[str], lengths: list[int], width: int) -> dict[bool, SlotGroups]:
-        """Every store's batch for rows `keys` writing `width` positions after their caches."""
+    def _slots(self, caches: list[SlotCache], width: int) -> dict[bool, SlotGroups]:
+        """Every store's batch for the rows of `caches` writing `width` positions after their
+        caches."""
+        keys = [c.key for c in caches]
+        columns = [c.length - c.start for c in caches]
         widths = [width] * len(keys)
-        return {k: s.batch(keys, lengths, widths, width) for k, s in self.stores.items()}
+        return {k: s.batch(keys, columns, widths, width) for k, s in self.stores.items()}
 
     def _compiled_decode(
         self,
@@ -206,7 +255,7 @@ class UniformRunner(CachedRowsRunner):
         ]
 
         caches = [row.cache for row in rows]
-        cache = self._slots([c.key for c in caches], [c.length for c in caches], length)
+        cache = self._slots(caches, length)
         canvas = torch.stack([row.canvas for row in rows])  # type: ignore[misc]
         span = torch.arange(length, device=dev)
         positions = torch.stack([c.length + span for c in caches])  # each row's own positions
@@ -215,7 +264,8 @@ class UniformRunner(CachedRowsRunner):
             self_cond = _stacked(rows, length, vocab, dev)
             mask = torch.tensor([r.scaled is not None for r in rows], device=dev)
         if self._compiled is None:
-            raw = self.model.decode(canvas, positions, cache, self_cond, mask)  # [B, L, V]
+            shared = self._shared_keys([c.key for c in caches], positions, encoder=False)
+            raw = self.model.decode(canvas, positions, cache, self_cond, mask, shared=shared)
         else:
             raw = self._compiled_decode(canvas, positions, cache, self_cond, mask)
 
@@ -435,8 +485,10 @@ class UniformRunner(CachedRowsRunner):
         start = row.cache.length
         if ids.shape[1]:  # nothing left when the prefix cache held the whole prompt
             positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
-            slots = self._slots([row.cache.key], [start], ids.shape[1])
-            self.model.encode_slots(ids, positions, slots)
+            slots = self._slots([row.cache], ids.shape[1])
+            first = torch.tensor([row.cache.start], device=self.device)
+            shared = self._shared_keys([row.cache.key], positions, encoder=True)
+            self.model.encode_slots(ids, positions, slots, first, shared)
             row.cache.advance(ids.shape[1])
         cfg = self.model.cfg
         row.canvas = us.draw_uniform(
@@ -447,6 +499,12 @@ class UniformRunner(CachedRowsRunner):
         row.history = us.initial_history(stability, 1, cfg.canvas_length, self.device)[:, 0]
         row.pending = None
         return ids.shape[1]
+
+
+def canvas_tokens(request: Request, length: int) -> int:
+    """The positions a row caches: the prompt and every canvas (the last one's keys are a
+    decode's scratch)."""
+    return len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
 
 
 def _maybe_cold(params: SamplingParams) -> bool:

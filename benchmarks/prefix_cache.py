@@ -114,7 +114,7 @@ def main() -> None:
     ]
     params = SamplingParams(
         max_tokens=args.max_tokens,
-        block_length=None if gemma else args.block_length,
+        block_length=args.block_length,
         steps=args.block_length // 2,
         ignore_eos=True,
         seed=0,

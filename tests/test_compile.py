@@ -92,11 +92,14 @@ def test_masked_cached_forward_matches_eager() -> None:
     heads, dim = model.cfg.n_kv_heads, model.cfg.head_dim
     torch.manual_seed(0)
     before = _graphs()
-    for b, q, keys in ((1, 9, 40), (3, 20, 70)):  # buckets (1, 16, 64) and (4, 32, 128)
+    # Whole storages: 1 and 4 slots of 40 and 70 columns, the last a sink no row reads;
+    # queries padded to 16 and 32.
+    for b, q, keys in ((1, 9, 40), (4, 20, 70)):
         ids = torch.randint(0, model.cfg.vocab_size, (b, q))
         positions = torch.arange(q).expand(b, q) + 5
         cache = [(torch.randn(b, heads, keys, dim), torch.randn(b, heads, keys, dim))] * 2
         mask = torch.ones(b, keys, dtype=torch.bool)
+        mask[:, -1] = False
         mask[0, -3:] = False
         gather = torch.arange(8).expand(b, 8)
         copies = [(k.clone(), v.clone()) for k, v in cache]  # eager writes its queries in place
@@ -222,10 +225,33 @@ def test_engine_compiled_gives_eager_tokens_within_the_bound(family: str) -> Non
 
 def _storages(key: tuple | None) -> tuple | None:
     """The storage shapes a compiled call's key names (`padded_slots.slot_key`, one per
-    layer kind for DiffusionGemma; none for the masked family, whose slots come padded)."""
+    layer kind for DiffusionGemma; none for the masked family, whose storages are its
+    tensors)."""
     if key is None:
         return None
     return key[2] if isinstance(key[0], int) else tuple(part[2] for part in key)
+
+
+def test_the_masked_compiled_step_reads_its_slot_storage_in_place() -> None:
+    """Every key and value tensor the compiled cached forward gets is a slot store's own
+    storage, not a padded copy of it."""
+    model, path = _cut("masked", CUT["masked"][1])
+    engine = Engine(model, TextTokenizer(path), compile=BACKEND)
+    runner = engine.first.runner
+    compiled = runner._compiled
+    forward, calls = compiled.forward, []
+
+    def recording(*args, **kwargs):
+        stores = runner.stores.stores.values()
+        held = {(t.data_ptr(), t.shape) for s in stores for t in s.keys + s.values}
+        given = {(t.data_ptr(), t.shape) for t in args[2] + args[3]}  # keys, values per layer
+        calls.append(given <= held)
+        return forward(*args, **kwargs)
+
+    compiled.forward = recording
+    params = SamplingParams(temperature=0.0, seed=1, ignore_eos=True, **PARAMS["masked"])
+    _drain(engine, params, ["def add(a, b):", "Once upon a time", "The capital of France"])
+    assert calls and all(calls)
 
 
 def test_compile_flag_reaches_every_served_model() -> None:

@@ -1,31 +1,34 @@
 """The masked family's compiled cached forward: `Denoiser.forward_cached` (the prefix or dual
-cache step) run through `CompiledForward` over padded buckets of batch, query and key length.
+cache step) over one slot store's whole storage, read and written in place (its shapes are the
+storage's: a power of two of slots, a capacity class of columns), the queries padded to a
+bucket of their length.
 
-Padding changes no real row's numbers beyond kernel rounding: pad queries write their keys to a
-spare slot every real row masks, pad keys are masked, pad rows attend to zero keys only.
-Knows nothing of requests or sampling.
+Padding changes no real row's numbers beyond kernel rounding: pad queries write their keys to
+the storage's sink column, which every row masks. Knows nothing of requests or sampling.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from marble.families.masked.model import CachedPart, Denoiser
 from marble.model.compiled_forward import LENGTH_FLOOR, CompiledForward, bucket, pad_to, shape_bound
+from marble.model.padded_slots import storage_shapes
 
 MAX_BATCH = 64  # the batch the recompile bound is stated for (rows past it only add buckets)
 
 
 class CompiledCached:
-    """Call as `Denoiser.forward_cached(..., project=False)` over one part (one store's rows,
-    every row of the batch): hidden states [B, W, D]."""
+    """Call as `Denoiser.forward_cached(..., project=False)` over one part, every row of the
+    batch: a store's whole storage (its `layers` [S, Hkv, K, Dh], the sink column K - 1 past
+    every row's keys) -> hidden states [S, W, D]."""
 
     def __init__(self, model: Denoiser, backend: str) -> None:
         self.model = model
         device = next(model.parameters()).device
         context = model.cfg.max_seq_len
-        bound = shape_bound(MAX_BATCH, (context, context + 2))
+        storages = storage_shapes(context, MAX_BATCH)  # a forward reads one store
+        bound = shape_bound(1, (context,), variants=storages)
         self.forward = CompiledForward(self._forward, device, backend, bound)
 
     def _forward(
@@ -50,22 +53,16 @@ class CompiledCached:
         gather: Tensor,
     ) -> Tensor:
         b, q = ids.shape
-        cache, key_mask = part.layers, part.key_mask
-        heads, k_len, dim = cache[0][0].shape[1:]
-        bb, qb = bucket(b), bucket(q, LENGTH_FLOOR)
-        kb = bucket(k_len + 1, LENGTH_FLOOR)  # at least one spare slot past every real key
-        if key_mask is None:
-            key_mask = torch.ones((b, k_len), dtype=torch.bool, device=ids.device)
-        mask = pad_to(key_mask, (bb, kb), False)
-        mask[b:] = True  # a pad row reads zero keys: finite, and no real row sees it
-        shape = (bb, heads, kb, dim)
+        sink = part.layers[0][0].shape[2] - 1
+        assert part.key_mask is not None and part.layers[0][0].shape[0] == b
+        qb = bucket(q, LENGTH_FLOOR)
         hidden = self.forward(
-            pad_to(ids, (bb, qb)),
-            pad_to(positions, (bb, qb)),
-            [pad_to(k, shape) for k, _ in cache],
-            [pad_to(v, shape) for _, v in cache],
-            pad_to(slots, (bb, qb), kb - 1),
-            mask,
-            pad_to(gather, (bb, qb)),
+            pad_to(ids, (b, qb)),
+            pad_to(positions, (b, qb)),
+            [k for k, _ in part.layers],
+            [v for _, v in part.layers],
+            pad_to(slots, (b, qb), sink),
+            part.key_mask,
+            pad_to(gather, (b, qb)),
         )
-        return hidden[:b, : gather.shape[1]]
+        return hidden[:, : gather.shape[1]]

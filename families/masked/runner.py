@@ -160,6 +160,7 @@ class ModelRunner(HeldInStores):
     def compile_forward(self, backend: str) -> CompiledForward:
         """Run every cached forward (prefix and dual) compiled from now on."""
         self._compiled = CompiledCached(self.model, backend)
+        self.stores.round_slots()  # few storage shapes, each a compile
         return self._compiled.forward
 
     def add(self, request: Request) -> None:
@@ -733,11 +734,23 @@ class ModelRunner(HeldInStores):
     ) -> tuple[CachedPart, int, list[str]]:
         """A cached forward's rows from `start` on for the units `keys` of `store` (`full`:
         their queries fill the forward's width), and the units its rows hold in order: the
-        fewest consecutive slots holding them,
-        read and written in place (every query slot is rewritten before it is read, at every
-        cached step), so nothing kept is copied. A slot in that span without a unit this step
-        (its row takes a full forward, or is not stepping) rides along as padding; padding
-        queries write only the column returned, which no row reads."""
+        fewest consecutive slots holding them (compiled: every slot of the store and all its
+        columns, so the forward sees the storage's own shapes), read and written in place
+        (every query slot is rewritten before it is read, at every cached step), so nothing
+        kept is copied. A slot in that span without a unit this step (its row takes a full
+        forward, is not stepping, or is spare) rides along as padding; padding queries write
+        only the column returned, which no row reads."""
+        if self._compiled is not None:
+            held = store.order + [""] * (store.slots - len(store.order))
+            # A spare slot reads every (finite) key of its own: no row is all masked.
+            lengths = [len(self.rows[_row_of(k)].canvas) if k else store.capacity for k in held]
+            key_mask = (
+                torch.arange(store.capacity + 1, device=self.device)[None, :]
+                < torch.tensor(lengths, device=self.device)[:, None]
+            )
+            layers = store.view(0, store.slots, store.capacity + 1)  # the whole storage
+            part = CachedPart(slice(start, start + store.slots), layers, key_mask)
+            return part, store.capacity, held
         first, count = store.span(keys)
         held = store.order[first : first + count]
         lengths = [len(self.rows[_row_of(key)].canvas) for key in held]

@@ -254,6 +254,33 @@ def test_the_masked_compiled_step_reads_its_slot_storage_in_place() -> None:
     assert calls and all(calls)
 
 
+@pytest.mark.parametrize("family", ["sdar", "diffusion_gemma"])
+def test_compiled_rows_copy_cached_prompt_blocks_and_decode_as_eager(family: str) -> None:
+    """A compiled forward's shapes do not vary with what rows share: its rows take the
+    prefix cache's blocks as a copy into their slots, and decode as the eager ones that
+    read them in place."""
+    params = SamplingParams(temperature=0.0, seed=1, ignore_eos=True, **PARAMS[family])
+    system = "You are a careful assistant who answers briefly. " * 8
+    prompts = [system + "Name a fruit.", system + "Count to three."]
+    runs, cached, starts = [], [], []
+    for backend in (False, BACKEND):
+        model, path = _cut(family, CUT[family][1][-1:])
+        engine = Engine(model, TextTokenizer(path), compile=backend)
+        runner, tokens = engine.first.runner, []
+        for prompt in prompts:  # one after the other: the second finds the first's blocks
+            request = engine.add(engine.make_request(prompt, params))
+            outs = engine.step()
+            starts.append(runner.rows[request.request_id].cache.start)  # where its slot starts
+            while engine.has_unfinished():
+                outs += engine.step()
+            tokens.append(outs[-1].tokens)
+            cached.append(outs[0].extras["prompt_cached"])
+        runs.append(tokens)
+    assert runs[1] == runs[0]
+    assert starts == [0, cached[1], 0, 0]  # eager reads the blocks in place; compiled copies
+    assert cached[0] == cached[2] == 0 and cached[1] == cached[3] > 0
+
+
 def test_compile_flag_reaches_every_served_model() -> None:
     parser = cli._parser()
     assert cli.settings_from_args(parser.parse_args(["serve", "--compile"])).compile

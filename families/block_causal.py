@@ -18,7 +18,7 @@ from marble.model.cascade import SharedKeys
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import HeldInStores, SlotCache, SlotStores, capacity_class
-from marble.model.prefix_cache import Block, Segment
+from marble.model.prefix_cache import Block, Segment, readers
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -195,13 +195,9 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
     def _shared_keys(self, keys: list[str]) -> list[SharedKeys]:
         """What the step's rows (batch rows, in order) read from the prefix cache: one
         `SharedKeys` per run segment, with every row that reads it."""
-        readers: dict[Segment, list[int]] = {}
-        for r, key in enumerate(keys):
-            for segment in self.shared.get(key, ()):
-                readers.setdefault(segment, []).append(r)
         layers = len(self.model.layers)
         shared = []
-        for segment, rows in readers.items():
+        for segment, rows in readers(self.shared, keys).items():
             (parts,) = segment.parts()  # [2 * layers, Hkv, length, D], keys first
             kv = [parts[i : i + 1] for i in range(2 * layers)]
             index = torch.tensor(rows, device=self.device)

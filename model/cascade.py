@@ -90,8 +90,9 @@ class Projects(Protocol):
 
 @dataclass
 class CascadeLayer:
-    """One layer of a step whose rows read their slots (`groups`) and shared keys: what a
-    block-causal layer attends through (`attend`, as `SlotGroupsLayer`'s)."""
+    """One layer of a step whose rows read their slots (`groups`) and shared keys: what the
+    layer attends through instead of a `SlotGroupsLayer` (`attend` takes the same arguments;
+    a row that reads no shared keys gets the plain attention's numbers bit for bit on CPU)."""
 
     groups: SlotGroups
     shared: list[SharedKeys]

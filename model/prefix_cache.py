@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -40,7 +40,7 @@ class PrefixStats:
 @dataclass(eq=False, repr=False)
 class Run:
     """Blocks left in the cache together: positions [start, start + length) of every prompt
-    that starts with `parent`'s first `start - parent.start` positions and then these."""
+    that starts with what `parent` (and its ancestors) hold before `start`, then these."""
 
     parent: Run | None
     start: int
@@ -85,6 +85,16 @@ class _Row:
     path: list[Segment] = field(default_factory=list)
     unreported: int = 0
     counted: bool = False  # its hits and misses are in the stats
+
+
+def readers(paths: Mapping[str, list[Segment]], keys: list[str]) -> dict[Segment, list[int]]:
+    """The segments rows `keys` read (`paths`, by row), each with the indices in `keys` of
+    every row that reads it: a step's attention reads each segment once for all of them."""
+    found: dict[Segment, list[int]] = {}
+    for r, key in enumerate(keys):
+        for segment in paths.get(key, ()):
+            found.setdefault(segment, []).append(r)
+    return found
 
 
 def chain(tokens: Sequence[int], size: int, blocks: int) -> list[bytes]:

@@ -30,7 +30,7 @@ from marble.model import uniform_sampling as us
 from marble.model.cascade import SharedKeys
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores
-from marble.model.prefix_cache import Block, Segment
+from marble.model.prefix_cache import Block, Segment, readers
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -170,12 +170,8 @@ class UniformRunner(CachedRowsRunner):
         """What the rows `keys` (batch rows, in order; their queries at `positions` [B, T])
         read from the prefix cache, per layer kind: one `SharedKeys` per run segment with
         every row that reads it, a sliding kind's masked to its window."""
-        readers: dict[Segment, list[int]] = {}
-        for r, key in enumerate(keys):
-            for segment in self.shared.get(key, ()):
-                readers.setdefault(segment, []).append(r)
         shared: dict[bool, list[SharedKeys]] = {kind: [] for kind in self.stores}
-        for segment, rows in readers.items():
+        for segment, rows in readers(self.shared, keys).items():
             index = torch.tensor(rows, device=self.device)
             for (sliding, stores), parts in zip(self.stores.items(), segment.parts()):
                 layers = stores.shape[0]

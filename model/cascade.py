@@ -25,11 +25,11 @@ def attention_lse(
     head h reading key head h // (Hq / Hkv)), additive bias [B, 1, T, S] or None, scores
     scaled by `scale` (None: D ** -0.5) -> (out [B, Hq, T, D] in q's dtype, log-sum-exp of
     the scaled scores [B, Hq, T] float32). On CPU the flash kernel
-    `scaled_dot_product_attention` runs (its `out` bit for bit); elsewhere `scores_lse`."""
-    repeat = q.shape[1] // k.shape[1]
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+    `scaled_dot_product_attention` runs (its `out` bit for bit; it reads each key head for its
+    query heads, no copy); elsewhere `scores_lse`."""
     if q.device.type != "cpu":
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
         return scores_lse(q, k, v, bias, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=bias, scale=scale

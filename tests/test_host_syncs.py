@@ -1,6 +1,7 @@
 """Host syncs per engine step are bounded by a constant: one step of every family, at 1 and 4
 rows and at its tiny depth and twice it, reads back from the device the same (one transfer of
-the step's decisions), and copies to it no more with depth or rows.
+the step's decisions), and copies to it no more with depth or rows; rows reading cached
+prompt blocks in place (cascade attention) read back no more than rows that read none.
 
 What `count_syncs` counts: every operation that, on a CUDA device, makes the host wait for the
 device (each such wait stalls the launch queue, so on a GPU its cost is a whole pipeline drain):
@@ -239,16 +240,28 @@ def _engine(folder: Path, deeper: bool) -> Engine:
     return engine
 
 
-def step_syncs(family: str, rows: int, deeper: bool) -> Counter[str]:
-    """The host syncs of one engine step of `rows` like requests, after the warm-up."""
+# A prompt head of 64 tokens: whole blocks of every block-causal case, two pages of
+# DiffusionGemma's prefix cache.
+SHARED_HEAD = list(range(40, 104))
+
+
+def step_syncs(family: str, rows: int, deeper: bool, shared: bool = False) -> Counter[str]:
+    """The host syncs of one engine step of `rows` like requests, after the warm-up;
+    `shared`: their prompts start with SHARED_HEAD, which the prefix cache holds, read in
+    place beside their slots."""
     folder, fields = CASES[family]
     path = REFERENCE / folder
     if not path.exists():
         pytest.skip(f"reference data {path} is absent")
     engine = _engine(path, deeper)
     params = SamplingParams.from_dict({**engine.served().defaults.to_dict(), **fields})
+    head = SHARED_HEAD if shared else []
+    if shared:
+        engine.add(engine.make_request(head + [5, 6, 7], params))
+        while engine.has_unfinished():
+            engine.step()
     for i in range(rows):
-        engine.add(engine.make_request(list(range(10 + i, 22 + i)), params))
+        engine.add(engine.make_request(head + list(range(10 + i, 22 + i)), params))
     for _ in range(WARM_UP):
         engine.step()
     with count_syncs() as events:
@@ -284,3 +297,17 @@ def test_host_syncs_per_step_do_not_grow_with_rows_or_depth(family: str):
         f"{family}: host-to-device copies grow with depth: {h2d}"
     )
     assert h2d[(2, False)] == h2d[(4, False)], f"{family}: copies grow with rows: {h2d}"
+
+
+@pytest.mark.parametrize("family", ["llada2", "sdar", "diffusion_gemma"])
+def test_reading_shared_prompt_blocks_in_place_adds_no_host_sync(family: str):
+    """Rows that read cached prompt blocks beside their slots read back from the device what
+    rows that read none do, and copy to it no more with depth or rows."""
+    counts = {
+        (rows, deeper): step_syncs(family, rows, deeper, shared=True)
+        for rows, deeper in ((1, False), (1, True), (2, False), (4, False))
+    }
+    base = _reads(step_syncs(family, 1, False))
+    assert all(_reads(events) == base for events in counts.values()), counts
+    h2d = {key: events[H2D] for key, events in counts.items()}
+    assert h2d[(1, True)] == h2d[(1, False)] and h2d[(2, False)] == h2d[(4, False)], h2d

@@ -741,23 +741,21 @@ class ModelRunner(HeldInStores):
         forward, is not stepping, or is spare) rides along as padding; padding queries write
         only the column returned, which no row reads."""
         if self._compiled is not None:
+            first, count = 0, store.slots
             held = store.order + [""] * (store.slots - len(store.order))
-            # A spare slot reads every (finite) key of its own: no row is all masked.
-            lengths = [len(self.rows[_row_of(k)].canvas) if k else store.capacity for k in held]
-            key_mask = (
-                torch.arange(store.capacity + 1, device=self.device)[None, :]
-                < torch.tensor(lengths, device=self.device)[:, None]
-            )
-            layers = store.view(0, store.slots, store.capacity + 1)  # the whole storage
-            part = CachedPart(slice(start, start + store.slots), layers, key_mask)
-            return part, store.capacity, held
-        first, count = store.span(keys)
-        held = store.order[first : first + count]
-        lengths = [len(self.rows[_row_of(key)].canvas) for key in held]
-        if count == 1 and full:  # no padding: exactly its keys
-            columns, key_mask = lengths[0], None
+        else:
+            first, count = store.span(keys)
+            held = store.order[first : first + count]
+        # A spare slot reads every (finite) key of its own: no row is all masked.
+        lengths = [len(self.rows[_row_of(k)].canvas) if k else store.capacity for k in held]
+        if self._compiled is not None:
+            columns = store.capacity + 1  # the whole storage, the sink column last
+        elif count == 1 and full:
+            columns = lengths[0]  # no padding: exactly its keys
         else:
             columns = max(lengths) + 1  # the last column is past every row's keys
+        key_mask = None
+        if columns > max(lengths):
             key_mask = (
                 torch.arange(columns, device=self.device)[None, :]
                 < torch.tensor(lengths, device=self.device)[:, None]

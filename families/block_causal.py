@@ -18,7 +18,7 @@ from marble.model.cascade import SharedKeys
 from marble.model.compiled_block_causal import CompiledSlots
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import HeldInStores, SlotCache, SlotStores, capacity_class
-from marble.model.prefix_cache import Block, Segment, readers
+from marble.model.prefix_cache import Block, readers
 from marble.scheduler.family import Family, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -48,7 +48,7 @@ class BlockCausalFamily(Family):
     def kv_bytes(cls, m: Served, request: Request, decoded: int) -> int:
         """Its slot: the prompt and every block (the last one's keys are a step's scratch),
         in the slot's capacity class, and the sink column (`kv_slots.SlotStores`); less, once
-        admitted, what it reads from the prefix cache (`BlockCausalRunner.claim_prefix`)."""
+        admitted, what it reads from the prefix cache (`CachedRowsRunner.claim_prefix`)."""
         return slot_bytes(m.model, len(request.prompt_ids) + decoded)
 
 
@@ -94,8 +94,6 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
         self.device, self.dtype = weight.device, weight.dtype
         layers = len(model.layers)
         self.stores = SlotStores(layers, model.kv_heads, model.head_dim, self.device, self.dtype)
-        # Each row's prompt blocks read in place from the prefix cache, before its slot.
-        self.shared: dict[str, list[Segment]] = {}
         self._compiled: CompiledSlots | None = None  # the slot forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:
@@ -108,7 +106,6 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
     def remove(self, request_id: str) -> None:
         super().remove(request_id)
         self.stores.remove(request_id)
-        self.shared.pop(request_id, None)
 
     def read_prefix(self, key: str, start: int, length: int) -> Block:
         return (self.stores.read(key, start - self.rows[key].cache.start, length),)
@@ -117,14 +114,16 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
         assert request.params.block_length is not None
         return request.params.block_length
 
-    def claim_prefix(self, request: Request) -> int:
-        """Read in place, the claimed blocks need no room in the row's slot; a compiled
-        forward takes a copy (its shapes do not vary with what rows share)."""
-        taken = self.claim_positions(request)
-        if self._compiled is not None:
-            return 0
-        total = canvas_length(request)
-        return slot_bytes(self.model, total) - slot_bytes(self.model, total - taken)
+    @property
+    def reads_in_place(self) -> bool:
+        """A compiled forward's shapes do not vary with what rows share: it takes a copy."""
+        return self._compiled is None
+
+    def cached_positions(self, request: Request) -> int:
+        return canvas_length(request)
+
+    def slot_bytes(self, positions: int) -> int:
+        return slot_bytes(self.model, positions)
 
     def new_row_state(self, request: Request) -> tuple[torch.Generator, SlotCache, Tensor]:
         """A new row's generator, cache and canvas: the prompt, then masks through the end of
@@ -136,9 +135,8 @@ class BlockCausalRunner(CachedRowsRunner, HeldInStores):
         canvas[: len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         if self.prefix_cache is None or not request.params.prefix_cache:
             cache = self.stores.add(key, total)
-        elif self._compiled is None:
-            taken = self.claim_positions(request)
-            self.shared[key] = self.prefix_cache.segments(key)
+        elif self.reads_in_place:
+            taken = self.share_in_place(request)
             cache = self.stores.add(key, total - taken, start=taken)
         else:
             cache = self.stores.add(key, total)

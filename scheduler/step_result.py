@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from marble.model.prefix_cache import Block, PrefixCache
+from marble.model.prefix_cache import Block, PrefixCache, Segment
 from marble.scheduler.request import Request
 
 log = logging.getLogger(__name__)
@@ -171,24 +171,45 @@ class CachedRowsRunner(ABC):
     def __init__(self) -> None:
         self.rows: dict[str, Any] = {}
         # Finished prompt blocks shared across requests, where the family gives it one
-        # (`Family.shares_prefixes`); a runner that takes one implements `read_prefix`.
+        # (`Family.shares_prefixes`); a runner that takes one implements `read_prefix`,
+        # `prefix_size`, `cached_positions` and `slot_bytes`.
         self.prefix_cache: PrefixCache | None = None
+        # Each row's prompt blocks read in place from the prefix cache, before its slots.
+        self.shared: dict[str, list[Segment]] = {}
 
     def remove(self, request_id: str) -> None:
         self.rows.pop(request_id, None)
+        self.shared.pop(request_id, None)
         if self.prefix_cache is not None:
             self.prefix_cache.detach(request_id)
+
+    @property
+    def reads_in_place(self) -> bool:
+        """Whether rows read their cached prompt blocks where they are (`shared`); else they
+        take a copy into their slots."""
+        return False
 
     def prefix_size(self, request: Request) -> int:
         """The positions of the request's prefix-cache blocks."""
         raise NotImplementedError
 
+    def cached_positions(self, request: Request) -> int:
+        """The positions a row of the request caches, its prompt's included."""
+        raise NotImplementedError
+
+    def slot_bytes(self, positions: int) -> int:
+        """The KV bytes of a row's slots that hold `positions`."""
+        raise NotImplementedError
+
     def claim_prefix(self, request: Request) -> int:
         """Pin the request's cached prompt blocks until its row ends (it is being admitted);
-        returns the KV bytes its row will not hold thanks to them (here none: it takes a
-        copy)."""
-        self.claim_positions(request)
-        return 0
+        returns the KV bytes its row will not hold thanks to them: read in place, its slots
+        hold only the positions after them; a copy saves nothing."""
+        taken = self.claim_positions(request)
+        if not self.reads_in_place:
+            return 0
+        total = self.cached_positions(request)
+        return self.slot_bytes(total) - self.slot_bytes(total - taken)
 
     def claim_positions(self, request: Request) -> int:
         """`PrefixCache.claim` of the request's prompt: the positions it takes from there."""
@@ -196,6 +217,14 @@ class CachedRowsRunner(ABC):
             return 0
         size = self.prefix_size(request)
         return self.prefix_cache.claim(request.request_id, request.prompt_ids, size)
+
+    def share_in_place(self, request: Request) -> int:
+        """A new row's claimed prompt blocks, read where they are from now on (`shared`):
+        returns the positions they hold."""
+        assert self.prefix_cache is not None
+        taken = self.claim_positions(request)
+        self.shared[request.request_id] = self.prefix_cache.segments(request.request_id)
+        return taken
 
     def run(self, requests: list[Request]) -> list[RowStep | RowError]:
         """Advance every request by one step; a failed batch retries each row alone from its

@@ -30,7 +30,7 @@ from marble.model import uniform_sampling as us
 from marble.model.cascade import SharedKeys
 from marble.model.compiled_forward import CompiledForward
 from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores
-from marble.model.prefix_cache import Block, Segment, readers
+from marble.model.prefix_cache import Block, readers
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import SamplingParams
@@ -103,8 +103,6 @@ class UniformRunner(CachedRowsRunner):
                 self.device,
                 model.embed_tokens.weight.dtype,
             )
-        # Each row's prompt pages read in place from the prefix cache, before its slots.
-        self.shared: dict[str, list[Segment]] = {}
         self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:
@@ -120,13 +118,12 @@ class UniformRunner(CachedRowsRunner):
         key = request.request_id
         generator = request_generator(request, self.device)
         prompt = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-        tokens = canvas_tokens(request, self.model.cfg.canvas_length)
+        tokens = self.cached_positions(request)
         taken = 0
         if self.prefix_cache is None or not request.params.prefix_cache:
             caches = [store.add(key, tokens) for store in self.stores.values()]
-        elif self._compiled is None:
-            taken = self.claim_positions(request)
-            self.shared[key] = self.prefix_cache.segments(key)
+        elif self.reads_in_place:
+            taken = self.share_in_place(request)
             caches = [store.add(key, tokens - taken, taken) for store in self.stores.values()]
         else:
             caches = [store.add(key, tokens) for store in self.stores.values()]
@@ -143,22 +140,22 @@ class UniformRunner(CachedRowsRunner):
         super().remove(request_id)
         for store in self.stores.values():
             store.remove(request_id)
-        self.shared.pop(request_id, None)
 
     def prefix_size(self, request: Request) -> int:
         return PROMPT_PAGE
 
-    def claim_prefix(self, request: Request) -> int:
-        """Read in place, the claimed pages need no room in the row's slots; a compiled
-        decode takes a copy (its shapes do not vary with what rows share)."""
-        taken = self.claim_positions(request)
-        if self._compiled is not None:
-            return 0
-        tokens = canvas_tokens(request, self.model.cfg.canvas_length)
-        return self._slot_bytes(tokens) - self._slot_bytes(tokens - taken)
+    @property
+    def reads_in_place(self) -> bool:
+        """A compiled decode's shapes do not vary with what rows share: it takes a copy."""
+        return self._compiled is None
 
-    def _slot_bytes(self, tokens: int) -> int:
-        return sum(stores.slot_bytes(tokens) for stores in self.stores.values())
+    def cached_positions(self, request: Request) -> int:
+        """The prompt and every canvas (the last one's keys are a decode's scratch)."""
+        length = self.model.cfg.canvas_length
+        return len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
+
+    def slot_bytes(self, positions: int) -> int:
+        return sum(stores.slot_bytes(positions) for stores in self.stores.values())
 
     def read_prefix(self, key: str, start: int, length: int) -> Block:
         column = start - self.rows[key].cache.start
@@ -495,12 +492,6 @@ class UniformRunner(CachedRowsRunner):
         row.history = us.initial_history(stability, 1, cfg.canvas_length, self.device)[:, 0]
         row.pending = None
         return ids.shape[1]
-
-
-def canvas_tokens(request: Request, length: int) -> int:
-    """The positions a row caches: the prompt and every canvas (the last one's keys are a
-    decode's scratch)."""
-    return len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
 
 
 def _maybe_cold(params: SamplingParams) -> bool:

@@ -4,17 +4,33 @@ fraction of its CPU cost, and the position chunks a vocabulary pass walks.
 torch draws one sample as argmax(p / q) with q ~ Exp(1) (`exponential_`). On CPU that kernel
 is a serial loop of scalar logs over the generator's float64 uniforms u, q = -log1p(-u); here
 the same uniforms are drawn in one call and transformed by vectorised kernels: the same
-numbers, so the same tokens from the same seed, in about half the time.
+numbers, so the same tokens from the same seed, in about half the time. Those uniforms come
+from torch's Mersenne Twister one at a time on one core, so on CPU two rows with their own
+generators make their passes at once (`each_row`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 21  # per CPU vocabulary pass: ~8 MB of float32, so temporaries stay small
+# Rows in flight on CPU: while one row's uniforms are drawn (serial, one core) another row's
+# softmax and draw arithmetic takes the other; more rows only multiply torch's thread teams.
+ROWS_IN_FLIGHT = 2
+_row_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_row_pool() -> None:
+    global _row_pool
+    _row_pool = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_row_pool)
 
 
 def position_chunks(positions: int, vocab: int, device: torch.device) -> list[slice]:
@@ -47,7 +63,41 @@ def draw_candidates(probs: Tensor, generators: Sequence[torch.Generator | None])
     rows, positions, vocab = probs.shape
     out = torch.empty(rows, positions, dtype=torch.long, device=probs.device)
     chunks = position_chunks(positions, vocab, probs.device)
-    for b, generator in enumerate(generators):
+
+    def row(b: int) -> None:
         for part in chunks:
-            out[b, part] = multinomial_once(probs[b, part], generator)
+            out[b, part] = multinomial_once(probs[b, part], generators[b])
+
+    each_row(generators, probs.device, row)
     return out
+
+
+def each_row(
+    generators: Sequence[torch.Generator | None], device: torch.device, work: Callable[[int], None]
+) -> None:
+    """work(b) for every row b, whose draws come from generators[b] only; returns when all
+    are done. On CPU, when every row has a generator of its own, up to `ROWS_IN_FLIGHT` rows
+    (at most torch's thread count) run at once: a row's numbers depend on its generator alone,
+    so the results are the same as one row after another. Rows sharing a generator (or the
+    global one) keep their order, and a GPU runs them in turn."""
+    rows = len(generators)
+    in_flight = min(rows, ROWS_IN_FLIGHT, torch.get_num_threads())
+    own = None not in generators and len({id(g) for g in generators}) == rows
+    if device.type != "cpu" or in_flight < 2 or not own:
+        for b in range(rows):
+            work(b)
+        return
+    global _row_pool
+    if _row_pool is None:
+        _row_pool = ThreadPoolExecutor(ROWS_IN_FLIGHT, thread_name_prefix="marble-rows")
+    # Grad and inference modes are per thread: the rows write into the caller's tensors.
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(b: int) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(b)
+
+    # Every row finishes before any error is raised: none may draw after the caller moves on.
+    done, _ = wait([_row_pool.submit(run, b) for b in range(rows)])
+    for future in done:
+        future.result()

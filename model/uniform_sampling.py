@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from marble.model.draws import multinomial_once, position_chunks
+from marble.model.draws import each_row, multinomial_once, position_chunks
 
 
 def temperature_schedule(remaining: Tensor, steps: Tensor, t_min: Tensor, t_max: Tensor) -> Tensor:
@@ -91,13 +91,17 @@ def sampled_positions(scaled: Tensor, generators: Sequence[torch.Generator | Non
     and a candidate per position, the candidates exactly `torch.multinomial(softmax, 1)`'s."""
     rows, length, vocab = scaled.shape
     out = _empty_positions(rows, length, scaled.device)
-    for b, generator in enumerate(generators):
-        for part in position_chunks(length, vocab, scaled.device):
+    chunks = position_chunks(length, vocab, scaled.device)
+
+    def row(b: int) -> None:
+        for part in chunks:
             z = scaled[b, part].float()
             probs = z.softmax(-1)
             out.argmax[b, part] = z.argmax(-1)
             out.entropy[b, part] = _entropy(z, probs)
-            out.drawn[b, part] = multinomial_once(probs, generator)
+            out.drawn[b, part] = multinomial_once(probs, generators[b])
+
+    each_row(generators, scaled.device, row)
     return out
 
 

@@ -1,13 +1,15 @@
 """DiffusionGemma through the engine: every recorded generate() run at batch 1, reproduced
 step by step from its seed (each request draws from its own generator, in upstream's order),
-and the same results with every case in flight at once."""
+and the same results with every case in flight at once, and with rows drawn two at a time."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
+from marble.model import draws
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.sampling_params import InvalidParam
 from tests.golden_cases import (
@@ -50,6 +52,20 @@ def test_every_run_in_flight_together_gets_its_result_alone(engine: Engine):
     together = _run(engine, CASES)
     assert {name: outs[-1].tokens for name, outs in together.items()} == alone
     assert engine.runner.cache_bytes == 0  # every finished request freed its cache
+
+
+def test_rows_drawn_two_at_a_time_give_what_one_at_a_time_does(engine: Engine, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the same forwards on both sides: only the draws' threads differ
+    try:
+        monkeypatch.setattr(draws, "ROWS_IN_FLIGHT", 1)
+        one = {name: outs[-1].tokens for name, outs in _run(engine, CASES).items()}
+        monkeypatch.setattr(draws, "ROWS_IN_FLIGHT", 2)
+        monkeypatch.setattr(draws, "_row_pool", None)
+        two = {name: outs[-1].tokens for name, outs in _run(engine, CASES).items()}
+    finally:
+        torch.set_num_threads(threads)
+    assert draws._row_pool is not None and two == one
 
 
 def test_what_the_model_cannot_do_is_refused_by_name(engine: Engine):

@@ -16,8 +16,7 @@ from marble.families.diffusion_gemma.config import (
 )
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
-from marble.families.diffusion_gemma.runner import UniformRunner
-from marble.model.kv_slots import capacity_class
+from marble.families.diffusion_gemma.runner import UniformRunner, slot_bytes
 from marble.scheduler.family import COMMON_FIELDS, Family, Parts, Served
 from marble.scheduler.request import Request
 from marble.scheduler.sampling_params import (
@@ -99,10 +98,7 @@ class DiffusionGemmaFamily(Family):
         """Its slots: the prompt and every canvas (the last one's keys are a decode's scratch)
         in every layer, in the slots' capacity class, and the sink column
         (`kv_slots.SlotStores`, one per layer kind)."""
-        positions = capacity_class(len(request.prompt_ids) + decoded) + 1
-        itemsize = m.model.embed_tokens.weight.itemsize
-        widths = [layer.self_attn.n_kv * layer.self_attn.head_dim for layer in m.model.layers]
-        return 2 * positions * sum(widths) * itemsize
+        return slot_bytes(m.model, len(request.prompt_ids) + decoded)
 
     @classmethod
     def max_forwards(cls, request: Request, decoded: int) -> int:

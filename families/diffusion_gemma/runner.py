@@ -29,7 +29,7 @@ from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.cascade import SharedKeys
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores
+from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores, capacity_class
 from marble.model.prefix_cache import Block, readers
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
@@ -155,7 +155,7 @@ class UniformRunner(CachedRowsRunner):
         return len(request.prompt_ids) + -(-request.params.max_tokens // length) * length
 
     def slot_bytes(self, positions: int) -> int:
-        return sum(stores.slot_bytes(positions) for stores in self.stores.values())
+        return slot_bytes(self.model, positions)
 
     def read_prefix(self, key: str, start: int, length: int) -> Block:
         column = start - self.rows[key].cache.start
@@ -527,3 +527,10 @@ def _stacked(rows: list[_CanvasRow], length: int, vocab: int, device: torch.devi
 def _rows(x: Tensor, index: list[int]) -> Tensor:
     """x[index] for ascending row indices, without a copy when they are every row."""
     return x if len(index) == len(x) else x[index]
+
+
+def slot_bytes(model: DiffusionGemma, positions: int) -> int:
+    """The bytes of a row's slots that hold `positions`: in every layer, their capacity class
+    and the sink column (`SlotStores.slot_bytes`, one store set per layer kind)."""
+    widths = sum(layer.self_attn.n_kv * layer.self_attn.head_dim for layer in model.layers)
+    return 2 * (capacity_class(positions) + 1) * widths * model.embed_tokens.weight.itemsize

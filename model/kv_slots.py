@@ -4,11 +4,11 @@ absolute position p (a cache holds positions 0..length-1 with no gaps).
 
 A step writes its window's fresh keys and values into the rows' slots and attention reads the
 slots back as a view: nothing already cached is copied. Copies happen only where counted in
-`copied`: growing a store (by the slots a new row needs) or releasing its spare slots,
-refilling a finished row's slot with the last row, a batch whose rows are not consecutive
-slots in order (an index gather), and blocks read out for a prefix cache or written in from
-one (or a masked row's block-start keys and values). Knows nothing of weights or attention
-rules.
+`copied`: growing a store (once for the rows added since it last grew) or releasing its
+spare slots, refilling a finished row's slot with the last row, a batch whose rows are not
+consecutive slots in order (an index gather), and blocks read out for a prefix cache or
+written in from one (or a masked row's block-start keys and values). Knows nothing of
+weights or attention rules.
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ class SlotStore:
     (`capacity_class`), allocated on first use; column `capacity` of every slot is a sink for
     the writes of window padding.
 
-    A new row takes a spare slot, or the store grows by the slots it needs (a copy); a row that
-    leaves leaves its slot spare, taken by the next row or given up by `release` (a copy), so
-    the store holds its rows' slots (what admission reserved for them) and its spare ones.
-    `round_slots` keeps the slot count a power of two, for a compiled forward, which compiles
-    once per storage shape."""
+    A new row takes a spare slot, or the store grows by the slots it needs (a copy). Growth
+    waits for the first read or write after the adds, so rows admitted together grow it once:
+    one copy of the rows already there, and one transient of old and new storage, instead of
+    one per row. A row that leaves leaves its slot spare, taken by the next row or given up by
+    `release` (a copy), so the store holds its rows' slots (what admission reserved for them)
+    and its spare ones. `round_slots` keeps the slot count a power of two, for a compiled
+    forward, which compiles once per storage shape."""
 
     def __init__(
         self,
@@ -59,16 +61,32 @@ class SlotStore:
     ) -> None:
         self.shape = (layers, kv_heads, head_dim)
         self.device, self.dtype = device, dtype
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
+        self._keys: list[Tensor] = []  # the storage; rows past its slots are waiting for it
+        self._values: list[Tensor] = []
         self.order: list[str] = []  # slot i holds the row of request order[i]
         self.capacity = capacity  # positions each slot holds
         self.round_slots = False
         self.copied = 0  # bytes of stored keys and values copied so far (see module doc)
 
     @property
+    def keys(self) -> list[Tensor]:
+        """Each layer's keys [slots, Hkv, capacity + 1, Dh], every added row's slot in them."""
+        self._fit()
+        return self._keys
+
+    @property
+    def values(self) -> list[Tensor]:
+        self._fit()
+        return self._values
+
+    @property
     def slots(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+        self._fit()
+        return self._allocated
+
+    @property
+    def _allocated(self) -> int:
+        return self._keys[0].shape[0] if self._keys else 0
 
     @property
     def nbytes(self) -> int:
@@ -87,17 +105,17 @@ class SlotStore:
             raise ValueError(f"row {key!r} already holds a slot")
         if tokens > self.capacity:
             raise ValueError(f"a row of {tokens} positions in slots of {self.capacity}")
-        if len(self.order) == self.slots:
-            self._allocate(self._slots_for(len(self.order) + 1))
         slot = len(self.order)
-        for t in self.keys + self.values:
-            t[slot].zero_()  # a finite start: masked keys still meet the values (0 * NaN)
+        if slot < self._allocated:  # a spare slot (a new one is allocated zeroed)
+            for t in self._keys + self._values:
+                t[slot].zero_()  # a finite start: masked keys still meet the values (0 * NaN)
         self.order.append(key)
         return SlotCache(self, key, start, start)
 
     def remove(self, key: str) -> None:
         """Free a row's slot: the last row moves into it so running rows stay slots 0..n-1,
-        and the last slot is spare (the storage goes once no row is left)."""
+        and the last slot is spare (the storage goes once no row is left). Rows still waiting
+        for storage get it first."""
         if key not in self.order:
             return
         slot, last = self.order.index(key), len(self.order) - 1
@@ -108,7 +126,7 @@ class SlotStore:
             self.order[slot] = self.order[last]
         self.order.pop()
         if not self.order:
-            self.keys, self.values = [], []
+            self._keys, self._values = [], []
 
     def release(self) -> int:
         """Give up the spare slots (past a power of two with `round_slots`); returns the bytes
@@ -121,23 +139,30 @@ class SlotStore:
     def _slots_for(self, rows: int) -> int:
         return 1 << (rows - 1).bit_length() if self.round_slots and rows else rows
 
+    def _fit(self) -> None:
+        """Grow the storage once for every row added since it last held them all."""
+        if len(self.order) > self._allocated:
+            self._allocate(self._slots_for(len(self.order)))
+
     def _allocate(self, slots: int) -> None:
         """Storage of `slots` slots, the rows' keys and values copied."""
         layers, heads, dim = self.shape
         shape = (slots, heads, self.capacity + 1, dim)
-        fresh = [
-            torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2 * layers)
-        ]
-        n = len(self.order)
-        for new, old in zip(fresh, self.keys + self.values):
-            new[:n].copy_(old[:n])
-            self.copied += old[:n].nbytes
+        # Plain tensors even when a step grows it: rows are removed outside inference mode.
+        with torch.inference_mode(False):
+            fresh = [
+                torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2 * layers)
+            ]
+            n = min(len(self.order), self._allocated)  # rows waiting for storage have none yet
+            for new, old in zip(fresh, self._keys + self._values):
+                new[:n].copy_(old[:n])
+                self.copied += old[:n].nbytes
         if self.device.type == "cuda":
             # A CUDA graph replays reads and writes of these very buffers instead of copying
             # them into its own inputs (a compiled forward recompiles once per growth).
             for t in fresh:
                 torch._dynamo.mark_static_address(t)
-        self.keys, self.values = fresh[:layers], fresh[layers:]
+        self._keys, self._values = fresh[:layers], fresh[layers:]
 
     def slot(self, key: str) -> int:
         return self.order.index(key)

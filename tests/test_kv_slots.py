@@ -1,7 +1,7 @@
 """KV that stays in place: a steady-state step of LLaDA2, SDAR and DiffusionGemma copies none of
 the keys and values already cached (they are written once into the runner's slots and attention
-reads them there), and a row that fails in a batch is retried alone from its state before the
-step, slots and all."""
+reads them there), a row that fails in a batch is retried alone from its state before the
+step, slots and all, and rows admitted together grow a store once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from marble.model.kv_slots import SlotStore
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
 from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
@@ -171,3 +172,44 @@ def _stores(engine: Engine) -> list:
     stores = engine.runner.stores
     kinds = stores.values() if isinstance(stores, dict) else [stores]
     return [s for kind in kinds for s in kind.stores.values()]
+
+
+def test_rows_added_together_grow_a_store_once():
+    """Before, each add grew the store by its slot: five rows joining three copied the three,
+    then four, ... seven rows' slots, each growth holding the old and new storage at once."""
+    store = SlotStore(2, 1, 4, torch.device("cpu"), torch.float32, capacity=16)
+    for i in range(3):
+        store.add(f"old{i}", 16)
+    for i, t in enumerate(store.keys + store.values):
+        t[:3] = torch.arange(3.0)[:, None, None, None] + 10 * i  # each row's own numbers
+    slot = store.keys[0][0].nbytes
+    copied = store.copied
+    for i in range(5):
+        store.add(f"new{i}", 16)
+    store.remove("new4")  # the last row leaves before its storage was made
+    store.remove("old0")  # the storage grows (once, for 7 rows), then the last row moves in
+    assert store.slots == 7 and store.order == ["new3", "old1", "old2", "new0", "new1", "new2"]
+    assert store.copied - copied == 2 * 2 * (3 + 1) * slot  # each layer's keys and values
+    for i, t in enumerate(store.keys + store.values):
+        assert t[1:3, 0, 0, 0].tolist() == [1 + 10 * i, 2 + 10 * i]  # kept through the growth
+        assert not t[[0, 3, 4, 5, 6]].any()  # new rows (and the spare slot) start at zero
+
+
+def test_a_burst_of_requests_grows_each_store_once(engine: Engine, monkeypatch):
+    """Eight requests admitted at once: one allocation per store (before: one per row)."""
+    grown: dict[int, int] = {}
+    allocate = SlotStore._allocate
+
+    def counted(store: SlotStore, slots: int) -> None:
+        grown[id(store)] = grown.get(id(store), 0) + 1
+        allocate(store, slots)
+
+    monkeypatch.setattr(SlotStore, "_allocate", counted)
+    _add_all(engine, [[5 + i, 40 + 3 * i, 7, 11, 13] * 4 for i in range(8)])
+    engine.step()
+    stores = [s for s in _stores(engine) if s.order]  # (earlier tests' stores are empty)
+    kinds = engine.runner.stores
+    assert sum(len(s.order) for s in stores) == 8 * (len(kinds) if isinstance(kinds, dict) else 1)
+    assert sorted(grown.values()) == [1] * len(stores)
+    while engine.has_unfinished():
+        engine.step()

@@ -9,7 +9,7 @@ Knows nothing of how the keys got there: `SharedKeys` are views handed in by the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -60,6 +60,19 @@ class SharedKeys:
     keys: list[Tensor]  # per layer [1, Hkv, S, D]
     values: list[Tensor]
     mask: Tensor | None = None  # bool [G, T, S]: which keys each row's query reads
+    _biases: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict, repr=False)
+
+    def stacked_bias(self, group: int, dtype: torch.dtype) -> Tensor | None:
+        """`mask` as an additive bias for the rows' queries stacked per key head, `group`
+        query heads each: [1, 1, G * group * T, S] (None: no mask). Made once and kept, since
+        every layer that reads these keys with a mask reads the same one."""
+        if self.mask is None:
+            return None
+        if (group, dtype) not in self._biases:
+            g, t, s = self.mask.shape
+            mask = self.mask[:, None].expand(g, group, t, s).reshape(1, 1, g * group * t, s)
+            self._biases[group, dtype] = additive(mask, dtype)
+        return self._biases[group, dtype]
 
 
 def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -131,10 +144,7 @@ class CascadeLayer:
                 .transpose(0, 1)
                 .reshape(1, kv, g * heads // kv * t, dim)
             )
-            bias = None
-            if shared.mask is not None:  # each row's mask for each of its query heads
-                mask = shared.mask[:, None].expand(g, heads // kv, t, -1)
-                bias = additive(mask.reshape(1, 1, g * heads // kv * t, -1), q.dtype)
+            bias = shared.stacked_bias(heads // kv, q.dtype)
             part, part_lse = attention_lse(stacked, keys, values, bias, scale)
             part = part.view(kv, g, heads // kv, t, dim).transpose(0, 1).reshape(g, heads, t, dim)
             part_lse = part_lse.view(kv, g, heads // kv, t).transpose(0, 1).reshape(g, heads, t)

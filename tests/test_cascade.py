@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from marble.model.cascade import CascadeLayer, SharedKeys, attention_lse, scores_lse
+from marble.model import cascade
+from marble.model.cascade import CascadeLayer, SharedKeys, additive, attention_lse, scores_lse
 from marble.model.kv_slots import SlotStores
 
 HEADS, KV, DIM = 4, 2, 16
@@ -94,3 +95,32 @@ def test_rows_reading_shared_runs_attend_as_over_the_joined_keys(scale, masked):
             q[r : r + 1], all_k, all_v, attn_mask=read, scale=scale, enable_gqa=True
         )
         assert (got[b] - heads.output(want)[0]).abs().max() < 1e-5, r
+
+
+def test_a_masked_run_makes_its_bias_once_for_every_layer(monkeypatch):
+    """Every layer of a kind reads a shared run through the same window: its stacked bias is
+    made by the first and kept (before: once per layer, a G x T x S tensor each time)."""
+    torch.manual_seed(2)
+    layers, t = 3, 4
+    stores = SlotStores(layers, KV, DIM, torch.device("cpu"), torch.float32)
+    for i in range(2):
+        stores.add(f"r{i}", 8)
+    groups = stores.batch(["r0", "r1"], [0, 0], [t, t], t)
+    run = [(torch.randn(1, KV, 10, DIM), torch.randn(1, KV, 10, DIM)) for _ in range(layers)]
+    mask = torch.rand(2, t, 10) < 0.6
+    mask[..., 0] = True
+
+    def shared() -> SharedKeys:
+        return SharedKeys(torch.tensor([0, 1]), [k for k, _ in run], [v for _, v in run], mask)
+
+    made = []
+    monkeypatch.setattr(cascade, "additive", lambda m, dtype: made.append(m) or additive(m, dtype))
+    kept = shared()
+    bias = [torch.zeros(2, 1, t, t)]
+    for layer in range(layers):
+        q = torch.randn(2, HEADS, t, DIM)
+        k, v = torch.randn(2, KV, t, DIM), torch.randn(2, KV, t, DIM)
+        got = CascadeLayer(groups, [kept], layer).attend(Heads(), q, k, v, bias)
+        fresh = CascadeLayer(groups, [shared()], layer).attend(Heads(), q, k, v, bias)
+        assert torch.equal(got, fresh)
+    assert len(made) == 1 + layers  # the kept run's once, each fresh run's once

@@ -28,8 +28,6 @@ def attention_lse(
     `scaled_dot_product_attention` runs (its `out` bit for bit; it reads each key head for its
     query heads, no copy); elsewhere `scores_lse`."""
     if q.device.type != "cpu":
-        repeat = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
         return scores_lse(q, k, v, bias, scale)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=bias, scale=scale
@@ -40,15 +38,22 @@ def attention_lse(
 def scores_lse(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
-    """`attention_lse` with as many key heads as query heads, the scores in float32 (no fused
-    kernel returns the log-sum-exp on every device)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    """`attention_lse` with the scores in float32 (no fused kernel returns the log-sum-exp on
+    every device). Each key head's query heads are stacked into one matrix against it, so the
+    keys and values are read as they are, never repeated per query head."""
+    b, heads, t, dim = q.shape
+    kv = k.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    stacked = q.float().reshape(b, kv, heads // kv * t, dim)  # query head h = kv head h // group
+    scores = (torch.matmul(stacked, k.float().transpose(-1, -2)) * scale).view(
+        b, kv, heads // kv, t, -1
+    )
     if bias is not None:
-        scores = scores + bias.float()
+        scores = scores + bias.float()[:, :, None]  # [B, 1, 1, T, S]: every head alike
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v.float())
-    return out.to(q.dtype), lse
+    weights = torch.exp(scores - lse[..., None]).view(b, kv, heads // kv * t, -1)
+    out = torch.matmul(weights, v.float()).view(b, heads, t, dim)
+    return out.to(q.dtype), lse.view(b, heads, t)
 
 
 @dataclass

@@ -34,17 +34,25 @@ def test_the_flash_part_is_plain_attention_and_the_scores_part_agrees():
     bias = torch.zeros(3, 1, 5, 9).masked_fill(torch.rand(3, 1, 5, 9) < 0.3, -1e30)
     out, lse = attention_lse(q, k, v, bias)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, bias, enable_gqa=True))
-    wide_k, wide_v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    out2, lse2 = scores_lse(q, wide_k, wide_v, bias)
+    out2, lse2 = scores_lse(q, k, v, bias)  # GQA as is, no key head repeated
     assert (out2 - out).abs().max() < 1e-5 and (lse2 - lse).abs().max() < 1e-5
+    wide_k, wide_v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    out3, lse3 = scores_lse(q, wide_k, wide_v, bias)  # one key head per query head
+    assert (out3 - out2).abs().max() < 1e-6 and (lse3 - lse2).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("kernel", ["flash", "scores"])
 @pytest.mark.parametrize("scale", [None, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
-def test_rows_reading_shared_runs_attend_as_over_the_joined_keys(scale, masked):
+def test_rows_reading_shared_runs_attend_as_over_the_joined_keys(
+    scale, masked, kernel, monkeypatch
+):
     """Four rows in two slot stores; rows 0, 1 and 3 read one shared run (row 3 its first 6
     positions only, a second segment), row 2 reads nothing; with `masked`, each row's queries
-    read only some of the run's keys (as a sliding window would)."""
+    read only some of the run's keys (as a sliding window would). `scores`: every part by the
+    float32 scores a GPU computes them with."""
+    if kernel == "scores":
+        monkeypatch.setattr(cascade, "attention_lse", scores_lse)
     torch.manual_seed(1)
     stores = SlotStores(1, KV, DIM, torch.device("cpu"), torch.float32)
     own = [5, 3, 8, 2]  # cached positions each row holds in its slot

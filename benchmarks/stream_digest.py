@@ -137,6 +137,20 @@ def chat_cases() -> list[tuple[str, str, str, dict | None]]:
             "/v1/diffusion/generate",
             {**base, "prompt": "hello", "temperature": 0.0},
         ),
+        # The model's own block or canvas (a canvas model refuses any other): sampled, two
+        # choices in one batch.
+        (
+            "chat-own-block",
+            "POST",
+            "/v1/chat/completions",
+            {"max_tokens": 24, "seed": 5, "messages": messages, "temperature": 1.0, "n": 2},
+        ),
+        (
+            "chat-own-block-stream",
+            "POST",
+            "/v1/chat/completions",
+            {"max_tokens": 24, "seed": 6, "messages": messages, "stream": True},
+        ),
     ]
 
 

@@ -339,6 +339,7 @@ class Engine:
     def _run(self, running: list[Request]) -> list[tuple[Request, RowStep | RowError]]:
         """Each model's running requests share one runner call, in their running order."""
         results = []
+        room = self.scheduler.kv_room
         for m in self.models.values():
             batch = [r for r in running if self.served(r.model) is m]
             if not batch:
@@ -346,7 +347,14 @@ class Engine:
             for request in batch:
                 if request.request_id not in m.runner.rows:
                     m.runner.add(request)
+            cache = m.prefixes
+            held = cache.nbytes if cache is not None else 0
+            if cache is not None:
+                # The blocks this step keeps take the budget's room, or an unread older run's.
+                cache.capacity = held + max(room, 0)
             results.extend(zip(batch, m.runner.run(batch)))
+            if cache is not None:
+                room -= cache.nbytes - held
         return results
 
     def _postprocess(self, request: Request, step: RowStep) -> StepOutput:

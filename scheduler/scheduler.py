@@ -125,6 +125,9 @@ class Scheduler:
         self._arrival: dict[str, int] = {}  # waiting request id -> arrival order
         self._counter = itertools.count()
         self.shared_kv: SharedKV = NothingShared()  # the engine's spare slots, prefix caches
+        # The budget's bytes left after the last `schedule` admitted its requests: the room
+        # that step's new prefix blocks may take (their caches' `capacity`, set by the engine).
+        self.kv_room = self.kv_budget
 
     def serve_models(self, count: int) -> None:
         """How many models share the waiting queue (each gets ceil(max_queue / count))."""
@@ -214,6 +217,7 @@ class Scheduler:
                 long_running += self.is_long(head)
                 head.status = RequestStatus.RUNNING
                 self.running.append(head)
+            self.kv_room = kv_free
             return list(self.running), aborted + expired
 
     def _next_locked(self, long_full: bool) -> Request | None:

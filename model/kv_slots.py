@@ -308,12 +308,6 @@ class SlotStores:
             freed += store.release()
         return freed
 
-    def slot_bytes(self, tokens: int) -> int:
-        """Bytes of the slot a row of `tokens` positions takes: its capacity class and the
-        sink column."""
-        layers, heads, dim = self.shape
-        return 2 * layers * heads * (capacity_class(tokens) + 1) * dim * self.dtype.itemsize
-
     def add(self, key: str, tokens: int, start: int = 0) -> SlotCache:
         """A slot for a new row that will cache at most `tokens` positions from `start` on,
         in the store of their capacity class."""

@@ -530,7 +530,7 @@ def _rows(x: Tensor, index: list[int]) -> Tensor:
 
 
 def slot_bytes(model: DiffusionGemma, positions: int) -> int:
-    """The bytes of a row's slots that hold `positions`: in every layer, their capacity class
-    and the sink column (`SlotStores.slot_bytes`, one store set per layer kind)."""
+    """The bytes of a row's slots that hold `positions`: in every layer (one `SlotStores` per
+    layer kind), their capacity class and the sink column."""
     widths = sum(layer.self_attn.n_kv * layer.self_attn.head_dim for layer in model.layers)
     return 2 * (capacity_class(positions) + 1) * widths * model.embed_tokens.weight.itemsize

@@ -114,7 +114,7 @@ class PrefixCache:
     """One model's kept runs, its blocks (key -> run and block index) and its rows' parts."""
 
     def __init__(self, capacity: float = float("inf")) -> None:
-        self.capacity = capacity  # bytes held at most
+        self.capacity = capacity  # bytes held at most (its owner may change it as it goes)
         self.runs: OrderedDict[Run, None] = OrderedDict()  # least recently used first
         self.blocks: dict[bytes, tuple[Run, int]] = {}
         self.nbytes = 0

@@ -192,7 +192,7 @@ class Engine:
 
     def _share_prefixes(self, served: ServedModel) -> None:
         if self.scheduler.config.prefix_cache:
-            served.share_prefixes(self.scheduler.kv_budget)
+            served.share_prefixes()
 
     def rename(self, old: str, new: str) -> None:
         """Serve a model under another name (before any request names it), in its place."""

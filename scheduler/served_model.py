@@ -67,12 +67,12 @@ class ServedModel:
             sorted(self.special.stop_ids),
         )
 
-    def share_prefixes(self, capacity: float) -> None:
+    def share_prefixes(self) -> None:
         """Keep finished prompt blocks for later requests where the family says that is
-        exact, at most `capacity` bytes of them."""
+        exact (within the room the engine gives the cache each step, its `capacity`)."""
         if self.family.shares_prefixes:
             assert isinstance(self.runner, CachedRowsRunner)
-            self.prefixes = self.runner.prefix_cache = PrefixCache(capacity)
+            self.prefixes = self.runner.prefix_cache = PrefixCache()
 
     def claim_kv(self, request: Request) -> int:
         """The KV bytes the request's row holds if admitted now: its `kv_bytes`, less what it

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from marble.model.draws import draw_candidates
+from marble.model.draws import argmax, draw_candidates
 
 DREAM_EPS = 1e-3  # Dream's final timestep: timesteps = linspace(1, eps, steps + 1)
 # At or below this temperature a sampler takes the limit T -> 0+ (see `scale_logits`). Measured
@@ -158,27 +158,6 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, uniform: Tensor | None) -
     t = temperature.to(torch.float64).view(-1, 1, 1)
     noisy = logits.to(torch.float64) - t * torch.log(-torch.log(uniform))
     return torch.where((temperature > 0).view(-1, 1), noisy.argmax(-1), greedy)
-
-
-def argmax(x: Tensor, group: int = 128) -> Tensor:
-    """torch.argmax over the last dimension (the first index among equal maxima, NaN as the
-    greatest), computed through the maxima of `group`-wide slices: torch's CPU argmax is not
-    vectorised and costs about four times a max over [256 x 126,464] logits."""
-    flat = x.reshape(-1, x.shape[-1])
-    n, v = flat.shape
-    whole = v // group * group
-    if whole == 0:
-        return x.argmax(-1)
-    best = flat[:, :whole].unflatten(-1, (-1, group)).amax(-1).argmax(-1)  # first best slice
-    start = best * group
-    inside = flat.gather(1, start[:, None] + torch.arange(group, device=x.device)).argmax(-1)
-    out = start + inside
-    if whole < v:
-        rest_max, rest_at = flat[:, whole:].max(-1)
-        top = flat.gather(1, out[:, None])[:, 0]
-        later = (rest_max > top) | (rest_max.isnan() & ~top.isnan())
-        out = torch.where(later, whole + rest_at, out)
-    return out.view(x.shape[:-1])
 
 
 def logsumexp_(x: Tensor) -> Tensor:

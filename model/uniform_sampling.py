@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from marble.model.draws import each_row, multinomial_once, position_chunks
+from marble.model.draws import argmax, each_row, multinomial_once, position_chunks
 
 
 def temperature_schedule(remaining: Tensor, steps: Tensor, t_min: Tensor, t_max: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ def sampled_positions(scaled: Tensor, generators: Sequence[torch.Generator | Non
         for part in chunks:
             z = scaled[b, part].float()
             probs = z.softmax(-1)
-            out.argmax[b, part] = z.argmax(-1)
+            out.argmax[b, part] = argmax(z)
             out.entropy[b, part] = _entropy(z, probs)
             out.drawn[b, part] = multinomial_once(probs, generators[b])
 
@@ -115,9 +115,11 @@ def greedy_positions(raw: Tensor) -> Positions:
         for part in position_chunks(length, vocab, raw.device):
             z = raw[b, part].float()
             probs = z.softmax(-1)
-            out.argmax[b, part] = z.argmax(-1)
+            out.argmax[b, part] = argmax(z)
             out.entropy[b, part] = _entropy(z, probs)
-            out.confidence[b, part], out.drawn[b, part] = probs.max(-1)
+            # The softmax's own argmax: rounding can tie two close logits' probabilities.
+            out.drawn[b, part] = top = argmax(probs)
+            out.confidence[b, part] = probs.gather(-1, top[:, None])[:, 0]
     return out
 
 

@@ -1,7 +1,8 @@
 """`marble.model.draws`: the categorical draws equal `torch.multinomial(p, 1)`'s token for
 token, and leave the generator where torch leaves it, at every chunking and dtype; the
-chunked vocabulary passes of `uniform_sampling` equal their whole-tensor definitions; and
-rows with generators of their own make those passes two at a time, to the same numbers."""
+chunked vocabulary passes of `uniform_sampling` equal their whole-tensor definitions, and
+give every torch thread a position; `argmax` is torch's; and rows with generators of their
+own make those passes two at a time, to the same numbers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from marble.model import uniform_sampling as us
-from marble.model.draws import CHUNK_ELEMENTS, draw_candidates, each_row, multinomial_once
+from marble.model.draws import (
+    CHUNK_ELEMENTS,
+    argmax,
+    draw_candidates,
+    each_row,
+    multinomial_once,
+    position_chunks,
+)
 
 CPU = torch.device("cpu")
 
@@ -158,3 +166,25 @@ def test_two_rows_at_a_time_draw_what_one_row_at_a_time_does(two_threads):
         assert torch.equal(got.drawn[b], want) and torch.equal(drawn[b], want)
     assert torch.equal(got.argmax, scaled.argmax(-1))
     assert torch.allclose(got.entropy, us.entropy(scaled), rtol=0, atol=1e-5)
+
+
+def test_argmax_equals_torch_argmax_with_ties_remainders_and_nan():
+    g = torch.Generator().manual_seed(0)
+    for vocab in (5, 128, 300, 1000):
+        ties = torch.randint(0, 3, (64, vocab), generator=g).float()
+        assert torch.equal(argmax(ties, group=7), ties.argmax(-1))
+        assert torch.equal(argmax(ties), ties.argmax(-1))
+    x = torch.randn(4, 2, 1000, generator=g)
+    x[0, 1, 3] = float("nan")
+    x[2, 0, 997] = float("nan")
+    assert torch.equal(argmax(x, group=16), x.argmax(-1))
+
+
+def test_a_pass_gives_every_torch_thread_a_position(two_threads):
+    """torch splits a row-wise op (softmax, argmax) by rows: a chunk of one position per
+    vocabulary row would run on one thread however large that row is."""
+    for vocab in (1000, CHUNK_ELEMENTS, 4 * CHUNK_ELEMENTS):
+        chunks = position_chunks(9, vocab, CPU)
+        assert [p.start for p in chunks] == list(range(0, 9, chunks[0].stop))
+        assert all(p.stop - p.start >= 2 for p in chunks)
+        assert chunks[0].stop * vocab <= max(CHUNK_ELEMENTS, 2 * vocab)

@@ -8,7 +8,6 @@ import torch
 
 from marble.model.sampling import (
     Confidence,
-    argmax,
     dream_counts,
     dream_timesteps,
     filter_top_k_top_p,
@@ -92,18 +91,6 @@ def test_confidence_kinds():
         logits.clone(), x0, torch.tensor([int(Confidence.RANDOM)]), torch.tensor([[0.123]])
     )
     assert abs(conf.item() - 0.123) < 1e-6
-
-
-def test_argmax_equals_torch_argmax_with_ties_remainders_and_nan():
-    g = torch.Generator().manual_seed(0)
-    for vocab in (5, 128, 300, 1000):
-        ties = torch.randint(0, 3, (64, vocab), generator=g).float()
-        assert torch.equal(argmax(ties, group=7), ties.argmax(-1))
-        assert torch.equal(argmax(ties), ties.argmax(-1))
-    x = torch.randn(4, 2, 1000, generator=g)
-    x[0, 1, 3] = float("nan")
-    x[2, 0, 997] = float("nan")
-    assert torch.equal(argmax(x, group=16), x.argmax(-1))
 
 
 def test_logsumexp_in_place_equals_torch():

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,6 +375,7 @@ class Row:
     bytes_read: list[float] = field(default_factory=list)
     peak_bytes: int = 0
     cut: bool = False  # stopped at the time budget
+    errors: list[str] = field(default_factory=list)  # what failed requests said
 
 
 def drain(engine: Engine) -> None:
@@ -419,6 +421,8 @@ def run_batch(
         model_seconds, calls = timer.take()
         row.seconds += seconds
         for out in outputs:
+            if out.error:
+                row.errors.append(out.error)
             row.row_forwards += sum(out.forwards.values())
             done[out.request_id] = out.completion_tokens  # so far: a cut row counts them too
         row.tokens = sum(done.values())
@@ -455,6 +459,9 @@ def peak_tbs(device_name: str) -> float | None:
 
 
 def print_row(row: Row, layers: int, peak: float | None) -> None:
+    if row.errors:  # figures of failed requests would mislead: say what failed instead
+        print(f"{row.batch:>3}  {len(row.errors)} requests failed: {row.errors[0][:160]}")
+        return
     if not row.steps:
         cut = "; cut at the budget" if row.cut else ""
         print(f"{row.batch:>3}  (no full-batch step was timed{cut})")
@@ -706,10 +713,14 @@ def transformers_side_by_side(args: argparse.Namespace, device: str, deadline: f
                 f"Marble / transformers {ours_rate / hf_rate:.2f}"
             )
     except Exception as exc:  # a transformers API this script did not foresee: say which
-        print(f"  failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        print(f"  failed: {first_line(exc)}")
 
 
 # ---------------------------------------------------------------------------------- main
+def first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -755,7 +766,15 @@ def main() -> None:
             print(f"\n== {shape_name}: skipped, the --budget-s of {args.budget_s:.0f} s is spent")
             continue
         # An equal share of what is left, so one slow shape cannot starve the rest.
-        run_shape(SHAPES[shape_name], args, device, now + (shapes_end - now) / left, peak)
+        try:
+            run_shape(SHAPES[shape_name], args, device, now + (shapes_end - now) / left, peak)
+        except Exception as exc:  # one family's failure must not cost the others' figures
+            where = "".join(traceback.format_exception(exc, limit=-4)).splitlines()
+            print(f"\n== {shape_name} failed: {first_line(exc)}")
+            print("\n".join(f"   | {line}" for line in where))
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
     transformers_side_by_side(args, device, deadline)
     if args.no_parity:
         print("\nparity tests: not run (--no-parity)")

@@ -1,0 +1,81 @@
+"""`benchmarks/gpu.py` spends a scarce GPU machine's minutes: a shape that raises must not cost
+the other shapes their figures, and a batch whose requests failed prints what failed instead of
+figures. Both are checked in its `--smoke` mode (tiny widths, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE / "sdar-tiny").exists(), reason=f"reference data {REFERENCE} is absent"
+)
+
+
+def _run(patch: str) -> str:
+    """gpu.py's main on llada-8b then sdar-8b in --smoke, after `patch` (Python, `gpu` is the
+    module); returns stdout after checking it exited 0."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "benchmarks")!r})
+        import gpu
+        {patch}
+        sys.argv = ["gpu.py", "--smoke", "--shapes", "llada-8b,sdar-8b", "--batches", "1",
+                    "--no-parity"]
+        gpu.main()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _section(out: str, shape: str) -> str:
+    return out.split(f"\n== {shape}")[1].split("\n== ")[0]
+
+
+def test_a_shape_that_raises_leaves_the_next_shape_its_figures():
+    out = _run(
+        textwrap.dedent(
+            """
+            def broken(layers, smoke):
+                raise RuntimeError("no kernel for this shape")
+            gpu.SHAPES["llada-8b"].build = broken
+            """
+        ).replace("\n", "\n        ")
+    )
+    failed = _section(out, "llada-8b")
+    assert "failed: RuntimeError: no kernel for this shape" in failed
+    assert "in broken" in failed  # where it was raised
+    figures = _section(out, "sdar-8b")
+    row = [line.split() for line in figures.splitlines() if line.split()[:1] == ["1"]]
+    assert row and float(row[0][1]) > 0  # batch 1: tokens/s
+
+
+def test_a_batch_whose_requests_failed_says_so_instead_of_figures():
+    # NaN weights: every step's logits are NaN, which the engine answers with an error.
+    out = _run(
+        textwrap.dedent(
+            """
+            real = gpu.init_random
+            def nan_weights(model, seed):
+                real(model, seed)
+                for p in model.parameters():
+                    p.data.fill_(float("nan"))
+            gpu.init_random = nan_weights
+            """
+        ).replace("\n", "\n        ")
+    )
+    for shape in ("llada-8b", "sdar-8b"):
+        lines = [line for line in _section(out, shape).splitlines() if line.startswith("  1 ")]
+        assert lines and "requests failed:" in lines[0], _section(out, shape)

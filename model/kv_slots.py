@@ -37,6 +37,15 @@ def capacity_class(tokens: int) -> int:
     return size
 
 
+@dataclass
+class KVRoom:
+    """Bytes of the KV budget that spare slots made by growing a store may take (a compiled
+    forward's power-of-two slot counts): what admission left after reserving the running
+    rows' own slots. Shared by a model's stores; unbounded outside an engine."""
+
+    left: float = float("inf")
+
+
 class SlotStore:
     """Slots of `capacity` positions for the running rows of one model's capacity class
     (`capacity_class`), allocated on first use; column `capacity` of every slot is a sink for
@@ -48,7 +57,8 @@ class SlotStore:
     one per row. A row that leaves leaves its slot spare, taken by the next row or given up by
     `release` (a copy), so the store holds its rows' slots (what admission reserved for them)
     and its spare ones. `round_slots` keeps the slot count a power of two, for a compiled
-    forward, which compiles once per storage shape."""
+    forward, which compiles once per storage shape, where `room` holds the spare slots that
+    makes (else the count is exact: one more shape, rather than bytes past the budget)."""
 
     def __init__(
         self,
@@ -66,22 +76,23 @@ class SlotStore:
         self.order: list[str] = []  # slot i holds the row of request order[i]
         self.capacity = capacity  # positions each slot holds
         self.round_slots = False
+        self.room = KVRoom()
         self.copied = 0  # bytes of stored keys and values copied so far (see module doc)
 
     @property
     def keys(self) -> list[Tensor]:
         """Each layer's keys [slots, Hkv, capacity + 1, Dh], every added row's slot in them."""
-        self._fit()
+        self.grow()
         return self._keys
 
     @property
     def values(self) -> list[Tensor]:
-        self._fit()
+        self.grow()
         return self._values
 
     @property
     def slots(self) -> int:
-        self._fit()
+        self.grow()
         return self._allocated
 
     @property
@@ -139,10 +150,20 @@ class SlotStore:
     def _slots_for(self, rows: int) -> int:
         return 1 << (rows - 1).bit_length() if self.round_slots and rows else rows
 
-    def _fit(self) -> None:
-        """Grow the storage once for every row added since it last held them all."""
-        if len(self.order) > self._allocated:
-            self._allocate(self._slots_for(len(self.order)))
+    def grow(self) -> None:
+        """Give every row added since the storage last held them all its slot (one growth
+        for all of them); otherwise made on the store's first read or write."""
+        rows = len(self.order)
+        if rows <= self._allocated:
+            return
+        slots = self._slots_for(rows)
+        layers, heads, dim = self.shape
+        spare = (slots - rows) * 2 * layers * heads * (self.capacity + 1) * dim
+        spare *= self.dtype.itemsize
+        if spare > self.room.left:
+            slots, spare = rows, 0
+        self.room.left -= spare
+        self._allocate(slots)
 
     def _allocate(self, slots: int) -> None:
         """Storage of `slots` slots, the rows' keys and values copied."""
@@ -279,6 +300,7 @@ class SlotStores:
         self.stores: dict[int, SlotStore] = {}  # by capacity
         self._of: dict[str, SlotStore] = {}  # each row's store
         self._round_slots = False
+        self.room = KVRoom()  # every store's (a runner may share it with other stores)
 
     def round_slots(self) -> None:
         """Round every store's slot count up to a power of two from now on (`SlotStore`)."""
@@ -298,6 +320,17 @@ class SlotStores:
     def spare_bytes(self) -> int:
         return sum(store.spare_bytes for store in self.stores.values())
 
+    def share_room(self, room: KVRoom) -> None:
+        """Draw every store's spare slots from `room` from now on."""
+        self.room = room
+        for store in self.stores.values():
+            store.room = room
+
+    def grow(self) -> None:
+        """Give every added row its storage now (otherwise made on a store's first use)."""
+        for store in self.stores.values():
+            store.grow()
+
     def release(self, nbytes: float) -> int:
         """Give up spare slots, store by store, until `nbytes` are freed (or none is left);
         returns the bytes freed."""
@@ -315,6 +348,7 @@ class SlotStores:
         if capacity not in self.stores:
             store = SlotStore(*self.shape, self.device, self.dtype, capacity)
             store.round_slots = self._round_slots
+            store.room = self.room
             self.stores[capacity] = store
         cache = self.stores[capacity].add(key, tokens, start)
         self._of[key] = self.stores[capacity]
@@ -377,6 +411,13 @@ class HeldInStores:
 
     def release_kv(self, nbytes: float) -> int:
         return self.stores.release(nbytes)
+
+    @property
+    def kv_room(self) -> KVRoom:
+        return self.stores.room
+
+    def grow_kv(self) -> None:
+        self.stores.grow()
 
 
 @dataclass

@@ -49,7 +49,9 @@ def pad_slots(slots: SlotBatch, rows: int, width: int) -> SlotBatch:
 
 def storage_shapes(context: int, max_rows: int) -> int:
     """The storage shapes a compiled forward over one store can meet: a capacity class up to
-    the context's, times a power-of-two slot count up to `max_rows`'s (`round_slots`)."""
+    the context's, times a power-of-two slot count up to `max_rows`'s (`round_slots`). A store
+    short of the budget's room for its spare slots takes an exact count instead: a shape past
+    this bound, which dynamo runs eager once its raised recompile limit is spent."""
     classes, size = 1, 16
     while size < context:
         size, classes = capacity_class(size + 1), classes + 1

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from marble.model.kv_slots import KVRoom
 from marble.model.prefix_cache import Block, PrefixCache, Segment
 from marble.scheduler.request import Request
 
@@ -59,6 +60,16 @@ class Runner(Protocol):
     def release_kv(self, nbytes: float) -> int:
         """Give up spare KV storage until `nbytes` are freed (or none is left); returns the
         bytes freed."""
+        ...
+
+    @property
+    def kv_room(self) -> KVRoom:
+        """The budget's room for spare KV storage made when rows are added (the engine sets
+        it each step)."""
+        ...
+
+    def grow_kv(self) -> None:
+        """Give the rows added since the last step their KV storage now."""
         ...
 
 

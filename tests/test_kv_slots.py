@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from marble.model.kv_slots import SlotStore
+from marble.model.kv_slots import KVRoom, SlotStore
 from marble.scheduler.engine import Engine
 from marble.scheduler.sampling_params import SamplingParams
+from marble.scheduler.scheduler import SchedulerConfig
 from tests.golden_cases import DG_CHECKPOINT, LLADA2_CHECKPOINT, REFERENCE
 
 CHECKPOINTS = {
@@ -213,3 +214,49 @@ def test_a_burst_of_requests_grows_each_store_once(engine: Engine, monkeypatch):
     assert sorted(grown.values()) == [1] * len(stores)
     while engine.has_unfinished():
         engine.step()
+
+
+def test_a_rounding_store_makes_spare_slots_only_within_its_room():
+    """A compiled forward's store rounds its slot count up to a power of two; the spare slots
+    that makes come out of its room, and where the room is short the count is exact."""
+    store = SlotStore(2, 1, 4, torch.device("cpu"), torch.float32, capacity=16)
+    store.round_slots = True
+    slot = 2 * 2 * 1 * 17 * 4 * 4  # keys and values of 2 layers, 1 head, 17 columns, 4 wide
+    store.room = KVRoom(slot)
+    for i in range(3):
+        store.add(f"row{i}", 16)
+    assert store.slots == 4 and store.room.left == 0  # the spare slot took the room
+    for i in range(3, 5):
+        store.add(f"row{i}", 16)
+    assert store.slots == 5 and store.room.left == 0  # 8 would need 3 spare slots' room
+    unbounded = SlotStore(2, 1, 4, torch.device("cpu"), torch.float32, capacity=16)
+    unbounded.round_slots = True
+    for i in range(5):
+        unbounded.add(f"row{i}", 16)
+    assert unbounded.slots == 8  # outside an engine nothing bounds it
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_rounded_slot_counts_stay_within_the_kv_budget(name: str):
+    """Before, three rows admitted into a budget of three and a half rows' slots grew their
+    stores to four slots (a compiled forward's power of two), past the budget until the
+    rows ended. Now the spare slot is made only where the budget's room holds it."""
+    prompts = [[5 + i, 40 + 3 * i, 7, 11, 13] * 4 for i in range(3)]  # one capacity class
+    probe = Engine.from_pretrained(CHECKPOINTS[name], progress=False)
+    need = probe.make_request(prompts[0], _params(probe, 0)).kv_bytes
+    for budget, rounded in ((3 * need + need // 2, False), (4 * need, True)):
+        config = SchedulerConfig(max_kv_bytes=budget, prefix_cache=False)
+        engine = Engine.from_pretrained(CHECKPOINTS[name], progress=False, config=config)
+        kinds = engine.runner.stores
+        for stores in kinds.values() if isinstance(kinds, dict) else [kinds]:
+            stores.round_slots()  # what compiling the forward does, without the compile
+        _add_all(engine, prompts)
+        engine.step()
+        assert engine.scheduler.num_running == 3
+        assert engine.runner.cache_bytes <= budget
+        counts = {s.slots for s in _stores(engine) if s.order}
+        # Short of room, DiffusionGemma's sliding store may still round: its slots are small.
+        assert counts == {4} if rounded else 3 in counts
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.runner.cache_bytes <= budget

@@ -29,7 +29,13 @@ from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model import uniform_sampling as us
 from marble.model.cascade import SharedKeys
 from marble.model.compiled_forward import CompiledForward
-from marble.model.kv_slots import SlotCache, SlotGroups, SlotStores, capacity_class
+from marble.model.kv_slots import (
+    KVRoom,
+    SlotCache,
+    SlotGroups,
+    SlotStores,
+    capacity_class,
+)
 from marble.model.prefix_cache import Block, readers
 from marble.model.sampling import COLD_TEMPERATURE, scale_logits
 from marble.scheduler.request import Request
@@ -94,6 +100,7 @@ class UniformRunner(CachedRowsRunner):
         self.device = model.embed_tokens.weight.device
         # One store per layer kind (sliding, full): their keys differ in heads and width.
         self.stores: dict[bool, SlotStores] = {}
+        self.kv_room = KVRoom()  # one budget room for both kinds' spare slots
         for sliding in sorted({layer.sliding for layer in model.layers}):
             kind = [layer.self_attn for layer in model.layers if layer.sliding == sliding]
             self.stores[sliding] = SlotStores(
@@ -103,6 +110,7 @@ class UniformRunner(CachedRowsRunner):
                 self.device,
                 model.embed_tokens.weight.dtype,
             )
+            self.stores[sliding].share_room(self.kv_room)
         self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:
@@ -191,6 +199,10 @@ class UniformRunner(CachedRowsRunner):
     def release_kv(self, nbytes: float) -> int:
         """Every layer kind's spare slots alike (their stores hold the rows in one order)."""
         return sum(store.release(float("inf")) for store in self.stores.values())
+
+    def grow_kv(self) -> None:
+        for store in self.stores.values():
+            store.grow()
 
     def _slots(self, caches: list[SlotCache], width: int) -> dict[bool, SlotGroups]:
         """Every store's batch for the rows of `caches` writing `width` positions after their

@@ -7,8 +7,10 @@ normal values: nothing is read from disk or the network, nothing materialises on
 Batch 1, 8 and 32, 256 generated tokens, each request seeded, EOS ignored, every sampling field
 printed. Depth is cut where the weights would not leave room for the KV cache and the logits
 (or with `--layers N`); the output says so and gives per-layer figures. Also runs the parity
-tests and, where `transformers` has DiffusionGemma natively, its `generate` on the same weights.
-`--budget-s` (default 540) skips what is left, with a note, so the whole run ends in 10 minutes.
+tests and, where `transformers` has DiffusionGemma natively, its `generate` on the same weights;
+and last (an overrunning compile costs only itself) the first shape's step under `--compile`
+(torch.compile, CUDA graphs on a GPU) against eager, at `--compile-layers` depth. `--budget-s`
+(default 540) skips what is left, with a note, so the whole run ends in 10 minutes.
 
     python benchmarks/gpu.py                  # on the GPU machine: every shape, ~5-9 min
     python benchmarks/gpu.py --shapes llada-8b,gemma-26b-a4b --batches 1,8 --layers 8
@@ -628,6 +630,72 @@ def report_parity(proc: subprocess.Popen[str] | None, deadline: float) -> None:
     print(f"  exit {proc.returncode}: {tail[0] if tail else '(no output)'}")
 
 
+def compiled_rows(args: argparse.Namespace, device: str, deadline: float) -> None:
+    """The first shape's engine with its cached forward compiled (`--compile`: inductor with
+    CUDA graphs on a GPU; aot_eager in --smoke) against eager, on the same model: seconds to
+    compile every bucket one run needs (that untimed run), then tokens/s each way."""
+    shape = SHAPES[args.shapes.split(",")[0]]
+    cuda = device == "cuda"
+    backend = "inductor" if cuda else "aot_eager"
+    layers = args.compile_layers
+    print(f"\n--compile ({backend}) against eager: {shape.name}, {layers} layers, gen {args.gen}")
+    if time.perf_counter() > deadline:
+        print("  skipped: the --budget-s is spent")
+        return
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model = build_on(shape, layers, args.smoke, device, dtype)
+    params = explicit_params(shape, args.gen, args.smoke)
+    tokenizer = TextTokenizer(shape.tokenizer)
+    for batch in (1, 2) if args.smoke else (1, 8):
+        if time.perf_counter() > deadline:
+            print(f"  B {batch}: skipped, the compile share of --budget-s is spent")
+            continue
+        rates = []
+        for mode in (False, backend):
+            config = scheduler_config(max_batch_size=batch, max_batch_tokens=1 << 22)
+            engine = Engine(model, tokenizer, config, compile=mode)
+            if hasattr(engine.runner, "vocab_limit"):
+                engine.runner.vocab_limit = model.cfg.vocab_size
+            warm = timed_run(engine, params, batch, cuda)  # compiles every bucket it meets
+            rates.append((timed_run(engine, params, batch, cuda), warm))
+        failed = [e for run in rates for part in run for e in part.errors]
+        if failed:
+            print(f"  B {batch}: {len(failed)} requests failed: {failed[0][:160]}")
+            continue
+        (eager, _), (compiled, compiling) = ((a.tokens_per_s, b.seconds) for a, b in rates)
+        print(
+            f"  B {batch}: eager {eager:.1f} tok/s, compiled {compiled:.1f} tok/s "
+            f"({compiled / eager:.2f}x), first run with compiles {compiling:.1f} s"
+        )
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Run:
+    tokens_per_s: float  # inside `Engine.step()`
+    seconds: float
+    errors: list[str]  # what failed requests said
+
+
+def timed_run(engine: Engine, params: SamplingParams, batch: int, cuda: bool) -> Run:
+    """`batch` seeded requests to the end."""
+    for i in range(batch):
+        engine.add(engine.make_request(PROMPT, params.replace(seed=i)))
+    seconds, tokens, errors = 0.0, 0, []
+    while engine.has_unfinished():
+        sync(cuda)
+        start = time.perf_counter()
+        outputs = engine.step()
+        sync(cuda)
+        seconds += time.perf_counter() - start
+        tokens += sum(o.completion_tokens for o in outputs if o.finished)
+        errors += [o.error for o in outputs if o.error]
+    return Run(tokens / max(seconds, 1e-9), seconds, errors)
+
+
 def transformers_side_by_side(args: argparse.Namespace, device: str, deadline: float) -> None:
     """DiffusionGemma through transformers' own `generate` and through Marble on the same
     weights (the transformers model's tensors, shared) and settings; tokens/s and the ratio."""
@@ -721,6 +789,13 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
+def report_failure(what: str, exc: BaseException) -> None:
+    """`== what failed: ...` and the last frames of where it was raised."""
+    where = "".join(traceback.format_exception(exc, limit=-4)).splitlines()
+    print(f"\n== {what} failed: {first_line(exc)}")
+    print("\n".join(f"   | {line}" for line in where))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -734,6 +809,12 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip rows past this")
     parser.add_argument("--smoke", action="store_true", help="tiny widths on the CPU, < 1 min")
     parser.add_argument("--no-parity", action="store_true", help="do not run the parity tests")
+    parser.add_argument(
+        "--compile-layers",
+        type=int,
+        default=2,
+        help="depth of the --compile row (0: skip it); compiles take minutes at full depth",
+    )
     args = parser.parse_args()
     args.batches = args.batches or ("1,2" if args.smoke else "1,8,32")
     args.gen = args.gen or (16 if args.smoke else 256)
@@ -758,8 +839,9 @@ def main() -> None:
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
-    # transformers' side by side gets the last 10% of the budget.
-    shapes_end = start + 0.9 * args.budget_s
+    # Then transformers' side by side, until 85% of the budget; the compiled row takes the
+    # rest (without it, the shapes run until 90%).
+    shapes_end = start + (0.75 if args.compile_layers else 0.9) * args.budget_s
     for left, shape_name in zip(range(len(names), 0, -1), names):
         now = time.perf_counter()
         if now > shapes_end:
@@ -769,17 +851,20 @@ def main() -> None:
         try:
             run_shape(SHAPES[shape_name], args, device, now + (shapes_end - now) / left, peak)
         except Exception as exc:  # one family's failure must not cost the others' figures
-            where = "".join(traceback.format_exception(exc, limit=-4)).splitlines()
-            print(f"\n== {shape_name} failed: {first_line(exc)}")
-            print("\n".join(f"   | {line}" for line in where))
+            report_failure(shape_name, exc)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    transformers_side_by_side(args, device, deadline)
+    transformers_side_by_side(args, device, start + 0.85 * args.budget_s)
     if args.no_parity:
         print("\nparity tests: not run (--no-parity)")
     else:
         report_parity(parity, deadline)
+    if args.compile_layers:  # last: a compile that overruns the budget costs only itself
+        try:
+            compiled_rows(args, device, deadline)
+        except Exception as exc:  # as a shape's: what was measured before still stands
+            report_failure("--compile", exc)
     print(f"\n(the run took {time.perf_counter() - start:.1f} s)\n{LEGEND}")
 
 

@@ -1,6 +1,7 @@
 """`benchmarks/gpu.py` spends a scarce GPU machine's minutes: a shape that raises must not cost
 the other shapes their figures, and a batch whose requests failed prints what failed instead of
-figures. Both are checked in its `--smoke` mode (tiny widths, CPU)."""
+figures; its compiled row (run last) reports the same way. Checked in its `--smoke` mode
+(tiny widths, CPU)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def test_a_shape_that_raises_leaves_the_next_shape_its_figures():
     figures = _section(out, "sdar-8b")
     row = [line.split() for line in figures.splitlines() if line.split()[:1] == ["1"]]
     assert row and float(row[0][1]) > 0  # batch 1: tokens/s
+    # The compiled row builds the first shape too: it says so, and the run still ends.
+    assert "== --compile failed: RuntimeError: no kernel for this shape" in out
+    assert "(the run took" in out
 
 
 def test_a_batch_whose_requests_failed_says_so_instead_of_figures():
@@ -79,3 +83,5 @@ def test_a_batch_whose_requests_failed_says_so_instead_of_figures():
     for shape in ("llada-8b", "sdar-8b"):
         lines = [line for line in _section(out, shape).splitlines() if line.startswith("  1 ")]
         assert lines and "requests failed:" in lines[0], _section(out, shape)
+    compiled = out.split("\n--compile")[1].splitlines()
+    assert compiled[1].startswith("  B 1: ") and "requests failed:" in compiled[1], compiled

@@ -236,21 +236,30 @@ def test_a_rounding_store_makes_spare_slots_only_within_its_room():
     assert unbounded.slots == 8  # outside an engine nothing bounds it
 
 
-@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def _masked_params(engine: Engine, i: int) -> SamplingParams:
+    return engine.defaults.replace(
+        max_tokens=16, block_length=8, steps=8, cache="dual", seed=i, ignore_eos=True
+    )
+
+
+@pytest.mark.parametrize("name", [*sorted(CHECKPOINTS), "masked"])
 def test_rounded_slot_counts_stay_within_the_kv_budget(name: str):
     """Before, three rows admitted into a budget of three and a half rows' slots grew their
     stores to four slots (a compiled forward's power of two), past the budget until the
     rows ended. Now the spare slot is made only where the budget's room holds it."""
+    path = CHECKPOINTS.get(name, REFERENCE / "llada-tiny")
+    params = _masked_params if name == "masked" else _params
     prompts = [[5 + i, 40 + 3 * i, 7, 11, 13] * 4 for i in range(3)]  # one capacity class
-    probe = Engine.from_pretrained(CHECKPOINTS[name], progress=False)
-    need = probe.make_request(prompts[0], _params(probe, 0)).kv_bytes
+    probe = Engine.from_pretrained(path, progress=False)
+    need = probe.make_request(prompts[0], params(probe, 0)).kv_bytes
     for budget, rounded in ((3 * need + need // 2, False), (4 * need, True)):
         config = SchedulerConfig(max_kv_bytes=budget, prefix_cache=False)
-        engine = Engine.from_pretrained(CHECKPOINTS[name], progress=False, config=config)
+        engine = Engine.from_pretrained(path, progress=False, config=config)
         kinds = engine.runner.stores
         for stores in kinds.values() if isinstance(kinds, dict) else [kinds]:
             stores.round_slots()  # what compiling the forward does, without the compile
-        _add_all(engine, prompts)
+        for i, prompt in enumerate(prompts):
+            engine.add(engine.make_request(prompt, params(engine, i)))
         engine.step()
         assert engine.scheduler.num_running == 3
         assert engine.runner.cache_bytes <= budget

@@ -107,7 +107,13 @@ class SlotStore:
     @property
     def spare_bytes(self) -> int:
         """Bytes of the slots no row holds."""
-        return self.nbytes // self.slots * (self.slots - len(self.order)) if self.slots else 0
+        return self.slot_nbytes * (self.slots - len(self.order))
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot: every layer's keys and values, the sink column included."""
+        layers, heads, dim = self.shape
+        return 2 * layers * heads * (self.capacity + 1) * dim * self.dtype.itemsize
 
     def add(self, key: str, tokens: int, start: int = 0) -> SlotCache:
         """A slot for a new row that will cache at most `tokens` positions, from absolute
@@ -157,9 +163,7 @@ class SlotStore:
         if rows <= self._allocated:
             return
         slots = self._slots_for(rows)
-        layers, heads, dim = self.shape
-        spare = (slots - rows) * 2 * layers * heads * (self.capacity + 1) * dim
-        spare *= self.dtype.itemsize
+        spare = (slots - rows) * self.slot_nbytes
         if spare > self.room.left:
             slots, spare = rows, 0
         self.room.left -= spare
@@ -293,14 +297,20 @@ class SlotStores:
     capacity."""
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        room: KVRoom | None = None,
     ) -> None:
         self.shape = (layers, kv_heads, head_dim)
         self.device, self.dtype = device, dtype
         self.stores: dict[int, SlotStore] = {}  # by capacity
         self._of: dict[str, SlotStore] = {}  # each row's store
         self._round_slots = False
-        self.room = KVRoom()  # every store's (a runner may share it with other stores)
+        self.room = room or KVRoom()  # every store's (a runner may share one between stores)
 
     def round_slots(self) -> None:
         """Round every store's slot count up to a power of two from now on (`SlotStore`)."""
@@ -319,12 +329,6 @@ class SlotStores:
     @property
     def spare_bytes(self) -> int:
         return sum(store.spare_bytes for store in self.stores.values())
-
-    def share_room(self, room: KVRoom) -> None:
-        """Draw every store's spare slots from `room` from now on."""
-        self.room = room
-        for store in self.stores.values():
-            store.room = room
 
     def grow(self) -> None:
         """Give every added row its storage now (otherwise made on a store's first use)."""

@@ -346,12 +346,12 @@ class Engine:
                 continue
             # Admission reserved the new rows' own slots; spare slots grown with them (a
             # compiled forward's power-of-two counts) take the budget's room or are not made.
-            m.runner.kv_room.left = max(room, 0)
+            given = m.runner.kv_room.left = max(room, 0)
             for request in batch:
                 if request.request_id not in m.runner.rows:
                     m.runner.add(request)
             m.runner.grow_kv()  # now, so the blocks kept below get only what is left
-            room -= max(room, 0) - m.runner.kv_room.left
+            room -= given - m.runner.kv_room.left
             cache = m.prefixes
             held = cache.nbytes if cache is not None else 0
             if cache is not None:

@@ -109,8 +109,8 @@ class UniformRunner(CachedRowsRunner):
                 kind[0].head_dim,
                 self.device,
                 model.embed_tokens.weight.dtype,
+                room=self.kv_room,
             )
-            self.stores[sliding].share_room(self.kv_room)
         self._compiled: CompiledDecode | None = None  # the decoder forward, once compiled
 
     def compile_forward(self, backend: str) -> CompiledForward:

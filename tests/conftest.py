@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny reference checkpoints that sit beside the repository
-(`../shared/reference/`), located from the repository root."""
+(`../shared/reference/`), located from the repository root, and the device the parity tests
+build their models on (`--device`; `benchmarks/gpu.py` runs them with `--device cuda`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,29 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="where the parity tests (test_*parity.py) build their models and golden tensors, "
+        "e.g. cuda: that device's kernels held to the goldens (default: cpu)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("--device")
+    try:  # a device this machine lacks stops the run before any test
+        torch.empty(0, device=torch.device(name))
+    except (RuntimeError, AssertionError) as exc:
+        raise pytest.UsageError(f"--device {name}: {exc}") from exc
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The parity tests' device (`--device`)."""
+    return torch.device(request.config.getoption("--device"))
 
 
 def _reference(name: str) -> Path:

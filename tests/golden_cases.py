@@ -1,11 +1,14 @@
 """Golden `generate()` runs of the reference data as engine requests, and the checks that an
 engine's step outputs replay them: shared by the per-family parity tests and the test that
-serves several families in one engine."""
+serves several families in one engine. Also the golden tensors, on the tests' device."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 from marble.scheduler.engine import Engine, StepOutput
 from marble.scheduler.sampling_params import SamplingParams
@@ -14,6 +17,12 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 DG_GOLDEN = REFERENCE / "golden" / "diffusiongemma" / "golden_generate.json"
 DG_CHECKPOINT = REFERENCE / "diffusiongemma-tiny"
 DG_EOS = (1, 106, 50)
+
+
+def golden_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A golden safetensors file's tensors on `device` (any torch device: safetensors' own
+    device argument refuses some, such as meta)."""
+    return {name: t.to(device) for name, t in load_file(str(path)).items()}
 
 
 def dg_cases() -> list[dict]:

@@ -3,7 +3,8 @@
 Each golden call is re-made as generate() made it (golden_logits.json `call`): the prompt
 encode with its cache, three decoder calls (with and without self-conditioning), a canvas
 commit and a decoder call after it. Every tensor within 1e-4; the decoder never writes the
-cache; batching, left padding and stacking per-request caches change no real row.
+cache; batching, left padding and stacking per-request caches change no real row. Models
+and tensors on `--device` (conftest).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from marble.families.diffusion_gemma.loader import load_diffusion_gemma
 from marble.families.diffusion_gemma.model import DiffusionGemma
 from marble.model.block_cache import BlockCache
+from tests.golden_cases import golden_tensors
 
 TOLERANCE = 1e-4  # golden compare rule; measured max |delta| is 2.7e-5
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -28,13 +29,13 @@ if not GOLDEN.exists():
 
 
 @pytest.fixture(scope="module")
-def model() -> DiffusionGemma:
-    return load_diffusion_gemma(MODEL_DIR)
+def model(device: torch.device) -> DiffusionGemma:
+    return load_diffusion_gemma(MODEL_DIR, device=device)
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    return load_file(str(GOLDEN))
+def golden(device: torch.device) -> dict[str, torch.Tensor]:
+    return golden_tensors(GOLDEN, device)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -49,8 +50,8 @@ def _check_cache(cache: BlockCache, golden: dict, prefix: str) -> None:
         _close(kv.values[0], golden[f"{prefix}.cache.layer{i}.values"], f"{prefix} layer {i} v")
 
 
-def _positions(start: int, n: int) -> torch.Tensor:
-    return torch.arange(start, start + n)[None]
+def _positions(start: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + n, device=device)[None]
 
 
 def _encoded_prompt(model: DiffusionGemma, golden: dict) -> tuple[BlockCache, torch.Tensor]:
@@ -91,16 +92,18 @@ def test_every_golden_tensor(model: DiffusionGemma, golden: dict):
     assert [cache.stored(i) for i in range(6)] == [23, 23, 49, 23, 23, 49]
     _check_cache(cache, golden, "enc_chunk")
     sc3 = golden["dec3.self_conditioning_logits"][None]
-    dec3 = model.decode(golden["dec3.decoder_input_ids"][None], _positions(49, 16), cache, sc3)
+    dec3_ids = golden["dec3.decoder_input_ids"][None]
+    dec3 = model.decode(dec3_ids, _positions(49, 16, dec3_ids.device), cache, sc3)
     assert golden["dec3.decoder_position_ids"].tolist() == list(range(49, 65))
     _close(dec3[0], golden["dec3.logits"], "dec3")
 
 
 def test_self_conditioning_mask_off_equals_none(model: DiffusionGemma, golden: dict):
     cache, _ = _encoded_prompt(model, golden)
-    canvas, pos = golden["dec1.decoder_input_ids"][None], _positions(33, 16)
+    canvas = golden["dec1.decoder_input_ids"][None]
+    pos = _positions(33, 16, canvas.device)
     sc = golden["dec1_sc.self_conditioning_logits"][None]
-    off = model.decode(canvas, pos, cache, sc, torch.tensor([False]))
+    off = model.decode(canvas, pos, cache, sc, torch.tensor([False], device=canvas.device))
     assert torch.equal(off, model.decode(canvas, pos, cache))
 
 
@@ -113,22 +116,23 @@ def test_left_padding_and_stacked_caches_leave_rows_unchanged(model: DiffusionGe
     caches = []
     for ids in (prompt, short):
         cache = model.new_cache(1)
-        model.encode(ids[None], _positions(0, len(ids)), cache)
+        model.encode(ids[None], _positions(0, len(ids), ids.device), cache)
         caches.append(cache)
-        alone.append(model.decode(canvas[None], _positions(len(ids), 16), cache))
+        alone.append(model.decode(canvas[None], _positions(len(ids), 16, ids.device), cache))
     pad = len(prompt) - len(short)
-    batch = torch.stack((prompt, torch.cat((torch.zeros(pad, dtype=torch.long), short))))
+    batch = torch.stack((prompt, torch.cat((short.new_zeros(pad), short))))
     valid = batch.new_ones(batch.shape, dtype=torch.bool)
     valid[1, :pad] = False
     cache = model.new_cache(2)
     # Positions count the pads (as upstream's generate): row 1 sits at pad..P-1.
-    model.encode(batch, _positions(0, len(prompt)).expand(2, -1), cache, valid)
-    padded = model.decode(canvas.expand(2, -1), _positions(len(prompt), 16).expand(2, -1), cache)
+    model.encode(batch, _positions(0, len(prompt), batch.device).expand(2, -1), cache, valid)
+    after = _positions(len(prompt), 16, batch.device)
+    padded = model.decode(canvas.expand(2, -1), after.expand(2, -1), cache)
     _close(padded[0], alone[0][0], "padded batch row 0")
     # Row 1's positions are shifted by the pads; RoPE is relative, so logits barely move.
     _close(padded[1], alone[1][0], "padded batch row 1")
     stacked = BlockCache.stack(caches)
-    pos = torch.stack((_positions(len(prompt), 16)[0], _positions(len(short), 16)[0]))
+    pos = torch.stack((after[0], _positions(len(short), 16, batch.device)[0]))
     both = model.decode(canvas.expand(2, -1), pos, stacked)
     _close(both[0], alone[0][0], "stacked row 0")
     _close(both[1], alone[1][0], "stacked row 1")

@@ -4,7 +4,7 @@ Strict block-causal logits, each layer's input and the routers' logits and choic
 logits of case c; case b through the block cache: the 40-token prefix written, then the
 cached block call, with the cached keys/values themselves. Every tensor within 1e-4. Batching
 (stacked caches of different lengths, padded windows, several blocks in one window) changes
-no real row beyond float noise.
+no real row beyond float noise. Models and tensors on `--device` (conftest).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from marble.families.llada2.loader import load_llada2
 from marble.families.llada2.model import LLaDA2
 from marble.model.block_cache import BlockCache, LayerKV
+from tests.golden_cases import golden_tensors
 
 TOLERANCE = 1e-4  # golden compare rule; measured max |delta| is 1.4e-5
 BATCH_TOLERANCE = 1e-5  # batched vs alone, hidden states: other shapes; measured <= 1.3e-6
@@ -30,13 +30,13 @@ if not GOLDEN.exists():
 
 
 @pytest.fixture(scope="module")
-def model() -> LLaDA2:
-    return load_llada2(MODEL_DIR)
+def model(device: torch.device) -> LLaDA2:
+    return load_llada2(MODEL_DIR, device=device)
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    return load_file(str(GOLDEN))
+def golden(device: torch.device) -> dict[str, torch.Tensor]:
+    return golden_tensors(GOLDEN, device)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = TOLERANCE) -> None:
@@ -52,8 +52,8 @@ def _batched_close(model: LLaDA2, got: torch.Tensor, want: torch.Tensor, what: s
     _close(model.project(got), model.project(want), f"{what} logits")
 
 
-def _span(start: int, stop: int) -> torch.Tensor:
-    return torch.arange(start, stop)[None]
+def _span(start: int, stop: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, stop, device=device)[None]
 
 
 def _hidden(
@@ -61,7 +61,8 @@ def _hidden(
 ) -> torch.Tensor:
     """ids [1, T] after the cache's slots -> final-normed hidden states [T, H]."""
     start = 0 if cache is None else cache.length
-    return model(ids, _span(start, start + ids.shape[1]), cache, block_length=BLOCK, **kw)[0]
+    positions = _span(start, start + ids.shape[1], ids.device)
+    return model(ids, positions, cache, block_length=BLOCK, **kw)[0]
 
 
 def _logits(
@@ -138,7 +139,7 @@ def test_stacked_caches_of_different_lengths(model: LLaDA2, golden: dict):
     stacked = BlockCache.stack(caches)
     assert stacked.valid.sum(-1).tolist() == [40, 24]
     window = torch.stack([ids[n : n + BLOCK] for ids, n in rows])
-    positions = torch.stack([torch.arange(n, n + BLOCK) for _, n in rows])
+    positions = torch.stack([torch.arange(n, n + BLOCK, device=a.device) for _, n in rows])
     hidden = model(window, positions, stacked, block_length=BLOCK)
     for row in range(2):
         _batched_close(model, hidden[row], alone[row], f"stacked row {row}")
@@ -148,10 +149,11 @@ def test_padded_windows_of_several_blocks(model: LLaDA2, golden: dict):
     """c (64 tokens, 8 blocks) beside a (32 tokens, right-padded): as alone; then a's last
     two blocks as one window over a cache of 16, written: the same states and cache."""
     c, a = golden["c.input_ids"], golden["a.input_ids"]
-    ids = torch.stack((c, torch.cat((a, torch.full((32,), 451)))))
-    valid = torch.ones(2, 64, dtype=torch.bool)
+    ids = torch.stack((c, torch.cat((a, a.new_full((32,), 451)))))
+    valid = torch.ones(2, 64, dtype=torch.bool, device=a.device)
     valid[1, 32:] = False
-    hidden = model(ids, _span(0, 64).expand(2, -1), block_length=BLOCK, key_valid=valid)
+    span = _span(0, 64, a.device).expand(2, -1)
+    hidden = model(ids, span, block_length=BLOCK, key_valid=valid)
     _batched_close(model, hidden[0], _hidden(model, c[None]), "c in a batch")
     full = model.new_cache(1)
     alone = _hidden(model, a[None], full, write=True)
@@ -165,6 +167,7 @@ def test_padded_windows_of_several_blocks(model: LLaDA2, golden: dict):
         _close(got.values, want.values, "written values", BATCH_TOLERANCE)
 
 
-def test_write_needs_a_cache(model: LLaDA2):
+def test_write_needs_a_cache(model: LLaDA2, device: torch.device):
+    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="needs a cache"):
-        model(torch.zeros(1, 8, dtype=torch.long), _span(0, 8), write=True, block_length=BLOCK)
+        model(ids, _span(0, 8, device), write=True, block_length=BLOCK)

@@ -1,7 +1,8 @@
 """Parity with the upstream reference implementations (../shared/reference/golden).
 
 Logits within 1e-4 on every golden input; temperature-0 traces identical canvas by canvas,
-commit counts and NFE equal, for every golden sampler setting we implement.
+commit counts and NFE equal, for every golden sampler setting we implement. Models, golden
+tensors and engines on `--device` (conftest).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from marble.families.masked.loader import load_model
 from marble.scheduler.engine import Engine
@@ -18,6 +18,7 @@ from marble.scheduler.sampling_params import SamplingParams
 from tests.golden_cases import (
     assert_trace,
     dream_params,
+    golden_tensors,
     llada_cases,
     llada_params,
     prompt_rows,
@@ -27,9 +28,11 @@ TOLERANCE = 1e-4
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
-def test_logits_match_reference(name: str, golden_dir: Path, llada_dir: Path, dream_dir: Path):
-    model = load_model(llada_dir if name == "llada" else dream_dir, progress=False)
-    golden = load_file(str(golden_dir / name / "golden_logits.safetensors"))
+def test_logits_match_reference(
+    name: str, golden_dir: Path, llada_dir: Path, dream_dir: Path, device: torch.device
+):
+    model = load_model(llada_dir if name == "llada" else dream_dir, device, progress=False)
+    golden = golden_tensors(golden_dir / name / "golden_logits.safetensors", device)
     with torch.no_grad():
         for key in ("a", "c"):
             raw = model(golden[f"{key}.input_ids"], align=False)
@@ -50,13 +53,14 @@ def test_logits_match_reference(name: str, golden_dir: Path, llada_dir: Path, dr
         assert (alone - golden["b_row0_unpadded.logits"]).abs().max() <= TOLERANCE
 
 
-def test_dream_alignment_shifts_right(dream_dir: Path, golden_dir: Path):
-    model = load_model(dream_dir, progress=False)
-    ids = load_file(str(golden_dir / "dream" / "golden_logits.safetensors"))["a.input_ids"]
+def test_dream_alignment_shifts_right(dream_dir: Path, golden_dir: Path, device: torch.device):
+    model = load_model(dream_dir, device, progress=False)
+    golden = golden_tensors(golden_dir / "dream" / "golden_logits.safetensors", device)
+    ids = golden["a.input_ids"]
     with torch.no_grad():
         raw = model(ids, align=False)
         aligned = model(ids)
-        gathered = model(ids, gather=torch.tensor([[0, 5, 23]]))
+        gathered = model(ids, gather=torch.tensor([[0, 5, 23]], device=device))
     assert torch.equal(aligned[:, 1:], raw[:, :-1]) and torch.equal(aligned[:, 0], raw[:, 0])
     assert torch.allclose(gathered, aligned[:, [0, 5, 23]], atol=1e-5)
 
@@ -73,14 +77,16 @@ def _run(engine: Engine, case: dict, params: SamplingParams):
 
 
 @pytest.mark.parametrize("index", range(15))
-def test_llada_generation_traces(index: int, golden_dir: Path, llada_dir: Path):
+def test_llada_generation_traces(
+    index: int, golden_dir: Path, llada_dir: Path, device: torch.device
+):
     case = llada_cases(golden_dir, "llada")[index]
     if case["model_variant"] == "original" and case["attention_mask"] is not None:
         pytest.skip(
             "the original file ignores the padding mask; we implement key padding "
             "(the key_padding variant of this case is checked exactly)"
         )
-    engine = Engine.from_pretrained(llada_dir, progress=False)
+    engine = Engine.from_pretrained(llada_dir, str(device), progress=False)
     seeded = case["torch_manual_seed"] is not None
     # Seeded runs draw from per-request generators, not torch's global one: only the
     # structure (commits per step, NFE) can match.
@@ -89,7 +95,9 @@ def test_llada_generation_traces(index: int, golden_dir: Path, llada_dir: Path):
 
 
 @pytest.mark.parametrize("index", range(8))
-def test_dream_generation_traces(index: int, golden_dir: Path, dream_dir: Path):
+def test_dream_generation_traces(
+    index: int, golden_dir: Path, dream_dir: Path, device: torch.device
+):
     case = llada_cases(golden_dir, "dream")[index]
     alg = case["params"]["alg"]
     if alg == "origin":
@@ -99,7 +107,7 @@ def test_dream_generation_traces(index: int, golden_dir: Path, dream_dir: Path):
             "Fast-dLLM's Dream copy uses its own threshold loop; Marble applies the "
             "Fast-dLLM LLaDA threshold rule to every model (checked on LLaDA)"
         )
-    engine = Engine.from_pretrained(dream_dir, progress=False)
+    engine = Engine.from_pretrained(dream_dir, str(device), progress=False)
     assert_trace(case, _run(engine, case, dream_params(case)), exact_canvas=True)
 
 
@@ -119,7 +127,9 @@ def test_chat_prompts_tokenise_like_reference(golden_dir: Path, llada_dir: Path,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_agrees_on_argmax(dtype: torch.dtype, golden_dir: Path, llada_dir: Path):
+def test_half_precision_agrees_on_argmax(
+    dtype: torch.dtype, golden_dir: Path, llada_dir: Path, device: torch.device
+):
     """16-bit weights are not held to float32 tolerances, only to nearly the same choices.
 
     16-bit kernels differ by CPU (AMX / AVX512-BF16 or not) and thread count, and this random
@@ -127,8 +137,8 @@ def test_half_precision_agrees_on_argmax(dtype: torch.dtype, golden_dir: Path, l
     top-1 at 90 and float16 at 97, every other pick being float32's 2nd-4th choice (measured on
     CPUs with and without bfloat16 kernels, 1 and 2 threads). Counts, with margin below that.
     """
-    model = load_model(llada_dir, dtype=dtype, progress=False)
-    golden = load_file(str(golden_dir / "llada" / "golden_logits.safetensors"))
+    model = load_model(llada_dir, device, dtype=dtype, progress=False)
+    golden = golden_tensors(golden_dir / "llada" / "golden_logits.safetensors", device)
     with torch.no_grad():
         out = model(golden["c.input_ids"]).float()
     reference = golden["c.logits"]

@@ -4,7 +4,7 @@ Case a: a full forward under generate.py's block mask (logits and every layer's 
 the same at block 8; case b generate.py's cached path call by call (prefill and the cache it
 stores, the denoising call over it, the store call and the cache after it, the next block).
 Every tensor within 1e-4. Batching (rows with caches of different lengths in one call) changes
-no real row beyond float noise.
+no real row beyond float noise. Models and tensors on `--device` (conftest).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from marble.families.sdar.loader import load_sdar
 from marble.families.sdar.model import SDAR
 from marble.model.block_cache import BlockCache
 from marble.model.block_causal import block_causal_bias
+from tests.golden_cases import golden_tensors
 
 TOLERANCE = 1e-4  # the golden compare rule; measured max |delta| is 1.5e-5 (logits up to 21)
 BATCH_TOLERANCE = 1e-5  # batched vs alone, hidden states; measured max |delta| 1.2e-6
@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
-def model() -> SDAR:
-    return load_sdar(MODEL_DIR)
+def model(device: torch.device) -> SDAR:
+    return load_sdar(MODEL_DIR, device=device)
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    return load_file(str(GOLDEN))
+def golden(device: torch.device) -> dict[str, torch.Tensor]:
+    return golden_tensors(GOLDEN, device)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = TOLERANCE) -> float:
@@ -59,15 +59,16 @@ def _call(
     store: bool = False,
 ) -> torch.Tensor:
     """ids [T] at positions start.. -> logits [T, V]."""
-    positions = torch.arange(start, start + len(ids))[None]
+    positions = torch.arange(start, start + len(ids), device=ids.device)[None]
     return model.project(model(ids[None], positions, cache, store, block_length=block)[0])
 
 
 def test_block_mask_is_generate_pys(golden: dict):
+    positions = golden["a.position_ids"][None]
     bias = block_causal_bias(
-        golden["a.position_ids"][None],
+        positions,
         4,
-        torch.ones(1, 32, dtype=torch.bool),
+        torch.ones(1, 32, dtype=torch.bool, device=positions.device),
         None,
         torch.float32,
     )
@@ -143,12 +144,12 @@ def test_rows_with_different_cache_lengths_batch_as_alone(model: SDAR, golden: d
         window = block if block is not None else ids[n : n + 4]
         windows.append(window)
         own = cache.copy_refs()
-        positions = torch.arange(n, n + 4)[None]
+        positions = torch.arange(n, n + 4, device=ids.device)[None]
         alone.append(model(window[None], positions, own, True, block_length=4)[0])
         alone_caches.append(own)
     stacked = BlockCache.stack(caches)
     assert stacked.valid.sum(-1).tolist() == [20, 16, 8]
-    positions = torch.stack([torch.arange(n, n + 4) for _, _, n in rows])
+    positions = torch.stack([torch.arange(n, n + 4, device=b_ids.device) for _, _, n in rows])
     hidden = model(torch.stack(windows), positions, stacked, True, block_length=4)
     worst = 0.0
     for r in range(3):
@@ -164,8 +165,7 @@ def test_rows_with_different_cache_lengths_batch_as_alone(model: SDAR, golden: d
     log.info("batched vs alone: max |delta| hidden %.2e", worst)
 
 
-def test_store_needs_a_cache(model: SDAR):
+def test_store_needs_a_cache(model: SDAR, device: torch.device):
+    ids = torch.zeros(1, 4, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="needs a cache"):
-        model(
-            torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], write=True, block_length=4
-        )
+        model(ids, torch.arange(4, device=device)[None], write=True, block_length=4)

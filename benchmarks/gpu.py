@@ -6,11 +6,12 @@ random weights made on the GPU (built on the meta device, `to_empty` on the card
 normal values: nothing is read from disk or the network, nothing materialises on the host).
 Batch 1, 8 and 32, 256 generated tokens, each request seeded, EOS ignored, every sampling field
 printed. Depth is cut where the weights would not leave room for the KV cache and the logits
-(or with `--layers N`); the output says so and gives per-layer figures. Also runs the parity
-tests and, where `transformers` has DiffusionGemma natively, its `generate` on the same weights;
-and last (an overrunning compile costs only itself) the first shape's step under `--compile`
-(torch.compile, CUDA graphs on a GPU) against eager, at `--compile-layers` depth. `--budget-s`
-(default 540) skips what is left, with a note, so the whole run ends in 10 minutes.
+(or with `--layers N`); the output says so and gives per-layer figures. First the parity
+tests, their models on the card (pytest --device cuda); after the shapes, where `transformers`
+has DiffusionGemma natively, its `generate` on the same weights; and last (an overrunning
+compile costs only itself) the first shape's step under `--compile` (torch.compile, CUDA
+graphs on a GPU) against eager, at `--compile-layers` depth. `--budget-s` (default 540) skips
+what is left, with a note, so the whole run ends in 10 minutes.
 
     python benchmarks/gpu.py                  # on the GPU machine: every shape, ~5-9 min
     python benchmarks/gpu.py --shapes llada-8b,gemma-26b-a4b --batches 1,8 --layers 8
@@ -62,6 +63,8 @@ PARITY_TESTS = [
     "tests/test_diffusion_gemma_parity.py",
     "tests/families/sdar/test_sdar_parity.py",
 ]
+PARITY_FAILURES_SHOWN = 12
+PARITY_SECONDS = 150  # on CPU they take ~10 s; CUDA's start and first kernels add some
 PROMPT = list(range(200, 232))  # 32 ordinary ids in every reference tokenizer
 # Model methods timed inside a step (the outermost call of each: nested calls are inside it);
 # every family's entry points start so (forward, forward_cached, forward_slots, encode,
@@ -598,36 +601,32 @@ def prefix_cache_row(
 
 
 # -------------------------------------------------------------------------- side checks
-def start_parity(smoke: bool) -> subprocess.Popen[str] | None:
-    """The parity tests, in the background while the GPU works (they run on the host)."""
-    if smoke:
-        return None
-    return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PARITY_TESTS],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def report_parity(proc: subprocess.Popen[str] | None, deadline: float) -> None:
-    print("\nparity tests (" + " ".join(PARITY_TESTS) + "):")
-    if proc is None:
-        print("  skipped in --smoke (run them with pytest)")
-        return
-    print(
-        "  they run on the CPU: no test selects a device (no env var or fixture picks CUDA), "
-        "so this checks the code paths, not the CUDA kernels"
-    )
+def run_parity(device: str, timeout_s: float, tests: list[str] = PARITY_TESTS) -> None:
+    """The parity tests with their models and golden tensors on `device` (pytest --device),
+    before any shape, so no benchmark shares the card with them: the summary, then each
+    failure's first line (the tensor and its max |delta|)."""
+    print(f"\nparity tests on {device} (" + " ".join(tests) + "):", flush=True)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=no"]
     try:
-        out, _ = proc.communicate(timeout=max(5.0, deadline - time.perf_counter() + 30))
+        done = subprocess.run(
+            [*command, "-rfE", "--device", device, *tests],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={**os.environ, "COLUMNS": "400"},  # pytest cuts summary lines to the width
+        )
     except subprocess.TimeoutExpired:
-        proc.kill()
-        print("  not finished within the budget: killed")
+        print(f"  not finished within {timeout_s:.0f} s: stopped")
         return
-    tail = [line for line in out.strip().splitlines() if line.strip()][-1:]
-    print(f"  exit {proc.returncode}: {tail[0] if tail else '(no output)'}")
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    summary = lines[-1] if lines else done.stderr.strip()[-300:] or "(no output)"
+    print(f"  exit {done.returncode}: {summary}")
+    for line in failures[:PARITY_FAILURES_SHOWN]:
+        print(f"  {line}")
+    if len(failures) > PARITY_FAILURES_SHOWN:
+        print(f"  ... and {len(failures) - PARITY_FAILURES_SHOWN} more")
 
 
 def compiled_rows(args: argparse.Namespace, device: str, deadline: float) -> None:
@@ -829,7 +828,6 @@ def main() -> None:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tbs(name) if cuda else None
-    parity = None if args.no_parity else start_parity(args.smoke)
     print(
         f"device {name}; peak HBM {f'{peak} TB/s' if peak else 'unknown'}; torch "
         f"{torch.__version__}; {'smoke: tiny widths, float32' if args.smoke else 'bf16'}; "
@@ -839,6 +837,10 @@ def main() -> None:
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    if args.no_parity or args.smoke:
+        print(f"\nparity tests: not run ({'--no-parity' if args.no_parity else '--smoke'})")
+    else:
+        run_parity(device, PARITY_SECONDS)
     # Then transformers' side by side, until 85% of the budget; the compiled row takes the
     # rest (without it, the shapes run until 90%).
     shapes_end = start + (0.75 if args.compile_layers else 0.9) * args.budget_s
@@ -856,10 +858,6 @@ def main() -> None:
             if cuda:
                 torch.cuda.empty_cache()
     transformers_side_by_side(args, device, start + 0.85 * args.budget_s)
-    if args.no_parity:
-        print("\nparity tests: not run (--no-parity)")
-    else:
-        report_parity(parity, deadline)
     if args.compile_layers:  # last: a compile that overruns the budget costs only itself
         try:
             compiled_rows(args, device, deadline)

@@ -1,7 +1,7 @@
 """`benchmarks/gpu.py` spends a scarce GPU machine's minutes: a shape that raises must not cost
 the other shapes their figures, and a batch whose requests failed prints what failed instead of
 figures; its compiled row (run last) reports the same way. Checked in its `--smoke` mode
-(tiny widths, CPU)."""
+(tiny widths, CPU). Its parity run passes `--device` to pytest and prints each failure."""
 
 from __future__ import annotations
 
@@ -85,3 +85,39 @@ def test_a_batch_whose_requests_failed_says_so_instead_of_figures():
         assert lines and "requests failed:" in lines[0], _section(out, shape)
     compiled = out.split("\n--compile")[1].splitlines()
     assert compiled[1].startswith("  B 1: ") and "requests failed:" in compiled[1], compiled
+
+
+def _parity(device: str, tests: list[str]) -> str:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "benchmarks")!r})
+        import gpu
+        gpu.run_parity({device!r}, 120, {tests!r})
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_parity_run_names_its_device_and_each_failure(tmp_path: Path):
+    tests = ["tests/families/sdar/test_sdar_parity.py"]
+    passed = _parity("cpu", tests).splitlines()
+    assert passed[-2] == f"parity tests on cpu ({tests[0]}):"
+    assert passed[-1].startswith("  exit 0: ") and " passed" in passed[-1]
+    # A device this machine lacks reaches the tests, which refuse it: a usage error, printed.
+    refused = _parity("bogus", tests)
+    assert "exit 4" in refused and "--device bogus" in refused
+    # A failure's line whole, however long: the tensor and its delta are the point.
+    message = "dec1_sc hidden 3, the canvas after the prompt: max |delta| 1.00e-03 (rule 1e-4)"
+    failing = tmp_path / "test_failing_parity.py"
+    failing.write_text(
+        f"def test_logits():\n    assert 1e-3 <= 1e-4, {message!r}\n\n"
+        "def test_hidden():\n    pass\n"
+    )
+    out = _parity("cpu", ["tests/families/sdar/test_sdar_parity.py", str(failing)])
+    assert "exit 1: " in out and "1 failed" in out
+    assert f"::test_logits - AssertionError: {message}\n" in out

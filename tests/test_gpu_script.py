@@ -5,6 +5,8 @@ figures; its compiled row (run last) reports the same way. Checked in its `--smo
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -121,3 +123,52 @@ def test_the_parity_run_names_its_device_and_each_failure(tmp_path: Path):
     out = _parity("cpu", ["tests/families/sdar/test_sdar_parity.py", str(failing)])
     assert "exit 1: " in out and "1 failed" in out
     assert f"::test_logits - AssertionError: {message}\n" in out
+
+
+SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette", "pydantic")
+
+
+def test_the_machine_wrapper_runs_gpu_py_from_a_copy_without_the_servers_packages(tmp_path):
+    """benchmarks/gpu_machine.sh on a copy of the checkout with no ../shared beside it, the
+    server's packages refused at import (the GPU machine's image lacks them): it installs
+    Marble from the copy, links the reference data given, and gpu.py runs."""
+    checkout = tmp_path / "work" / "repo"
+    checkout.mkdir(parents=True)
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, (t.decode() for t in tracked)):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    refuse = tmp_path / "refuse"
+    refuse.mkdir()
+    (refuse / "sitecustomize.py").write_text(
+        "import sys\n\n\nclass Refuse:\n    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {SERVER_PACKAGES!r}:\n"
+        "            raise ImportError(f'not on the GPU machine: {name}')\n\n\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(refuse),
+        "OUT": str(out),
+    }
+    args = ["--smoke", "--shapes", "sdar-8b", "--batches", "1", "--compile-layers", "0"]
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_machine.sh", str(REFERENCE), *args, "--no-parity"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "work" / "shared" / "reference").resolve() == REFERENCE.resolve()
+    figures = _section(done.stdout, "sdar-8b")
+    row = [line.split() for line in figures.splitlines() if line.split()[:1] == ["1"]]
+    assert row and float(row[0][1]) > 0, done.stdout[-3000:]
+    assert (out / "gpu.txt").read_text() in done.stdout

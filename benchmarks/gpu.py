@@ -161,7 +161,12 @@ def _llada2_mini(layers: int, smoke: bool) -> nn.Module:
 def _gemma_raw(layers: int, smoke: bool) -> dict[str, Any]:
     raw = _raw("diffusiongemma-tiny")
     text = raw["text_config"]
-    types = [("full_attention" if i % 6 == 5 else "sliding_attention") for i in range(layers)]
+    # Five sliding layers to a full one, counted from the last, which is full at any depth (as
+    # in the real 30, and as transformers requires: it forces a sliding last layer to full).
+    types = [
+        "full_attention" if (layers - 1 - i) % 6 == 0 else "sliding_attention"
+        for i in range(layers)
+    ]
     text.update(num_hidden_layers=layers, layer_types=types)
     if smoke:
         raw["canvas_length"] = 16
@@ -781,6 +786,7 @@ def transformers_side_by_side(args: argparse.Namespace, device: str, deadline: f
             )
     except Exception as exc:  # a transformers API this script did not foresee: say which
         print(f"  failed: {first_line(exc)}")
+        print("\n".join(f"   | {line}" for line in last_frames(exc)))
 
 
 # ---------------------------------------------------------------------------------- main
@@ -788,11 +794,15 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
+def last_frames(exc: BaseException) -> list[str]:
+    """The last four frames of where `exc` was raised, and its whole message."""
+    return "".join(traceback.format_exception(exc, limit=-4)).splitlines()
+
+
 def report_failure(what: str, exc: BaseException) -> None:
     """`== what failed: ...` and the last frames of where it was raised."""
-    where = "".join(traceback.format_exception(exc, limit=-4)).splitlines()
     print(f"\n== {what} failed: {first_line(exc)}")
-    print("\n".join(f"   | {line}" for line in where))
+    print("\n".join(f"   | {line}" for line in last_frames(exc)))
 
 
 def main() -> None:

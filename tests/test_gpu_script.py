@@ -6,6 +6,7 @@ figures; its compiled row (run last) reports the same way. Checked in its `--smo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -174,3 +175,28 @@ def test_the_machine_wrapper_runs_gpu_py_from_a_copy_without_the_servers_package
     row = [line.split() for line in figures.splitlines() if line.split()[:1] == ["1"]]
     assert row and float(row[0][1]) > 0, done.stdout[-3000:]
     assert (out / "gpu.txt").read_text() in done.stdout
+
+
+def test_diffusion_gemma_cut_to_any_depth_ends_with_a_full_attention_layer():
+    """transformers forces a sliding last layer to full attention, so a depth whose last
+    layer is sliding gives its model other tensors than Marble's (session 35 saw the side by
+    side fail so at 2 layers); the real 30 layers keep their pattern."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO / "benchmarks")!r})
+        import gpu
+        depths = [gpu._gemma_raw(n, smoke=True) for n in range(1, 31)]
+        depths.append(gpu._gemma_raw(30, smoke=False))
+        print(json.dumps([raw["text_config"]["layer_types"] for raw in depths]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    *cut, real = json.loads(done.stdout)
+    for layers, types in enumerate(cut, start=1):
+        assert len(types) == layers and types[-1] == "full_attention", layers
+        assert set(types[-6:-1]) <= {"sliding_attention"}, layers
+    assert [i for i, t in enumerate(real) if t == "full_attention"] == [5, 11, 17, 23, 29]

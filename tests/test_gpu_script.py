@@ -24,25 +24,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(patch: str) -> str:
-    """gpu.py's main on llada-8b then sdar-8b in --smoke, after `patch` (Python, `gpu` is the
-    module); returns stdout after checking it exited 0."""
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(REPO / "benchmarks")!r})
-        import gpu
-        {patch}
-        sys.argv = ["gpu.py", "--smoke", "--shapes", "llada-8b,sdar-8b", "--batches", "1",
-                    "--no-parity"]
-        gpu.main()
-        """
-    )
+def _gpu(code: str) -> str:
+    """`code` (Python, `gpu` the imported module) in a fresh interpreter at the repository
+    root, since gpu.py imports its benchmark neighbours as top-level modules; returns stdout
+    after checking it exited 0."""
+    script = f"import sys\nsys.path.insert(0, {str(REPO / 'benchmarks')!r})\nimport gpu\n{code}"
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def _run(patch: str) -> str:
+    """gpu.py's main on llada-8b then sdar-8b in --smoke, after `patch`."""
+    argv = ["gpu.py", "--smoke", "--shapes", "llada-8b,sdar-8b", "--batches", "1", "--no-parity"]
+    return _gpu(f"{patch}\nsys.argv = {argv!r}\ngpu.main()")
 
 
 def _section(out: str, shape: str) -> str:
@@ -57,7 +54,7 @@ def test_a_shape_that_raises_leaves_the_next_shape_its_figures():
                 raise RuntimeError("no kernel for this shape")
             gpu.SHAPES["llada-8b"].build = broken
             """
-        ).replace("\n", "\n        ")
+        )
     )
     failed = _section(out, "llada-8b")
     assert "failed: RuntimeError: no kernel for this shape" in failed
@@ -82,7 +79,7 @@ def test_a_batch_whose_requests_failed_says_so_instead_of_figures():
                     p.data.fill_(float("nan"))
             gpu.init_random = nan_weights
             """
-        ).replace("\n", "\n        ")
+        )
     )
     for shape in ("llada-8b", "sdar-8b"):
         lines = [line for line in _section(out, shape).splitlines() if line.startswith("  1 ")]
@@ -92,19 +89,7 @@ def test_a_batch_whose_requests_failed_says_so_instead_of_figures():
 
 
 def _parity(device: str, tests: list[str]) -> str:
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.path.insert(0, {str(REPO / "benchmarks")!r})
-        import gpu
-        gpu.run_parity({device!r}, 120, {tests!r})
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return _gpu(f"gpu.run_parity({device!r}, 120, {tests!r})")
 
 
 def test_the_parity_run_names_its_device_and_each_failure(tmp_path: Path):
@@ -181,21 +166,13 @@ def test_diffusion_gemma_cut_to_any_depth_ends_with_a_full_attention_layer():
     """transformers forces a sliding last layer to full attention, so a depth whose last
     layer is sliding gives its model other tensors than Marble's (session 35 saw the side by
     side fail so at 2 layers); the real 30 layers keep their pattern."""
-    script = textwrap.dedent(
-        f"""
-        import json, sys
-        sys.path.insert(0, {str(REPO / "benchmarks")!r})
-        import gpu
-        depths = [gpu._gemma_raw(n, smoke=True) for n in range(1, 31)]
-        depths.append(gpu._gemma_raw(30, smoke=False))
-        print(json.dumps([raw["text_config"]["layer_types"] for raw in depths]))
-        """
+    out = _gpu(
+        "import json\n"
+        "depths = [gpu._gemma_raw(n, smoke=True) for n in range(1, 31)]\n"
+        "depths.append(gpu._gemma_raw(30, smoke=False))\n"
+        "print(json.dumps([raw['text_config']['layer_types'] for raw in depths]))"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    *cut, real = json.loads(done.stdout)
+    *cut, real = json.loads(out)
     for layers, types in enumerate(cut, start=1):
         assert len(types) == layers and types[-1] == "full_attention", layers
         assert set(types[-6:-1]) <= {"sliding_attention"}, layers
